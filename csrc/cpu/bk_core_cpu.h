@@ -1,0 +1,48 @@
+// Torch-free interface of the BK-Core CPU kernels. The kernels are compiled once per instruction
+// set (bk_core_cpu_{base,avx2,avx512}.cpp, each including bk_core_cpu_impl.h under a different
+// target) and chosen at run time from what the CPU supports; the torch binding lives in
+// bk_core_cpu_ops.cpp and supplies the thread pool through Par.
+#pragma once
+#include <cstdint>
+
+namespace bk_cpu {
+
+// Runs fn(ctx, begin, end) over [0, n) on the caller's thread pool.
+struct Par {
+  void (*parallel_for)(int64_t n, void* ctx, void (*fn)(void* ctx, int64_t begin, int64_t end));
+  int num_threads;
+};
+
+template <class T>
+struct Problem {
+  const T* a;          // (B, N) contiguous
+  const T* k;          // k row r at k + r * k_row_stride, length N - 1
+  int64_t k_row_stride;  // 0 when one off-diagonal product is shared by the whole batch
+  const T* mask;       // (B, N) contiguous, or nullptr
+  int64_t B, N;
+  T zr, zi;
+  bool causal;
+};
+
+template <class T>
+struct Grads {
+  const T* grad;       // (B, N, 2) upstream gradient of the complex output, contiguous
+  T* grad_a;           // (B, N)
+  T* grad_k;           // (B, N - 1), per row (the caller reduces a shared k)
+  T* grad_mask;        // (B, N) or nullptr
+  double grad_z[2];    // [Re, Im] of the gradient for z, summed
+};
+
+#define BK_CPU_DECLARE(NS)                                                  \
+  namespace NS {                                                            \
+  void forward(const Problem<float>& p, float* out, const Par& par);       \
+  void forward(const Problem<double>& p, double* out, const Par& par);     \
+  void backward(const Problem<float>& p, Grads<float>& g, const Par& par);  \
+  void backward(const Problem<double>& p, Grads<double>& g, const Par& par); \
+  }
+
+BK_CPU_DECLARE(isa_base)
+BK_CPU_DECLARE(isa_avx2)
+BK_CPU_DECLARE(isa_avx512)
+
+}  // namespace bk_cpu

@@ -1,0 +1,182 @@
+// Torch binding of the CPU kernels: op schemas (TORCH_LIBRARY), CPU implementations
+// (TORCH_LIBRARY_IMPL), argument checks and the run-time choice of instruction set.
+//
+// The ops take the canonical arguments produced by resnet_bk/ops/_canon.py:
+//   a (B, N) real, k (Bk, N-1) with Bk in {1, B} (the products b_i c_i), zri (2,) = [Re z, Im z],
+//   mask (B, N) or None. Autograd and fake kernels are registered from Python (resnet_bk/ops/_cpp.py).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "bk_core_cpu.h"
+
+namespace {
+
+void par_for(int64_t n, void* ctx, void (*fn)(void*, int64_t, int64_t)) {
+  at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) { fn(ctx, b, e); });
+}
+
+enum Isa : int64_t { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
+
+Isa detect_isa() {
+  Isa best = kBase;
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = kAvx2;
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
+    best = kAvx512;
+#endif
+  // RESNET_BK_CPU_ISA=base|avx2|avx512 lowers the choice (for testing every path); it never
+  // raises it above what the CPU has.
+  if (const char* env = std::getenv("RESNET_BK_CPU_ISA")) {
+    std::string s(env);
+    Isa want = s == "base" ? kBase : s == "avx2" ? kAvx2 : s == "avx512" ? kAvx512 : best;
+    TORCH_CHECK(s == "base" || s == "avx2" || s == "avx512" || s.empty(),
+                "RESNET_BK_CPU_ISA: expected base, avx2 or avx512, got '", s, "'");
+    if (want < best) best = want;
+  }
+  return best;
+}
+
+Isa isa() {
+  static Isa v = detect_isa();
+  return v;
+}
+
+template <class T>
+void run_forward(const bk_cpu::Problem<T>& p, T* out) {
+  bk_cpu::Par par{par_for, at::get_num_threads()};
+  switch (isa()) {
+    case kAvx512:
+      bk_cpu::isa_avx512::forward(p, out, par);
+      break;
+    case kAvx2:
+      bk_cpu::isa_avx2::forward(p, out, par);
+      break;
+    default:
+      bk_cpu::isa_base::forward(p, out, par);
+  }
+}
+
+template <class T>
+void run_backward(const bk_cpu::Problem<T>& p, bk_cpu::Grads<T>& g) {
+  bk_cpu::Par par{par_for, at::get_num_threads()};
+  switch (isa()) {
+    case kAvx512:
+      bk_cpu::isa_avx512::backward(p, g, par);
+      break;
+    case kAvx2:
+      bk_cpu::isa_avx2::backward(p, g, par);
+      break;
+    default:
+      bk_cpu::isa_base::backward(p, g, par);
+  }
+}
+
+void check_args(const at::Tensor& a, const at::Tensor& k, const at::Tensor& zri, const c10::optional<at::Tensor>& mask) {
+  TORCH_CHECK(a.dim() == 2, "a: expected shape (B, N), got ", a.sizes());
+  TORCH_CHECK(a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble,
+              "a: expected float32 or float64, got ", a.scalar_type());
+  TORCH_CHECK(a.size(1) >= 1, "a: expected N >= 1, got shape ", a.sizes());
+  TORCH_CHECK(k.dim() == 2 && k.size(1) == a.size(1) - 1 && (k.size(0) == 1 || k.size(0) == a.size(0)),
+              "k: expected shape (1, N-1) or (B, N-1) = (", a.size(0), ", ", a.size(1) - 1, "), got ", k.sizes());
+  TORCH_CHECK(k.scalar_type() == a.scalar_type(), "k: expected dtype ", a.scalar_type(), ", got ", k.scalar_type());
+  TORCH_CHECK(zri.dim() == 1 && zri.size(0) == 2 && zri.scalar_type() == a.scalar_type(),
+              "zri: expected shape (2,) of dtype ", a.scalar_type(), ", got ", zri.sizes(), " ", zri.scalar_type());
+  TORCH_CHECK(a.device().is_cpu() && k.device().is_cpu() && zri.device().is_cpu(),
+              "resnet_bk CPU kernel: expected CPU tensors");
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->sizes() == a.sizes() && mask->scalar_type() == a.scalar_type() && mask->device().is_cpu(),
+                "mask: expected a CPU tensor of shape ", a.sizes(), " and dtype ", a.scalar_type(), ", got ",
+                mask->sizes(), " ", mask->scalar_type());
+  }
+}
+
+template <class T>
+bk_cpu::Problem<T> make_problem(const at::Tensor& a, const at::Tensor& k, const at::Tensor& zri,
+                                const c10::optional<at::Tensor>& mask, bool causal) {
+  bk_cpu::Problem<T> p;
+  p.a = a.data_ptr<T>();
+  p.k = k.data_ptr<T>();
+  p.k_row_stride = k.size(0) == 1 ? 0 : k.size(1);
+  p.mask = mask.has_value() ? mask->data_ptr<T>() : nullptr;
+  p.B = a.size(0);
+  p.N = a.size(1);
+  auto z = zri.accessor<T, 1>();
+  p.zr = z[0];
+  p.zi = z[1];
+  p.causal = causal;
+  return p;
+}
+
+at::Tensor bk_core_fwd_cpu(const at::Tensor& a_, const at::Tensor& k_, const at::Tensor& zri_,
+                           const c10::optional<at::Tensor>& mask_, bool causal) {
+  check_args(a_, k_, zri_, mask_);
+  at::Tensor a = a_.contiguous(), k = k_.contiguous(), zri = zri_.contiguous();
+  c10::optional<at::Tensor> mask;
+  if (mask_.has_value()) mask = mask_->contiguous();
+  auto cdt = a.scalar_type() == at::kDouble ? at::kComplexDouble : at::kComplexFloat;
+  at::Tensor out = at::empty({a.size(0), a.size(1)}, a.options().dtype(cdt));
+  at::Tensor outr = at::view_as_real(out);
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "bk_core_fwd_cpu", [&] {
+    auto p = make_problem<scalar_t>(a, k, zri, mask, causal);
+    run_forward<scalar_t>(p, outr.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bk_core_bwd_cpu(
+    const at::Tensor& grad_, const at::Tensor& a_, const at::Tensor& k_, const at::Tensor& zri_,
+    const c10::optional<at::Tensor>& mask_, bool causal, bool need_mask_grad) {
+  check_args(a_, k_, zri_, mask_);
+  auto cdt = a_.scalar_type() == at::kDouble ? at::kComplexDouble : at::kComplexFloat;
+  TORCH_CHECK(grad_.sizes() == a_.sizes() && grad_.scalar_type() == cdt,
+              "grad: expected a ", cdt, " tensor of shape ", a_.sizes(), ", got ", grad_.scalar_type(), " ",
+              grad_.sizes());
+  TORCH_CHECK(!need_mask_grad || mask_.has_value(), "need_mask_grad: requires a mask");
+  at::Tensor a = a_.contiguous(), k = k_.contiguous(), zri = zri_.contiguous();
+  at::Tensor gradr = at::view_as_real(grad_.resolve_conj().contiguous()).contiguous();
+  c10::optional<at::Tensor> mask;
+  if (mask_.has_value()) mask = mask_->contiguous();
+  const int64_t B = a.size(0), N = a.size(1);
+  at::Tensor grad_a = at::empty_like(a);
+  at::Tensor grad_k_rows = at::empty({B, N - 1}, a.options());
+  at::Tensor grad_mask = need_mask_grad ? at::empty_like(a) : at::empty({0}, a.options());
+  at::Tensor grad_z = at::empty({2}, a.options());
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "bk_core_bwd_cpu", [&] {
+    auto p = make_problem<scalar_t>(a, k, zri, mask, causal);
+    bk_cpu::Grads<scalar_t> g;
+    g.grad = gradr.data_ptr<scalar_t>();
+    g.grad_a = grad_a.data_ptr<scalar_t>();
+    g.grad_k = grad_k_rows.data_ptr<scalar_t>();
+    g.grad_mask = need_mask_grad ? grad_mask.data_ptr<scalar_t>() : nullptr;
+    run_backward<scalar_t>(p, g);
+    grad_z.data_ptr<scalar_t>()[0] = static_cast<scalar_t>(g.grad_z[0]);
+    grad_z.data_ptr<scalar_t>()[1] = static_cast<scalar_t>(g.grad_z[1]);
+  });
+  at::Tensor grad_k = (k.size(0) == 1 && B != 1) ? grad_k_rows.sum(0, true) : grad_k_rows;
+  return {grad_a, grad_k, grad_z, grad_mask};
+}
+
+int64_t cpu_isa() { return static_cast<int64_t>(isa()); }
+
+}  // namespace
+
+TORCH_LIBRARY(resnet_bk, m) {
+  m.def("bk_core_fwd(Tensor a, Tensor k, Tensor zri, Tensor? mask, bool causal) -> Tensor");
+  m.def(
+      "bk_core_bwd(Tensor grad, Tensor a, Tensor k, Tensor zri, Tensor? mask, bool causal, bool need_mask_grad) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("cpu_isa() -> int");
+  m.impl("cpu_isa", &cpu_isa);
+}
+
+TORCH_LIBRARY_IMPL(resnet_bk, CPU, m) {
+  m.impl("bk_core_fwd", &bk_core_fwd_cpu);
+  m.impl("bk_core_bwd", &bk_core_bwd_cpu);
+}

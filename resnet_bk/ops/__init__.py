@@ -1,0 +1,93 @@
+"""resnet_bk.ops: the functional core. Every op dispatches to a backend (reference, cpp, cuda,
+triton) through the registry in ``_dispatch``; modules call only these functions.
+
+    G = bk_core(diag, super_diag, sub_diag, z)             # (..., N) complex
+    y = bk_core(diag, super_diag, sub_diag, z, causal=True)
+    feats = bk_core_features(he_diag, h0_super, h0_sub, z)  # (..., N, 2) float32 [Re, Im]
+
+Choosing a backend: ``backend=`` on any op, else ``RESNET_BK_BACKEND``, else automatic (CUDA
+tensors: cuda, triton, reference; CPU tensors: cpp, reference). ``explain(...)`` says which backend a
+call would use and why; ``available_backends()`` lists what loaded. ``verify()`` (or
+``RESNET_BK_VERIFY=1``) checks every call against the reference.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from . import _dispatch, _ref_backend  # noqa: F401  (registers the reference backend)
+from . import _cpp  # noqa: F401  (registers cpp / cuda when resnet_bk._C loaded)
+from ._canon import BKArgs, canon_bk
+from ._dispatch import (BackendUnavailableError, Choice, VerificationError, available_backends,
+                        backend_status, verify, verify_enabled)
+from .reference import bk_core_ref
+
+try:  # Triton backend (optional dependency)
+    from . import _triton  # noqa: F401
+except ImportError:  # the module itself registers an "unavailable" reason when triton is missing
+    pass
+
+__all__ = [
+    "bk_core", "bk_core_features", "bk_core_masked", "bk_core_ref",
+    "available_backends", "backend_status", "explain", "verify", "verify_enabled",
+    "BackendUnavailableError", "VerificationError", "Choice",
+]
+
+Number = Union[int, float, complex]
+
+
+def _run_bk(op: str, args: BKArgs, causal: bool, backend: Optional[str]) -> Tensor:
+    if args.B == 0:
+        cdt = torch.complex128 if args.a.dtype == torch.float64 else torch.complex64
+        return torch.empty(args.batch_shape + (args.N,), dtype=cdt, device=args.a.device)
+    fn = _dispatch.select(op, args.a.device, (args.a, args.k, args.zri, args.mask, causal), backend)
+    out = fn(args.a, args.k, args.zri, args.mask, causal)
+    return out.reshape(args.batch_shape + (args.N,))
+
+
+def bk_core(diag: Tensor, super_diag: Tensor, sub_diag: Tensor, z: Union[Number, Tensor], *,
+            causal: bool = False, backend: Optional[str] = None) -> Tensor:
+    """Diagonal of the resolvent of a tridiagonal H: ``G_ii = ((H - zI)^-1)_ii``.
+
+    Args:
+        diag: (..., N) real; float32/float64 (bfloat16/float16 are computed in float32).
+        super_diag, sub_diag: real, broadcastable to (..., N-1); a shared (N-1,) off-diagonal is
+            never materialised per batch row.
+        z: Python number or 0-dim complex tensor (may require grad: a learnable shift).
+        causal: return the causal variant ``1 / d_i`` (the resolvent of the leading i x i block),
+            which never sees positions after i.
+        backend: force a backend ("reference", "cpp", "cuda", "triton"); raises if it cannot run.
+
+    Returns:
+        (..., N) complex64 (complex128 for float64 input). Exact gradients (O(N)) for diag,
+        super_diag, sub_diag and z.
+    """
+    args = canon_bk(diag, super_diag, sub_diag, z)
+    return _run_bk("bk_core", args, bool(causal), backend)
+
+
+def bk_core_masked(diag: Tensor, super_diag: Tensor, sub_diag: Tensor, z: Union[Number, Tensor],
+                   mask: Tensor, *, causal: bool = False, backend: Optional[str] = None) -> Tensor:
+    """``mask * bk_core(...)``: mask (..., N) bool or float 0/1 (a straight-through Gumbel mask
+    receives the gradient ``Re(conj(G) g)``). The pivots run over every position; the combine and
+    output work is skipped where the mask is 0."""
+    args = canon_bk(diag, super_diag, sub_diag, z, mask)
+    return _run_bk("bk_core", args, bool(causal), backend)
+
+
+def bk_core_features(he_diag: Tensor, h0_super: Tensor, h0_sub: Tensor, z: Union[Number, Tensor], *,
+                     causal: bool = False, backend: Optional[str] = None) -> Tensor:
+    """Drop-in for the original ResNet-BK ``BKCoreFunction.apply(he_diag, h0_super, h0_sub, z)``:
+    returns (..., N, 2) float32 ``[Re G, Im G]``, with the exact gradient."""
+    G = bk_core(he_diag, h0_super, h0_sub, z, causal=causal, backend=backend)
+    return torch.view_as_real(G).to(torch.float32)
+
+
+def explain(diag: Tensor, super_diag: Tensor, sub_diag: Tensor, z: Union[Number, Tensor], mask: Optional[Tensor] = None,
+            *, causal: bool = False, backend: Optional[str] = None, op: str = "bk_core") -> Choice:
+    """Which backend a ``bk_core`` call with these arguments would use, and why the ones before it
+    in the preference order were skipped. ``str(explain(...))`` reads as a sentence."""
+    args = canon_bk(diag, super_diag, sub_diag, z, mask)
+    return _dispatch.choose(op, args.a.device, (args.a, args.k, args.zri, args.mask, bool(causal)), backend)

@@ -1,0 +1,143 @@
+"""Argument checking and canonicalisation for the BK-Core family of ops.
+
+Every public op validates its arguments here, in Python, before any kernel runs, and raises an
+error that names the argument and says what was expected and what was got. The canonical form
+(see ``reference.py``) is what every backend receives.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _describe(x) -> str:
+    if isinstance(x, Tensor):
+        return f"Tensor(shape={tuple(x.shape)}, dtype={x.dtype}, device={x.device})"
+    return f"{type(x).__name__} {x!r}"
+
+
+def check_tensor(name: str, x, *, floating: bool = True, allow_bool: bool = False) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {_describe(x)}")
+    if floating:
+        ok = x.dtype in _FLOATS or (allow_bool and x.dtype == torch.bool)
+        if not ok:
+            want = "a real floating tensor (float16, bfloat16, float32 or float64)"
+            if allow_bool:
+                want = "a bool or real floating tensor"
+            raise TypeError(f"{name}: expected {want}, got dtype {x.dtype}")
+    return x
+
+
+def check_same_device(ref_name: str, ref: Tensor, name: str, x: Tensor) -> None:
+    if x.device != ref.device:
+        raise RuntimeError(
+            f"{name}: expected a tensor on {ref.device} (the device of {ref_name}), got one on {x.device}; "
+            f"move it with .to({str(ref.device)!r})")
+
+
+def compute_dtype(name: str, x: Tensor) -> torch.dtype:
+    """float64 stays float64; float32, bfloat16 and float16 are computed in float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def check_precision_class(ref_name: str, ref: Tensor, name: str, x: Tensor) -> None:
+    if (ref.dtype == torch.float64) != (x.dtype == torch.float64):
+        raise TypeError(
+            f"{name}: dtype {x.dtype} mixes float64 with {ref_name}'s {ref.dtype}; expected "
+            f"{'float64' if ref.dtype == torch.float64 else 'float32, bfloat16 or float16'} "
+            f"(cast both to the same precision)")
+
+
+def canon_z(z, rdt: torch.dtype, device: torch.device, ref_name: str = "diag") -> Tensor:
+    """z (Python number or 0-dim tensor) -> (2,) real tensor [Re z, Im z] of dtype rdt.
+
+    Differentiable in z when z is a tensor (a learnable shift)."""
+    if isinstance(z, Tensor):
+        if z.dim() != 0:
+            raise ValueError(f"z: expected a Python number or a 0-dim tensor, got shape {tuple(z.shape)}")
+        if z.device != device:
+            raise RuntimeError(f"z: expected a tensor on {device} (the device of {ref_name}), got one on "
+                               f"{z.device}; register it as a buffer/parameter of your module or move it")
+        if z.dtype == torch.bool or not (z.is_complex() or z.is_floating_point()):
+            raise TypeError(f"z: expected a complex or real floating 0-dim tensor, got dtype {z.dtype}")
+        if z.is_complex():
+            return torch.view_as_real(z.to(torch.complex128 if rdt == torch.float64 else torch.complex64))
+        zr = z.to(rdt)
+        return torch.stack([zr, torch.zeros_like(zr)])
+    if isinstance(z, bool) or not isinstance(z, numbers.Number):
+        raise TypeError(f"z: expected a Python number or a 0-dim complex tensor, got {_describe(z)}")
+    zc = complex(z)
+    if not (math.isfinite(zc.real) and math.isfinite(zc.imag)):
+        raise ValueError(f"z: expected a finite spectral shift, got {zc!r}")
+    return torch.tensor([zc.real, zc.imag], dtype=rdt, device=device)
+
+
+@dataclass
+class BKArgs:
+    a: Tensor            # (B, N) compute dtype, contiguous
+    k: Tensor            # (Bk, N-1), Bk in {1, B}
+    zri: Tensor          # (2,)
+    mask: Optional[Tensor]  # (B, N) compute dtype or None
+    batch_shape: Tuple[int, ...]
+    N: int
+
+    @property
+    def B(self) -> int:
+        return self.a.shape[0]
+
+
+def canon_bk(diag, super_diag, sub_diag, z, mask=None, *, mask_name: str = "mask") -> BKArgs:
+    diag = check_tensor("diag", diag)
+    if diag.dim() < 1:
+        raise ValueError("diag: expected shape (..., N) with N >= 1, got a 0-dim tensor")
+    N = diag.shape[-1]
+    if N == 0:
+        raise ValueError(f"diag: expected a sequence length N >= 1, got shape {tuple(diag.shape)} (N = 0)")
+    batch_shape = tuple(diag.shape[:-1])
+    rdt = compute_dtype("diag", diag)
+    want = batch_shape + (N - 1,)
+    offs = []
+    for name, t in (("super_diag", super_diag), ("sub_diag", sub_diag)):
+        t = check_tensor(name, t)
+        check_same_device("diag", diag, name, t)
+        check_precision_class("diag", diag, name, t)
+        if t.dim() < 1 or t.dim() > len(want):
+            raise ValueError(f"{name}: expected a shape broadcastable to {want} (diag is {tuple(diag.shape)}), "
+                             f"got {tuple(t.shape)}")
+        try:
+            torch.broadcast_shapes(tuple(t.shape), want)
+            ok = torch.broadcast_shapes(tuple(t.shape), want) == want
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{name}: expected a shape broadcastable to {want} (N - 1 = {N - 1} off-diagonal "
+                             f"entries for diag of shape {tuple(diag.shape)}), got {tuple(t.shape)}")
+        offs.append(t)
+    zri = canon_z(z, rdt, diag.device)
+    B = 1
+    for s in batch_shape:
+        B *= s
+    a = diag.to(rdt).reshape(B, N).contiguous()
+    kb = offs[0].to(rdt) * offs[1].to(rdt)
+    lead = kb.shape[:-1]
+    if all(s == 1 for s in lead):
+        # one off-diagonal shared by the whole batch: never materialised per row
+        k = kb.reshape(1, kb.shape[-1]).expand(1, N - 1).contiguous()
+    else:
+        k = kb.expand(want).reshape(B, N - 1).contiguous()
+    m = None
+    if mask is not None:
+        mask = check_tensor(mask_name, mask, allow_bool=True)
+        check_same_device("diag", diag, mask_name, mask)
+        if tuple(mask.shape) != tuple(diag.shape):
+            raise ValueError(f"{mask_name}: expected the shape of diag {tuple(diag.shape)}, got {tuple(mask.shape)}")
+        m = mask.to(rdt).reshape(B, N).contiguous()
+    return BKArgs(a, k, zri, m, batch_shape, N)

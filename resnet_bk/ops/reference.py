@@ -1,0 +1,144 @@
+"""Pure-PyTorch reference twins of every op: the specification in code.
+
+Every function here works on the *canonical* arguments that the dispatch layer produces
+(see ``resnet_bk.ops._canon``):
+
+* ``a``    (B, N) float32/float64, contiguous: the diagonal of H.
+* ``k``    (Bk, N-1) same dtype, Bk in {1, B}: the products ``b_i * c_i`` of the off-diagonals
+  (Bk = 1 when one off-diagonal is shared by the whole batch; it is never materialised per row).
+* ``zri``  (2,) same dtype: ``[Re z, Im z]``.
+* ``mask`` (B, N) same dtype or None.
+
+The math is shared/BK_CORE_MATH.md: stable Schur pivots d (left to right) and e (right to left),
+``G_ii = 1 / (d_i + e_i - alpha_i)``, causal ``y_i = 1 / d_i``, and the exact O(N) gradient
+recurrences. The loops over N are plain Python over columns (vectorised over the batch): this
+backend is for reading and for checking, not for speed.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["bk_core_fwd_ref", "bk_core_bwd_ref", "bk_core_ref", "complex_dtype_for"]
+
+
+def complex_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    return torch.complex128 if dtype == torch.float64 else torch.complex64
+
+
+def _alpha_k(a: Tensor, k: Tensor, zri: Tensor) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
+    cdt = complex_dtype_for(a.dtype)
+    z = torch.complex(zri[0], zri[1]).to(cdt)
+    alpha = a.to(cdt) - z
+    B, N = a.shape
+    kk = k.expand(B, N - 1).to(cdt).unbind(1) if N > 1 else ()
+    return alpha, list(alpha.unbind(1)), list(kk)
+
+
+def _forward_pivots(al: List[Tensor], kk: List[Tensor]) -> List[Tensor]:
+    """d_1 = alpha_1, d_i = alpha_i - k_{i-1} / d_{i-1}."""
+    d = [al[0]]
+    for i in range(1, len(al)):
+        d.append(al[i] - kk[i - 1] / d[-1])
+    return d
+
+
+def _backward_pivots(al: List[Tensor], kk: List[Tensor]) -> List[Tensor]:
+    """e_N = alpha_N, e_i = alpha_i - k_i / e_{i+1}."""
+    N = len(al)
+    e: List[Optional[Tensor]] = [None] * N
+    e[N - 1] = al[N - 1]
+    for i in range(N - 2, -1, -1):
+        e[i] = al[i] - kk[i] / e[i + 1]
+    return e  # type: ignore[return-value]
+
+
+def bk_core_fwd_ref(a: Tensor, k: Tensor, zri: Tensor, mask: Optional[Tensor], causal: bool) -> Tensor:
+    """Canonical forward: (B, N) complex G_ii (or 1/d_i when causal), times mask if given."""
+    B, N = a.shape
+    cdt = complex_dtype_for(a.dtype)
+    if B == 0:
+        return torch.empty(0, N, dtype=cdt, device=a.device)
+    alpha, al, kk = _alpha_k(a, k, zri)
+    D = torch.stack(_forward_pivots(al, kk), 1)
+    if causal:
+        G = 1.0 / D
+    else:
+        E = torch.stack(_backward_pivots(al, kk), 1)
+        G = 1.0 / (D + E - alpha)
+    if mask is not None:
+        G = G * mask.to(G.dtype)
+    return G
+
+
+def bk_core_bwd_ref(grad: Tensor, a: Tensor, k: Tensor, zri: Tensor, mask: Optional[Tensor],
+                    causal: bool) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """Canonical backward: (grad_a (B,N), grad_k (Bk,N-1), grad_zri (2,), grad_mask (B,N) | None).
+
+    ``grad`` is PyTorch's upstream gradient of the complex output (B, N).
+    """
+    B, N = a.shape
+    rdt = a.dtype
+    cdt = complex_dtype_for(rdt)
+    if B == 0:
+        return (torch.zeros_like(a), torch.zeros_like(k), torch.zeros_like(zri),
+                None if mask is None else torch.zeros_like(mask))
+    alpha, al, kk = _alpha_k(a, k, zri)
+    g = grad.to(cdt)
+    w = g.conj()
+    if mask is not None:
+        w = w * mask.to(cdt)
+    d = _forward_pivots(al, kk)
+    D = torch.stack(d, 1)
+    ws = w.unbind(1)
+    gk_cols: List[Tensor] = []
+    if causal:
+        # mu_N = -w_N / d_N^2 ; mu_j = (mu_{j+1} k_j - w_j) / d_j^2
+        mu: List[Optional[Tensor]] = [None] * N
+        mu[N - 1] = -ws[N - 1] / d[N - 1] ** 2
+        for j in range(N - 2, -1, -1):
+            mu[j] = (mu[j + 1] * kk[j] - ws[j]) / d[j] ** 2
+        MU = torch.stack(mu, 1)  # type: ignore[arg-type]
+        grad_a = MU.real
+        for j in range(N - 1):
+            gk_cols.append((-mu[j + 1] / d[j]).real)  # type: ignore[operator]
+        gz = -MU.sum().conj()
+        G = 1.0 / D
+    else:
+        e = _backward_pivots(al, kk)
+        E = torch.stack(e, 1)
+        G = 1.0 / (D + E - alpha)
+        P = w * G * G
+        p = P.unbind(1)
+        L = [p[0]]
+        for j in range(1, N):
+            L.append(kk[j - 1] / e[j] ** 2 * L[-1] + p[j])
+        R: List[Optional[Tensor]] = [None] * N
+        R[N - 1] = p[N - 1]
+        for j in range(N - 2, -1, -1):
+            R[j] = p[j] + kk[j] / d[j] ** 2 * R[j + 1]
+        A = torch.stack(L, 1) + torch.stack(R, 1) - P  # type: ignore[arg-type]
+        grad_a = -A.real
+        for j in range(N - 1):
+            gk_cols.append((L[j] / e[j + 1] + R[j + 1] / d[j]).real)  # type: ignore[operator]
+        gz = A.sum().conj()
+    if N > 1:
+        grad_k = torch.stack(gk_cols, 1).to(rdt)
+    else:
+        grad_k = torch.zeros(B, 0, dtype=rdt, device=a.device)
+    if k.shape[0] == 1 and B != 1:
+        grad_k = grad_k.sum(0, keepdim=True)
+    grad_zri = torch.view_as_real(gz.resolve_conj()).to(rdt)
+    grad_mask = None
+    if mask is not None:
+        grad_mask = (G.conj() * g).real.to(mask.dtype)
+    return grad_a.to(rdt).contiguous(), grad_k.contiguous(), grad_zri, grad_mask
+
+
+def bk_core_ref(diag: Tensor, super_diag: Tensor, sub_diag: Tensor, z, *, causal: bool = False) -> Tensor:
+    """Reference twin of :func:`resnet_bk.ops.bk_core` (same signature, reference backend)."""
+    from . import bk_core
+
+    return bk_core(diag, super_diag, sub_diag, z, causal=causal, backend="reference")

@@ -1,0 +1,1 @@
+"""Triton kernels of resnet_bk, installed as ``resnet_bk.triton_kernels``."""
