@@ -28,11 +28,12 @@ HAS_CUDA_KERNELS = HAS_C and torch._C._dispatch_has_kernel_for_dispatch_key("res
 CPU_ISA_NAMES = {0: "baseline", 1: "avx2", 2: "avx512"}
 
 
+_CPU_ISA = CPU_ISA_NAMES.get(int(torch.ops.resnet_bk.cpu_isa()), "unknown") if HAS_C else "unavailable"
+
+
 def cpu_isa() -> str:
-    """Instruction set the CPU kernels run with on this machine."""
-    if not HAS_C:
-        return "unavailable"
-    return CPU_ISA_NAMES.get(int(torch.ops.resnet_bk.cpu_isa()), "unknown")
+    """Instruction set the CPU kernels run with on this machine (chosen once per process)."""
+    return _CPU_ISA
 
 
 if HAS_C:

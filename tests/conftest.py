@@ -1,0 +1,33 @@
+import os
+
+import pytest
+import torch
+
+torch.manual_seed(0)
+
+
+def dense_oracle(a, b, c, z, causal=False):
+    """float64/complex128 oracle: diagonal of the dense inverse (leading blocks for causal)."""
+    N = a.shape[-1]
+    c128 = torch.complex128
+    H = torch.diag_embed(a.to(c128))
+    if N > 1:
+        H = H + torch.diag_embed(b.to(c128).expand(a.shape[:-1] + (N - 1,)), 1) \
+              + torch.diag_embed(c.to(c128).expand(a.shape[:-1] + (N - 1,)), -1)
+    zt = z if isinstance(z, torch.Tensor) else torch.tensor(z, dtype=c128)
+    T = H - zt.to(c128) * torch.eye(N, dtype=c128)
+    if not causal:
+        return torch.linalg.inv(T).diagonal(dim1=-2, dim2=-1)
+    return torch.stack([torch.linalg.inv(T[..., : i + 1, : i + 1])[..., i, i] for i in range(N)], -1)
+
+
+def cpu_backends():
+    from resnet_bk import ops
+    return [b for b in ("reference", "cpp") if b in ops.available_backends()]
+
+
+@pytest.fixture(autouse=True)
+def _no_forced_backend(monkeypatch):
+    monkeypatch.delenv("RESNET_BK_BACKEND", raising=False)
+    monkeypatch.delenv("RESNET_BK_VERIFY", raising=False)
+    yield
