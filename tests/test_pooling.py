@@ -101,8 +101,8 @@ def test_downsample_forward(backend, causal, shape, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("bias_kind", ["MrD", "1rD", "Mr1", "Mr"])
-@pytest.mark.parametrize("with_res", [False, True], ids=["nores", "res"])
+@pytest.mark.parametrize("bias_kind,with_res", [("MrD", True), ("1rD", False), ("Mr1", True), ("Mr", False)],
+                         ids=["MrD-res", "1rD-nores", "Mr1-res", "Mr-nores"])
 @pytest.mark.parametrize("shape", UP_GRID, ids=_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 def test_upsample_forward(backend, bias_kind, with_res, shape, dtype):
@@ -199,7 +199,7 @@ def test_downsample_gradcheck(backend, causal, shape):
     x = rnd(B, N, D, seed=1).requires_grad_()
     logits = rnd(N // r, r, seed=2).requires_grad_()
     assert torch.autograd.gradcheck(lambda x, l: ops.learned_downsample(x, l, causal=causal, backend=backend),
-                                    (x, logits))
+                                    (x, logits), fast_mode=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -215,8 +215,9 @@ def test_upsample_gradcheck(backend, bias_kind, shape):
     res = rnd(B, M * r, D, seed=3).requires_grad_()
     scale = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda y, b, rr, s: ops.learned_upsample(y, b, rr, s, backend=backend),
-                                    (y, bias, res, scale))
-    assert torch.autograd.gradcheck(lambda y, b: ops.learned_upsample(y, b, backend=backend), (y, bias))
+                                    (y, bias, res, scale), fast_mode=True)
+    assert torch.autograd.gradcheck(lambda y, b: ops.learned_upsample(y, b, backend=backend), (y, bias),
+                                    fast_mode=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -241,7 +242,7 @@ def test_downsample_gradients_vs_plain(backend, dtype, causal, shape):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("bias_kind", ["MrD", "1rD", "Mr"])
 def test_upsample_gradients_vs_plain(backend, dtype, bias_kind):
-    B, M, D, r = 3, 1024, 5, 4
+    B, M, D, r = 3, 256, 5, 4
     bshape = {"MrD": (M, r, D), "1rD": (1, r, D), "Mr": (M, r)}[bias_kind]
     y = rnd(B, M, r * D, dtype=dtype, seed=1)
     bias = rnd(*bshape, dtype=torch.float32, seed=2)
@@ -338,12 +339,11 @@ def test_causal_unread_positions_get_zero_gradient(backend):
 
 @pytest.mark.skipif(not HAS_CPP, reason="compiled pooling kernels not built")
 @pytest.mark.parametrize("causal", [False, True], ids=["plain", "causal"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=DT_IDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["f64", "bf16"])
 def test_opcheck_downsample(causal, dtype):
-    x = rnd(2, 12, 5, dtype=dtype).requires_grad_()
+    x = rnd(2, 12, 5, dtype=dtype).requires_grad_(dtype == torch.float64)  # and logits-only grads in bf16
     logits = rnd(3, 4, dtype=acc(dtype), seed=1).requires_grad_()
     torch.library.opcheck(torch.ops.resnet_bk.learned_downsample_fwd, (x, logits, causal))
-    torch.library.opcheck(torch.ops.resnet_bk.learned_downsample_fwd, (x.detach(), logits, causal))
 
 
 @pytest.mark.skipif(not HAS_CPP, reason="compiled pooling kernels not built")
