@@ -18,6 +18,15 @@ from resnet_bk.models.base import BKMixer
 V, D, L, NS = 64, 16, 2, 24
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The CI machine is small and shared: one intra-op thread avoids oversubscription."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
 def _lm(kind, **kw):
     torch.manual_seed(0)
     if kind == "plain":
@@ -328,7 +337,7 @@ def test_corpus_is_deterministic_stdlib_bytes(tmp_path):
 def test_tiny_training_reduces_loss(name):
     from resnet_bk.training.train import train
     res = train(name, max_bytes=60_000, d_model=16, n_layers=2, n_seq=32, batch_size=8, steps=40, lr=1e-2,
-                eval_batches=2, progress=False)
+                eval_batches=2, progress=False, threads=1)
     assert res["final_train_loss"] < res["first_loss"] - 0.5, res
     assert res["val_ppl"] < 256 and res["ms_per_train_step"] > 0
 
@@ -339,7 +348,7 @@ def test_registry_is_extensible():
                         LanguageModel(vocab_size, d_model, 1, n_seq, backend=backend))
     try:
         res = tmod.train("tiny-test", max_bytes=20_000, d_model=8, n_seq=16, batch_size=4, steps=3,
-                         eval_batches=1, progress=False)
+                         eval_batches=1, progress=False, threads=1)
         assert res["steps"] == 3 and isinstance(res["model"], LanguageModel)
     finally:
         tmod.MODELS.pop("tiny-test")

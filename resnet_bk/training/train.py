@@ -88,20 +88,39 @@ def _register_optional() -> None:
             pass
 
 
+def _walk_sorted(root: Path, skip_site_packages: bool):
+    """Regular files under root, depth-first in sorted name order (files of a folder before its
+    subfolders), lazily, so reading stops as soon as enough bytes were collected."""
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except OSError:
+        return
+    dirs = []
+    for e in entries:
+        if e.is_file():
+            yield Path(e.path)
+        elif e.is_dir(follow_symlinks=False):
+            if skip_site_packages and e.name in ("site-packages", "dist-packages", "__pycache__"):
+                continue
+            dirs.append(e)
+    for d in dirs:
+        yield from _walk_sorted(Path(d.path), skip_site_packages)
+
+
 def load_corpus(data_dir: Optional[str] = None, max_bytes: int = 2_000_000, pattern: str = "*.py") -> bytes:
-    """Bytes of every file matching ``pattern`` under ``data_dir`` (default: the Python stdlib),
-    in sorted path order, concatenated (separated by a newline) and capped at ``max_bytes``."""
+    """Bytes of the files under ``data_dir`` (every regular file), or by default of the Python
+    stdlib's ``*.py`` sources (site-packages excluded), in a deterministic sorted walk (files of a
+    folder, then its subfolders, by name), each followed by a newline, capped at ``max_bytes``."""
     if not isinstance(max_bytes, int) or max_bytes < 1:
         raise ValueError(f"max_bytes: expected a positive int, got {max_bytes!r}")
     root = Path(data_dir) if data_dir is not None else Path(sysconfig.get_paths()["stdlib"])
     if not root.is_dir():
         raise ValueError(f"data_dir: expected an existing directory, got {str(root)!r}")
-    files = sorted(p for p in root.rglob(pattern if data_dir is None else "*") if p.is_file())
-    if data_dir is None:
-        # The stdlib's own sources only (site-packages may hold anything the user installed).
-        files = [p for p in files if "site-packages" not in p.parts and "dist-packages" not in p.parts]
+    suffix = pattern.lstrip("*") if data_dir is None else ""
     chunks, total = [], 0
-    for p in files:
+    for p in _walk_sorted(root, skip_site_packages=data_dir is None):
+        if suffix and not p.name.endswith(suffix):
+            continue
         try:
             b = p.read_bytes()
         except OSError:
@@ -182,8 +201,18 @@ def train(model_name: str, *, data_dir: Optional[str] = None, max_bytes: int = 2
         raise ValueError(f"model_name: expected one of {sorted(MODELS)}, got {model_name!r}")
     if not (0.0 < val_fraction < 1.0):
         raise ValueError(f"val_fraction: expected a value in (0, 1), got {val_fraction!r}")
+    prev_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
+    try:
+        return _train(model_name, data_dir, max_bytes, val_fraction, d_model, n_layers, n_seq, batch_size, steps,
+                      lr, grad_clip, backend, seed, eval_batches, progress, model_kwargs)
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+def _train(model_name, data_dir, max_bytes, val_fraction, d_model, n_layers, n_seq, batch_size, steps, lr,
+           grad_clip, backend, seed, eval_batches, progress, model_kwargs) -> dict:
     torch.manual_seed(seed)
     data = torch.frombuffer(bytearray(load_corpus(data_dir, max_bytes)), dtype=torch.uint8).long()
     n_val = max(int(data.numel() * val_fraction), n_seq + 1)
@@ -232,7 +261,7 @@ def train(model_name: str, *, data_dir: Optional[str] = None, max_bytes: int = 2
             "first_loss": sum(losses[:k]) / k, "final_train_loss": sum(losses[-k:]) / k,
             "ms_per_train_step": 1e3 * st[len(st) // 2], "train_seconds": sum(step_times),
             "num_parameters": sum(p.numel() for p in model.parameters()),
-            "torch_threads": torch.get_num_threads(), "last_metrics": last_metrics, **ev, "model": model}
+            "torch_threads": torch.get_num_threads(), "backend": backend or "auto", "last_metrics": last_metrics, **ev, "model": model}
 
 
 def main(argv=None) -> dict:
