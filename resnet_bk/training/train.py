@@ -19,6 +19,7 @@ logits, so perplexities are comparable across models.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -152,7 +153,7 @@ def _loss(model: nn.Module, x, y) -> Tuple[torch.Tensor, dict]:
 
 
 def _logits(model: nn.Module, x):
-    if getattr(model, "forward", None) is not None and "return_ponder_cost" in model.forward.__code__.co_varnames:
+    if "return_ponder_cost" in inspect.signature(model.forward).parameters:
         return model(x, return_ponder_cost=False)
     out = model(x)
     return out[0] if isinstance(out, tuple) else out
