@@ -182,6 +182,13 @@ def test_act_layer_with_no_running_token_is_skipped():
     after = [b.bk_layer.moe_ffn.tokens_processed for b in m.blocks]
     assert [a - b for a, b in zip(after, before)] == [x.numel(), 0, 0, 0]
     assert m.get_avg_layers_executed() == 1.0 and m.layers_skipped == 3
+    # skipped blocks must not carry a stale balance loss from an earlier forward into the loss
+    with torch.no_grad():
+        m.blocks[0].halting_unit[2].bias.fill_(-10.0)
+    m.training_loss(x, x)[0].backward()
+    with torch.no_grad():
+        m.blocks[0].halting_unit[2].bias.fill_(10.0)
+    m.training_loss(x, x)[0].backward()
 
 
 def test_act_never_halting_tokens_get_remainder():

@@ -91,6 +91,8 @@ class AdaptiveResNetBKBlock(nn.Module):
         B, N, D = h.shape
         idx = running.reshape(-1).nonzero().squeeze(1)  # one host read per block: the gather size
         if idx.numel() == 0:
+            # Not executed: drop the balance loss of an earlier forward (its graph may be freed).
+            self.bk_layer.moe_ffn.aux_loss = None
             return None
         hf = h.reshape(B * N, D)
         h_run = hf.index_select(0, idx)
@@ -192,6 +194,8 @@ class ACTLanguageModel(nn.Module):
             st = block.step(h, cumsum, running, frozen_v, is_last=(l == L - 1))
             if st is None:  # every token has halted: the remaining blocks do no work at all
                 skipped = L - l
+                for later in self.blocks[l:]:
+                    later.bk_layer.moe_ffn.aux_loss = None
                 break
             tokens_run += st.idx.numel()
             out = out.index_add(0, st.idx, st.w_run.unsqueeze(-1).to(out.dtype) * st.h_run.to(out.dtype))
