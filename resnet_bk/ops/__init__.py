@@ -23,6 +23,7 @@ from ._canon import BKArgs, canon_bk
 from ._dispatch import (BackendUnavailableError, Choice, VerificationError, available_backends,
                         backend_status, verify, verify_enabled)
 from .reference import bk_core_ref
+from .pooling import learned_downsample, learned_downsample_ref, learned_upsample, learned_upsample_ref
 
 try:  # Triton backend (optional dependency)
     from . import _triton  # noqa: F401
@@ -31,6 +32,7 @@ except ImportError:  # the module itself registers an "unavailable" reason when 
 
 __all__ = [
     "bk_core", "bk_core_features", "bk_core_masked", "bk_core_ref",
+    "learned_downsample", "learned_upsample", "learned_downsample_ref", "learned_upsample_ref",
     "available_backends", "backend_status", "explain", "verify", "verify_enabled",
     "BackendUnavailableError", "VerificationError", "Choice",
 ]
