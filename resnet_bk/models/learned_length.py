@@ -37,6 +37,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .base import LanguageModel, moe_aux_loss
+
 __all__ = ["SequenceLengthPredictor", "AdaptiveSequenceLengthWrapper", "LearnedSequenceLengthTrainer"]
 
 
@@ -235,6 +237,20 @@ class AdaptiveSequenceLengthWrapper(nn.Module):
         return ce + length_cost + reinforce, ce, length_cost
 
 
+    def training_loss(self, x: Tensor, y: Tensor) -> Tuple[Tensor, Dict]:
+        """Loss for ``resnet_bk.training.train``: ``compute_loss`` of an adaptive forward plus the
+        base model's MoE balance loss (weighted by its ``moe_aux_weight``)."""
+        logits, info = self(x, use_adaptive_length=True)
+        total, ce, cost = self.compute_loss(logits, y, info)
+        aux = moe_aux_loss(self.base_model)
+        weight = float(getattr(self.base_model, "moe_aux_weight", 0.0))
+        if aux is not None and weight != 0.0:
+            total = total + weight * aux
+        return total, {"ce_loss": ce.detach(), "length_cost": cost.detach(),
+                       "avg_predicted_length": info["avg_predicted_length"],
+                       "token_speedup": info["speedup_estimate"]}
+
+
 class LearnedSequenceLengthTrainer:
     """Training / evaluation loop for ``AdaptiveSequenceLengthWrapper``.
 
@@ -316,3 +332,18 @@ class LearnedSequenceLengthTrainer:
             out["time_full_s"] = t_full
             out["time_adaptive_s"] = t_adapt
         return out
+
+
+def _learned_length_factory(vocab_size, d_model, n_layers, n_seq, backend=None, *, num_length_bins=8,
+                            length_penalty=0.01, **kw):
+    base = LanguageModel(vocab_size, d_model, n_layers, n_seq, backend=backend, **kw)
+    return AdaptiveSequenceLengthWrapper(base, n_seq, num_length_bins, length_penalty)
+
+
+def register_models() -> None:
+    """Register ``learned_length`` in ``resnet_bk.training.train.MODELS``."""
+    from ..training.train import register_model
+    register_model("learned_length", _learned_length_factory)
+
+
+register_models()

@@ -357,3 +357,16 @@ class SparseLanguageModel(LanguageModel):
             loss = loss + layer.sparsity_loss_weight * layer.get_sparsity_loss()
         sparsity = torch.stack([l.last_sparsity_ratio.detach() for l in layers]).mean()
         return loss, {"ce_loss": ce.detach(), "sparsity": sparsity}
+
+
+def _sparse_factory(vocab_size, d_model, n_layers, n_seq, backend=None, **kw):
+    return SparseLanguageModel(vocab_size, d_model, n_layers, n_seq, backend=backend, **kw)
+
+
+def register_models() -> None:
+    """Register ``sparse`` in ``resnet_bk.training.train.MODELS`` (``--model sparse``)."""
+    from ..training.train import register_model
+    register_model("sparse", _sparse_factory)
+
+
+register_models()
