@@ -1,6 +1,6 @@
 """Learned sparsity and learned sequence length against the plain model, same size and steps.
 
-    python benchmarks/bench_adaptive_models.py [--steps 150] [--threads 1] [--json out.json] [--only sparse|length|micro]
+    python -m benchmarks.bench_adaptive_models [--steps 150] [--threads 1] [--json out.json] [--only sparse|length|micro]
 
 * sparse: ``resnet_bk.training.train.train`` on the byte-level stdlib corpus, model 'plain' vs
   'sparse' (target sparsity 0.5); validation perplexity, median ms per training step and per

@@ -183,20 +183,18 @@ class AdaptiveSequenceLengthWrapper(nn.Module):
         # A bin longer than the input means "the whole input": the sequence runs at N.
         bins_n = torch.minimum(pred.length_bins, torch.tensor(N, device=x.device))   # (bins,)
         lengths = bins_n[choice]                                               # (B,)
-        # One host read: the distinct lengths and the per-sequence lengths for grouping.
-        lengths_host = lengths.tolist()
-        groups: Dict[int, list] = {}
-        for i, L in enumerate(lengths_host):
-            groups.setdefault(L, []).append(i)
+        # Group sequences by length: one sort and one host read of the distinct lengths and sizes.
+        order = torch.argsort(lengths, stable=True)
+        uniq, counts = torch.unique_consecutive(lengths[order], return_counts=True)
+        uniq_host, counts_host = uniq.tolist(), counts.tolist()
         logits = None
-        for L, idx in sorted(groups.items()):
-            idx_t = torch.tensor(idx, device=x.device)
+        for L, idx_t in zip(uniq_host, order.split(counts_host)):
             out = _logits_of(self.base_model(x.index_select(0, idx_t)[:, :L]))   # (b, L, V)
             if logits is None:
                 # Zeros = uniform placeholder for positions that are not run.
                 logits = out.new_zeros(B, N, out.shape[-1])
             logits[idx_t, :L] = out
-        processed = int(sum(lengths_host))
+        processed = int(sum(L * c for L, c in zip(uniq_host, counts_host)))
         expected = (log_probs.exp() * bins_n.to(log_probs.dtype)).sum(-1)     # (B,) with grad
         self._bin_counts += torch.bincount(choice.cpu(), minlength=pred.num_length_bins)
         self._sum_lengths += processed
@@ -205,9 +203,9 @@ class AdaptiveSequenceLengthWrapper(nn.Module):
         self._tokens_total += B * N
         info = {"predicted_lengths": lengths, "length_probs": log_probs.exp().detach(),
                 "log_prob": log_probs.gather(1, choice[:, None]).squeeze(1), "expected_length": expected,
-                "avg_predicted_length": processed / B, "max_predicted_length": max(lengths_host),
+                "avg_predicted_length": processed / B, "max_predicted_length": max(uniq_host),
                 "original_length": N, "tokens_processed": processed, "tokens_total": B * N,
-                "num_groups": len(groups), "speedup_estimate": B * N / processed}
+                "num_groups": len(uniq_host), "speedup_estimate": B * N / processed}
         return logits, info
 
     def compute_loss(self, logits: Tensor, targets: Tensor, length_info: Optional[Dict] = None
