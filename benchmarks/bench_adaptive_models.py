@@ -10,6 +10,7 @@
   window at full length; the learned-length wrapper runs each group at its predicted length.
   Perplexity is over every real target token (a real token past the predicted length is charged
   log 256). Reported: tokens-processed ratio and the measured wall-clock ratio.
+* interleaved: plain vs sparse LM timed alternately on the same batch (robust to load drift).
 * micro: forward and forward+backward of one layer's BK part: the plain path (bk_core) vs
   SparseBKCore (importance predictor + bk_core_masked + interpolator) at ~50% sparsity.
 """
@@ -93,7 +94,7 @@ def bench_length(args):
     for name in ("plain", "learned_length"):
         torch.manual_seed(0)
         base = LanguageModel(256, args.d_model, args.n_layers, 128)
-        model = base if name == "plain" else AdaptiveSequenceLengthWrapper(base, 128, 8, length_penalty=0.5)
+        model = base if name == "plain" else AdaptiveSequenceLengthWrapper(base, 128, 8, length_penalty=args.length_penalty)
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
         trainer = LearnedSequenceLengthTrainer(model, opt) if name != "plain" else None
         step_t = []
@@ -126,6 +127,25 @@ def bench_length(args):
             ev = trainer.evaluate(val_b, measure_time=True)
             r.update({k: ev[k] for k in ("avg_predicted_length", "avg_speedup", "measured_time_speedup",
                                          "length_distribution", "tokens_processed", "tokens_total")})
+            # Interleaved wall clock on the same batches (robust to load drift): medians of
+            # adaptive and full-length eval forwards, after one warm-up pass.
+            ta, tf = [], []
+            with torch.no_grad():
+                for rep in range(4):
+                    for x, _ in val_b:
+                        t0 = time.perf_counter()
+                        model(x)
+                        t1 = time.perf_counter()
+                        model(x, use_adaptive_length=False)
+                        t2 = time.perf_counter()
+                        if rep:
+                            ta.append(t1 - t0)
+                            tf.append(t2 - t1)
+            ta.sort()
+            tf.sort()
+            r["interleaved_ms_adaptive"] = 1e3 * ta[len(ta) // 2]
+            r["interleaved_ms_full"] = 1e3 * tf[len(tf) // 2]
+            r["interleaved_time_speedup"] = tf[len(tf) // 2] / ta[len(ta) // 2]
         out[name] = r
         print(name, json.dumps(r), flush=True)
     return out
@@ -172,18 +192,58 @@ def bench_micro(args):
     return out
 
 
+def bench_interleaved(args):
+    """Plain vs sparse LM (sparse importance bias 0: ~50% skipped) timed alternately on the same
+    batches, so machine-load drift hits both equally: median ms per training step (fwd+bwd+AdamW)
+    and per inference batch (eval, no_grad)."""
+    from resnet_bk.models.sparse import SparseLanguageModel
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    plain = LanguageModel(256, args.d_model, args.n_layers, 128)
+    sparse = SparseLanguageModel(256, args.d_model, args.n_layers, 128, sparsity_loss_weight=1.0)
+    for l in sparse.sparse_layers():
+        l.sparse_bk_core.importance_predictor.bias.data.zero_()
+    opts = {m: torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (plain, sparse)}
+    x = torch.randint(0, 256, (16, 128))
+    times = {"plain": {"train": [], "infer": []}, "sparse": {"train": [], "infer": []}}
+    for it in range(args.reps + 3):
+        for name, m in (("plain", plain), ("sparse", sparse)):
+            m.train()
+            t0 = time.perf_counter()
+            opts[m].zero_grad(set_to_none=True)
+            m.training_loss(x, x)[0].backward()
+            opts[m].step()
+            t1 = time.perf_counter()
+            m.eval()
+            with torch.no_grad():
+                m(x)
+            t2 = time.perf_counter()
+            if it >= 3:
+                times[name]["train"].append(t1 - t0)
+                times[name]["infer"].append(t2 - t1)
+    med = lambda v: 1e3 * sorted(v)[len(v) // 2]
+    out = {n: {"ms_per_train_step": med(t["train"]), "ms_per_infer_batch": med(t["infer"])} for n, t in times.items()}
+    out["sparse_eval_sparsity"] = [l.get_sparsity_stats()["sparsity_ratio"] for l in sparse.sparse_layers()]
+    out["train_speedup"] = out["plain"]["ms_per_train_step"] / out["sparse"]["ms_per_train_step"]
+    out["infer_speedup"] = out["plain"]["ms_per_infer_batch"] / out["sparse"]["ms_per_infer_batch"]
+    print("interleaved", json.dumps(out), flush=True)
+    return out
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--n-layers", type=int, default=2)
-    p.add_argument("--only", choices=["sparse", "length", "micro"], default=None)
+    p.add_argument("--only", choices=["sparse", "length", "micro", "interleaved"], default=None)
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--length-penalty", type=float, default=0.1)
     p.add_argument("--json", default=None)
     a = p.parse_args()
     res = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
            "backends": ops.available_backends(), "threads": a.threads, "args": vars(a)}
-    for k, fn in (("micro", bench_micro), ("sparse", bench_sparse), ("length", bench_length)):
+    for k, fn in (("micro", bench_micro), ("interleaved", bench_interleaved), ("sparse", bench_sparse), ("length", bench_length)):
         if a.only in (None, k):
             res[k] = fn(a)
     if a.json:
