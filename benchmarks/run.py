@@ -347,7 +347,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"backends: {ops.backend_status()}", flush=True)
     bandwidth = {}
     for dev in devices:
-        bandwidth[dev.type] = copy_bandwidth(dev, (64 << 20) if grid != "full" else (256 << 20))
+        bandwidth[dev.type] = copy_bandwidth(dev, {"full": 256 << 20, "quick": 64 << 20, "smoke": 16 << 20}[grid])
         print(f"copy bandwidth ({dev.type}): {bandwidth[dev.type]['gbps']:.1f} GB/s "
               f"(median of 5 copy_ of {bandwidth[dev.type]['bytes_per_copy'] // 2 >> 20} MiB)", flush=True)
 
