@@ -40,6 +40,13 @@ POLICIES = {
     "smoke": Policy(warmup_s=0.0, min_warmup=1, target_s=0.01, min_repeats=2, max_repeats=5, slow_call_s=0.5,
                     slow_repeats=1),
 }
+# Module timings: at least two warm-up steps (the optimizer allocates its state on the first) and no
+# early stop for slow calls (a training step is never "slow" the way the reference is).
+MODULE_POLICIES = {
+    "full": Policy(warmup_s=0.2, min_warmup=2, target_s=1.5, min_repeats=5, max_repeats=50, slow_call_s=1e9),
+    "quick": Policy(warmup_s=0.05, min_warmup=2, target_s=0.3, min_repeats=3, max_repeats=20, slow_call_s=1e9),
+    "smoke": Policy(warmup_s=0.0, min_warmup=1, target_s=0.01, min_repeats=2, max_repeats=3, slow_call_s=1e9),
+}
 MEM_MAX_CALL_S = 0.3     # on CPU, memory is measured under the profiler only for calls faster than this
 REF_CHECK_ROWS = 2       # rows checked against the reference where it is too slow to run on the whole batch
 
@@ -256,7 +263,10 @@ def run_op_config(case: OpCase, size: dict, dtype: torch.dtype, device: torch.de
             r["gbps"] = r["bytes_moved"] / st.median / 1e9
             r["bw_fraction"] = r["gbps"] / copy_gbps if copy_gbps else None
             r["notes"] = list(dict.fromkeys(notes))
-            if device.type == "cuda" or st.median < MEM_MAX_CALL_S:
+            if device.type == "cpu" and impl.kind != "backend":
+                r["notes"].append("memory measured for the backends only on CPU (the profiler's per-op overhead "
+                                  "on a Python loop over N would dominate)")
+            elif device.type == "cuda" or st.median < MEM_MAX_CALL_S:
                 try:
                     r["peak_mem_bytes"] = runner.memory(impl.fn, m)
                 except Exception as exc:  # noqa: BLE001
@@ -396,7 +406,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             for mc in mcases:
                 t0 = time.perf_counter()
                 try:
-                    row = run_module_case(mc, cfg, grid, policy, dev, corpus)
+                    row = run_module_case(mc, cfg, grid, MODULE_POLICIES[grid], dev, corpus)
                 except Exception as exc:  # noqa: BLE001  (a module that cannot be built is a result)
                     row = {"suite": "module", "module": mc.name, "label": mc.label, "device": dev.type,
                            "status": "ERROR", "reason": f"{type(exc).__name__}: {exc}", "claim": mc.claim}
@@ -408,7 +418,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     elapsed = time.perf_counter() - t_start
     result = {
         "schema": 1, "grid": grid, "argv": sys.argv[1:] if argv is None else list(argv),
-        "machine": info, "machine_kind": kind, "copy_bandwidth": bandwidth, "policy": policy.__dict__,
+        "machine": info, "machine_kind": kind, "copy_bandwidth": bandwidth, "policy": policy.__dict__, "module_policy": MODULE_POLICIES[grid].__dict__,
         "memory_method": MEMORY_METHOD, "skipped_cases": skipped, "rows": rows, "module_rows": module_rows,
         "module_config": None, "corpus": corpus[2] if corpus else None, "elapsed_s": elapsed,
         "notes": report.METHOD_NOTES,
