@@ -100,3 +100,19 @@ def test_unavailable_case_is_skipped_with_reason(tmp_path, monkeypatch):
     assert rc == 0
     assert {"case": "bk_core[two-sided]", "reason": "resnet_bk.ops.example does not exist yet"} in result["skipped_cases"]
     assert all(r["variant"] != "two-sided" for r in result["rows"])
+
+
+def test_row_subset_check_where_reference_is_not_timed(tmp_path, monkeypatch):
+    # Above REF_LARGE_N the masked reference is not timed (tens of seconds per call at N = 65536):
+    # the backends are then checked against the reference on the first rows only.
+    monkeypatch.setattr("benchmarks.cases.REF_LARGE_N", 32)
+    rc = main(["--smoke", "--ops", "bk_core_masked", "--backends", "cpp", "--out", str(tmp_path), "--name", "s",
+               "--no-progress", "--no-plots"])
+    with open(os.path.join(tmp_path, "s.json")) as f:
+        rows = json.load(f)["rows"]
+    assert rc == 0
+    ref = [r for r in rows if r["impl"] == "reference"]
+    assert ref and all(r["status"] == "skipped" and "first 2 rows" in r["reason"] for r in ref)
+    cpp = [r for r in rows if r["impl"] == "cpp"]
+    assert cpp and all(r["status"] == "ok" and r["check"] == "ok (first 2 rows vs reference)" for r in cpp)
+    assert all(r["speedup"] == {} for r in cpp)  # nothing to compare against: no speedup claimed
