@@ -88,6 +88,10 @@ struct VecOf {
 };
 constexpr int64_t kMinChunk = 256;  // shortest chunk worth its carry phases
 constexpr int64_t kTile = 16;       // positions per transpose tile
+// Moebius products are rescaled every 4 (float) / 16 (double) steps: each step grows the entries
+// by at most ~|alpha| + |k|, so |a| up to ~1e9 stays far inside the exponent range between rescales.
+template <class T>
+constexpr int64_t kRescaleMask = sizeof(T) == 4 ? 3 : 15;
 constexpr int64_t kMaxChunkFwd = 4096;  // forward keeps 1 complex per position and lane
 constexpr int64_t kMaxChunkBwd = 4096;  // backward keeps 5-6
 
@@ -425,7 +429,7 @@ static void mobius_block(const Problem<T>& pr, const Plan<T>& pl, int64_t blk, b
     in.k_tile(p0, n, tK);
     for (int64_t q = 0; q < n; ++q) {
       bk::mobius_step(m, Cx<V>{tA[q], aim}, tK[q]);
-      if (q & 1) mobius_rescale_max(m);
+      if ((q & kRescaleMask<T>) == kRescaleMask<T>) mobius_rescale_max(m);
     }
   }
   store_mobius<T>(m, li, blk, mf);
@@ -437,7 +441,7 @@ static void mobius_block(const Problem<T>& pr, const Plan<T>& pl, int64_t blk, b
     in.k_tile(p0, n, tK);
     for (int64_t q = n - 1; q >= 0; --q) {
       bk::mobius_step(m, Cx<V>{tA[q], aim}, tK[q + 1]);
-      if (q & 1) mobius_rescale_max(m);
+      if ((q & kRescaleMask<T>) == kRescaleMask<T>) mobius_rescale_max(m);
     }
   }
   store_mobius<T>(m, li, blk, mb);
