@@ -25,7 +25,6 @@ import torch
 from resnet_bk.ops.reference import bk_core_bwd_ref, bk_core_fwd_ref
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CU = os.path.join(ROOT, "csrc", "cuda", "bk_core_cuda.cu")
 EMU = os.path.join(ROOT, "tests", "cuda_emu")
 CXX = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
 
@@ -83,25 +82,32 @@ def rewrite_launches(src: str) -> str:
     return "".join(out)
 
 
-@pytest.fixture(scope="module")
-def emu(tmp_path_factory):
-    with open(CU) as f:
+def build_emulated(tmp_path_factory, cu_name, api_name):
+    """Compiles csrc/cuda/<cu_name> (launches rewritten) + tests/cuda_emu/<api_name> into a shared library."""
+    cu = os.path.join(ROOT, "csrc", "cuda", cu_name)
+    with open(cu) as f:
         src = rewrite_launches(f.read())
-    with open(os.path.join(EMU, "bk_core_emu_api.cpp")) as f:
+    api_path = os.path.join(EMU, api_name)
+    with open(api_path) as f:
         api = f.read()
-    emu_h = open(os.path.join(EMU, "emu.h")).read()
-    key = hashlib.sha256((src + api + emu_h).encode()).hexdigest()[:16]
+    extra = "".join(open(os.path.join(EMU, n)).read() for n in sorted(os.listdir(EMU)) if n.endswith(".h"))
+    key = hashlib.sha256((src + api + extra).encode()).hexdigest()[:16]
     d = tmp_path_factory.mktemp("cuda_emu")
-    unit = d / "bk_core_emu.cpp"
-    # #line keeps compiler messages pointing at the real .cu file
-    unit.write_text(f'#line 1 "{CU}"\n' + src + f'\n#line 1 "{EMU}/bk_core_emu_api.cpp"\n' + api)
-    lib = d / f"bk_core_emu_{key}.so"
+    unit = d / (cu_name + ".emu.cpp")
+    # #line keeps compiler messages pointing at the real files
+    unit.write_text(f'#line 1 "{cu}"\n' + src + f'\n#line 1 "{api_path}"\n' + api)
+    lib = d / f"{cu_name}_{key}.so"
     cmd = [CXX, "-std=c++17", "-O1", "-g0", "-shared", "-fPIC", "-pthread", "-Wall", "-Wno-unused-function",
            "-I", EMU, "-I", os.path.join(ROOT, "csrc", "cuda"), "-include", os.path.join(EMU, "emu.h"),
            str(unit), "-o", str(lib)]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.join(ROOT, "csrc", "cuda"))
     assert r.returncode == 0, f"emulation build failed:\n{' '.join(cmd)}\n{r.stderr[-4000:]}"
     return ctypes.CDLL(str(lib))
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    return build_emulated(tmp_path_factory, "bk_core_cuda.cu", "bk_core_emu_api.cpp")
 
 
 def _ptr(t):

@@ -56,24 +56,30 @@ class Barrier {
   unsigned n_, count_ = 0, gen_ = 0;
 };
 
-inline thread_local bk_emu_dim3 tid{0, 0, 0}, bid{0, 0, 0}, bdim{1, 1, 1};
+inline thread_local bk_emu_dim3 tid{0, 0, 0}, bid{0, 0, 0}, bdim{1, 1, 1}, gdim{1, 1, 1};
 inline thread_local Barrier* cur_barrier = nullptr;
 
 inline void launch(unsigned grid, unsigned block, const std::function<void()>& body) {
-  for (unsigned b = 0; b < grid; ++b) {
-    Barrier bar(block);
-    std::vector<std::thread> ts;
-    ts.reserve(block);
-    for (unsigned t = 0; t < block; ++t)
-      ts.emplace_back([&, t, b] {
-        tid = bk_emu_dim3{t, 0, 0};
+  if (grid == 0 || block == 0) return;
+  // One std::thread per thread of a block, reused for every block: a block's threads run
+  // concurrently; blocks run one after another (a barrier between them, since __shared__
+  // variables are statics).
+  Barrier bar(block);
+  std::vector<std::thread> ts;
+  ts.reserve(block);
+  for (unsigned t = 0; t < block; ++t)
+    ts.emplace_back([&, t] {
+      tid = bk_emu_dim3{t, 0, 0};
+      bdim = bk_emu_dim3{block, 1, 1};
+      gdim = bk_emu_dim3{grid, 1, 1};
+      cur_barrier = &bar;
+      for (unsigned b = 0; b < grid; ++b) {
         bid = bk_emu_dim3{b, 0, 0};
-        bdim = bk_emu_dim3{block, 1, 1};
-        cur_barrier = &bar;
         body();
-      });
-    for (auto& th : ts) th.join();
-  }
+        bar.wait();
+      }
+    });
+  for (auto& th : ts) th.join();
 }
 
 }  // namespace bk_emu
@@ -81,4 +87,5 @@ inline void launch(unsigned grid, unsigned block, const std::function<void()>& b
 #define threadIdx (bk_emu::tid)
 #define blockIdx (bk_emu::bid)
 #define blockDim (bk_emu::bdim)
+#define gridDim (bk_emu::gdim)
 inline void __syncthreads() { bk_emu::cur_barrier->wait(); }
