@@ -1,7 +1,8 @@
 """Compile checks of the CUDA sources that run without a GPU.
 
 * every kernel file csrc/cuda/*.cu compiles with nvcc for sm_80 and sm_90 (one nvcc call per file,
-  both architectures, ptxas verbose so register spills show in the log);
+  both architectures, ptxas verbose so register spills show in the log), with the half/bfloat16
+  defines torch's extension builder adds;
 * the torch binding csrc/cuda/*.cpp passes a C++ syntax check against this torch's headers with
   RESNET_BK_WITH_CUDA defined (a CPU-only torch ships the c10/ATen CUDA headers but not the
   generated cuda_cmake_macros.h, which C10_CUDA_NO_CMAKE_CONFIGURE_FILE skips).
@@ -24,6 +25,10 @@ NVCC = shutil.which("nvcc")
 CU_FILES = sorted(glob.glob(os.path.join(CUDA_DIR, "*.cu")))
 BIND_FILES = sorted(glob.glob(os.path.join(CUDA_DIR, "*.cpp")))
 ARCHS = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
+# torch.utils.cpp_extension passes these to nvcc by default: the kernels must not rely on implicit
+# half/bfloat16 conversions or operators.
+TORCH_NVCC_DEFINES = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                      "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
 
 
 def _cuda_include():
@@ -45,6 +50,7 @@ def test_cuda_sources_compile(tmp_path):
     for src in CU_FILES:
         obj = tmp_path / (os.path.basename(src) + ".o")
         cmds.append([NVCC, "-std=c++17", "-O3", "-c", *ARCHS, "-Xptxas", "-v", "-DRESNET_BK_WITH_CUDA",
+                     *TORCH_NVCC_DEFINES,
                      src, "-o", str(obj)])
     bind = []
     inc = _cuda_include()
