@@ -235,3 +235,23 @@ def test_bad_mask(case, exc, words):
     with pytest.raises(exc) as info:
         ops.bk_core_masked(a, b, c, 1j, mask)
     assert words in str(info.value)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("causal", [False, True], ids=["twosided", "causal"])
+def test_masked_out_positions_are_not_computed(backend, causal):
+    """A position whose mask is 0 is exactly 0 and sends no gradient, even where G is not finite."""
+    N = 12
+    a = torch.randn(3, N, dtype=torch.float64)
+    a[1, 7] = float("nan")
+    b = torch.ones(N - 1, dtype=torch.float64)
+    mask = torch.ones(3, N, dtype=torch.float64)
+    mask[1, 7:] = 0.0
+    ar = a.clone().requires_grad_()
+    out = ops.bk_core_masked(ar, b, b, 1j, mask, causal=causal, backend=backend)
+    assert torch.equal(out[1, 7:], torch.zeros_like(out[1, 7:]))
+    assert torch.isfinite(torch.view_as_real(out[[0, 2]])).all()
+    if causal:  # positions before the NaN never see it
+        assert torch.isfinite(torch.view_as_real(out[1, :7])).all()
+        out.abs().sum().backward()
+        assert torch.isfinite(ar.grad[[0, 2]]).all()

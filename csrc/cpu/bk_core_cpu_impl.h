@@ -124,6 +124,17 @@ static inline VPack<T> vabs(const VPack<T>& x) {
   for (int u = 0; u < VPack<T>::U; ++u) r.v[u] = x.v[u] < 0 ? -x.v[u] : x.v[u];
   return r;
 }
+// mask * x where mask != 0, exactly 0 where mask == 0 (a masked-out position is not computed,
+// so it is 0 even if the resolvent there is not finite)
+template <class T>
+static inline Cx<VPack<T>> masked(const Cx<VPack<T>>& x, const VPack<T>& m) {
+  Cx<VPack<T>> r;
+  for (int u = 0; u < VPack<T>::U; ++u) {
+    r.re.v[u] = m.v[u] != 0 ? x.re.v[u] * m.v[u] : m.v[u] * 0;
+    r.im.v[u] = m.v[u] != 0 ? x.im.v[u] * m.v[u] : m.v[u] * 0;
+  }
+  return r;
+}
 template <class T>
 static inline VPack<T> vmax(const VPack<T>& x, const VPack<T>& y) {
   VPack<T> r;
@@ -555,7 +566,7 @@ static void forward_block(const Problem<T>& pr, const Plan<T>& pl, int64_t blk, 
       Cx<V>* y = s.D.p + p0;
       if (in.has_mask) {
         in.M.tile(p0, n, reinterpret_cast<T*>(tM), NL);
-        for (int64_t q = 0; q < n; ++q) y[q] = bk::scale(y[q], tM[q]);
+        for (int64_t q = 0; q < n; ++q) y[q] = masked<T>(y[q], tM[q]);
       }
       scatter_cx_tile<T>(li, out, pr.N, p0, n, y);
     }
@@ -567,15 +578,26 @@ static void forward_block(const Problem<T>& pr, const Plan<T>& pl, int64_t blk, 
     const int64_t n = std::min(kTile, Lc - p0);
     in.A.tile(p0, n, reinterpret_cast<T*>(tA), NL);
     in.k_tile(p0, n, tK);
-    for (int64_t q = n - 1; q >= 0; --q) {
-      Cx<V> al{tA[q], aim};
-      Cx<V> e = bk::pivot_step(al, tK[q + 1], eprev);
-      tG[q] = bk::combine(s.D[p0 + q], e, al);
-      eprev = e;
-    }
     if (in.has_mask) {
+      // The pivots must run everywhere; the combine (a division) and the mask product are
+      // skipped for a position whose mask is 0 in every lane of the block.
       in.M.tile(p0, n, reinterpret_cast<T*>(tM), NL);
-      for (int64_t q = 0; q < n; ++q) tG[q] = bk::scale(tG[q], tM[q]);
+      for (int64_t q = n - 1; q >= 0; --q) {
+        Cx<V> al{tA[q], aim};
+        Cx<V> e = bk::pivot_step(al, tK[q + 1], eprev);
+        eprev = e;
+        const T* m = reinterpret_cast<const T*>(&tM[q]);
+        bool any = false;
+        for (int l = 0; l < NL; ++l) any |= (m[l] != T(0));
+        tG[q] = any ? masked<T>(bk::combine(s.D[p0 + q], e, al), tM[q]) : Cx<V>{V{}, V{}};
+      }
+    } else {
+      for (int64_t q = n - 1; q >= 0; --q) {
+        Cx<V> al{tA[q], aim};
+        Cx<V> e = bk::pivot_step(al, tK[q + 1], eprev);
+        tG[q] = bk::combine(s.D[p0 + q], e, al);
+        eprev = e;
+      }
     }
     scatter_cx_tile<T>(li, out, pr.N, p0, n, tG);
   }
@@ -679,9 +701,9 @@ static void bwd_phase1(BwdShared<T>& sh, int64_t blk, Scratch<T>& s) {
         Cx<V> y2 = y * y;
         Cx<V> w = tW[q];
         if (gm) tGM[q] = y.re * w.re - y.im * w.im;  // Re(conj(y) g) = Re(y conj(g))
-        if (in.has_mask) w = bk::scale(w, tM[q]);
         Cx<V> qq = w * y2;
         qq = Cx<V>{-qq.re, -qq.im};
+        if (in.has_mask) qq = masked<T>(qq, tM[q]);
         Cx<V> c = bk::scale(y2, tK[q + 1]);
         s.P[p] = qq;
         s.R[p] = c;
@@ -721,8 +743,8 @@ static void bwd_phase1(BwdShared<T>& sh, int64_t blk, Scratch<T>& s) {
       Cx<V> G = bk::combine(s.D[p], e, al);
       Cx<V> w = tW[q];
       if (gm) tGM[q] = G.re * w.re - G.im * w.im;
-      if (in.has_mask) w = bk::scale(w, tM[q]);
       Cx<V> pp = w * (G * G);
+      if (in.has_mask) pp = masked<T>(pp, tM[q]);
       s.P[p] = pp;
       Cx<V> cr = bk::k_over_sq(kk, s.ID[p]);
       if (chunked) {
