@@ -648,6 +648,9 @@ def is_interpreted() -> bool:
     return isinstance(_fwd_kernel, InterpretedFunction)
 
 
+INTERPRETED = is_interpreted()
+
+
 def choose_strategy(B: int, N: int) -> str:
     """"chunked" for few long sequences (B <= 8 and N >= 512), else "lanes". Forced by the
     ``strategy=`` argument of the kernel entry points or ``RESNET_BK_TRITON_STRATEGY``."""
@@ -702,10 +705,8 @@ def _check(a: Tensor, k: Tensor, zri: Tensor, mask: Optional[Tensor]) -> None:
 
 
 def _launch(kernel, grid, *args, **meta):
-    # torch.library.wrap_triton makes the launch traceable inside a triton_op (torch.compile);
-    # outside tracing it returns the kernel itself.
-    from torch.library import wrap_triton
-    return wrap_triton(kernel)[grid](*args, **meta)
+    # Launched eagerly: the op layer registers these entry points as custom ops with fake kernels.
+    return kernel[grid](*args, **meta)
 
 
 def _pivot_carries(a, k, zri, N, S, C, CH, k_rs, two_sided):
