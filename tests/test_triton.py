@@ -110,10 +110,10 @@ def check_kernels(B, N, dtype, causal, masked, shared, strategy, chunk=None, see
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
 @pytest.mark.parametrize("causal", [False, True], ids=["twosided", "causal"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("strategy,chunk", [("lanes", None), ("chunked", 4)], ids=["lanes", "chunked"])
+@pytest.mark.parametrize("strategy,chunk", [("lanes", None), ("chunked", 3)], ids=["lanes", "chunked"])
 def test_kernels_match_reference(strategy, chunk, dtype, causal, masked, shared):
-    # N = 15 with chunks of 4: three full chunks and a partial one
-    check_kernels(3, 15, dtype, causal, masked, shared, strategy, chunk)
+    # N = 11 with chunks of 3: three full chunks and a partial one
+    check_kernels(3, 11, dtype, causal, masked, shared, strategy, chunk)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["twosided", "causal"])
@@ -130,8 +130,7 @@ def test_short_sequences(N, strategy, chunk, causal):
 def test_several_programs_and_long_rows(B, N, strategy, chunk, causal):
     """More segments than one program's BLOCK (B = 37 lanes; 5 rows x 10 chunks); a single
     row of 48 with the default chunk length (sqrt(48) -> 16: three chunks)."""
-    check_kernels(B, N, torch.float64, causal, True, True, strategy, chunk, seed=B + N)
-    check_kernels(B, N, torch.float32, causal, False, False, strategy, chunk, seed=B + N)
+    check_kernels(B, N, torch.float32, causal, True, True, strategy, chunk, seed=B + N)
 
 
 def test_zero_rows_and_bad_arguments():
@@ -232,7 +231,7 @@ def test_verify_mode_passes():
 
 @pytest.mark.parametrize("causal,masked", [(False, True), (True, False)], ids=["twosided_mask", "causal"])
 def test_opcheck(causal, masked):
-    a, k, zri, mask = canon_inputs(2, 5, torch.float64, shared=False, masked=masked)
+    a, k, zri, mask = canon_inputs(2, 4, torch.float64, shared=False, masked=masked)
     a.requires_grad_()
     torch.library.opcheck(torch.ops.resnet_bk.bk_core_fwd_triton, (a, k, zri, mask, causal))
 
@@ -254,3 +253,18 @@ def test_compile_fullgraph_matches_eager():
     y2.backward()
     assert_rel(y1.detach(), y2.detach(), 1e-12, "compiled output")
     assert_rel(a1.grad, a2.grad, 1e-12, "compiled gradient")
+
+
+def test_kernels_compile_for_gpu():
+    """The real Triton compiler (not the interpreter) lowers the kernels to sm_90 cubin, including
+    the launcher's constexpr-1 specialisation of integer arguments; no GPU is needed for this.
+    ``python -m resnet_bk.triton_kernels.aot_check`` runs every specialisation."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-W", "ignore", "-m", "resnet_bk.triton_kernels.aot_check",
+                        "--level", "smoke"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "12 kernel variants compiled for sm_90" in r.stdout

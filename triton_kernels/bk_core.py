@@ -99,6 +99,8 @@ def _pivot_summary_kernel(a_ptr, k_ptr, zri_ptr, pf_ptr, pb_ptr, N, S, C, CH, k_
     """pf/pb (8, S): the chunk's product of Moebius matrices (entries m00 m01 m10 m11 as re/im
     pairs), left to right for d and right to left for e."""
     pid = tl.program_id(0)
+    # scratch offsets t * S + s reach 2 * B * N; tl.cast, not .to: S may be specialised to constexpr 1
+    S = tl.cast(S, tl.int64)
     s, ok, row, start = _seg_ids(pid, S, C, CH, BLOCK)
     zr = tl.load(zri_ptr)
     zi = tl.load(zri_ptr + 1)
@@ -255,6 +257,8 @@ def _fwd_kernel(a_ptr, k_ptr, zri_ptr, mask_ptr, qin_ptr, rin_ptr, out_ptr, d_pt
                 BLOCK: tl.constexpr):
     """out (B, N, 2): G (or 1/d when causal) times the mask, as re/im pairs; d (2, CH, S) scratch."""
     pid = tl.program_id(0)
+    # scratch offsets t * S + s reach 2 * B * N; tl.cast, not .to: S may be specialised to constexpr 1
+    S = tl.cast(S, tl.int64)
     s, ok, row, start = _seg_ids(pid, S, C, CH, BLOCK)
     zr = tl.load(zri_ptr)
     zi = tl.load(zri_ptr + 1)
@@ -350,6 +354,8 @@ def _bwd_pass1_kernel(g_ptr, a_ptr, k_ptr, zri_ptr, mask_ptr, qin_ptr, rin_ptr,
     carries the chunk summaries (prod c, local x) of the linear gradient recurrences into
     sum (8, S): R (two-sided) or mu (causal) in rows 0..3, L (two-sided) in rows 4..7."""
     pid = tl.program_id(0)
+    # scratch offsets t * S + s reach 2 * B * N; tl.cast, not .to: S may be specialised to constexpr 1
+    S = tl.cast(S, tl.int64)
     s, ok, row, start = _seg_ids(pid, S, C, CH, BLOCK)
     zr = tl.load(zri_ptr)
     zi = tl.load(zri_ptr + 1)
@@ -539,6 +545,8 @@ def _bwd_final_kernel(g_ptr, a_ptr, k_ptr, zri_ptr, mask_ptr, cin_ptr,
     """grad_a (B, N), per-row grad_k (B, N-1) and per-segment partial sums gz (2, S) of A
     (two-sided) or mu (causal), from which the host forms grad_z."""
     pid = tl.program_id(0)
+    # scratch offsets t * S + s reach 2 * B * N; tl.cast, not .to: S may be specialised to constexpr 1
+    S = tl.cast(S, tl.int64)
     s, ok, row, start = _seg_ids(pid, S, C, CH, BLOCK)
     zero = tl.zeros([BLOCK], a_ptr.dtype.element_ty)
     SC = CH * S
