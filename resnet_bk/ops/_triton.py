@@ -33,22 +33,21 @@ except Exception as exc:  # noqa: BLE001  (a broken install raises more than Imp
 
 ENV_INTERPRET = "TRITON_INTERPRET"
 _KERNEL_MODULE = "resnet_bk.triton_kernels.bk_core"
-
-
-_loaded = None  # the kernel module once imported (its INTERPRETED flag is fixed at import)
+_KERNEL_MODULES = (_KERNEL_MODULE, "resnet_bk.triton_kernels.pooling")
 
 
 def _kernels():
-    global _loaded
-    if _loaded is None:
-        _loaded = importlib.import_module(_KERNEL_MODULE)
-    return _loaded
+    return importlib.import_module(_KERNEL_MODULE)
 
 
 def _loaded_interpreted() -> Optional[bool]:
-    """None while the kernels are not imported yet (they will follow TRITON_INTERPRET then)."""
-    mod = _loaded if _loaded is not None else sys.modules.get(_KERNEL_MODULE)
-    return None if mod is None else mod.INTERPRETED
+    """Whether the imported kernel modules are interpreted (each fixes that at import, from
+    TRITON_INTERPRET); None while none is imported yet (they will follow TRITON_INTERPRET then)."""
+    for name in _KERNEL_MODULES:
+        mod = sys.modules.get(name)
+        if mod is not None:
+            return mod.INTERPRETED
+    return None
 
 
 def interpret_requested() -> bool:
@@ -124,5 +123,94 @@ if _TRITON_ERROR is None:
 
     _dispatch.register_backend("triton", _available)
     _dispatch.register_impl("bk_core", "triton", bk_core_triton, _check)
+
+    # ---- learned down/upsampling (the ops live in resnet_bk.ops.pooling; until that module is
+    # present these registrations are inert: dispatch is only asked for ops that exist)
+    _POOL_MODULE = "resnet_bk.triton_kernels.pooling"
+
+    def _pool():
+        return importlib.import_module(_POOL_MODULE)
+
+    @torch.library.custom_op("resnet_bk::learned_downsample_fwd_triton", mutates_args=())
+    def learned_downsample_fwd_triton(x: Tensor, logits: Tensor, causal: bool) -> Tensor:
+        """x (B, N, D), logits (M, r) -> (B, M, D)."""
+        return _pool().learned_downsample_fwd(x, logits, causal)
+
+    @torch.library.custom_op("resnet_bk::learned_downsample_bwd_triton", mutates_args=())
+    def learned_downsample_bwd_triton(grad: Tensor, x: Tensor, logits: Tensor, causal: bool, need_x: bool,
+                                      need_logits: bool) -> Tuple[Tensor, Tensor]:
+        """(grad_x (B, N, D) or (0,), grad_logits (M, r) or (0,))."""
+        gx, gl = _pool().learned_downsample_bwd(grad, x, logits, causal, need_x, need_logits)
+        return (x.new_empty((0,)) if gx is None else gx), (logits.new_empty((0,)) if gl is None else gl)
+
+    @learned_downsample_fwd_triton.register_fake
+    def _down_fwd_fake(x, logits, causal):
+        return x.new_empty((x.shape[0], logits.shape[0], x.shape[2]))
+
+    @learned_downsample_bwd_triton.register_fake
+    def _down_bwd_fake(grad, x, logits, causal, need_x, need_logits):
+        return (x.new_empty(x.shape) if need_x else x.new_empty((0,)),
+                logits.new_empty(logits.shape) if need_logits else logits.new_empty((0,)))
+
+    def _down_setup(ctx, inputs, output):
+        x, logits, causal = inputs
+        ctx.save_for_backward(x, logits)
+        ctx.causal = causal
+
+    def _down_backward(ctx, grad):
+        x, logits = ctx.saved_tensors
+        nx, nl = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gx, gl = torch.ops.resnet_bk.learned_downsample_bwd_triton(grad, x, logits, ctx.causal, nx, nl)
+        return (gx if nx else None), (gl if nl else None), None
+
+    torch.library.register_autograd("resnet_bk::learned_downsample_fwd_triton", _down_backward,
+                                    setup_context=_down_setup)
+
+    @torch.library.custom_op("resnet_bk::learned_upsample_fwd_triton", mutates_args=())
+    def learned_upsample_fwd_triton(y: Tensor, bias: Tensor, residual: Optional[Tensor],
+                                    scale: Optional[Tensor]) -> Tensor:
+        """y (B, M, r*D), bias (Mb, r, Db) -> (B, M*r, D)."""
+        return _pool().learned_upsample_fwd(y, bias, residual, scale)
+
+    @torch.library.custom_op("resnet_bk::learned_upsample_bwd_triton", mutates_args=())
+    def learned_upsample_bwd_triton(grad: Tensor, y: Tensor, bias: Tensor, scale: Optional[Tensor], need_y: bool,
+                                    need_bias: bool, need_scale: bool) -> Tuple[Tensor, Tensor, Tensor]:
+        """(grad_y, grad_bias, grad_scale), each (0,) when not needed."""
+        gy, gb, gs = _pool().learned_upsample_bwd(grad, y, bias, scale, need_y, need_bias, need_scale)
+        e = bias.new_empty((0,))
+        return (y.new_empty((0,)) if gy is None else gy), (e if gb is None else gb), (e if gs is None else gs)
+
+    @learned_upsample_fwd_triton.register_fake
+    def _up_fwd_fake(y, bias, residual, scale):
+        r = bias.shape[1]
+        return y.new_empty((y.shape[0], y.shape[1] * r, y.shape[2] // r))
+
+    @learned_upsample_bwd_triton.register_fake
+    def _up_bwd_fake(grad, y, bias, scale, need_y, need_bias, need_scale):
+        return (y.new_empty(y.shape) if need_y else y.new_empty((0,)),
+                bias.new_empty(bias.shape) if need_bias else bias.new_empty((0,)),
+                bias.new_empty(()) if (need_scale and scale is not None) else bias.new_empty((0,)))
+
+    def _up_setup(ctx, inputs, output):
+        y, bias, residual, scale = inputs
+        ctx.save_for_backward(y, bias, scale)
+
+    def _up_backward(ctx, grad):
+        y, bias, scale = ctx.saved_tensors
+        ny, nb, nr, ns = ctx.needs_input_grad
+        gy, gb, gs = torch.ops.resnet_bk.learned_upsample_bwd_triton(grad, y, bias, scale, ny, nb, ns)
+        # d out / d residual is the identity: the upstream gradient itself
+        return (gy if ny else None), (gb if nb else None), (grad if nr else None), (gs if ns else None)
+
+    torch.library.register_autograd("resnet_bk::learned_upsample_fwd_triton", _up_backward, setup_context=_up_setup)
+
+    def learned_downsample_triton(x, logits, causal):
+        return torch.ops.resnet_bk.learned_downsample_fwd_triton(x, logits, causal)
+
+    def learned_upsample_triton(y, bias, residual, scale):
+        return torch.ops.resnet_bk.learned_upsample_fwd_triton(y, bias, residual, scale)
+
+    _dispatch.register_impl("learned_downsample", "triton", learned_downsample_triton, _check)
+    _dispatch.register_impl("learned_upsample", "triton", learned_upsample_triton, _check)
 else:
     _dispatch.register_backend("triton", _available)
