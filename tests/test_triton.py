@@ -17,6 +17,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
@@ -29,6 +30,7 @@ if not ON_GPU:
 try:
     triton = importlib.import_module("triton")
     K = importlib.import_module("resnet_bk.triton_kernels.bk_core")
+    P = importlib.import_module("resnet_bk.triton_kernels.pooling")
 finally:
     if _PREV_INTERPRET is None:
         os.environ.pop("TRITON_INTERPRET", None)
@@ -40,7 +42,7 @@ from resnet_bk.ops import _dispatch, _triton  # noqa: E402
 from resnet_bk.ops._canon import canon_bk  # noqa: E402
 from resnet_bk.ops.reference import bk_core_bwd_ref, bk_core_fwd_ref  # noqa: E402
 
-if not ON_GPU and not K.INTERPRETED:
+if not ON_GPU and not (K.INTERPRETED and P.INTERPRETED):
     pytest.skip("the Triton kernels were imported for the GPU before TRITON_INTERPRET=1 could be set",
                 allow_module_level=True)
 
@@ -83,7 +85,9 @@ def assert_rel(got, ref, tol, what):
         return
     got, ref = got.cpu(), ref.cpu()
     assert torch.isfinite(got).all(), f"{what}: non-finite values"
-    err = ((got - ref).abs().max() / ref.abs().max()).item()
+    scale = ref.abs().max().item()
+    # an all-zero reference (e.g. the logits gradient when r = 1) is held to the absolute tolerance
+    err = (got - ref).abs().max().item() / (scale if scale > 0 else 1.0)
     assert err < tol, f"{what}: relative error {err:.3g} >= {tol:g}"
 
 
@@ -267,4 +271,125 @@ def test_kernels_compile_for_gpu():
     r = subprocess.run([sys.executable, "-W", "ignore", "-m", "resnet_bk.triton_kernels.aot_check",
                         "--level", "smoke"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "12 kernel variants compiled for sm_90" in r.stdout
+    assert "18 kernel variants compiled for sm_90" in r.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# learned down/upsampling kernels (triton_kernels/pooling.py)
+
+
+def down_formula(x, logits, causal):
+    """out[b, j] = sum_k softmax(logits[j])_k x[b, j*r + k - s], s = r - 1 if causal (zero padding)."""
+    B, N, D = x.shape
+    M, r = logits.shape
+    w = torch.softmax(logits, -1)
+    xs = x.to(logits.dtype)
+    if causal and r > 1:
+        xs = F.pad(xs, (0, 0, r - 1, 0))[:, :N]
+    return (xs.reshape(B, M, r, D) * w[None, :, :, None]).sum(2).to(x.dtype)
+
+
+def up_formula(y, bias, residual, scale):
+    """residual + scale * (y[b, m, k*D + d] + bias[m, k, d]) as (B, M*r, D)."""
+    B, M, RD = y.shape
+    r = bias.shape[1]
+    v = (y.to(bias.dtype).reshape(B, M, r, RD // r) + bias).reshape(B, M * r, RD // r)
+    if scale is not None:
+        v = scale * v
+    if residual is not None:
+        v = residual.to(bias.dtype) + v
+    return v.to(y.dtype)
+
+
+POOL_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3}
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["plain", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=["f64", "f32", "f16"])
+@pytest.mark.parametrize("r,D", [(3, 70), (1, 5), (4, 2)])
+def test_downsample_kernel(dtype, causal, r, D):
+    """D = 70 spans two feature blocks; r = 3 is not a power of two; x is a strided view."""
+    B, M = 2, 3
+    g = torch.Generator().manual_seed(r * D)
+    x = torch.randn(M * r, B, D, generator=g, dtype=torch.float64).to(dtype).transpose(0, 1).to(DEVICE)
+    logits = torch.randn(M, r, generator=g, dtype=torch.float64).to(_acc(dtype)).to(DEVICE)
+    tol = POOL_TOL[dtype]
+    out = P.learned_downsample_fwd(x, logits, causal)
+    xr, lr = x.clone().requires_grad_(), logits.clone().requires_grad_()
+    ref = down_formula(xr, lr, causal)
+    assert_rel(out, ref.detach(), tol, "downsample forward")
+    gout = torch.randn(ref.shape, generator=g, dtype=torch.float64).to(dtype).to(DEVICE)
+    ex, el = torch.autograd.grad(ref, [xr, lr], gout)
+    gx, gl = P.learned_downsample_bwd(gout, x, logits, causal)
+    assert_rel(gx, ex, tol, "grad_x")
+    assert_rel(gl, el, tol, "grad_logits")
+    only_x = P.learned_downsample_bwd(gout, x, logits, causal, need_x=True, need_logits=False)
+    assert only_x[1] is None and torch.equal(only_x[0], gx)
+
+
+@pytest.mark.parametrize("with_res,with_scale", [(True, True), (False, False), (True, False)],
+                         ids=["res_scale", "plain", "res"])
+@pytest.mark.parametrize("Mb,Db", [(3, 5), (1, 5), (3, 1), (1, 1)], ids=["full", "phase", "scalar", "shared"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_upsample_kernel(dtype, Mb, Db, with_res, with_scale):
+    B, M, r, D = 2, 3, 4, 5
+    g = torch.Generator().manual_seed(Mb * 10 + Db)
+    acc = _acc(dtype)
+
+    def rnd(*shape, dt):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dt).to(DEVICE)
+
+    y = rnd(B, M, 2 * r * D, dt=dtype)[..., ::2]  # strided view
+    bias = rnd(Mb, r, Db, dt=acc)
+    res = rnd(B, M * r, D, dt=dtype) if with_res else None
+    scale = torch.tensor(0.7, dtype=acc, device=DEVICE) if with_scale else None
+    tol = POOL_TOL[dtype]
+    out = P.learned_upsample_fwd(y, bias, res, scale)
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in (y, bias, res, scale)]
+    ref = up_formula(*leaves)
+    assert_rel(out, ref.detach(), tol, "upsample forward")
+    gout = rnd(*ref.shape, dt=dtype)
+    want = [t for t in leaves if t is not None]
+    exp = dict(zip([id(t) for t in want], torch.autograd.grad(ref, want, gout)))
+    gy, gb, gs = P.learned_upsample_bwd(gout, y, bias, scale)
+    assert_rel(gy, exp[id(leaves[0])], tol, "grad_y")
+    assert_rel(gb, exp[id(leaves[1])], tol, "grad_bias")
+    if with_scale:
+        assert_rel(gs, exp[id(leaves[3])], tol, "grad_scale")
+    else:
+        assert gs is None
+
+
+needs_pool_ops = pytest.mark.skipif(not hasattr(ops, "learned_downsample"),
+                                    reason="resnet_bk.ops has no learned_downsample (pooling ops not merged)")
+
+
+@needs_pool_ops
+@pytest.mark.parametrize("causal", [False, True], ids=["plain", "causal"])
+def test_pool_ops_through_dispatch(causal):
+    """The "triton" impls of the public pooling ops: outputs and every gradient equal the
+    reference backend's; opcheck of the registered ops."""
+    g = torch.Generator().manual_seed(5)
+    B, M, r, D = 2, 3, 2, 4
+    x = torch.randn(B, M * r, D, generator=g, dtype=torch.float64).to(DEVICE)
+    logits = torch.randn(M, r, generator=g, dtype=torch.float64).to(DEVICE)
+    bias = torch.randn(1, r, D, generator=g, dtype=torch.float64).to(DEVICE)
+    scale = torch.tensor(0.5, dtype=torch.float64, device=DEVICE)
+    results = []
+    for backend in ("triton", "reference"):
+        leaves = [t.clone().requires_grad_() for t in (x, logits, bias, scale)]
+        low = ops.learned_downsample(leaves[0], leaves[1], causal=causal, backend=backend)
+        y = low.repeat(1, 1, r)  # (B, M, r*D)
+        out = ops.learned_upsample(y, leaves[2], residual=leaves[0], scale=leaves[3], backend=backend)
+        gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(9), dtype=out.dtype).to(DEVICE)
+        results.append((out,) + torch.autograd.grad(out, leaves, gout))
+    for name, a, b in zip(("out", "x", "logits", "bias", "scale"), *results):
+        assert_rel(a.detach(), b.detach(), 1e-12, name)
+    xc = x.clone().requires_grad_()
+    torch.library.opcheck(torch.ops.resnet_bk.learned_downsample_fwd_triton, (xc, logits, causal))
+    yc = torch.randn(B, M, r * D, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(torch.ops.resnet_bk.learned_upsample_fwd_triton, (yc, bias, x, scale))

@@ -24,21 +24,31 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import bk_core as K
+from . import pooling as P
 
-KERNELS = ("_pivot_summary_kernel", "_pivot_carry_kernel", "_fwd_kernel", "_bwd_pass1_kernel",
-           "_lin_carry_kernel", "_bwd_final_kernel")
+# (module, kernel, fixed constexprs, pointer arguments in the accumulation dtype A; the others
+# are in the activation dtype T). bk_core kernels take one dtype throughout.
+KERNELS = [(K, name, {"BLOCK": K.BLOCK}, None) for name in (
+    "_pivot_summary_kernel", "_pivot_carry_kernel", "_fwd_kernel", "_bwd_pass1_kernel",
+    "_lin_carry_kernel", "_bwd_final_kernel")] + [
+    (P, "_down_kernel", {"BLOCK_R": 4, "BLOCK_D": P.BLOCK_D}, {"logits_ptr", "u_ptr"}),
+    (P, "_up_kernel", {"BLOCK": P.BLOCK_UP}, {"bias_ptr", "scale_ptr"}),
+    (P, "_up_bwd_kernel", {"BLOCK": P.BLOCK_UP}, {"bias_ptr", "scale_ptr", "gb_ptr", "gs_ptr"}),
+]
 
 
 LEVELS = ("smoke", "quick", "full")
 
 
-def _variants(fn, level: str) -> Iterator[Tuple[str, Dict[str, str], Dict[str, object]]]:
+def _variants(fn, level: str, fixed: Dict[str, object], acc_ptrs
+              ) -> Iterator[Tuple[str, Dict[str, str], Dict[str, object]]]:
     """(label, signature, constexprs). "full": every flag combination with float32 and float64
     and int32 integers, integers specialised to constexpr 1 (the launcher does that for the value
-    1: one row, one chunk, N = 1) and int64 integers (values >= 2**31). "quick": flags all on and
-    all off, no int64. "smoke": float32 with all flags on (int32) and all off (constexpr 1)."""
+    1: one row, one chunk, N = 1) and int64 integers (values >= 2**31); kernels with a separate
+    accumulation dtype also with float16 and bfloat16 activations. "quick": flags all on and all
+    off, no int64. "smoke": float32 with all flags on (int32) and all off (constexpr 1)."""
     params = fn.params
-    flags = [p.name for p in params if p.is_constexpr and p.name != "BLOCK"]
+    flags = [p.name for p in params if p.is_constexpr and p.name not in fixed]
     on, off = tuple(True for _ in flags), tuple(False for _ in flags)
     plan: List[Tuple[str, str, List[Tuple[bool, ...]]]]
     if level == "smoke":
@@ -46,18 +56,21 @@ def _variants(fn, level: str) -> Iterator[Tuple[str, Dict[str, str], Dict[str, o
     else:
         combos = [off, on] if level == "quick" else list(itertools.product([False, True], repeat=len(flags)))
         plan = [("fp32", "i32", combos), ("fp64", "i32", combos), ("fp32", "one", combos)]
+        if acc_ptrs is not None:
+            plan += [("fp16", "i32", combos), ("bf16", "i32", combos)]
         if level == "full":
             plan.append(("fp64", "i64", combos))
     for fp, int_kind, vals_list in plan:
         for vals in vals_list:
             sig: Dict[str, str] = {}
             cex: Dict[str, object] = dict(zip(flags, vals))
-            cex["BLOCK"] = K.BLOCK
+            cex.update(fixed)
+            acc = "fp64" if fp == "fp64" else "fp32"
             for p in params:
                 if p.is_constexpr:
                     sig[p.name] = "constexpr"
                 elif p.name.endswith("_ptr"):
-                    sig[p.name] = "*" + fp
+                    sig[p.name] = "*" + (acc if acc_ptrs is not None and p.name in acc_ptrs else fp)
                 elif int_kind == "one":
                     sig[p.name] = "constexpr"
                     cex[p.name] = 1
@@ -72,13 +85,13 @@ def compile_all(arch: int = 90, level: str = "full", verbose: bool = False) -> i
     failure, naming the variant."""
     if level not in LEVELS:
         raise ValueError(f"level: expected one of {LEVELS}, got {level!r}")
-    if K.INTERPRETED:
+    if K.INTERPRETED or P.INTERPRETED:
         raise RuntimeError("aot_check: TRITON_INTERPRET=1 is set; run it without the interpreter")
     target = GPUTarget("cuda", arch, 32)
     n = 0
-    for name in KERNELS:
-        fn = getattr(K, name)
-        for label, sig, cex in _variants(fn, level):
+    for mod, name, fixed, acc_ptrs in KERNELS:
+        fn = getattr(mod, name)
+        for label, sig, cex in _variants(fn, level, fixed, acc_ptrs):
             try:
                 ck = triton.compile(ASTSource(fn, sig, constexprs=cex), target=target, options={"num_warps": 1})
             except Exception as exc:  # noqa: BLE001  (re-raised with the variant named)

@@ -177,8 +177,9 @@ if _TRITON_ERROR is None:
                                     need_bias: bool, need_scale: bool) -> Tuple[Tensor, Tensor, Tensor]:
         """(grad_y, grad_bias, grad_scale), each (0,) when not needed."""
         gy, gb, gs = _pool().learned_upsample_bwd(grad, y, bias, scale, need_y, need_bias, need_scale)
-        e = bias.new_empty((0,))
-        return (y.new_empty((0,)) if gy is None else gy), (e if gb is None else gb), (e if gs is None else gs)
+        # a fresh empty tensor per missing gradient: a custom op's outputs may not alias each other
+        return (y.new_empty((0,)) if gy is None else gy, bias.new_empty((0,)) if gb is None else gb,
+                bias.new_empty((0,)) if gs is None else gs)
 
     @learned_upsample_fwd_triton.register_fake
     def _up_fwd_fake(y, bias, residual, scale):
