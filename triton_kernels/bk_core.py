@@ -646,22 +646,34 @@ def _bwd_final_kernel(g_ptr, a_ptr, k_ptr, zri_ptr, mask_ptr, cin_ptr,
 # host side
 
 
-def is_interpreted() -> bool:
-    """True when these kernels were created by Triton's interpreter (TRITON_INTERPRET=1 at import):
-    they then run on CPU tensors and cannot run on CUDA ones, and vice versa."""
+def _is_interpreted_fn(fn) -> bool:
     try:
         from triton.runtime.interpreter import InterpretedFunction
     except ImportError:  # pragma: no cover - every triton with an interpreter has it
         return False
-    return isinstance(_fwd_kernel, InterpretedFunction)
+    return isinstance(fn, InterpretedFunction)
+
+
+def is_interpreted() -> bool:
+    """True when these kernels were created by Triton's interpreter (TRITON_INTERPRET=1 at import):
+    they then run on CPU tensors and cannot run on CUDA ones, and vice versa."""
+    return _is_interpreted_fn(_fwd_kernel)
 
 
 INTERPRETED = is_interpreted()
+# The interpreter also needs triton's own @jit library functions (tl.zeros, tl.sum, ...) to be
+# interpreted, which is decided when triton itself is first imported.
+INTERPRETER_PROBLEM = None
+if INTERPRETED and not _is_interpreted_fn(tl.zeros):
+    INTERPRETER_PROBLEM = ("triton was imported before TRITON_INTERPRET=1 was set, so its library "
+                           "functions are compiled-mode; set TRITON_INTERPRET=1 before importing "
+                           "resnet_bk or triton")
 
 
 def choose_strategy(B: int, N: int) -> str:
-    """"chunked" for few long sequences (B <= 8 and N >= 512), else "lanes". Forced by the
-    ``strategy=`` argument of the kernel entry points or ``RESNET_BK_TRITON_STRATEGY``."""
+    """The strategy for B rows of length N: "chunked" for few long sequences (B <= 8 and
+    N >= 512), else "lanes". Forced by the ``strategy=`` argument of the kernel entry points or
+    ``RESNET_BK_TRITON_STRATEGY``. The thresholds are a first guess, to be tuned on a GPU."""
     return "chunked" if (B <= CHUNKED_MAX_B and N >= CHUNKED_MIN_N) else "lanes"
 
 

@@ -50,6 +50,18 @@ def _loaded_interpreted() -> Optional[bool]:
     return None
 
 
+def _interpreter_problem() -> Optional[str]:
+    """Why the interpreter cannot run the kernels (triton itself was imported before
+    TRITON_INTERPRET=1), or None."""
+    mod = sys.modules.get(_KERNEL_MODULE)
+    if mod is None:
+        # not imported yet: triton's library functions decide, as they will for the kernels
+        import triton.language as tl
+        return None if type(tl.zeros).__name__ == "InterpretedFunction" else (
+            "triton was imported before TRITON_INTERPRET=1 was set; set it before importing resnet_bk or triton")
+    return mod.INTERPRETER_PROBLEM
+
+
 def interpret_requested() -> bool:
     """TRITON_INTERPRET=1 (read the way triton reads it: "1", "true", "on" ...)."""
     return os.environ.get(ENV_INTERPRET, "0").lower() in ("1", "true", "on", "yes", "y")
@@ -76,6 +88,8 @@ def _check(a: Tensor, *args) -> Optional[str]:
         if _loaded_interpreted() is False:
             return ("TRITON_INTERPRET=1 was set after the Triton kernels had been compiled for the GPU; "
                     "set it before the first Triton call")
+        if _interpreter_problem() is not None:
+            return _interpreter_problem()
         return None
     return f"takes CUDA tensors, got {dev}"
 
