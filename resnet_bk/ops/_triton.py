@@ -8,9 +8,12 @@ op calls the backward op (the exact O(N) gradient, shared/BK_CORE_MATH.md). Why 
 work with interpreted kernels (they would run on fake tensors), and CI tests compile through the
 interpreter; the kernels are sequential scans with nothing for Inductor to fuse into anyway.
 
-Devices: CUDA tensors. With ``TRITON_INTERPRET=1`` in the environment *when the kernels are first
-imported*, Triton's interpreter runs them on CPU tensors instead (that is how CI tests them on a
-machine without a GPU); the kernel module is therefore imported lazily, on the first call.
+Devices: CUDA tensors. With ``TRITON_INTERPRET=1`` in the environment *before triton is first
+imported* (``@triton.jit`` picks the interpreter at decoration time, for triton's own library
+functions as for ours), Triton's interpreter runs the kernels on CPU tensors instead: that is how
+CI tests them on a machine without a GPU (tests/conftest.py sets it). The kernel modules are
+imported lazily, on the first call; ``_check`` says why CPU tensors are refused when the order
+was wrong.
 """
 from __future__ import annotations
 
