@@ -7,13 +7,12 @@ first-class PyTorch ops: ``register_fake`` (meta kernels, so torch.compile can t
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
 
 from . import _dispatch
-from .reference import complex_dtype_for
+from ._bk_autograd import bwd_fake, fwd_fake, register_bk_autograd, register_no_double_backward
 
 _LOAD_ERROR: Optional[str] = None
 try:
@@ -37,37 +36,10 @@ def cpu_isa() -> str:
 
 
 if HAS_C:
-    @torch.library.register_fake("resnet_bk::bk_core_fwd")
-    def _bk_core_fwd_fake(a, k, zri, mask, causal):
-        torch._check(a.dim() == 2, lambda: "a: expected shape (B, N)")
-        return a.new_empty(a.shape, dtype=complex_dtype_for(a.dtype))
-
-    @torch.library.register_fake("resnet_bk::bk_core_bwd")
-    def _bk_core_bwd_fake(grad, a, k, zri, mask, causal, need_mask_grad):
-        gm = a.new_empty(a.shape) if need_mask_grad else a.new_empty((0,))
-        return a.new_empty(a.shape), k.new_empty(k.shape), zri.new_empty((2,)), gm
-
-    def _setup_context(ctx, inputs, output):
-        a, k, zri, mask, causal = inputs
-        ctx.save_for_backward(a, k, zri, mask)
-        ctx.causal = causal
-
-    def _backward(ctx, grad):
-        a, k, zri, mask = ctx.saved_tensors
-        need_mask = mask is not None and ctx.needs_input_grad[3]
-        ga, gk, gz, gm = torch.ops.resnet_bk.bk_core_bwd(grad, a, k, zri, mask, ctx.causal, need_mask)
-        return ga, gk, gz, (gm if need_mask else None), None
-
-    torch.library.register_autograd("resnet_bk::bk_core_fwd", _backward, setup_context=_setup_context)
-
-    def _no_double_backward(ctx, *grads):
-        raise NotImplementedError(
-            "resnet_bk.ops.bk_core: double backward (gradient of the gradient) is not implemented; "
-            "the first-order gradient is exact. Use the reference backend with create_graph=True "
-            "through plain autograd if you need it.")
-
-    torch.library.register_autograd("resnet_bk::bk_core_bwd", _no_double_backward,
-                                    setup_context=lambda ctx, inputs, output: None)
+    torch.library.register_fake("resnet_bk::bk_core_fwd")(fwd_fake)
+    torch.library.register_fake("resnet_bk::bk_core_bwd")(bwd_fake)
+    register_bk_autograd("resnet_bk::bk_core_fwd", torch.ops.resnet_bk.bk_core_bwd)
+    register_no_double_backward("resnet_bk::bk_core_bwd")
 
 
 def bk_core_compiled(a, k, zri, mask, causal):

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from . import _dispatch
-from .reference import complex_dtype_for
+from ._bk_autograd import bwd_fake, fwd_fake, register_bk_autograd, register_no_double_backward
 
 try:
     import triton  # noqa: F401
@@ -112,28 +112,10 @@ if _TRITON_ERROR is None:
             gm = a.new_empty((0,))
         return ga, gk, gz, gm
 
-    @bk_core_fwd_triton.register_fake
-    def _fwd_fake(a, k, zri, mask, causal):
-        torch._check(a.dim() == 2, lambda: "a: expected shape (B, N)")
-        return a.new_empty(a.shape, dtype=complex_dtype_for(a.dtype))
-
-    @bk_core_bwd_triton.register_fake
-    def _bwd_fake(grad, a, k, zri, mask, causal, need_mask_grad):
-        gm = a.new_empty(a.shape) if (mask is not None and need_mask_grad) else a.new_empty((0,))
-        return a.new_empty(a.shape), k.new_empty(k.shape), zri.new_empty((2,)), gm
-
-    def _setup_context(ctx, inputs, output):
-        a, k, zri, mask, causal = inputs
-        ctx.save_for_backward(a, k, zri, mask)
-        ctx.causal = causal
-
-    def _backward(ctx, grad):
-        a, k, zri, mask = ctx.saved_tensors
-        need_mask = mask is not None and ctx.needs_input_grad[3]
-        ga, gk, gz, gm = torch.ops.resnet_bk.bk_core_bwd_triton(grad, a, k, zri, mask, ctx.causal, need_mask)
-        return ga, gk, gz, (gm if need_mask else None), None
-
-    torch.library.register_autograd("resnet_bk::bk_core_fwd_triton", _backward, setup_context=_setup_context)
+    bk_core_fwd_triton.register_fake(fwd_fake)
+    bk_core_bwd_triton.register_fake(bwd_fake)
+    register_bk_autograd("resnet_bk::bk_core_fwd_triton", torch.ops.resnet_bk.bk_core_bwd_triton)
+    register_no_double_backward("resnet_bk::bk_core_bwd_triton")
 
     def bk_core_triton(a, k, zri, mask, causal):
         return torch.ops.resnet_bk.bk_core_fwd_triton(a, k, zri, mask, causal)
