@@ -112,6 +112,19 @@ BK_HD void mobius_step(Mobius<V>& m, Cx<V> alpha, V k) {
   m.x1 = nx1;
 }
 
+// The same step multiplied on the right: m <- m * [[alpha, -k], [1, 0]]. Composing the backward
+// pivots e_i = alpha_i - k_i / e_{i+1} of a chunk left to right (e_start = m(e_in)), so one pass
+// over a chunk yields both transfer matrices.
+template <class V>
+BK_HD void mobius_step_right(Mobius<V>& m, Cx<V> alpha, V k) {
+  Cx<V> nx1 = scale(m.x0, -k);
+  Cx<V> ny1 = scale(m.y0, -k);
+  m.x0 = alpha * m.x0 + m.x1;
+  m.y0 = alpha * m.y0 + m.y1;
+  m.x1 = nx1;
+  m.y1 = ny1;
+}
+
 template <class V>
 BK_HD Cx<V> mobius_apply(const Mobius<V>& m, Cx<V> d_in) {
   Cx<V> num = m.x0 * d_in + m.x1;

@@ -5,6 +5,12 @@ import torch
 
 torch.manual_seed(0)
 
+# Triton's interpreter is chosen when triton is first imported (resnet_bk.ops imports it, and
+# triton's own tl.zeros / tl.sum are @triton.jit functions decorated then): without a GPU, set it
+# before anything imports resnet_bk, so tests/test_triton.py can run the kernels on CPU tensors.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def dense_oracle(a, b, c, z, causal=False):
     """float64/complex128 oracle: diagonal of the dense inverse (leading blocks for causal)."""

@@ -429,3 +429,13 @@ def test_every_cpu_isa_path(isa, tmp_path):
     env = dict(__import__("os").environ, RESNET_BK_CPU_ISA=isa)
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="compiled extension not built")
+def test_double_backward_raises_clearly():
+    a, b, c = make((2,), 10, torch.float64)
+    a.requires_grad_()
+    out = ops.bk_core(a, b, c, 1j, backend="cpp")
+    (g,) = torch.autograd.grad(out.abs().sum(), a, create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        g.sum().backward()

@@ -8,5 +8,6 @@
 #include <vector>
 #pragma GCC target("avx2,fma")
 #define BK_ISA_NS isa_avx2
+#define BK_VEC_BYTES 32
 #include "bk_core_cpu_impl.h"
 #endif

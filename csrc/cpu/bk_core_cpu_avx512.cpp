@@ -6,7 +6,10 @@
 #include <cstring>
 #include <memory>
 #include <vector>
+#include <immintrin.h>
 #pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")
 #define BK_ISA_NS isa_avx512
+#define BK_VEC_BYTES 64
+#define BK_AVX512_TRANSPOSE 1
 #include "bk_core_cpu_impl.h"
 #endif

@@ -21,6 +21,9 @@
 
 #include "../bk_math.h"
 #include "bk_core_cpu.h"
+#ifdef BK_AVX512_TRANSPOSE
+#include "bk_transpose_avx512.h"
+#endif
 
 namespace bk_cpu {
 namespace BK_ISA_NS {
@@ -29,19 +32,68 @@ namespace {
 using bk::Cx;
 using bk::Mobius;
 
-template <class T>
-struct VecOf;
-template <>
-struct VecOf<float> {
-  typedef float type __attribute__((vector_size(128)));
-};
-template <>
-struct VecOf<double> {
-  typedef double type __attribute__((vector_size(128)));
-};
+#ifndef BK_VEC_BYTES
+#define BK_VEC_BYTES 16  // native vector width of the target (16: SSE/NEON, 32: AVX2, 64: AVX-512)
+#endif
 
+// A block's lanes: 128 bytes of T held as U native vectors. GCC lowers oversized generic
+// vectors badly (broadcasts become per-lane extracts), so the pack is explicit: every operator
+// runs U independent native-vector instructions, which also gives the division chains the
+// instruction-level parallelism they need.
+template <class T>
+struct VPack {
+  static constexpr int W = BK_VEC_BYTES / sizeof(T);
+  static constexpr int U = 128 / BK_VEC_BYTES;
+  typedef T N __attribute__((vector_size(BK_VEC_BYTES)));
+  N v[U];
+
+  VPack() : v{} {}
+  static inline VPack bcast(T s) {
+    VPack r;
+    for (int u = 0; u < U; ++u) r.v[u] = N{} + s;
+    return r;
+  }
+#define BK_VPACK_OP(op)                                                       \
+  friend inline VPack operator op(const VPack& a, const VPack& b) {           \
+    VPack r;                                                                  \
+    for (int u = 0; u < U; ++u) r.v[u] = a.v[u] op b.v[u];                    \
+    return r;                                                                 \
+  }                                                                           \
+  friend inline VPack operator op(const VPack& a, T s) {                      \
+    VPack r;                                                                  \
+    for (int u = 0; u < U; ++u) r.v[u] = a.v[u] op s;                         \
+    return r;                                                                 \
+  }                                                                           \
+  friend inline VPack operator op(T s, const VPack& b) {                      \
+    VPack r;                                                                  \
+    for (int u = 0; u < U; ++u) r.v[u] = s op b.v[u];                         \
+    return r;                                                                 \
+  }
+  BK_VPACK_OP(+)
+  BK_VPACK_OP(-)
+  BK_VPACK_OP(*)
+  BK_VPACK_OP(/)
+#undef BK_VPACK_OP
+  friend inline VPack operator+(const VPack& a, int s) { return a + T(s); }
+  friend inline VPack operator-(const VPack& a) {
+    VPack r;
+    for (int u = 0; u < U; ++u) r.v[u] = -a.v[u];
+    return r;
+  }
+} __attribute__((aligned(128)));
+
+template <class T>
+struct VecOf {
+  typedef VPack<T> type;
+};
 constexpr int64_t kMinChunk = 256;  // shortest chunk worth its carry phases
 constexpr int64_t kTile = 16;       // positions per transpose tile
+// Moebius products are rescaled every 4 (float) / 16 (double) steps: each step grows the entries
+// by at most ~|alpha| + |k|, so |a| up to ~1e9 stays far inside the exponent range between rescales.
+template <class T>
+constexpr int64_t kRescaleMask = sizeof(T) == 4 ? 3 : 15;
+constexpr int64_t kMaxChunkFwd = 4096;  // forward keeps 1 complex per position and lane
+constexpr int64_t kMaxChunkBwd = 4096;  // backward keeps 5-6
 
 template <class T>
 struct Plan {
@@ -49,13 +101,15 @@ struct Plan {
   static constexpr int NL = 128 / sizeof(T);
   int64_t B, N, C, Lc, lanes, blocks;
 
-  Plan(int64_t B_, int64_t N_, int threads) : B(B_), N(N_) {
+  // max_chunk bounds a chunk so that the block's per-position scratch stays in L2.
+  Plan(int64_t B_, int64_t N_, int threads, int64_t max_chunk) : B(B_), N(N_) {
     int64_t want = int64_t(NL) * std::max(1, threads);
     C = 1;
     if (B < want) {
       C = (want + B - 1) / B;
       C = std::min<int64_t>(C, std::max<int64_t>(1, N / kMinChunk));
     }
+    C = std::max<int64_t>(C, (N + max_chunk - 1) / max_chunk);
     Lc = (N + C - 1) / C;
     C = (N + Lc - 1) / Lc;  // no empty chunk
     lanes = B * C;
@@ -64,13 +118,28 @@ struct Plan {
   bool chunked() const { return C > 1; }
 };
 
-template <class V>
-static inline V vabs(V x) {
-  return x < 0 ? -x : x;
+template <class T>
+static inline VPack<T> vabs(const VPack<T>& x) {
+  VPack<T> r;
+  for (int u = 0; u < VPack<T>::U; ++u) r.v[u] = x.v[u] < 0 ? -x.v[u] : x.v[u];
+  return r;
 }
-template <class V>
-static inline V vmax(V x, V y) {
-  return x > y ? x : y;
+// mask * x where mask != 0, exactly 0 where mask == 0 (a masked-out position is not computed,
+// so it is 0 even if the resolvent there is not finite)
+template <class T>
+static inline Cx<VPack<T>> masked(const Cx<VPack<T>>& x, const VPack<T>& m) {
+  Cx<VPack<T>> r;
+  for (int u = 0; u < VPack<T>::U; ++u) {
+    r.re.v[u] = m.v[u] != 0 ? x.re.v[u] * m.v[u] : m.v[u] * 0;
+    r.im.v[u] = m.v[u] != 0 ? x.im.v[u] * m.v[u] : m.v[u] * 0;
+  }
+  return r;
+}
+template <class T>
+static inline VPack<T> vmax(const VPack<T>& x, const VPack<T>& y) {
+  VPack<T> r;
+  for (int u = 0; u < VPack<T>::U; ++u) r.v[u] = x.v[u] > y.v[u] ? x.v[u] : y.v[u];
+  return r;
 }
 
 template <class T>
@@ -105,37 +174,6 @@ struct Buf {
   X& operator[](size_t i) { return p[i]; }
 };
 
-// Everything one block needs across its passes.
-template <class T>
-struct Scratch {
-  typedef typename VecOf<T>::type V;
-  Buf<V> Aa;         // Re(alpha) = a - Re z, per position
-  Buf<V> Kx;         // Kx[p + 1] = k at chunk position p (coupling p, p+1); Kx[0] = coupling into the chunk
-  Buf<Cx<V>> D;      // forward pivots (forward: reused for the output)
-  Buf<Cx<V>> ID;     // 1 / d
-  Buf<Cx<V>> IE;     // 1 / e, with IE[Lc] = 1 / (e just right of the chunk)
-  Buf<Cx<V>> P;      // w G^2
-  Buf<Cx<V>> R;      // R recurrence, R[Lc] = value just right of the chunk
-  Buf<Cx<V>> CR;     // R coefficients k_j / d_j^2 (chunked only)
-  Buf<Cx<V>> W;      // conj(upstream gradient), unmasked
-  Buf<V> M;          // mask
-  void alloc_fwd(int64_t Lc) {
-    Aa.alloc(Lc);
-    Kx.alloc(Lc + 1);
-    D.alloc(Lc);
-  }
-  void alloc_bwd(int64_t Lc, bool chunked, bool mask) {
-    alloc_fwd(Lc);
-    ID.alloc(Lc + 1);
-    IE.alloc(Lc + 1);
-    P.alloc(Lc);
-    R.alloc(Lc + 1);
-    W.alloc(Lc);
-    if (chunked) CR.alloc(Lc);
-    if (mask) M.alloc(Lc);
-  }
-};
-
 // Lane geometry of one block.
 struct LaneInfo {
   int64_t row;    // sequence index, -1 for an empty lane
@@ -159,65 +197,197 @@ static void lane_info(const Plan<T>& pl, int64_t blk, LaneInfo* li) {
   }
 }
 
-// Transposes rows of src (row stride N) into lane-major dst[p * NL + l] for positions [0, Lc);
-// positions past a lane's length get `pad`. `shift` offsets the position read (used for k).
+// One strided source seen through a block's lanes: lane l reads element index i (position i of
+// the chunk) at rows[l][(off[l] + i) * es] when 0 <= off[l] + i < hi, else `pad`.
 template <class T>
-static void gather_rows(const Plan<T>& pl, const LaneInfo* li, const T* src, int64_t row_stride, int64_t avail,
-                        int64_t offset, int64_t count, T sub, T pad, T* dst) {
-  constexpr int NL = Plan<T>::NL;
-  for (int64_t p0 = 0; p0 < count; p0 += kTile) {
-    int64_t p1 = std::min(count, p0 + kTile);
-    for (int l = 0; l < NL; ++l) {
-      const LaneInfo& L = li[l];
-      if (L.row < 0) {
-        for (int64_t p = p0; p < p1; ++p) dst[p * NL + l] = pad;
-        continue;
-      }
-      const T* s = src + L.row * row_stride;
-      for (int64_t p = p0; p < p1; ++p) {
-        int64_t pos = L.start + offset + p;
-        bool in = pos >= 0 && pos < avail && (offset + p) < L.len;
-        dst[p * NL + l] = in ? s[pos] - sub : pad;
+struct LaneSrc {
+  const T* rows[Plan<T>::NL];
+  int64_t off[Plan<T>::NL];
+  int64_t hi, es;
+  T sub, mul, pad;
+
+  // src rows of length `hi` (in elements of stride es), chunk-relative shift `shift` (-1 for k)
+  void init(const LaneInfo* li, const T* base, int64_t row_stride, int64_t hi_, int64_t es_, int64_t shift, T sub_,
+            T mul_, T pad_) {
+    hi = hi_;
+    es = es_;
+    sub = sub_;
+    mul = mul_;
+    pad = pad_;
+    for (int l = 0; l < Plan<T>::NL; ++l) {
+      rows[l] = li[l].row >= 0 ? base + li[l].row * row_stride : nullptr;
+      off[l] = li[l].start + shift;
+    }
+  }
+
+  inline void tile_lane(int l, int64_t p0, int64_t n, T* dst, int64_t dstride) const {
+    const T* r = rows[l];
+    int64_t i0 = off[l] + p0;
+    if (r && i0 >= 0 && i0 + n <= hi) {
+      const T* src = r + i0 * es;
+      for (int64_t q = 0; q < n; ++q) dst[q * dstride + l] = (src[q * es] - sub) * mul;
+    } else {
+      for (int64_t q = 0; q < n; ++q) {
+        int64_t i = i0 + q;
+        dst[q * dstride + l] = (r && i >= 0 && i < hi) ? (r[i * es] - sub) * mul : pad;
       }
     }
   }
-}
-
-template <class T>
-static void gather_block(const Problem<T>& pr, const Plan<T>& pl, const LaneInfo* li, Scratch<T>& s) {
-  T* A = reinterpret_cast<T*>(s.Aa.p);
-  // Padding positions get alpha = 1 - i Im z (never a zero pivot) and k = 0 (decoupled).
-  gather_rows<T>(pl, li, pr.a, pr.N, pr.N, 0, pl.Lc, pr.zr, T(1), A);
-  T* K = reinterpret_cast<T*>(s.Kx.p);
-  // Kx[q] holds k at position start + q - 1; k exists for positions 0..N-2.
-  constexpr int NL = Plan<T>::NL;
-  for (int l = 0; l < NL; ++l) {
-    const LaneInfo& L = li[l];
-    const T* krow = L.row >= 0 ? pr.k + L.row * pr.k_row_stride : nullptr;
-    for (int64_t q = 0; q <= pl.Lc; ++q) {
-      int64_t pos = L.start + q - 1;
-      bool in = krow && pos >= 0 && pos < pr.N - 1 && (q - 1) < L.len;
-      K[q * NL + l] = in ? krow[pos] : T(0);
+  // True when lanes [g0, g0 + G) all read n in-range elements from p0 on; fills their pointers.
+  inline bool full_group(int g0, int G, int64_t p0, int64_t n, const T** ptr) const {
+    for (int i = 0; i < G; ++i) {
+      const T* r = rows[g0 + i];
+      int64_t i0 = off[g0 + i] + p0;
+      if (!r || i0 < 0 || i0 + n > hi) return false;
+      ptr[i] = r + i0 * es;
     }
+    return true;
   }
+
+  // dst[q * dstride + l] = value of lane l at chunk position p0 + q, q < n
+  inline void tile(int64_t p0, int64_t n, T* dst, int64_t dstride) const {
+    constexpr int NL = Plan<T>::NL;
+#ifdef BK_AVX512_TRANSPOSE
+    constexpr int G = 64 / sizeof(T);
+    if (n == kTile && es == 1) {
+      for (int g0 = 0; g0 < NL; g0 += G) {
+        const T* ptr[G];
+        if (full_group(g0, G, p0, n, ptr))
+          bk_avx512::gather16(ptr, sub, mul, dst + g0, dstride);
+        else
+          for (int l = g0; l < g0 + G; ++l) tile_lane(l, p0, n, dst, dstride);
+      }
+      return;
+    }
+#endif
+    for (int l = 0; l < NL; ++l) tile_lane(l, p0, n, dst, dstride);
+  }
+};
+
+// Writes lane-major values src[q * sstride + l] (q < n) to rows[l][(off[l] + p0 + q) * es] for
+// positions inside the lane's chunk (< len) and the row (< hi).
+template <class T>
+static inline void scatter_lane(const LaneInfo& L, int l, T* base, int64_t row_stride, int64_t hi, int64_t es,
+                                int64_t p0, int64_t n, const T* src, int64_t sstride) {
+  if (L.row < 0) return;
+  int64_t qe = std::min(n, std::min(L.len, hi - L.start) - p0);
+  T* o = base + L.row * row_stride + (L.start + p0) * es;
+  for (int64_t q = 0; q < qe; ++q) o[q * es] = src[q * sstride + l];
 }
 
-// Forward pivots over the chunk. Stores D[p]; when ID is given also stores 1/d (the division of
-// the next step yields it for free, the last one costs one more).
+// Lanes [g0, g0 + G) all write n positions from p0 (inside chunk and row)? Fills row pointers.
+static inline bool full_out_group(const LaneInfo* li, int g0, int G, int64_t hi, int64_t p0, int64_t n) {
+  for (int i = 0; i < G; ++i) {
+    const LaneInfo& L = li[g0 + i];
+    if (L.row < 0 || p0 + n > std::min(L.len, hi - L.start)) return false;
+  }
+  return true;
+}
+
 template <class T>
-static inline Cx<typename VecOf<T>::type> d_pass(int64_t Lc, const typename VecOf<T>::type* Aa,
-                                                  const typename VecOf<T>::type* Kx, T zi,
-                                                  Cx<typename VecOf<T>::type> prev, Cx<typename VecOf<T>::type>* D,
-                                                  Cx<typename VecOf<T>::type>* ID) {
+static inline void scatter_tile(const LaneInfo* li, T* base, int64_t row_stride, int64_t hi, int64_t es, int64_t p0,
+                                int64_t n, const T* src, int64_t sstride) {
+  constexpr int NL = Plan<T>::NL;
+#ifdef BK_AVX512_TRANSPOSE
+  constexpr int G = 64 / sizeof(T);
+  if (n == kTile && es == 1) {
+    for (int g0 = 0; g0 < NL; g0 += G) {
+      if (full_out_group(li, g0, G, hi, p0, n)) {
+        T* ptr[G];
+        for (int i = 0; i < G; ++i) ptr[i] = base + li[g0 + i].row * row_stride + li[g0 + i].start + p0;
+        bk_avx512::scatter16(src + g0, sstride, ptr);
+      } else {
+        for (int l = g0; l < g0 + G; ++l) scatter_lane(li[l], l, base, row_stride, hi, es, p0, n, src, sstride);
+      }
+    }
+    return;
+  }
+#endif
+  for (int l = 0; l < NL; ++l) scatter_lane(li[l], l, base, row_stride, hi, es, p0, n, src, sstride);
+}
+
+// Inputs of one block: alpha's real part, the couplings (uniform across lanes when one k row is
+// shared and sequences are not chunked: then no transpose at all) and the mask.
+template <class T>
+struct BlockIn {
   typedef typename VecOf<T>::type V;
+  static constexpr int NL = Plan<T>::NL;
+  LaneSrc<T> A, K, M;
+  const T* kuni;  // shared k row when uniform, else nullptr
+  int64_t N;
+  bool has_mask;
+
+  void init(const Problem<T>& pr, const Plan<T>& pl, const LaneInfo* li) {
+    N = pr.N;
+    // Padding positions get alpha = 1 - i Im z (never a zero pivot) and k = 0 (decoupled).
+    A.init(li, pr.a, pr.N, pr.N, 1, 0, pr.zr, T(1), T(1));
+    kuni = (pr.k_row_stride == 0 && !pl.chunked()) ? pr.k : nullptr;
+    K.init(li, pr.k, pr.k_row_stride, pr.N - 1, 1, -1, T(0), T(1), T(0));
+    has_mask = pr.mask != nullptr;
+    if (has_mask) M.init(li, pr.mask, pr.N, pr.N, 1, 0, T(0), T(1), T(0));
+  }
+  // tK[q] = coupling into chunk position p0 + q (k at p0 + q - 1), q in [0, n]
+  inline void k_tile(int64_t p0, int64_t n, V* tK) const {
+    if (kuni) {
+      // Broadcast element-wise through memory: a 128-byte vector assigned from a scalar is
+      // lowered by GCC to per-lane extracts, so write the lanes as scalars instead.
+      T* dst = reinterpret_cast<T*>(tK);
+      for (int64_t q = 0; q <= n; ++q) {
+        int64_t i = p0 + q - 1;
+        const T v = (i >= 0 && i < N - 1) ? kuni[i] : T(0);
+        for (int l = 0; l < NL; ++l) dst[q * NL + l] = v;
+      }
+    } else {
+      K.tile(p0, n, reinterpret_cast<T*>(tK), NL);  // full tiles take the transpose path
+      K.tile(p0 + n, 1, reinterpret_cast<T*>(tK + n), NL);
+    }
+  }
+};
+
+// Everything one block keeps across its passes (full chunk length).
+template <class T>
+struct Scratch {
+  typedef typename VecOf<T>::type V;
+  Buf<Cx<V>> D;      // forward pivots (causal forward: 1/d)
+  Buf<Cx<V>> ID;     // 1 / d
+  Buf<Cx<V>> IE;     // 1 / e, with IE[Lc] = 1 / (e just right of the chunk)
+  Buf<Cx<V>> P;      // w G^2 (causal: q_j = -w_j / d_j^2)
+  Buf<Cx<V>> R;      // R recurrence, R[Lc] = value just right of the chunk (causal: mu coefficients)
+  Buf<Cx<V>> CR;     // R coefficients k_j / d_j^2 (chunked only)
+  void alloc_fwd(int64_t Lc) { D.alloc(Lc); }
+  void alloc_bwd(int64_t Lc, bool chunked) {
+    D.alloc(Lc);
+    ID.alloc(Lc + 1);
+    IE.alloc(Lc + 1);
+    P.alloc(Lc);
+    R.alloc(Lc + 1);
+    if (chunked) CR.alloc(Lc);
+  }
+};
+
+// Forward pivots over the chunk, tile by tile. Stores D[p]; when ID is given also 1/d (the
+// division of the next step yields it for free, the last one costs one more).
+template <class T>
+static Cx<typename VecOf<T>::type> d_pass(const BlockIn<T>& in, int64_t Lc, T zi, Cx<typename VecOf<T>::type> prev,
+                                          Cx<typename VecOf<T>::type>* D, Cx<typename VecOf<T>::type>* ID) {
+  typedef typename VecOf<T>::type V;
+  constexpr int NL = Plan<T>::NL;
   const V aim = V{} - zi;
-  for (int64_t p = 0; p < Lc; ++p) {
-    V r = bk::bk_one<V>() / bk::norm2(prev);
-    V q = Kx[p] * r;
-    if (ID && p > 0) ID[p - 1] = Cx<V>{prev.re * r, -prev.im * r};
-    Cx<V> d{Aa[p] - prev.re * q, aim + prev.im * q};
-    D[p] = d;
-    prev = d;
+  alignas(128) V tA[kTile];
+  alignas(128) V tK[kTile + 1];
+  for (int64_t p0 = 0; p0 < Lc; p0 += kTile) {
+    const int64_t n = std::min(kTile, Lc - p0);
+    in.A.tile(p0, n, reinterpret_cast<T*>(tA), NL);
+    in.k_tile(p0, n, tK);
+    for (int64_t q = 0; q < n; ++q) {
+      const int64_t p = p0 + q;
+      V r = bk::bk_one<V>() / bk::norm2(prev);
+      V qq = tK[q] * r;
+      if (ID && p > 0) ID[p - 1] = Cx<V>{prev.re * r, -prev.im * r};
+      Cx<V> d{tA[q] - prev.re * qq, aim + prev.im * qq};
+      D[p] = d;
+      prev = d;
+    }
   }
   if (ID) ID[Lc - 1] = bk::recip(prev);
   return prev;
@@ -232,46 +402,60 @@ struct Carries {
 };
 
 template <class T>
-static void mobius_block(const Problem<T>& pr, const Plan<T>& pl, int64_t blk, Scratch<T>& s, bool backward_too,
-                         Mobius<T>* mf, Mobius<T>* mb) {
+static void store_mobius(const Mobius<typename VecOf<T>::type>& m, const LaneInfo* li, int64_t blk, Mobius<T>* out) {
+  constexpr int NL = Plan<T>::NL;
+  for (int l = 0; l < NL; ++l)
+    if (li[l].row >= 0) {
+      Mobius<T>& o = out[blk * NL + l];
+      o.x0 = {lane<T>(m.x0.re, l), lane<T>(m.x0.im, l)};
+      o.y0 = {lane<T>(m.y0.re, l), lane<T>(m.y0.im, l)};
+      o.x1 = {lane<T>(m.x1.re, l), lane<T>(m.x1.im, l)};
+      o.y1 = {lane<T>(m.y1.re, l), lane<T>(m.y1.im, l)};
+    }
+}
+
+template <class V>
+static inline void mobius_rescale_max(Mobius<V>& m) {
+  V mx = vmax(vmax(vmax(vabs(m.x0.re), vabs(m.x0.im)), vmax(vabs(m.y0.re), vabs(m.y0.im))),
+              vmax(vmax(vabs(m.x1.re), vabs(m.x1.im)), vmax(vabs(m.y1.re), vabs(m.y1.im))));
+  bk::mobius_rescale(m, bk::bk_one<V>() / mx);
+}
+
+template <class T>
+static void mobius_block(const Problem<T>& pr, const Plan<T>& pl, int64_t blk, bool backward_too, Mobius<T>* mf,
+                         Mobius<T>* mb) {
   typedef typename VecOf<T>::type V;
   constexpr int NL = Plan<T>::NL;
   LaneInfo li[NL];
   lane_info(pl, blk, li);
-  gather_block(pr, pl, li, s);
+  BlockIn<T> in;
+  in.init(pr, pl, li);
   const V aim = V{} - pr.zi;
-  auto rescale = [](Mobius<V>& m) {
-    V mx = vmax(vmax(vmax(vabs(m.x0.re), vabs(m.x0.im)), vmax(vabs(m.y0.re), vabs(m.y0.im))),
-                vmax(vmax(vabs(m.x1.re), vabs(m.x1.im)), vmax(vabs(m.y1.re), vabs(m.y1.im))));
-    bk::mobius_rescale(m, bk::bk_one<V>() / mx);
-  };
+  alignas(128) V tA[kTile];
+  alignas(128) V tK[kTile + 1];
   Mobius<V> m = bk::mobius_identity<V>();
-  for (int64_t p = 0; p < pl.Lc; ++p) {
-    bk::mobius_step(m, Cx<V>{s.Aa[p], aim}, s.Kx[p]);
-    if (p & 1) rescale(m);
-  }
-  for (int l = 0; l < NL; ++l)
-    if (li[l].row >= 0) {
-      Mobius<T>& o = mf[blk * NL + l];
-      o.x0 = {lane<T>(m.x0.re, l), lane<T>(m.x0.im, l)};
-      o.y0 = {lane<T>(m.y0.re, l), lane<T>(m.y0.im, l)};
-      o.x1 = {lane<T>(m.x1.re, l), lane<T>(m.x1.im, l)};
-      o.y1 = {lane<T>(m.y1.re, l), lane<T>(m.y1.im, l)};
+  for (int64_t p0 = 0; p0 < pl.Lc; p0 += kTile) {
+    const int64_t n = std::min(kTile, pl.Lc - p0);
+    in.A.tile(p0, n, reinterpret_cast<T*>(tA), NL);
+    in.k_tile(p0, n, tK);
+    for (int64_t q = 0; q < n; ++q) {
+      bk::mobius_step(m, Cx<V>{tA[q], aim}, tK[q]);
+      if ((q & kRescaleMask<T>) == kRescaleMask<T>) mobius_rescale_max(m);
     }
+  }
+  store_mobius<T>(m, li, blk, mf);
   if (!backward_too) return;
   m = bk::mobius_identity<V>();
-  for (int64_t p = pl.Lc - 1; p >= 0; --p) {
-    bk::mobius_step(m, Cx<V>{s.Aa[p], aim}, s.Kx[p + 1]);
-    if (p & 1) rescale(m);
-  }
-  for (int l = 0; l < NL; ++l)
-    if (li[l].row >= 0) {
-      Mobius<T>& o = mb[blk * NL + l];
-      o.x0 = {lane<T>(m.x0.re, l), lane<T>(m.x0.im, l)};
-      o.y0 = {lane<T>(m.y0.re, l), lane<T>(m.y0.im, l)};
-      o.x1 = {lane<T>(m.x1.re, l), lane<T>(m.x1.im, l)};
-      o.y1 = {lane<T>(m.y1.re, l), lane<T>(m.y1.im, l)};
+  for (int64_t p0 = ((pl.Lc - 1) / kTile) * kTile; p0 >= 0; p0 -= kTile) {
+    const int64_t n = std::min(kTile, pl.Lc - p0);
+    in.A.tile(p0, n, reinterpret_cast<T*>(tA), NL);
+    in.k_tile(p0, n, tK);
+    for (int64_t q = n - 1; q >= 0; --q) {
+      bk::mobius_step(m, Cx<V>{tA[q], aim}, tK[q + 1]);
+      if ((q & kRescaleMask<T>) == kRescaleMask<T>) mobius_rescale_max(m);
     }
+  }
+  store_mobius<T>(m, li, blk, mb);
 }
 
 template <class F>
@@ -301,11 +485,7 @@ static void compute_carries(const Problem<T>& pr, const Plan<T>& pl, const Par& 
   c.e_in.assign(pl.lanes, Cx<T>{T(1), T(0)});
   if (!pl.chunked()) return;
   std::vector<Mobius<T>> mf(pl.blocks * Plan<T>::NL), mb(two_sided ? pl.blocks * Plan<T>::NL : 0);
-  parallel_blocks(par, pl.blocks, [&](int64_t blk) {
-    Scratch<T>& s = thread_scratch<T>();
-    s.alloc_fwd(pl.Lc);
-    mobius_block(pr, pl, blk, s, two_sided, mf.data(), mb.data());
-  });
+  parallel_blocks(par, pl.blocks, [&](int64_t blk) { mobius_block(pr, pl, blk, two_sided, mf.data(), mb.data()); });
   for (int64_t b = 0; b < pl.B; ++b) {
     int64_t v0 = b * pl.C;
     for (int64_t ch = 1; ch < pl.C; ++ch)
@@ -328,22 +508,33 @@ static Cx<typename VecOf<T>::type> load_carry(const std::vector<Cx<T>>& src, int
   return out;
 }
 
-// Writes lane-major complex values back to interleaved [B, N, 2] rows.
+// Writes a lane-major complex tile to the interleaved [B, N, 2] output.
 template <class T>
-static void scatter_complex(const Plan<T>& pl, const LaneInfo* li, const Cx<typename VecOf<T>::type>* src, T* out) {
+static inline void scatter_cx_tile(const LaneInfo* li, T* out, int64_t N, int64_t p0, int64_t n,
+                                   const Cx<typename VecOf<T>::type>* src) {
   constexpr int NL = Plan<T>::NL;
-  for (int64_t p0 = 0; p0 < pl.Lc; p0 += kTile) {
-    int64_t p1 = std::min(pl.Lc, p0 + kTile);
-    for (int l = 0; l < NL; ++l) {
-      const LaneInfo& L = li[l];
-      if (L.row < 0) continue;
-      T* o = out + (L.row * pl.N + L.start) * 2;
-      int64_t pe = std::min(p1, L.len);
-      for (int64_t p = p0; p < pe; ++p) {
-        o[2 * p] = lane<T>(src[p].re, l);
-        o[2 * p + 1] = lane<T>(src[p].im, l);
+  const T* s = reinterpret_cast<const T*>(src);
+#ifdef BK_AVX512_TRANSPOSE
+  constexpr int G = 64 / sizeof(T);
+  if (n == kTile) {
+    for (int g0 = 0; g0 < NL; g0 += G) {
+      if (full_out_group(li, g0, G, N, p0, n)) {
+        T* ptr[G];
+        for (int i = 0; i < G; ++i) ptr[i] = out + (li[g0 + i].row * N + li[g0 + i].start + p0) * 2;
+        bk_avx512::scatter16_cx(s + g0, s + NL + g0, 2 * NL, ptr);
+      } else {
+        for (int l = g0; l < g0 + G; ++l) {
+          scatter_lane(li[l], l, out, 2 * N, N, 2, p0, n, s, 2 * NL);
+          scatter_lane(li[l], l, out + 1, 2 * N, N, 2, p0, n, s + NL, 2 * NL);
+        }
       }
     }
+    return;
+  }
+#endif
+  for (int l = 0; l < NL; ++l) {
+    scatter_lane(li[l], l, out, 2 * N, N, 2, p0, n, s, 2 * NL);
+    scatter_lane(li[l], l, out + 1, 2 * N, N, 2, p0, n, s + NL, 2 * NL);
   }
 }
 
@@ -356,36 +547,66 @@ static void forward_block(const Problem<T>& pr, const Plan<T>& pl, int64_t blk, 
   constexpr int NL = Plan<T>::NL;
   Scratch<T>& s = thread_scratch<T>();
   s.alloc_fwd(pl.Lc);
-  if (pr.mask) s.M.alloc(pl.Lc);
   LaneInfo li[NL];
   lane_info(pl, blk, li);
-  gather_block(pr, pl, li, s);
-  if (pr.mask) gather_rows<T>(pl, li, pr.mask, pr.N, pr.N, 0, pl.Lc, T(0), T(0), reinterpret_cast<T*>(s.M.p));
+  BlockIn<T> in;
+  in.init(pr, pl, li);
   const int64_t Lc = pl.Lc;
   const V aim = V{} - pr.zi;
   Cx<V> dprev = load_carry(car.d_in, blk, li);
+  alignas(128) V tA[kTile];
+  alignas(128) V tK[kTile + 1];
+  alignas(128) V tM[kTile];
+  alignas(128) Cx<V> tG[kTile];
   if (pr.causal) {
-    // y = 1 / d: the reciprocal of d_{p} falls out of step p + 1's division.
-    d_pass<T>(Lc, s.Aa.p, s.Kx.p, pr.zi, dprev, s.D.p, s.D.p);
-  } else {
-    d_pass<T>(Lc, s.Aa.p, s.Kx.p, pr.zi, dprev, s.D.p, nullptr);
-    Cx<V> eprev = load_carry(car.e_in, blk, li);
-    for (int64_t p = Lc - 1; p >= 0; --p) {
-      Cx<V> al{s.Aa[p], aim};
-      Cx<V> e = bk::pivot_step(al, s.Kx[p + 1], eprev);
-      s.D[p] = bk::combine(s.D[p], e, al);
-      eprev = e;
+    // y = 1 / d: the reciprocal of d_p falls out of step p + 1's division.
+    d_pass<T>(in, Lc, pr.zi, dprev, s.D.p, s.D.p);
+    for (int64_t p0 = 0; p0 < Lc; p0 += kTile) {
+      const int64_t n = std::min(kTile, Lc - p0);
+      Cx<V>* y = s.D.p + p0;
+      if (in.has_mask) {
+        in.M.tile(p0, n, reinterpret_cast<T*>(tM), NL);
+        for (int64_t q = 0; q < n; ++q) y[q] = masked<T>(y[q], tM[q]);
+      }
+      scatter_cx_tile<T>(li, out, pr.N, p0, n, y);
     }
+    return;
   }
-  if (pr.mask)
-    for (int64_t p = 0; p < Lc; ++p) s.D[p] = bk::scale(s.D[p], s.M[p]);
-  scatter_complex(pl, li, s.D.p, out);
+  d_pass<T>(in, Lc, pr.zi, dprev, s.D.p, nullptr);
+  Cx<V> eprev = load_carry(car.e_in, blk, li);
+  for (int64_t p0 = ((Lc - 1) / kTile) * kTile; p0 >= 0; p0 -= kTile) {
+    const int64_t n = std::min(kTile, Lc - p0);
+    in.A.tile(p0, n, reinterpret_cast<T*>(tA), NL);
+    in.k_tile(p0, n, tK);
+    if (in.has_mask) {
+      // The pivots must run everywhere; the combine (a division) and the mask product are
+      // skipped for a position whose mask is 0 in every lane of the block.
+      in.M.tile(p0, n, reinterpret_cast<T*>(tM), NL);
+      for (int64_t q = n - 1; q >= 0; --q) {
+        Cx<V> al{tA[q], aim};
+        Cx<V> e = bk::pivot_step(al, tK[q + 1], eprev);
+        eprev = e;
+        const T* m = reinterpret_cast<const T*>(&tM[q]);
+        bool any = false;
+        for (int l = 0; l < NL; ++l) any |= (m[l] != T(0));
+        tG[q] = any ? masked<T>(bk::combine(s.D[p0 + q], e, al), tM[q]) : Cx<V>{V{}, V{}};
+      }
+    } else {
+      for (int64_t q = n - 1; q >= 0; --q) {
+        Cx<V> al{tA[q], aim};
+        Cx<V> e = bk::pivot_step(al, tK[q + 1], eprev);
+        tG[q] = bk::combine(s.D[p0 + q], e, al);
+        eprev = e;
+      }
+    }
+    scatter_cx_tile<T>(li, out, pr.N, p0, n, tG);
+  }
 }
 
 template <class T>
 static void forward_impl(const Problem<T>& pr, T* out, const Par& par) {
   if (pr.B == 0) return;
-  Plan<T> pl(pr.B, pr.N, par.num_threads);
+  Plan<T> pl(pr.B, pr.N, par.num_threads, kMaxChunkFwd);
   Carries<T> car;
   compute_carries(pr, pl, par, !pr.causal, car);
   parallel_blocks(par, pl.blocks, [&](int64_t blk) { forward_block(pr, pl, blk, car, out); });
@@ -404,12 +625,39 @@ struct BwdShared {
   std::vector<Cx<T>> r_start, r_prod, r_in;   // R (two-sided) or mu (causal)
   std::vector<Cx<T>> l_end, l_prod, l_in;     // L (two-sided)
   std::vector<double> zsum;                   // per lane [re, im]
-  std::vector<Scratch<T>> keep;               // per block scratch kept between phases (chunked only)
 };
 
 template <class T>
 static Cx<T> lane_cx(const Cx<typename VecOf<T>::type>& v, int l) {
   return Cx<T>{lane<T>(v.re, l), lane<T>(v.im, l)};
+}
+
+// conj(upstream gradient) of the block for positions [p0, p0 + n)
+template <class T>
+static inline void w_tile(const LaneSrc<T>& Wre, const LaneSrc<T>& Wim, int64_t p0, int64_t n,
+                          Cx<typename VecOf<T>::type>* tW) {
+  constexpr int NL = Plan<T>::NL;
+  T* dre = reinterpret_cast<T*>(tW);
+  T* dim = dre + NL;
+#ifdef BK_AVX512_TRANSPOSE
+  constexpr int G = 64 / sizeof(T);
+  if (n == kTile) {
+    for (int g0 = 0; g0 < NL; g0 += G) {
+      const T* ptr[G];
+      if (Wre.full_group(g0, G, p0, n, ptr)) {
+        bk_avx512::gather16_cx(ptr, T(-1), dre + g0, dim + g0, 2 * NL);
+      } else {
+        for (int l = g0; l < g0 + G; ++l) {
+          Wre.tile_lane(l, p0, n, dre, 2 * NL);
+          Wim.tile_lane(l, p0, n, dim, 2 * NL);
+        }
+      }
+    }
+    return;
+  }
+#endif
+  Wre.tile(p0, n, dre, 2 * NL);
+  Wim.tile(p0, n, dim, 2 * NL);
 }
 
 template <class T>
@@ -420,58 +668,51 @@ static void bwd_phase1(BwdShared<T>& sh, int64_t blk, Scratch<T>& s) {
   const Plan<T>& pl = sh.pl;
   const int64_t Lc = pl.Lc;
   const bool chunked = pl.chunked();
-  s.alloc_bwd(Lc, chunked, pr.mask != nullptr);
+  s.alloc_bwd(Lc, chunked);
   LaneInfo li[NL];
   lane_info(pl, blk, li);
-  gather_block(pr, pl, li, s);
-  {  // W = conj(g): gather real and imaginary parts of the interleaved upstream gradient
-    T* W = reinterpret_cast<T*>(s.W.p);
-    for (int64_t p0 = 0; p0 < Lc; p0 += kTile) {
-      int64_t p1 = std::min(Lc, p0 + kTile);
-      for (int l = 0; l < NL; ++l) {
-        const LaneInfo& L = li[l];
-        const T* gr = L.row >= 0 ? sh.g.grad + (L.row * pr.N + L.start) * 2 : nullptr;
-        for (int64_t p = p0; p < p1; ++p) {
-          bool in = gr && p < L.len;
-          W[p * 2 * NL + l] = in ? gr[2 * p] : T(0);
-          W[p * 2 * NL + NL + l] = in ? -gr[2 * p + 1] : T(0);
-        }
-      }
-    }
-  }
-  if (pr.mask) gather_rows<T>(pl, li, pr.mask, pr.N, pr.N, 0, Lc, T(0), T(0), reinterpret_cast<T*>(s.M.p));
+  BlockIn<T> in;
+  in.init(pr, pl, li);
+  LaneSrc<T> Wre, Wim;
+  Wre.init(li, sh.g.grad, 2 * pr.N, pr.N, 2, 0, T(0), T(1), T(0));
+  Wim.init(li, sh.g.grad + 1, 2 * pr.N, pr.N, 2, 0, T(0), T(-1), T(0));
   const V aim = V{} - pr.zi;
   Cx<V> dprev = load_carry(sh.car.d_in, blk, li);
-  d_pass<T>(Lc, s.Aa.p, s.Kx.p, pr.zi, dprev, s.D.p, s.ID.p);
+  d_pass<T>(in, Lc, pr.zi, dprev, s.D.p, s.ID.p);
   T* gm = sh.g.grad_mask;
+  alignas(128) V tA[kTile];
+  alignas(128) V tK[kTile + 1];
+  alignas(128) V tM[kTile];
+  alignas(128) V tGM[kTile];
+  alignas(128) Cx<V> tW[kTile];
 
   if (pr.causal) {
     // y = 1/d. mu_j = c_j mu_{j+1} + q_j with c_j = k_j / d_j^2, q_j = -w_j / d_j^2.
-    // Phase 1 keeps y in D and, when chunked, the (product, local sum) summary of mu.
+    // Keeps q in P, c in R and, when chunked, the (product, local sum) summary of mu.
     Cx<V> S{V{}, V{}}, Pi{V{} + 1, V{}};
-    for (int64_t p = 0; p < Lc; ++p) {
-      Cx<V> y = s.ID[p];
-      Cx<V> y2 = y * y;
-      Cx<V> w = s.W[p];
-      if (pr.mask) w = bk::scale(w, s.M[p]);
-      Cx<V> q{-(w.re * y2.re - w.im * y2.im), -(w.re * y2.im + w.im * y2.re)};
-      s.P[p] = q;
-      s.D[p] = bk::scale(y2, s.Kx[p + 1]);  // mu coefficient (y itself stays in ID)
-      if (chunked) {
-        S = S + Pi * q;
-        Pi = Pi * s.D[p];
-      }
-    }
-    if (gm) {
-      for (int l = 0; l < NL; ++l) {
-        const LaneInfo& L = li[l];
-        if (L.row < 0) continue;
-        T* o = gm + L.row * pr.N + L.start;
-        for (int64_t p = 0; p < L.len; ++p) {
-          Cx<T> y = lane_cx<T>(s.ID[p], l), w = lane_cx<T>(s.W[p], l);
-          o[p] = y.re * w.re - y.im * w.im;  // Re(conj(y) g) = Re(y conj(g))
+    for (int64_t p0 = 0; p0 < Lc; p0 += kTile) {
+      const int64_t n = std::min(kTile, Lc - p0);
+      in.k_tile(p0, n, tK);
+      w_tile<T>(Wre, Wim, p0, n, tW);
+      if (in.has_mask) in.M.tile(p0, n, reinterpret_cast<T*>(tM), NL);
+      for (int64_t q = 0; q < n; ++q) {
+        const int64_t p = p0 + q;
+        Cx<V> y = s.ID[p];
+        Cx<V> y2 = y * y;
+        Cx<V> w = tW[q];
+        if (gm) tGM[q] = y.re * w.re - y.im * w.im;  // Re(conj(y) g) = Re(y conj(g))
+        Cx<V> qq = w * y2;
+        qq = Cx<V>{-qq.re, -qq.im};
+        if (in.has_mask) qq = masked<T>(qq, tM[q]);
+        Cx<V> c = bk::scale(y2, tK[q + 1]);
+        s.P[p] = qq;
+        s.R[p] = c;
+        if (chunked) {
+          S = S + Pi * qq;
+          Pi = Pi * c;
         }
       }
+      if (gm) scatter_tile<T>(li, gm, pr.N, pr.N, 1, p0, n, reinterpret_cast<T*>(tGM), NL);
     }
     if (chunked)
       for (int l = 0; l < NL; ++l)
@@ -485,49 +726,49 @@ static void bwd_phase1(BwdShared<T>& sh, int64_t blk, Scratch<T>& s) {
   // Two-sided: e (right to left), G, p = w G^2, R_j = p_j + (k_j / d_j^2) R_{j+1} (carry 0 here).
   Cx<V> eprev = load_carry(sh.car.e_in, blk, li);
   Cx<V> R{V{}, V{}}, Pi{V{} + 1, V{}};
-  for (int64_t p = Lc - 1; p >= 0; --p) {
-    Cx<V> al{s.Aa[p], aim};
-    V kk = s.Kx[p + 1];
-    V r = bk::bk_one<V>() / bk::norm2(eprev);
-    V q = kk * r;
-    s.IE[p + 1] = Cx<V>{eprev.re * r, -eprev.im * r};
-    Cx<V> e{al.re - eprev.re * q, al.im + eprev.im * q};
-    Cx<V> G = bk::combine(s.D[p], e, al);
-    Cx<V> w = s.W[p];
-    if (pr.mask) {
-      s.D[p] = G;  // kept for the mask gradient
-      w = bk::scale(w, s.M[p]);
+  for (int64_t p0 = ((Lc - 1) / kTile) * kTile; p0 >= 0; p0 -= kTile) {
+    const int64_t n = std::min(kTile, Lc - p0);
+    in.A.tile(p0, n, reinterpret_cast<T*>(tA), NL);
+    in.k_tile(p0, n, tK);
+    w_tile<T>(Wre, Wim, p0, n, tW);
+    if (in.has_mask) in.M.tile(p0, n, reinterpret_cast<T*>(tM), NL);
+    for (int64_t q = n - 1; q >= 0; --q) {
+      const int64_t p = p0 + q;
+      Cx<V> al{tA[q], aim};
+      V kk = tK[q + 1];
+      V r = bk::bk_one<V>() / bk::norm2(eprev);
+      V qq = kk * r;
+      s.IE[p + 1] = Cx<V>{eprev.re * r, -eprev.im * r};
+      Cx<V> e{al.re - eprev.re * qq, al.im + eprev.im * qq};
+      Cx<V> G = bk::combine(s.D[p], e, al);
+      Cx<V> w = tW[q];
+      if (gm) tGM[q] = G.re * w.re - G.im * w.im;
+      Cx<V> pp = w * (G * G);
+      if (in.has_mask) pp = masked<T>(pp, tM[q]);
+      s.P[p] = pp;
+      Cx<V> cr = bk::k_over_sq(kk, s.ID[p]);
+      if (chunked) {
+        s.CR[p] = cr;
+        Pi = Pi * cr;
+      }
+      R = cr * R + pp;
+      s.R[p] = R;
+      eprev = e;
     }
-    Cx<V> pp = w * (G * G);
-    s.P[p] = pp;
-    Cx<V> cr = bk::k_over_sq(kk, s.ID[p]);
-    if (chunked) {
-      s.CR[p] = cr;
-      Pi = Pi * cr;
-    }
-    R = cr * R + pp;
-    s.R[p] = R;
-    eprev = e;
+    if (gm) scatter_tile<T>(li, gm, pr.N, pr.N, 1, p0, n, reinterpret_cast<T*>(tGM), NL);
   }
   s.IE[0] = bk::recip(eprev);
-  if (gm) {
-    for (int l = 0; l < NL; ++l) {
-      const LaneInfo& L = li[l];
-      if (L.row < 0) continue;
-      T* o = gm + L.row * pr.N + L.start;
-      for (int64_t p = 0; p < L.len; ++p) {
-        Cx<T> G = lane_cx<T>(s.D[p], l), w = lane_cx<T>(s.W[p], l);
-        o[p] = G.re * w.re - G.im * w.im;
-      }
-    }
-  }
   if (chunked) {
     // L summary: L_end = Pi_L * L_in + local sum (left to right, no divisions)
     Cx<V> L{V{}, V{}}, PiL{V{} + 1, V{}};
-    for (int64_t p = 0; p < Lc; ++p) {
-      Cx<V> cl = bk::k_over_sq(s.Kx[p], s.IE[p]);
-      L = cl * L + s.P[p];
-      PiL = PiL * cl;
+    for (int64_t p0 = 0; p0 < Lc; p0 += kTile) {
+      const int64_t n = std::min(kTile, Lc - p0);
+      in.k_tile(p0, n, tK);
+      for (int64_t q = 0; q < n; ++q) {
+        Cx<V> cl = bk::k_over_sq(tK[q], s.IE[p0 + q]);
+        L = cl * L + s.P[p0 + q];
+        PiL = PiL * cl;
+      }
     }
     for (int l = 0; l < NL; ++l)
       if (li[l].row >= 0) {
@@ -550,8 +791,11 @@ static void bwd_phase2(BwdShared<T>& sh, int64_t blk, Scratch<T>& s) {
   const bool chunked = pl.chunked();
   LaneInfo li[NL];
   lane_info(pl, blk, li);
-  T* GA = reinterpret_cast<T*>(s.Aa.p);  // grad_a, lane-major (Aa no longer needed)
-  T* GK = reinterpret_cast<T*>(s.W.p);   // grad_k, lane-major (W no longer needed)
+  BlockIn<T> in;
+  in.init(pr, pl, li);
+  alignas(128) V tK[kTile + 1];
+  alignas(128) V tGA[kTile];
+  alignas(128) V tGK[kTile];
   Cx<V> rin{V{}, V{}};
   if (chunked) rin = load_carry(sh.r_in, blk, li);
   double zacc[2 * NL];
@@ -563,19 +807,26 @@ static void bwd_phase2(BwdShared<T>& sh, int64_t blk, Scratch<T>& s) {
     }
     t = Cx<V>{V{}, V{}};
   };
-  Cx<V> tile{V{}, V{}};
+  T* ga = sh.g.grad_a;
+  T* gk = sh.g.grad_k;
+  const int64_t NK = pr.N - 1;
   if (pr.causal) {
     // mu pass, right to left, with the true carry.
     Cx<V> mu = rin;
-    for (int64_t p = Lc - 1; p >= 0; --p) {
-      Cx<V> gk = mu * s.ID[p];
-      reinterpret_cast<V*>(GK)[p] = -gk.re;
-      mu = s.D[p] * mu + s.P[p];
-      reinterpret_cast<V*>(GA)[p] = mu.re;
-      tile = tile + mu;
-      if ((p & 63) == 0) flush(tile);
+    for (int64_t p0 = ((Lc - 1) / kTile) * kTile; p0 >= 0; p0 -= kTile) {
+      const int64_t n = std::min(kTile, Lc - p0);
+      Cx<V> tile{V{}, V{}};
+      for (int64_t q = n - 1; q >= 0; --q) {
+        const int64_t p = p0 + q;
+        tGK[q] = -(mu.re * s.ID[p].re - mu.im * s.ID[p].im);
+        mu = s.R[p] * mu + s.P[p];
+        tGA[q] = mu.re;
+        tile = tile + mu;
+      }
+      flush(tile);
+      scatter_tile<T>(li, ga, pr.N, pr.N, 1, p0, n, reinterpret_cast<T*>(tGA), NL);
+      if (NK > 0) scatter_tile<T>(li, gk, NK, NK, 1, p0, n, reinterpret_cast<T*>(tGK), NL);
     }
-    flush(tile);
   } else {
     s.R[Lc] = rin;
     if (chunked) {
@@ -587,29 +838,27 @@ static void bwd_phase2(BwdShared<T>& sh, int64_t blk, Scratch<T>& s) {
     }
     Cx<V> L{V{}, V{}};
     if (chunked) L = load_carry(sh.l_in, blk, li);
-    for (int64_t p = 0; p < Lc; ++p) {
-      Cx<V> cl = bk::k_over_sq(s.Kx[p], s.IE[p]);
-      L = cl * L + s.P[p];
-      Cx<V> A = L + s.R[p] - s.P[p];
-      reinterpret_cast<V*>(GA)[p] = -A.re;
-      Cx<V> gk = L * s.IE[p + 1] + s.R[p + 1] * s.ID[p];
-      reinterpret_cast<V*>(GK)[p] = gk.re;
-      tile = tile + A;
-      if ((p & 63) == 63) flush(tile);
+    for (int64_t p0 = 0; p0 < Lc; p0 += kTile) {
+      const int64_t n = std::min(kTile, Lc - p0);
+      in.k_tile(p0, n, tK);
+      Cx<V> tile{V{}, V{}};
+      for (int64_t q = 0; q < n; ++q) {
+        const int64_t p = p0 + q;
+        Cx<V> cl = bk::k_over_sq(tK[q], s.IE[p]);
+        L = cl * L + s.P[p];
+        Cx<V> A = L + s.R[p] - s.P[p];
+        tGA[q] = -A.re;
+        Cx<V> g = L * s.IE[p + 1] + s.R[p + 1] * s.ID[p];
+        tGK[q] = g.re;
+        tile = tile + A;
+      }
+      flush(tile);
+      scatter_tile<T>(li, ga, pr.N, pr.N, 1, p0, n, reinterpret_cast<T*>(tGA), NL);
+      if (NK > 0) scatter_tile<T>(li, gk, NK, NK, 1, p0, n, reinterpret_cast<T*>(tGK), NL);
     }
-    flush(tile);
   }
-  // scatter grad_a and grad_k rows
   for (int l = 0; l < NL; ++l) {
-    const LaneInfo& L = li[l];
-    if (L.row < 0) continue;
-    T* oa = sh.g.grad_a + L.row * pr.N + L.start;
-    for (int64_t p = 0; p < L.len; ++p) oa[p] = GA[p * NL + l];
-    if (pr.N > 1) {
-      T* ok = sh.g.grad_k + L.row * (pr.N - 1) + L.start;
-      int64_t kend = std::min(L.len, pr.N - 1 - L.start);
-      for (int64_t p = 0; p < kend; ++p) ok[p] = GK[p * NL + l];
-    }
+    if (li[l].row < 0) continue;
     int64_t v = blk * NL + l;
     sh.zsum[2 * v] = zacc[2 * l];
     sh.zsum[2 * v + 1] = zacc[2 * l + 1];
@@ -620,8 +869,8 @@ template <class T>
 static void backward_impl(const Problem<T>& pr, Grads<T>& g, const Par& par) {
   g.grad_z[0] = g.grad_z[1] = 0.0;
   if (pr.B == 0) return;
-  Plan<T> pl(pr.B, pr.N, par.num_threads);
-  BwdShared<T> sh{pr, pl, g, {}, {}, {}, {}, {}, {}, {}, {}, {}};
+  Plan<T> pl(pr.B, pr.N, par.num_threads, kMaxChunkBwd);
+  BwdShared<T> sh{pr, pl, g, {}, {}, {}, {}, {}, {}, {}, {}};
   compute_carries(pr, pl, par, !pr.causal, sh.car);
   const int64_t nl = pl.blocks * Plan<T>::NL;
   sh.zsum.assign(2 * nl, 0.0);
@@ -639,8 +888,11 @@ static void backward_impl(const Problem<T>& pr, Grads<T>& g, const Par& par) {
     sh.l_end.assign(nl, zero);
     sh.l_prod.assign(nl, zero);
     sh.l_in.assign(nl, zero);
-    sh.keep.resize(pl.blocks);
-    parallel_blocks(par, pl.blocks, [&](int64_t blk) { bwd_phase1(sh, blk, sh.keep[blk]); });
+    // Per-block scratch lives across the two phases; it is cached per calling thread so repeated
+    // calls do not pay fresh page faults.
+    static thread_local std::vector<Scratch<T>> keep;
+    if (int64_t(keep.size()) < pl.blocks) keep.resize(pl.blocks);
+    parallel_blocks(par, pl.blocks, [&](int64_t blk) { bwd_phase1(sh, blk, keep[blk]); });
     for (int64_t b = 0; b < pl.B; ++b) {
       int64_t v0 = b * pl.C;
       for (int64_t ch = pl.C - 2; ch >= 0; --ch)  // carry from the right: value at the next chunk's start
@@ -649,7 +901,7 @@ static void backward_impl(const Problem<T>& pr, Grads<T>& g, const Par& par) {
         for (int64_t ch = 1; ch < pl.C; ++ch)
           sh.l_in[v0 + ch] = sh.l_end[v0 + ch - 1] + sh.l_prod[v0 + ch - 1] * sh.l_in[v0 + ch - 1];
     }
-    parallel_blocks(par, pl.blocks, [&](int64_t blk) { bwd_phase2(sh, blk, sh.keep[blk]); });
+    parallel_blocks(par, pl.blocks, [&](int64_t blk) { bwd_phase2(sh, blk, keep[blk]); });
   }
   double zr = 0, zi = 0;
   for (int64_t v = 0; v < nl; ++v) {

@@ -23,6 +23,7 @@ from ._canon import BKArgs, canon_bk
 from ._dispatch import (BackendUnavailableError, Choice, VerificationError, available_backends,
                         backend_status, verify, verify_enabled)
 from .reference import bk_core_ref
+from .pooling import learned_downsample, learned_downsample_ref, learned_upsample, learned_upsample_ref
 
 try:  # Triton backend (optional dependency)
     from . import _triton  # noqa: F401
@@ -31,6 +32,7 @@ except ImportError:  # the module itself registers an "unavailable" reason when 
 
 __all__ = [
     "bk_core", "bk_core_features", "bk_core_masked", "bk_core_ref",
+    "learned_downsample", "learned_upsample", "learned_downsample_ref", "learned_upsample_ref",
     "available_backends", "backend_status", "explain", "verify", "verify_enabled",
     "BackendUnavailableError", "VerificationError", "Choice",
 ]
@@ -86,8 +88,13 @@ def bk_core(diag: Tensor, super_diag: Tensor, sub_diag: Tensor, z: Union[Number,
 def bk_core_masked(diag: Tensor, super_diag: Tensor, sub_diag: Tensor, z: Union[Number, Tensor],
                    mask: Tensor, *, causal: bool = False, backend: Optional[str] = None) -> Tensor:
     """``mask * bk_core(...)``: mask (..., N) bool or float 0/1 (a straight-through Gumbel mask
-    receives the gradient ``Re(conj(G) g)``). The pivots run over every position; the combine and
-    output work is skipped where the mask is 0."""
+    receives the gradient ``Re(conj(G) g)``).
+
+    The pivots run over every position (the recursion couples them all); a position whose mask is
+    0 is not computed: its output is exactly 0 (even where G would not be finite) and it sends no
+    gradient to diag, super_diag, sub_diag or z. The C++ kernel skips the combine for a position
+    whose mask is 0 in all the sequences of a SIMD block (32 float / 16 double lanes), so the
+    saving depends on how masks line up across the batch (see the benchmark)."""
     args = canon_bk(diag, super_diag, sub_diag, z, mask)
     return _run_bk("bk_core", args, causal, backend)
 

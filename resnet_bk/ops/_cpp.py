@@ -60,6 +60,15 @@ if HAS_C:
 
     torch.library.register_autograd("resnet_bk::bk_core_fwd", _backward, setup_context=_setup_context)
 
+    def _no_double_backward(ctx, *grads):
+        raise NotImplementedError(
+            "resnet_bk.ops.bk_core: double backward (gradient of the gradient) is not implemented; "
+            "the first-order gradient is exact. Use the reference backend with create_graph=True "
+            "through plain autograd if you need it.")
+
+    torch.library.register_autograd("resnet_bk::bk_core_bwd", _no_double_backward,
+                                    setup_context=lambda ctx, inputs, output: None)
+
 
 def bk_core_compiled(a, k, zri, mask, causal):
     return torch.ops.resnet_bk.bk_core_fwd(a, k, zri, mask, causal)

@@ -69,7 +69,9 @@ def bk_core_fwd_ref(a: Tensor, k: Tensor, zri: Tensor, mask: Optional[Tensor], c
         E = torch.stack(_backward_pivots(al, kk), 1)
         G = 1.0 / (D + E - alpha)
     if mask is not None:
-        G = G * mask.to(G.dtype)
+        # positions whose mask is 0 are not computed: exactly 0, even where G is not finite
+        m = mask.to(G.dtype)
+        G = torch.where(mask != 0, G * m, torch.zeros((), dtype=G.dtype, device=G.device))
     return G
 
 
@@ -94,12 +96,21 @@ def bk_core_bwd_ref(grad: Tensor, a: Tensor, k: Tensor, zri: Tensor, mask: Optio
     D = torch.stack(d, 1)
     ws = w.unbind(1)
     gk_cols: List[Tensor] = []
+    zero = torch.zeros((), dtype=cdt, device=a.device)
+
+    def unmasked(x: Tensor, j: Optional[int] = None) -> Tensor:
+        # a masked-out position was not computed: it contributes exactly 0 (even if G is not finite)
+        if mask is None:
+            return x
+        m = mask if j is None else mask[:, j]
+        return torch.where(m != 0, x, zero)
+
     if causal:
-        # mu_N = -w_N / d_N^2 ; mu_j = (mu_{j+1} k_j - w_j) / d_j^2
+        # mu_N = -w_N / d_N^2 ; mu_j = mu_{j+1} k_j / d_j^2 - w_j / d_j^2
         mu: List[Optional[Tensor]] = [None] * N
-        mu[N - 1] = -ws[N - 1] / d[N - 1] ** 2
+        mu[N - 1] = unmasked(-ws[N - 1] / d[N - 1] ** 2, N - 1)
         for j in range(N - 2, -1, -1):
-            mu[j] = (mu[j + 1] * kk[j] - ws[j]) / d[j] ** 2
+            mu[j] = mu[j + 1] * kk[j] / d[j] ** 2 + unmasked(-ws[j] / d[j] ** 2, j)
         MU = torch.stack(mu, 1)  # type: ignore[arg-type]
         grad_a = MU.real
         for j in range(N - 1):
@@ -110,7 +121,7 @@ def bk_core_bwd_ref(grad: Tensor, a: Tensor, k: Tensor, zri: Tensor, mask: Optio
         e = _backward_pivots(al, kk)
         E = torch.stack(e, 1)
         G = 1.0 / (D + E - alpha)
-        P = w * G * G
+        P = unmasked(w * G * G)
         p = P.unbind(1)
         L = [p[0]]
         for j in range(1, N):

@@ -1,0 +1,169 @@
+// AVX-512 tile transposes between the public row layout ([B, N] rows, complex interleaved
+// [B, N, 2]) and the kernel's lane-major tiles. Only included by the AVX-512 build of the CPU
+// kernels (under its target pragma). A group is 16 float lanes or 8 double lanes; a tile covers
+// 16 positions, so float moves one 16x16 block and double two 8x8 blocks per group.
+#pragma once
+#include <immintrin.h>
+
+#include <cstdint>
+
+namespace bk_avx512 {
+
+// out[j] = column j of the 16x16 matrix whose rows are r[0..15]
+static inline void tr16(__m512* r) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  __m512 x[16];
+  for (int g = 0; g < 4; ++g) {
+    __m512d a = _mm512_castps_pd(t[4 * g]), b = _mm512_castps_pd(t[4 * g + 2]);
+    __m512d c = _mm512_castps_pd(t[4 * g + 1]), d = _mm512_castps_pd(t[4 * g + 3]);
+    x[4 * g + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+    x[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    x[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+    x[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+  }
+  // x[4g + j], 128-bit lane k: column 4k + j of rows 4g..4g+3
+  for (int j = 0; j < 4; ++j) {
+    __m512 p01l = _mm512_shuffle_f32x4(x[j], x[4 + j], 0x44), p01h = _mm512_shuffle_f32x4(x[j], x[4 + j], 0xEE);
+    __m512 p23l = _mm512_shuffle_f32x4(x[8 + j], x[12 + j], 0x44), p23h = _mm512_shuffle_f32x4(x[8 + j], x[12 + j], 0xEE);
+    r[j] = _mm512_shuffle_f32x4(p01l, p23l, 0x88);
+    r[4 + j] = _mm512_shuffle_f32x4(p01l, p23l, 0xDD);
+    r[8 + j] = _mm512_shuffle_f32x4(p01h, p23h, 0x88);
+    r[12 + j] = _mm512_shuffle_f32x4(p01h, p23h, 0xDD);
+  }
+}
+
+// out[j] = column j of the 8x8 matrix whose rows are r[0..7]
+static inline void tr8(__m512d* r) {
+  __m512d x[8];
+  for (int i = 0; i < 4; ++i) {
+    x[2 * i] = _mm512_unpacklo_pd(r[2 * i], r[2 * i + 1]);
+    x[2 * i + 1] = _mm512_unpackhi_pd(r[2 * i], r[2 * i + 1]);
+  }
+  // x[2g + j], 128-bit lane k: column 2k + j of rows 2g, 2g+1
+  for (int j = 0; j < 2; ++j) {
+    __m512d p01l = _mm512_shuffle_f64x2(x[j], x[2 + j], 0x44), p01h = _mm512_shuffle_f64x2(x[j], x[2 + j], 0xEE);
+    __m512d p23l = _mm512_shuffle_f64x2(x[4 + j], x[6 + j], 0x44), p23h = _mm512_shuffle_f64x2(x[4 + j], x[6 + j], 0xEE);
+    r[j] = _mm512_shuffle_f64x2(p01l, p23l, 0x88);
+    r[2 + j] = _mm512_shuffle_f64x2(p01l, p23l, 0xDD);
+    r[4 + j] = _mm512_shuffle_f64x2(p01h, p23h, 0x88);
+    r[6 + j] = _mm512_shuffle_f64x2(p01h, p23h, 0xDD);
+  }
+}
+
+// ---- rows -> lane-major: src[i] points at 16 consecutive positions of lane i's row ----
+
+static inline void gather16(const float* const* src, float sub, float mul, float* dst, int64_t dstride) {
+  __m512 r[16];
+  const __m512 vs = _mm512_set1_ps(sub), vm = _mm512_set1_ps(mul);
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(src[i]), vs), vm);
+  tr16(r);
+  for (int q = 0; q < 16; ++q) _mm512_store_ps(dst + q * dstride, r[q]);
+}
+
+static inline void gather16(const double* const* src, double sub, double mul, double* dst, int64_t dstride) {
+  const __m512d vs = _mm512_set1_pd(sub), vm = _mm512_set1_pd(mul);
+  for (int h = 0; h < 2; ++h) {
+    __m512d r[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm512_mul_pd(_mm512_sub_pd(_mm512_loadu_pd(src[i] + 8 * h), vs), vm);
+    tr8(r);
+    for (int q = 0; q < 8; ++q) _mm512_store_pd(dst + (8 * h + q) * dstride, r[q]);
+  }
+}
+
+// interleaved complex rows (src[i] -> 16 complex values): re -> dre, mul_im * im -> dim
+static inline void gather16_cx(const float* const* src, float mul_im, float* dre, float* dim, int64_t dstride) {
+  __m512 re[16], im[16];
+  const __m512i ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i io = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  const __m512 vm = _mm512_set1_ps(mul_im);
+  for (int i = 0; i < 16; ++i) {
+    __m512 a = _mm512_loadu_ps(src[i]), b = _mm512_loadu_ps(src[i] + 16);
+    re[i] = _mm512_permutex2var_ps(a, ie, b);
+    im[i] = _mm512_mul_ps(_mm512_permutex2var_ps(a, io, b), vm);
+  }
+  tr16(re);
+  tr16(im);
+  for (int q = 0; q < 16; ++q) {
+    _mm512_store_ps(dre + q * dstride, re[q]);
+    _mm512_store_ps(dim + q * dstride, im[q]);
+  }
+}
+
+static inline void gather16_cx(const double* const* src, double mul_im, double* dre, double* dim, int64_t dstride) {
+  const __m512i ie = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14);
+  const __m512i io = _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15);
+  const __m512d vm = _mm512_set1_pd(mul_im);
+  for (int h = 0; h < 2; ++h) {
+    __m512d re[8], im[8];
+    for (int i = 0; i < 8; ++i) {
+      __m512d a = _mm512_loadu_pd(src[i] + 16 * h), b = _mm512_loadu_pd(src[i] + 16 * h + 8);
+      re[i] = _mm512_permutex2var_pd(a, ie, b);
+      im[i] = _mm512_mul_pd(_mm512_permutex2var_pd(a, io, b), vm);
+    }
+    tr8(re);
+    tr8(im);
+    for (int q = 0; q < 8; ++q) {
+      _mm512_store_pd(dre + (8 * h + q) * dstride, re[q]);
+      _mm512_store_pd(dim + (8 * h + q) * dstride, im[q]);
+    }
+  }
+}
+
+// ---- lane-major -> rows: dst[i] points at 16 consecutive positions of lane i's row ----
+
+static inline void scatter16(const float* src, int64_t sstride, float* const* dst) {
+  __m512 r[16];
+  for (int q = 0; q < 16; ++q) r[q] = _mm512_load_ps(src + q * sstride);
+  tr16(r);
+  for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst[i], r[i]);
+}
+
+static inline void scatter16(const double* src, int64_t sstride, double* const* dst) {
+  for (int h = 0; h < 2; ++h) {
+    __m512d r[8];
+    for (int q = 0; q < 8; ++q) r[q] = _mm512_load_pd(src + (8 * h + q) * sstride);
+    tr8(r);
+    for (int i = 0; i < 8; ++i) _mm512_storeu_pd(dst[i] + 8 * h, r[i]);
+  }
+}
+
+// lane-major (re, im) tiles -> interleaved complex rows
+static inline void scatter16_cx(const float* sre, const float* sim, int64_t sstride, float* const* dst) {
+  __m512 re[16], im[16];
+  for (int q = 0; q < 16; ++q) {
+    re[q] = _mm512_load_ps(sre + q * sstride);
+    im[q] = _mm512_load_ps(sim + q * sstride);
+  }
+  tr16(re);
+  tr16(im);
+  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  for (int i = 0; i < 16; ++i) {
+    _mm512_storeu_ps(dst[i], _mm512_permutex2var_ps(re[i], lo, im[i]));
+    _mm512_storeu_ps(dst[i] + 16, _mm512_permutex2var_ps(re[i], hi, im[i]));
+  }
+}
+
+static inline void scatter16_cx(const double* sre, const double* sim, int64_t sstride, double* const* dst) {
+  const __m512i lo = _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11);
+  const __m512i hi = _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15);
+  for (int h = 0; h < 2; ++h) {
+    __m512d re[8], im[8];
+    for (int q = 0; q < 8; ++q) {
+      re[q] = _mm512_load_pd(sre + (8 * h + q) * sstride);
+      im[q] = _mm512_load_pd(sim + (8 * h + q) * sstride);
+    }
+    tr8(re);
+    tr8(im);
+    for (int i = 0; i < 8; ++i) {
+      _mm512_storeu_pd(dst[i] + 16 * h, _mm512_permutex2var_pd(re[i], lo, im[i]));
+      _mm512_storeu_pd(dst[i] + 16 * h + 8, _mm512_permutex2var_pd(re[i], hi, im[i]));
+    }
+  }
+}
+
+}  // namespace bk_avx512

@@ -1,0 +1,436 @@
+// Learned down/upsampling of a multi-scale sequence model: op schemas and CPU kernels.
+//
+// ============================================================================================
+// SCHEMAS (the contract every backend implements; CUDA is added against exactly these)
+// ============================================================================================
+// Notation: T = dtype of the activations (float32, float64, bfloat16, float16);
+//           A = accumulation dtype = float64 if T is float64 else float32.
+//           Inputs of any strides are accepted (the kernel makes them contiguous).
+//
+// learned_downsample_fwd(Tensor x, Tensor logits, bool causal) -> Tensor out
+//   x      (B, N, D) T,  logits (M, r) A,  N == M * r,  B >= 1, M >= 1, r >= 1, D >= 1
+//   w = softmax(logits, dim=-1)              (computed inside the kernel)
+//   s = causal ? r - 1 : 0                   (causal windows end at j*r instead of j*r + r - 1)
+//   out[b, j, :] = sum_k w[j, k] * x[b, j*r + k - s, :]     (terms with j*r + k - s < 0 are 0)
+//   out (B, M, D) T; accumulated in A, rounded to T once.
+//
+// learned_downsample_bwd(Tensor grad, Tensor x, Tensor logits, bool causal, bool need_x_grad,
+//                        bool need_logits_grad) -> (Tensor grad_x, Tensor grad_logits)
+//   grad (B, M, D) T.
+//   grad_x (B, N, D) T: grad_x[b, j*r + k - s, :] = w[j, k] * grad[b, j, :]; 0 at positions that no
+//          window reads (the last r - 1 positions when causal). (0,) when not needed.
+//   grad_logits (M, r) A: S[j, k] = sum_{b, d} grad[b, j, d] * x[b, j*r + k - s, d],
+//          grad_logits[j, k] = w[j, k] * (S[j, k] - sum_k' w[j, k'] S[j, k']). (0,) when not needed.
+//
+// learned_upsample_fwd(Tensor y, Tensor bias, Tensor? residual, Tensor? scale) -> Tensor out
+//   y (B, M, r*D) T,  bias (Mb, r, Db) A with Mb in {1, M}, Db in {1, D} (broadcast over m / d),
+//   residual (B, M*r, D) T or None,  scale 0-dim A or None (None means 1).
+//   v[b, m*r + k, d] = y[b, m, k*D + d] + bias[Mb == 1 ? 0 : m, k, Db == 1 ? 0 : d]
+//   out = residual + scale * v   (without residual: scale * v);  out (B, M*r, D) T.
+//   r is bias.size(1); D = y.size(2) / r.
+//
+// learned_upsample_bwd(Tensor grad, Tensor y, Tensor bias, Tensor? scale, bool need_y_grad,
+//                      bool need_bias_grad, bool need_scale_grad)
+//     -> (Tensor grad_y, Tensor grad_bias, Tensor grad_scale)
+//   grad (B, M*r, D) T.
+//   grad_y (B, M, r*D) T = scale * grad (the same memory order).
+//   grad_bias (Mb, r, Db) A = scale * (grad summed over b and over the broadcast m / d).
+//   grad_scale () A = sum(grad * v).            Each is (0,) when not needed.
+//   The residual's gradient is grad itself (returned by the Python autograd formula).
+// ============================================================================================
+//
+// Autograd and fake (meta) kernels are registered from Python (resnet_bk/ops/pooling.py).
+// Parallelism: at::parallel_for over the B*M output rows (forward, downsample backward); the
+// upsample backward reduces over b into per-tile partial sums (deterministic, no atomics), then
+// sums the tiles. Inner loops run over contiguous D (r*D for the upsample) and vectorise.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+template <class T>
+struct Acc {
+  using type = float;
+};
+template <>
+struct Acc<double> {
+  using type = double;
+};
+
+at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_act(const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.dim() == dim, name, ": expected a ", dim, "-dim tensor, got shape ", t.sizes());
+  auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf, name,
+              ": expected float32, float64, bfloat16 or float16, got ", st);
+  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got one on ", t.device());
+}
+
+void check_acc(const at::Tensor& t, const char* name, at::ScalarType act) {
+  TORCH_CHECK(t.scalar_type() == acc_type_of(act), name, ": expected dtype ", acc_type_of(act),
+              " (the accumulation dtype of ", act, " activations), got ", t.scalar_type());
+  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got one on ", t.device());
+}
+
+int64_t grain_for(int64_t work_per_item) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, work_per_item)); }
+
+// Row-wise softmax of logits (M, r), max-subtracted.
+template <class A>
+void softmax_rows(const A* logits, int64_t M, int64_t r, A* w) {
+  for (int64_t j = 0; j < M; ++j) {
+    const A* l = logits + j * r;
+    A mx = l[0];
+    for (int64_t k = 1; k < r; ++k) mx = std::max(mx, l[k]);
+    A s = 0;
+    for (int64_t k = 0; k < r; ++k) {
+      w[j * r + k] = std::exp(l[k] - mx);
+      s += w[j * r + k];
+    }
+    for (int64_t k = 0; k < r; ++k) w[j * r + k] /= s;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// learned_downsample
+
+void check_down(const at::Tensor& x, const at::Tensor& logits) {
+  check_act(x, "x", 3);
+  check_acc(logits, "logits", x.scalar_type());
+  TORCH_CHECK(logits.dim() == 2 && logits.size(0) >= 1 && logits.size(1) >= 1,
+              "logits: expected shape (M, r) with M, r >= 1, got ", logits.sizes());
+  TORCH_CHECK(x.size(1) == logits.size(0) * logits.size(1), "x: expected N = M * r = ", logits.size(0), " * ",
+              logits.size(1), " positions (logits of shape ", logits.sizes(), "), got shape ", x.sizes());
+  TORCH_CHECK(x.size(2) >= 1, "x: expected D >= 1, got shape ", x.sizes());
+}
+
+template <class T>
+void down_fwd_kernel(const T* x, const typename Acc<T>::type* w, T* out, int64_t B, int64_t M, int64_t r,
+                     int64_t D, int64_t s) {
+  using A = typename Acc<T>::type;
+  const int64_t N = M * r;
+  at::parallel_for(0, B * M, grain_for(r * D), [&](int64_t begin, int64_t end) {
+    std::vector<A> acc(D);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / M, j = i % M;
+      std::fill(acc.begin(), acc.end(), A(0));
+      A* __restrict__ ap = acc.data();
+      for (int64_t k = 0; k < r; ++k) {
+        const int64_t p = j * r + k - s;
+        if (p < 0) continue;  // causal window reaching before position 0: zero padding
+        const A wk = w[j * r + k];
+        const T* __restrict__ xp = x + (b * N + p) * D;
+        for (int64_t d = 0; d < D; ++d) ap[d] += wk * static_cast<A>(xp[d]);
+      }
+      T* __restrict__ op = out + i * D;
+      for (int64_t d = 0; d < D; ++d) op[d] = static_cast<T>(ap[d]);
+    }
+  });
+}
+
+at::Tensor learned_downsample_fwd_cpu(const at::Tensor& x_, const at::Tensor& logits_, bool causal) {
+  check_down(x_, logits_);
+  at::Tensor x = x_.contiguous(), logits = logits_.contiguous();
+  const int64_t B = x.size(0), N = x.size(1), D = x.size(2), M = logits.size(0), r = logits.size(1);
+  (void)N;
+  at::Tensor out = at::empty({B, M, D}, x.options());
+  if (B == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "learned_downsample_fwd_cpu", [&] {
+    using A = typename Acc<scalar_t>::type;
+    std::vector<A> w(M * r);
+    softmax_rows<A>(logits.data_ptr<A>(), M, r, w.data());
+    down_fwd_kernel<scalar_t>(x.data_ptr<scalar_t>(), w.data(), out.data_ptr<scalar_t>(), B, M, r, D,
+                              causal ? r - 1 : 0);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> learned_downsample_bwd_cpu(const at::Tensor& grad_, const at::Tensor& x_,
+                                                              const at::Tensor& logits_, bool causal,
+                                                              bool need_x_grad, bool need_logits_grad) {
+  check_down(x_, logits_);
+  check_act(grad_, "grad", 3);
+  const int64_t B = x_.size(0), N = x_.size(1), D = x_.size(2), M = logits_.size(0), r = logits_.size(1);
+  TORCH_CHECK(grad_.size(0) == B && grad_.size(1) == M && grad_.size(2) == D &&
+                  grad_.scalar_type() == x_.scalar_type(),
+              "grad: expected a ", x_.scalar_type(), " tensor of shape (", B, ", ", M, ", ", D, "), got ",
+              grad_.scalar_type(), " ", grad_.sizes());
+  at::Tensor x = x_.contiguous(), logits = logits_.contiguous(), grad = grad_.contiguous();
+  const auto adt = acc_type_of(x.scalar_type());
+  at::Tensor grad_x = need_x_grad ? at::empty({B, N, D}, x.options()) : at::empty({0}, x.options());
+  at::Tensor grad_logits = need_logits_grad ? at::empty({M, r}, logits.options()) : at::empty({0}, logits.options());
+  if (!need_x_grad && !need_logits_grad) return {grad_x, grad_logits};
+  if (B == 0) {
+    if (need_logits_grad) grad_logits.zero_();
+    return {grad_x, grad_logits};
+  }
+  const int64_t s = causal ? r - 1 : 0;
+  // S_b[b, j, k] = <grad[b, j, :], x[b, j*r + k - s, :]>; summed over b afterwards (deterministic).
+  at::Tensor Sb = need_logits_grad ? at::empty({B, M, r}, x.options().dtype(adt)) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "learned_downsample_bwd_cpu", [&] {
+    using T = scalar_t;
+    using A = typename Acc<T>::type;
+    std::vector<A> w(M * r);
+    softmax_rows<A>(logits.data_ptr<A>(), M, r, w.data());
+    const T* xd = x.data_ptr<T>();
+    const T* gd = grad.data_ptr<T>();
+    T* gx = need_x_grad ? grad_x.data_ptr<T>() : nullptr;
+    A* sb = need_logits_grad ? Sb.data_ptr<A>() : nullptr;
+    at::parallel_for(0, B * M, grain_for(r * D), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t b = i / M, j = i % M;
+        const T* __restrict__ gp = gd + i * D;
+        for (int64_t k = 0; k < r; ++k) {
+          const int64_t p = j * r + k - s;
+          if (p < 0) {
+            if (sb) sb[i * r + k] = A(0);
+            continue;
+          }
+          if (gx) {
+            const A wk = w[j * r + k];
+            T* __restrict__ gxp = gx + (b * N + p) * D;
+            for (int64_t d = 0; d < D; ++d) gxp[d] = static_cast<T>(wk * static_cast<A>(gp[d]));
+          }
+          if (sb) {
+            const T* __restrict__ xp = xd + (b * N + p) * D;
+            A dot = 0;
+            for (int64_t d = 0; d < D; ++d) dot += static_cast<A>(gp[d]) * static_cast<A>(xp[d]);
+            sb[i * r + k] = dot;
+          }
+        }
+        if (gx && s > 0 && j == M - 1) {
+          // the last s positions are read by no causal window: their gradient is exactly 0
+          std::fill(gx + (b * N + N - s) * D, gx + (b * N + N) * D, T(0));
+        }
+      }
+    });
+    if (need_logits_grad) {
+      at::Tensor S = Sb.sum(0);  // (M, r)
+      const A* Sd = S.data_ptr<A>();
+      A* gl = grad_logits.data_ptr<A>();
+      for (int64_t j = 0; j < M; ++j) {
+        A ws = 0;
+        for (int64_t k = 0; k < r; ++k) ws += w[j * r + k] * Sd[j * r + k];
+        for (int64_t k = 0; k < r; ++k) gl[j * r + k] = w[j * r + k] * (Sd[j * r + k] - ws);
+      }
+    }
+  });
+  return {grad_x, grad_logits};
+}
+
+// ---------------------------------------------------------------------------------------------
+// learned_upsample
+
+struct UpDims {
+  int64_t B, M, r, D, Mb, Db;
+};
+
+UpDims check_up(const at::Tensor& y, const at::Tensor& bias, const c10::optional<at::Tensor>& scale) {
+  check_act(y, "y", 3);
+  check_acc(bias, "bias", y.scalar_type());
+  TORCH_CHECK(bias.dim() == 3 && bias.size(1) >= 1, "bias: expected shape (Mb, r, Db), got ", bias.sizes());
+  UpDims u;
+  u.B = y.size(0);
+  u.M = y.size(1);
+  u.r = bias.size(1);
+  TORCH_CHECK(u.M >= 1, "y: expected M >= 1, got shape ", y.sizes());
+  TORCH_CHECK(y.size(2) >= u.r && y.size(2) % u.r == 0, "y: expected a last dimension r * D with r = ", u.r,
+              " (bias.size(1)) and D >= 1, got shape ", y.sizes());
+  u.D = y.size(2) / u.r;
+  u.Mb = bias.size(0);
+  u.Db = bias.size(2);
+  TORCH_CHECK((u.Mb == 1 || u.Mb == u.M) && (u.Db == 1 || u.Db == u.D), "bias: expected shape (1 or ", u.M,
+              ", ", u.r, ", 1 or ", u.D, "), got ", bias.sizes());
+  if (scale.has_value()) {
+    check_acc(*scale, "scale", y.scalar_type());
+    TORCH_CHECK(scale->dim() == 0, "scale: expected a 0-dim tensor, got shape ", scale->sizes());
+  }
+  return u;
+}
+
+template <class T>
+void up_fwd_kernel(const T* y, const typename Acc<T>::type* bias, const T* res, typename Acc<T>::type sc,
+                   bool has_scale, T* out, const UpDims& u) {
+  using A = typename Acc<T>::type;
+  const int64_t RD = u.r * u.D;
+  at::parallel_for(0, u.B * u.M, grain_for(RD), [&](int64_t begin, int64_t end) {
+    std::vector<A> row(u.Db == 1 ? RD : 0);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t m = i % u.M;
+      const A* __restrict__ bp = bias + (u.Mb == 1 ? 0 : m) * u.r * u.Db;
+      if (u.Db == 1) {  // expand the per-(m, k) scalar once per row so the inner loop is uniform
+        for (int64_t k = 0; k < u.r; ++k) std::fill(row.begin() + k * u.D, row.begin() + (k + 1) * u.D, bp[k]);
+        bp = row.data();
+      }
+      const T* __restrict__ yp = y + i * RD;  // y[b, m, :] is out[b, m*r : m*r + r, :] in memory order
+      T* __restrict__ op = out + i * RD;
+      if (res) {
+        const T* __restrict__ rp = res + i * RD;
+        for (int64_t e = 0; e < RD; ++e)
+          op[e] = static_cast<T>(static_cast<A>(rp[e]) + sc * (static_cast<A>(yp[e]) + bp[e]));
+      } else if (has_scale) {
+        for (int64_t e = 0; e < RD; ++e) op[e] = static_cast<T>(sc * (static_cast<A>(yp[e]) + bp[e]));
+      } else {
+        for (int64_t e = 0; e < RD; ++e) op[e] = static_cast<T>(static_cast<A>(yp[e]) + bp[e]);
+      }
+    }
+  });
+}
+
+at::Tensor learned_upsample_fwd_cpu(const at::Tensor& y_, const at::Tensor& bias_,
+                                    const c10::optional<at::Tensor>& residual_,
+                                    const c10::optional<at::Tensor>& scale_) {
+  UpDims u = check_up(y_, bias_, scale_);
+  if (residual_.has_value()) {
+    const auto& rs = *residual_;
+    TORCH_CHECK(rs.dim() == 3 && rs.size(0) == u.B && rs.size(1) == u.M * u.r && rs.size(2) == u.D &&
+                    rs.scalar_type() == y_.scalar_type() && rs.device().is_cpu(),
+                "residual: expected a CPU ", y_.scalar_type(), " tensor of shape (", u.B, ", ", u.M * u.r, ", ",
+                u.D, "), got ", rs.scalar_type(), " ", rs.sizes(), " on ", rs.device());
+  }
+  at::Tensor y = y_.contiguous(), bias = bias_.contiguous();
+  at::Tensor res = residual_.has_value() ? residual_->contiguous() : at::Tensor();
+  at::Tensor out = at::empty({u.B, u.M * u.r, u.D}, y.options());
+  if (u.B == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "learned_upsample_fwd_cpu", [&] {
+    using A = typename Acc<scalar_t>::type;
+    const A sc = scale_.has_value() ? scale_->item<A>() : A(1);
+    up_fwd_kernel<scalar_t>(y.data_ptr<scalar_t>(), bias.data_ptr<A>(),
+                            res.defined() ? res.data_ptr<scalar_t>() : nullptr, sc, scale_.has_value(),
+                            out.data_ptr<scalar_t>(), u);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> learned_upsample_bwd_cpu(
+    const at::Tensor& grad_, const at::Tensor& y_, const at::Tensor& bias_, const c10::optional<at::Tensor>& scale_,
+    bool need_y_grad, bool need_bias_grad, bool need_scale_grad) {
+  UpDims u = check_up(y_, bias_, scale_);
+  check_act(grad_, "grad", 3);
+  TORCH_CHECK(grad_.size(0) == u.B && grad_.size(1) == u.M * u.r && grad_.size(2) == u.D &&
+                  grad_.scalar_type() == y_.scalar_type(),
+              "grad: expected a ", y_.scalar_type(), " tensor of shape (", u.B, ", ", u.M * u.r, ", ", u.D,
+              "), got ", grad_.scalar_type(), " ", grad_.sizes());
+  at::Tensor y = y_.contiguous(), bias = bias_.contiguous(), grad = grad_.contiguous();
+  const auto aopt = y.options().dtype(acc_type_of(y.scalar_type()));
+  at::Tensor grad_y = need_y_grad ? at::empty(y.sizes(), y.options()) : at::empty({0}, y.options());
+  at::Tensor grad_bias = need_bias_grad ? at::empty(bias.sizes(), aopt) : at::empty({0}, aopt);
+  at::Tensor grad_scale = need_scale_grad ? at::empty({}, aopt) : at::empty({0}, aopt);
+  if (!need_y_grad && !need_bias_grad && !need_scale_grad) return {grad_y, grad_bias, grad_scale};
+  if (u.B == 0) {
+    if (need_bias_grad) grad_bias.zero_();
+    if (need_scale_grad) grad_scale.zero_();
+    return {grad_y, grad_bias, grad_scale};
+  }
+  const int64_t RD = u.r * u.D, RDb = u.r * u.Db;
+  // Tiles: Mt consecutive m by Bt consecutive b. Each tile sums grad over its b (and over its m when
+  // the bias is shared over m) into its own slot of `part`; the slots are summed afterwards, so the
+  // result does not depend on thread timing.
+  const int64_t target = 4 * static_cast<int64_t>(at::get_num_threads());
+  int64_t Mt, Bt;
+  if (u.M >= target) {
+    Mt = (u.M + target - 1) / target;
+    Bt = u.B;
+  } else {
+    Mt = 1;
+    Bt = std::max<int64_t>(1, u.B / std::max<int64_t>(1, target / u.M));
+  }
+  const int64_t nM = (u.M + Mt - 1) / Mt, nB = (u.B + Bt - 1) / Bt;
+  const int64_t slotsM = u.Mb == 1 ? nM : u.M;
+  at::Tensor part = need_bias_grad ? at::empty({nB, slotsM, u.r, u.Db}, aopt) : at::Tensor();
+  at::Tensor part_scale = need_scale_grad ? at::empty({nB * nM}, y.options().dtype(at::kDouble)) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "learned_upsample_bwd_cpu", [&] {
+    using T = scalar_t;
+    using A = typename Acc<T>::type;
+    const A sc = scale_.has_value() ? scale_->item<A>() : A(1);
+    const T* gd = grad.data_ptr<T>();
+    const T* yd = y.data_ptr<T>();
+    const A* bd = bias.data_ptr<A>();
+    T* gy = need_y_grad ? grad_y.data_ptr<T>() : nullptr;
+    A* pd = need_bias_grad ? part.data_ptr<A>() : nullptr;
+    double* ps = need_scale_grad ? part_scale.data_ptr<double>() : nullptr;
+    at::parallel_for(0, nB * nM, 1, [&](int64_t begin, int64_t end) {
+      std::vector<A> gsum(need_bias_grad ? RD : 0);  // sum over b of grad[b, m*r : m*r + r, :]
+      std::vector<A> brow(need_scale_grad && u.Db == 1 ? RD : 0);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t bi = t / nM, mi = t % nM;
+        const int64_t m0 = mi * Mt, m1 = std::min(u.M, m0 + Mt), b0 = bi * Bt, b1 = std::min(u.B, b0 + Bt);
+        double sacc = 0;  // the scale gradient sums B*M*r*D terms: carry the tile's total in double
+        A* __restrict__ gs = gsum.data();
+        if (need_bias_grad && u.Mb == 1) std::fill(gsum.begin(), gsum.end(), A(0));
+        for (int64_t m = m0; m < m1; ++m) {
+          if (need_bias_grad && u.Mb != 1) std::fill(gsum.begin(), gsum.end(), A(0));
+          const A* __restrict__ bp = bd + (u.Mb == 1 ? 0 : m) * RDb;
+          if (need_scale_grad && u.Db == 1) {
+            for (int64_t k = 0; k < u.r; ++k)
+              std::fill(brow.begin() + k * u.D, brow.begin() + (k + 1) * u.D, bp[k]);
+            bp = brow.data();
+          }
+          for (int64_t b = b0; b < b1; ++b) {
+            const int64_t i = b * u.M + m;
+            const T* __restrict__ gp = gd + i * RD;
+            if (gy) {
+              T* __restrict__ gyp = gy + i * RD;
+              for (int64_t e = 0; e < RD; ++e) gyp[e] = static_cast<T>(sc * static_cast<A>(gp[e]));
+            }
+            if (need_bias_grad)
+              for (int64_t e = 0; e < RD; ++e) gs[e] += static_cast<A>(gp[e]);
+            if (need_scale_grad) {
+              const T* __restrict__ yp = yd + i * RD;
+              A acc = 0;
+              for (int64_t e = 0; e < RD; ++e) acc += static_cast<A>(gp[e]) * (static_cast<A>(yp[e]) + bp[e]);
+              sacc += acc;
+            }
+          }
+          const bool flush = need_bias_grad && (u.Mb != 1 || m == m1 - 1);
+          if (flush) {
+            A* __restrict__ dst = pd + (bi * slotsM + (u.Mb == 1 ? mi : m)) * RDb;
+            if (u.Db == 1) {
+              for (int64_t k = 0; k < u.r; ++k) {
+                A s = 0;
+                for (int64_t d = 0; d < u.D; ++d) s += gs[k * u.D + d];
+                dst[k] = s;
+              }
+            } else {
+              std::copy(gs, gs + RD, dst);
+            }
+          }
+        }
+        if (ps) ps[t] = sacc;
+      }
+    });
+    if (need_bias_grad) {
+      at::Tensor tot = u.Mb == 1 ? part.sum(at::IntArrayRef{0, 1}, /*keepdim=*/false).unsqueeze(0) : part.sum(0);
+      grad_bias.copy_(tot.mul_(sc));
+    }
+    if (need_scale_grad) grad_scale.copy_(part_scale.sum());  // rounded to A once
+  });
+  return {grad_y, grad_bias, grad_scale};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(resnet_bk, m) {
+  m.def("learned_downsample_fwd(Tensor x, Tensor logits, bool causal) -> Tensor");
+  m.def(
+      "learned_downsample_bwd(Tensor grad, Tensor x, Tensor logits, bool causal, bool need_x_grad, "
+      "bool need_logits_grad) -> (Tensor, Tensor)");
+  m.def("learned_upsample_fwd(Tensor y, Tensor bias, Tensor? residual, Tensor? scale) -> Tensor");
+  m.def(
+      "learned_upsample_bwd(Tensor grad, Tensor y, Tensor bias, Tensor? scale, bool need_y_grad, "
+      "bool need_bias_grad, bool need_scale_grad) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(resnet_bk, CPU, m) {
+  m.impl("learned_downsample_fwd", &learned_downsample_fwd_cpu);
+  m.impl("learned_downsample_bwd", &learned_downsample_bwd_cpu);
+  m.impl("learned_upsample_fwd", &learned_upsample_fwd_cpu);
+  m.impl("learned_upsample_bwd", &learned_upsample_bwd_cpu);
+}

@@ -1,0 +1,81 @@
+// Torch-free interface of the BK-Core CUDA kernels (bk_core_cuda.cu). The torch binding
+// (bk_ops_cuda.cpp) checks the tensors, allocates the outputs and the workspace with torch's
+// caching allocator, and calls these launchers on the current stream.
+//
+// Canonical arguments (as for the CPU kernels, see csrc/cpu/bk_core_cpu.h): a (B, N) contiguous,
+// k rows of length N-1 at k + r * k_row_stride (stride 0 when one off-diagonal product is shared by
+// the batch), zri = [Re z, Im z] read on the device (never copied to the host: no synchronisation,
+// capturable in a CUDA graph), mask (B, N) contiguous or nullptr.
+//
+// Strategies. A "lane" is one (sequence, chunk) pair handled by one thread. "lanes" uses one chunk
+// per sequence (C = 1); "chunked" cuts each sequence into C chunks whose pivots cross the chunk
+// boundaries through 2x2 Moebius transfer matrices, and whose gradient recurrences cross them
+// through (product, local sum) pairs, joined by a small carry kernel (shared/BK_CORE_MATH.md,
+// "Parallel form"). "auto" chunks when the batch alone cannot fill the GPU.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define BK_CUDA_HD __host__ __device__
+#else
+#define BK_CUDA_HD
+#endif
+
+namespace bk_cuda {
+
+enum class Strategy : int { kAuto = 0, kLanes = 1, kChunked = 2 };
+
+struct Plan {
+  int64_t B = 0, N = 0;
+  int64_t C = 1;      // chunks per sequence
+  int64_t Lc = 0;     // positions per chunk (the last chunk may be shorter)
+  int64_t lanes = 0;  // B * C
+  BK_CUDA_HD bool chunked() const { return C > 1; }
+};
+
+// chunk_len > 0 forces that chunk length (chunked strategy); num_sms sizes the automatic choice.
+Plan make_plan(int64_t B, int64_t N, Strategy strategy, int64_t chunk_len, int num_sms);
+
+// Bytes of device workspace the launchers need for this plan (0 is possible); the caller passes a
+// buffer at least that large, aligned to 256 bytes.
+size_t workspace_bytes(const Plan& plan, bool causal, bool backward, bool is_double);
+
+template <class T>
+struct Problem {
+  const T* a;            // (B, N) contiguous
+  const T* k;            // row r at k + r * k_row_stride, length N - 1 (may be null when N == 1)
+  int64_t k_row_stride;  // 0 when shared, else N - 1
+  const T* zri;          // (2,) device pointer: [Re z, Im z]
+  const T* mask;         // (B, N) contiguous, or nullptr
+  int64_t B, N;
+  bool causal;
+};
+
+template <class T>
+struct Grads {
+  const T* grad;   // (B, N, 2) upstream gradient of the complex output, contiguous
+  T* grad_a;       // (B, N)
+  T* grad_k;       // (B, N - 1), per row (the caller reduces a shared k)
+  T* grad_zri;     // (2,) device pointer, written (not accumulated)
+  T* grad_mask;    // (B, N) or nullptr
+};
+
+// Result of a launcher: err == cudaSuccess, or the CUDA error and the kernel that raised it.
+struct Status {
+  cudaError_t err;
+  const char* where;
+  BK_CUDA_HD bool ok() const { return err == cudaSuccess; }
+};
+
+// out: (B, N, 2) interleaved complex.
+Status forward(const Problem<float>& p, float* out, const Plan& plan, void* workspace, cudaStream_t stream);
+Status forward(const Problem<double>& p, double* out, const Plan& plan, void* workspace, cudaStream_t stream);
+Status backward(const Problem<float>& p, const Grads<float>& g, const Plan& plan, void* workspace,
+                cudaStream_t stream);
+Status backward(const Problem<double>& p, const Grads<double>& g, const Plan& plan, void* workspace,
+                cudaStream_t stream);
+
+}  // namespace bk_cuda

@@ -1,0 +1,185 @@
+// Torch binding of the BK-Core CUDA kernels: argument checks, output and workspace allocation
+// (torch's caching allocator, so CUDA-graph capture works), device guard and current stream
+// (c10::cuda::getCurrentCUDAStream, which at::cuda::getCurrentCUDAStream forwards to), and
+// TORCH_LIBRARY_IMPL(resnet_bk, CUDA). The schemas are defined with the CPU kernels
+// (csrc/cpu/bk_ops_cpu.cpp); autograd and fake kernels are registered in resnet_bk/ops/_cpp.py.
+//
+// Strategy (see bk_core_cuda.h): RESNET_BK_CUDA_STRATEGY=auto|lanes|chunked (default auto) and
+// RESNET_BK_CUDA_CHUNK=<positions per chunk> (forces the chunked strategy with that chunk length)
+// are read on every call, so tests can exercise every path.
+#ifdef RESNET_BK_WITH_CUDA
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <array>
+#include <cstdlib>
+#include <mutex>
+#include <string>
+
+#include "bk_core_cuda.h"
+
+namespace {
+
+bk_cuda::Strategy strategy_from_env() {
+  const char* env = std::getenv("RESNET_BK_CUDA_STRATEGY");
+  if (env == nullptr || env[0] == '\0') return bk_cuda::Strategy::kAuto;
+  const std::string s(env);
+  if (s == "auto") return bk_cuda::Strategy::kAuto;
+  if (s == "lanes") return bk_cuda::Strategy::kLanes;
+  if (s == "chunked") return bk_cuda::Strategy::kChunked;
+  TORCH_CHECK(false, "RESNET_BK_CUDA_STRATEGY: expected auto, lanes or chunked, got '", s, "'");
+}
+
+int64_t chunk_from_env() {
+  const char* env = std::getenv("RESNET_BK_CUDA_CHUNK");
+  if (env == nullptr || env[0] == '\0') return 0;
+  char* end = nullptr;
+  const long long v = std::strtoll(env, &end, 10);
+  TORCH_CHECK(end != env && *end == '\0' && v >= 1,
+              "RESNET_BK_CUDA_CHUNK: expected a positive integer (positions per chunk), got '", env, "'");
+  return static_cast<int64_t>(v);
+}
+
+// Multiprocessor count of a device, queried once per device (sizes the automatic strategy).
+int sm_count(c10::DeviceIndex dev) {
+  static std::array<int, 64> cache{};
+  static std::mutex mu;
+  const std::lock_guard<std::mutex> lock(mu);
+  TORCH_CHECK(dev >= 0 && dev < static_cast<c10::DeviceIndex>(cache.size()), "resnet_bk CUDA: device index ", int(dev),
+              " out of range");
+  if (cache[dev] == 0) {
+    int n = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+    cache[dev] = n;
+  }
+  return cache[dev];
+}
+
+bk_cuda::Plan plan_for(const at::Tensor& a) {
+  const int sms = sm_count(a.device().index());
+  return bk_cuda::make_plan(a.size(0), a.size(1), strategy_from_env(), chunk_from_env(), sms);
+}
+
+void check_cuda_tensor(const char* name, const at::Tensor& t, const at::Tensor& a) {
+  TORCH_CHECK(t.is_cuda(), name, ": expected a CUDA tensor, got one on ", t.device());
+  TORCH_CHECK(t.device() == a.device(), name, ": expected a tensor on ", a.device(), " (the device of a), got one on ",
+              t.device());
+}
+
+void check_args(const at::Tensor& a, const at::Tensor& k, const at::Tensor& zri, const c10::optional<at::Tensor>& mask) {
+  TORCH_CHECK(a.dim() == 2, "a: expected shape (B, N), got ", a.sizes());
+  TORCH_CHECK(a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble,
+              "a: expected float32 or float64, got ", a.scalar_type());
+  TORCH_CHECK(a.size(1) >= 1, "a: expected N >= 1, got shape ", a.sizes());
+  TORCH_CHECK(a.is_cuda(), "a: expected a CUDA tensor, got one on ", a.device());
+  TORCH_CHECK(k.dim() == 2 && k.size(1) == a.size(1) - 1 && (k.size(0) == 1 || k.size(0) == a.size(0)),
+              "k: expected shape (1, N-1) or (B, N-1) = (", a.size(0), ", ", a.size(1) - 1, "), got ", k.sizes());
+  TORCH_CHECK(k.scalar_type() == a.scalar_type(), "k: expected dtype ", a.scalar_type(), ", got ", k.scalar_type());
+  check_cuda_tensor("k", k, a);
+  TORCH_CHECK(zri.dim() == 1 && zri.size(0) == 2 && zri.scalar_type() == a.scalar_type(),
+              "zri: expected shape (2,) of dtype ", a.scalar_type(), ", got ", zri.sizes(), " ", zri.scalar_type());
+  check_cuda_tensor("zri", zri, a);
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->sizes() == a.sizes() && mask->scalar_type() == a.scalar_type(), "mask: expected shape ",
+                a.sizes(), " and dtype ", a.scalar_type(), ", got ", mask->sizes(), " ", mask->scalar_type());
+    check_cuda_tensor("mask", *mask, a);
+  }
+}
+
+void check_status(const bk_cuda::Status& s) {
+  TORCH_CHECK(s.ok(), "resnet_bk CUDA kernel failed in ", (s.where ? s.where : "?"), ": ", cudaGetErrorName(s.err),
+              " (", cudaGetErrorString(s.err), ")");
+}
+
+template <class T>
+bk_cuda::Problem<T> make_problem(const at::Tensor& a, const at::Tensor& k, const at::Tensor& zri,
+                                 const c10::optional<at::Tensor>& mask, bool causal) {
+  bk_cuda::Problem<T> p;
+  p.a = a.data_ptr<T>();
+  p.k = k.numel() > 0 ? k.data_ptr<T>() : nullptr;
+  p.k_row_stride = k.size(0) == 1 ? 0 : k.size(1);
+  p.zri = zri.data_ptr<T>();
+  p.mask = mask.has_value() ? mask->data_ptr<T>() : nullptr;
+  p.B = a.size(0);
+  p.N = a.size(1);
+  p.causal = causal;
+  return p;
+}
+
+at::Tensor workspace(const at::Tensor& a, const bk_cuda::Plan& plan, bool causal, bool backward) {
+  const size_t bytes = bk_cuda::workspace_bytes(plan, causal, backward, a.scalar_type() == at::kDouble);
+  // torch's caching allocator returns blocks aligned to at least 256 bytes, as the launchers need.
+  return at::empty({static_cast<int64_t>(bytes)}, a.options().dtype(at::kByte));
+}
+
+at::Tensor bk_core_fwd_cuda(const at::Tensor& a_, const at::Tensor& k_, const at::Tensor& zri_,
+                            const c10::optional<at::Tensor>& mask_, bool causal) {
+  check_args(a_, k_, zri_, mask_);
+  const c10::cuda::CUDAGuard guard(a_.device());
+  at::Tensor a = a_.contiguous(), k = k_.contiguous(), zri = zri_.contiguous();
+  c10::optional<at::Tensor> mask;
+  if (mask_.has_value()) mask = mask_->contiguous();
+  const auto cdt = a.scalar_type() == at::kDouble ? at::kComplexDouble : at::kComplexFloat;
+  at::Tensor out = at::empty({a.size(0), a.size(1)}, a.options().dtype(cdt));
+  if (a.size(0) == 0) return out;
+  at::Tensor outr = at::view_as_real(out);
+  const bk_cuda::Plan plan = plan_for(a);
+  at::Tensor ws = workspace(a, plan, causal, false);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "bk_core_fwd_cuda", [&] {
+    const auto p = make_problem<scalar_t>(a, k, zri, mask, causal);
+    check_status(bk_cuda::forward(p, outr.data_ptr<scalar_t>(), plan, ws.data_ptr(), stream));
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bk_core_bwd_cuda(
+    const at::Tensor& grad_, const at::Tensor& a_, const at::Tensor& k_, const at::Tensor& zri_,
+    const c10::optional<at::Tensor>& mask_, bool causal, bool need_mask_grad) {
+  check_args(a_, k_, zri_, mask_);
+  const auto cdt = a_.scalar_type() == at::kDouble ? at::kComplexDouble : at::kComplexFloat;
+  TORCH_CHECK(grad_.sizes() == a_.sizes() && grad_.scalar_type() == cdt, "grad: expected a ", cdt,
+              " tensor of shape ", a_.sizes(), ", got ", grad_.scalar_type(), " ", grad_.sizes());
+  check_cuda_tensor("grad", grad_, a_);
+  TORCH_CHECK(!need_mask_grad || mask_.has_value(), "need_mask_grad: requires a mask");
+  const c10::cuda::CUDAGuard guard(a_.device());
+  at::Tensor a = a_.contiguous(), k = k_.contiguous(), zri = zri_.contiguous();
+  // view_as_real needs the conjugation resolved; the kernel reads (B, N, 2) contiguous.
+  at::Tensor gradr = at::view_as_real(grad_.resolve_conj().contiguous()).contiguous();
+  c10::optional<at::Tensor> mask;
+  if (mask_.has_value()) mask = mask_->contiguous();
+  const int64_t B = a.size(0), N = a.size(1);
+  at::Tensor grad_a = at::empty_like(a);
+  at::Tensor grad_k_rows = at::empty({B, N - 1}, a.options());
+  at::Tensor grad_mask = need_mask_grad ? at::empty_like(a) : at::empty({0}, a.options());
+  at::Tensor grad_z = at::empty({2}, a.options());
+  const bk_cuda::Plan plan = plan_for(a);
+  at::Tensor ws = workspace(a, plan, causal, true);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "bk_core_bwd_cuda", [&] {
+    const auto p = make_problem<scalar_t>(a, k, zri, mask, causal);
+    bk_cuda::Grads<scalar_t> g;
+    g.grad = gradr.data_ptr<scalar_t>();
+    g.grad_a = grad_a.data_ptr<scalar_t>();
+    g.grad_k = grad_k_rows.numel() > 0 ? grad_k_rows.data_ptr<scalar_t>() : nullptr;
+    g.grad_zri = grad_z.data_ptr<scalar_t>();
+    g.grad_mask = need_mask_grad ? grad_mask.data_ptr<scalar_t>() : nullptr;
+    check_status(bk_cuda::backward(p, g, plan, ws.data_ptr(), stream));
+  });
+  // A shared k (one row for the whole batch) gets the sum of the per-row gradients.
+  at::Tensor grad_k = (k.size(0) == 1 && B != 1) ? grad_k_rows.sum(0, true) : grad_k_rows;
+  return {grad_a, grad_k, grad_z, grad_mask};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(resnet_bk, CUDA, m) {
+  m.impl("bk_core_fwd", &bk_core_fwd_cuda);
+  m.impl("bk_core_bwd", &bk_core_bwd_cuda);
+}
+
+#endif  // RESNET_BK_WITH_CUDA

@@ -1,0 +1,275 @@
+"""Adaptive Computation Time (Graves 2016) over the depth of a ResNet-BK language model.
+
+Each token carries a state h_l through the blocks. After block l a halting unit gives p_l(t) in
+(0, 1); the token halts at the first layer N(t) where sum_{l<=N} p_l >= threshold (or at the last
+layer), with remainder R(t) = 1 - sum_{l<N(t)} p_l. The output is sum_l w_l h_l with w_l = p_l for
+l < N(t) and w_N = R(t), and the ponder cost is Graves' rho(t) = N(t) + R(t), whose gradient
+(-1 for every p_l, l < N) pushes the halting probabilities up, i.e. towards halting earlier.
+
+What is actually saved (fixing ORIGINAL_DESIGN.md 3.3):
+
+* The per-token work of a block (LayerNorm, MoE FFN, v projection, output projection, halting
+  unit) runs only on the tokens still running: they are gathered, processed, and scattered back.
+  A block in which no token is running is not executed at all.
+* The BK-Core mixes the whole sequence (its pivots couple every position), so it runs on the full
+  sequence; halted tokens take part with their potential frozen at the value of the last block
+  they executed (and their hidden state frozen). The BK-Core is O(N) and cheap next to the MoE.
+* ``avg_layers_executed`` is the mean of N(t): the real number of blocks each token went through.
+
+Causality: with the causal BK-Core (default) a token's state depends on positions <= t only, so
+its halting decision does too; the running set of one token never influences another token's
+computation except through the frozen potentials of positions <= t.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import MoEResNetBKLayer, check_hidden, check_tokens, moe_aux_loss
+
+__all__ = ["AdaptiveResNetBKBlock", "ACTLanguageModel", "ACTTrainer", "ACTStep"]
+
+
+@dataclass
+class ACTStep:
+    """Result of one adaptive block on a batch (flat index space of size B*N).
+
+    h: (B, N, D) new states (halted tokens unchanged); cumsum: (B, N) halting-probability sums
+    (1 for tokens that halted); running: (B, N) bool, still running after this block;
+    weight: (B, N) w_l (p_l, the remainder R for tokens halting here, 0 for tokens not run);
+    v: (B, N) potentials used by the BK-Core (running tokens' new v, others frozen);
+    idx: (T,) flat indices of the tokens this block processed; h_run: (T, D) their new states;
+    w_run: (T,) their weights; halted_now: (T,) bool; remainder: (T,) R for those halting here.
+    """
+    h: Tensor
+    cumsum: Tensor
+    running: Tensor
+    weight: Tensor
+    v: Tensor
+    idx: Tensor
+    h_run: Tensor
+    w_run: Tensor
+    halted_now: Tensor
+    remainder: Tensor
+
+
+class AdaptiveResNetBKBlock(nn.Module):
+    """A ResNet-BK block with a halting unit ``Linear(d,d/2)-ReLU-Linear(d/2,1)-Sigmoid``.
+
+    forward(x (B,N,D), halting_prob_cumsum=None (B,N), still_running=None (B,N) bool, *,
+    frozen_v=None (B,N), is_last=False) -> (x_processed (B,N,D), cumsum_new (B,N),
+    still_running_new (B,N) bool, weight (B,N)), computing only the running tokens (see module doc).
+    ``halt_bias_init`` sets the initial halting logit (p = sigmoid(bias) at init).
+    """
+
+    def __init__(self, d_model: int, n_seq: int, num_experts: int = 4, top_k: int = 1,
+                 dropout_p: float = 0.1, threshold: float = 0.99, *, causal: bool = True,
+                 backend: Optional[str] = None, learnable_z: bool = False, halt_bias_init: float = -1.0):
+        super().__init__()
+        if not (0.0 < float(threshold) <= 1.0):
+            raise ValueError(f"threshold: expected a value in (0, 1], got {threshold!r}")
+        self.d_model = d_model
+        self.n_seq = n_seq
+        self.threshold = float(threshold)
+        self.layer_norm = nn.LayerNorm(d_model)
+        self.bk_layer = MoEResNetBKLayer(d_model, n_seq, num_experts, top_k, dropout_p, causal=causal,
+                                         backend=backend, learnable_z=learnable_z)
+        hidden = max(d_model // 2, 1)
+        self.halting_unit = nn.Sequential(nn.Linear(d_model, hidden), nn.ReLU(), nn.Linear(hidden, 1),
+                                          nn.Sigmoid())
+        with torch.no_grad():
+            self.halting_unit[2].bias.fill_(float(halt_bias_init))
+
+    def step(self, h: Tensor, cumsum: Tensor, running: Tensor, frozen_v: Optional[Tensor] = None,
+             is_last: bool = False) -> Optional[ACTStep]:
+        """One block on the running tokens only. Returns None (nothing computed) when no token runs."""
+        B, N, D = h.shape
+        idx = running.reshape(-1).nonzero().squeeze(1)  # one host read per block: the gather size
+        if idx.numel() == 0:
+            # Not executed: drop the balance loss of an earlier forward (its graph may be freed).
+            self.bk_layer.moe_ffn.aux_loss = None
+            return None
+        hf = h.reshape(B * N, D)
+        h_run = hf.index_select(0, idx)
+        ffn, v_run = self.bk_layer.ffn_and_potential(self.layer_norm(h_run))
+        base_v = frozen_v.reshape(-1) if frozen_v is not None else v_run.new_zeros(B * N)
+        v_full = base_v.to(v_run.dtype).index_copy(0, idx, v_run)
+        feats = self.bk_layer.bk_features(v_full.view(B, N))  # full sequence, halted v frozen
+        f_run = feats.reshape(B * N, 2).index_select(0, idx)
+        h_run_new = h_run + self.bk_layer.mix_output(ffn, f_run)
+        c_prev = cumsum.reshape(-1).index_select(0, idx)
+        remainder = 1.0 - c_prev
+        if is_last:  # every token still running halts here with the remainder; p is not needed
+            p = torch.zeros_like(c_prev)
+            c_new = c_prev
+            halted_now = torch.ones_like(c_prev, dtype=torch.bool)
+        else:
+            p = self.halting_unit(h_run_new).squeeze(-1).to(cumsum.dtype)
+            c_new = c_prev + p
+            halted_now = c_new >= self.threshold
+        w_run = torch.where(halted_now, remainder, p)
+        cumsum_new = cumsum.reshape(-1).index_copy(
+            0, idx, torch.where(halted_now, torch.ones_like(c_new), c_new)).view(B, N)
+        running_new = running.reshape(-1).index_copy(0, idx, ~halted_now).view(B, N)
+        weight = cumsum.new_zeros(B * N).index_copy(0, idx, w_run).view(B, N)
+        h_new = hf.index_copy(0, idx, h_run_new.to(hf.dtype)).view(B, N, D)
+        return ACTStep(h_new, cumsum_new, running_new, weight, v_full.view(B, N), idx, h_run_new,
+                       w_run, halted_now, remainder)
+
+    def forward(self, x: Tensor, halting_prob_cumsum: Optional[Tensor] = None,
+                still_running: Optional[Tensor] = None, *, frozen_v: Optional[Tensor] = None,
+                is_last: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        check_hidden("x", x, self.d_model, self.n_seq)
+        B, N, _ = x.shape
+        if halting_prob_cumsum is None:
+            halting_prob_cumsum = x.new_zeros(B, N, dtype=torch.float32)
+        if still_running is None:
+            still_running = torch.ones(B, N, dtype=torch.bool, device=x.device)
+        for name, t in (("halting_prob_cumsum", halting_prob_cumsum), ("still_running", still_running)):
+            if t.shape != (B, N):
+                raise ValueError(f"{name}: expected shape {(B, N)}, got {tuple(t.shape)}")
+        if still_running.dtype != torch.bool:
+            raise TypeError(f"still_running: expected a bool tensor, got dtype {still_running.dtype}")
+        st = self.step(x, halting_prob_cumsum, still_running, frozen_v, is_last)
+        if st is None:
+            return x, halting_prob_cumsum, still_running, halting_prob_cumsum.new_zeros(B, N)
+        return st.h, st.cumsum, st.running, st.weight
+
+
+class ACTLanguageModel(nn.Module):
+    """Language model whose depth adapts per token (ACT). Causal by default.
+
+    forward(x (B,N) long, return_ponder_cost=True) -> (logits (B,N,V), ponder_cost scalar) or logits.
+    ponder_cost = mean over tokens of N(t) + R(t) (differentiable through R). After a forward,
+    ``get_avg_layers_executed()`` is the mean number of blocks computed per token.
+    """
+
+    def __init__(self, vocab_size: int, d_model: int = 64, n_layers: int = 4, n_seq: int = 128,
+                 num_experts: int = 4, top_k: int = 1, dropout_p: float = 0.1, act_threshold: float = 0.99,
+                 act_lambda: float = 0.01, *, causal: bool = True, backend: Optional[str] = None,
+                 learnable_z: bool = False, halt_bias_init: float = -1.0, moe_aux_weight: float = 0.01):
+        super().__init__()
+        for name, val in (("vocab_size", vocab_size), ("d_model", d_model), ("n_layers", n_layers),
+                          ("n_seq", n_seq)):
+            if not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name}: expected a positive int, got {val!r}")
+        self.vocab_size = vocab_size
+        self.d_model = d_model
+        self.n_layers = n_layers
+        self.n_seq = n_seq
+        self.causal = bool(causal)
+        self.act_threshold = float(act_threshold)
+        self.act_lambda = float(act_lambda)
+        self.moe_aux_weight = float(moe_aux_weight)
+        self.token_embedding = nn.Embedding(vocab_size, d_model)
+        self.position_embedding = nn.Embedding(n_seq, d_model)
+        self.blocks = nn.ModuleList([
+            AdaptiveResNetBKBlock(d_model, n_seq, num_experts, top_k, dropout_p, act_threshold,
+                                  causal=causal, backend=backend, learnable_z=learnable_z,
+                                  halt_bias_init=halt_bias_init)
+            for _ in range(n_layers)])
+        self.layer_norm_final = nn.LayerNorm(d_model)
+        self.lm_head = nn.Linear(d_model, vocab_size)
+        self.avg_layers_executed: float = 0.0
+        self.layers_skipped: int = 0
+
+    def forward(self, x: Tensor, return_ponder_cost: bool = True):
+        check_tokens("x", x, self.n_seq, self.vocab_size)
+        B, N = x.shape
+        h = self.token_embedding(x) + self.position_embedding(torch.arange(N, device=x.device))
+        cumsum = h.new_zeros(B, N, dtype=torch.float32)
+        running = torch.ones(B, N, dtype=torch.bool, device=x.device)
+        frozen_v = h.new_zeros(B, N)
+        out = h.new_zeros(B * N, self.d_model)
+        ponder = h.new_zeros((), dtype=torch.float32)
+        tokens_run = 0
+        skipped = 0
+        L = len(self.blocks)
+        for l, block in enumerate(self.blocks):
+            st = block.step(h, cumsum, running, frozen_v, is_last=(l == L - 1))
+            if st is None:  # every token has halted: the remaining blocks do no work at all
+                skipped = L - l
+                for later in self.blocks[l:]:
+                    later.bk_layer.moe_ffn.aux_loss = None
+                break
+            tokens_run += st.idx.numel()
+            out = out.index_add(0, st.idx, st.w_run.unsqueeze(-1).to(out.dtype) * st.h_run.to(out.dtype))
+            # Graves' rho = N(t) + R(t), summed over the tokens halting at block l (N(t) = l + 1).
+            ponder = ponder + torch.where(st.halted_now, st.remainder + (l + 1), torch.zeros_like(st.remainder)).sum()
+            h, cumsum, running, frozen_v = st.h, st.cumsum, st.running, st.v
+        self.avg_layers_executed = tokens_run / float(B * N)
+        self.layers_skipped = skipped
+        logits = self.lm_head(self.layer_norm_final(out.view(B, N, self.d_model)))
+        if not return_ponder_cost:
+            return logits
+        return logits, ponder / float(B * N)
+
+    def compute_loss(self, logits: Tensor, targets: Tensor, ponder_cost: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """(total = CE + act_lambda * ponder, ce, ponder). logits (B,N,V) or (B*N,V); targets (B,N) or (B*N,)."""
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        return ce + self.act_lambda * ponder_cost, ce, ponder_cost
+
+    def get_avg_layers_executed(self) -> float:
+        """Mean number of blocks computed per token in the last forward (1 .. n_layers)."""
+        return self.avg_layers_executed
+
+    def training_loss(self, x: Tensor, y: Tensor) -> Tuple[Tensor, Dict[str, float]]:
+        """Loss for ``resnet_bk.training.train``: CE + act_lambda * ponder (+ MoE balance term)."""
+        logits, ponder = self(x)
+        total, ce, ponder = self.compute_loss(logits, y, ponder)
+        aux = moe_aux_loss(self)
+        if aux is not None and self.moe_aux_weight != 0:
+            total = total + self.moe_aux_weight * aux
+        return total, {"ce_loss": ce.detach(), "ponder_cost": ponder.detach(),
+                       "avg_layers_executed": self.avg_layers_executed}
+
+
+class ACTTrainer:
+    """train_step(x, y) -> {total_loss, ce_loss, ponder_cost, avg_layers_executed} (floats).
+
+    Clips the gradient norm to ``grad_clip`` (None disables). ``get_average_metrics()`` averages
+    over the steps since the last ``reset_statistics()``.
+    """
+
+    def __init__(self, model: ACTLanguageModel, optimizer: torch.optim.Optimizer,
+                 device: Optional[torch.device] = None, grad_clip: Optional[float] = 0.5):
+        if not isinstance(model, ACTLanguageModel):
+            raise TypeError(f"model: expected an ACTLanguageModel, got {type(model).__name__}")
+        self.model = model
+        self.optimizer = optimizer
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.grad_clip = grad_clip
+        self.reset_statistics()
+
+    def reset_statistics(self) -> None:
+        self._sums = {"total_loss": 0.0, "ce_loss": 0.0, "ponder_cost": 0.0, "avg_layers_executed": 0.0}
+        self._steps = 0
+
+    def train_step(self, x: Tensor, y: Tensor) -> Dict[str, float]:
+        self.model.train()
+        x, y = x.to(self.device), y.to(self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        logits, ponder = self.model(x, return_ponder_cost=True)
+        total, ce, ponder = self.model.compute_loss(logits, y, ponder)
+        total.backward()
+        total = total.detach()
+        if self.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.optimizer.step()
+        m = {"total_loss": total.item(), "ce_loss": ce.detach().item(), "ponder_cost": ponder.detach().item(),
+             "avg_layers_executed": self.model.get_avg_layers_executed()}
+        for k, v in m.items():
+            self._sums[k] += v
+        self._steps += 1
+        return m
+
+    def get_average_metrics(self) -> Dict[str, float]:
+        n = max(self._steps, 1)
+        return {"avg_ponder_cost": self._sums["ponder_cost"] / n, "avg_ce_loss": self._sums["ce_loss"] / n,
+                "avg_total_loss": self._sums["total_loss"] / n,
+                "avg_layers_executed": self._sums["avg_layers_executed"] / n, "steps": self._steps}

@@ -1,0 +1,330 @@
+"""The base ResNet-BK language model: a top-k MoE feed-forward, a BK-Core sequence mixer, blocks, LM.
+
+Public names and signatures follow the original prototype (``SparseMoELayer``, ``MoEResNetBKLayer``,
+``ResNetBKBlock``, ``LanguageModel``); the defects listed in ORIGINAL_DESIGN.md 3.1/3.8 are fixed:
+
+* the router receives gradient (expert outputs are multiplied by their gate probability) and an
+  optional Switch-style load-balancing loss is exposed as ``SparseMoELayer.aux_loss``;
+* dispatch is vectorised: one sort of the token->expert assignments, one host read of the per-expert
+  counts (instead of a ``mask.any()`` per expert), one gather and one scatter;
+* H0 is the discrete Laplacian held as shared (1, N-1) off-diagonal buffers that are never expanded
+  per batch row, and neither v nor the features are clamped;
+* the BK-Core is causal by default (``causal=True``): next-token models must not see the future;
+* every module accepts any sequence length ``1 <= N <= n_seq`` (buffers and position embeddings
+  are sliced, nothing asserts ``N == n_seq``).
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import ops
+
+__all__ = [
+    "SparseMoELayer", "MoEResNetBKLayer", "ResNetBKBlock", "LanguageModel", "BKMixer",
+    "check_tokens", "check_hidden",
+]
+
+
+def check_hidden(name: str, x, d_model: int, n_seq: Optional[int] = None) -> None:
+    """Validate a hidden-state tensor (B, N, D); raise naming ``name`` with expected vs got."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor of shape (B, N, {d_model}), got {type(x).__name__}")
+    if x.dim() != 3 or x.shape[-1] != d_model:
+        raise ValueError(f"{name}: expected shape (B, N, {d_model}), got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: expected a floating tensor, got dtype {x.dtype}")
+    if n_seq is not None and not (1 <= x.shape[1] <= n_seq):
+        raise ValueError(f"{name}: expected a sequence length 1 <= N <= n_seq={n_seq}, got N={x.shape[1]}")
+
+
+def check_tokens(name: str, x, n_seq: int, vocab_size: Optional[int] = None) -> None:
+    """Validate token ids (B, N) integer with ``1 <= N <= n_seq``."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: expected a (B, N) integer torch.Tensor of token ids, got {type(x).__name__}")
+    if x.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise TypeError(f"{name}: expected integer token ids (torch.long), got dtype {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"{name}: expected shape (B, N), got {tuple(x.shape)}")
+    if not (1 <= x.shape[1] <= n_seq):
+        raise ValueError(f"{name}: expected a sequence length 1 <= N <= n_seq={n_seq}, got N={x.shape[1]}")
+
+
+class SparseMoELayer(nn.Module):
+    """Top-k mixture of experts FFN. Each expert is ``Linear(d,2d)-ReLU-Dropout-Linear(2d,d)``.
+
+    forward(x (..., D)) -> (..., D). Each token goes to its ``top_k`` experts; the expert outputs are
+    weighted by the router's softmax probability of that expert (Switch/GShard style, not
+    renormalised), which is what gives the router a gradient. ``top_k >= num_experts`` is the dense
+    softmax mixture.
+
+    After each forward, ``aux_loss`` holds the Switch load-balancing loss
+    ``E * sum_e f_e * P_e`` (f_e: fraction of tokens whose first choice is e, P_e: mean router
+    probability of e); it equals 1 for a perfectly balanced router. Add ``coef * aux_loss`` to the
+    training loss to use it. ``tokens_processed`` counts tokens routed through this layer (a host
+    integer, incremented from the shape, no device sync) so callers can measure skipped work.
+    """
+
+    def __init__(self, d_model: int, num_experts: int = 4, top_k: int = 1, dropout_p: float = 0.1):
+        super().__init__()
+        if not isinstance(d_model, int) or d_model < 1:
+            raise ValueError(f"d_model: expected a positive int, got {d_model!r}")
+        if not isinstance(num_experts, int) or num_experts < 1:
+            raise ValueError(f"num_experts: expected a positive int, got {num_experts!r}")
+        if not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k: expected a positive int, got {top_k!r}")
+        if not (0.0 <= float(dropout_p) < 1.0):
+            raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p!r}")
+        self.d_model = d_model
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.experts = nn.ModuleList([
+            nn.Sequential(nn.Linear(d_model, 2 * d_model), nn.ReLU(), nn.Dropout(dropout_p),
+                          nn.Linear(2 * d_model, d_model))
+            for _ in range(num_experts)])
+        self.gating_network = nn.Linear(d_model, num_experts)
+        self.aux_loss: Optional[Tensor] = None
+        self.tokens_processed: int = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"x: expected last dimension d_model={self.d_model}, got shape {tuple(x.shape)}")
+        shape = x.shape
+        xf = x.reshape(-1, self.d_model)
+        T = xf.shape[0]
+        self.tokens_processed += T
+        if T == 0:
+            self.aux_loss = None
+            return x.new_zeros(shape)
+        E = self.num_experts
+        # Router in float32 so the softmax is not computed in bf16 under autocast.
+        probs = torch.softmax(self.gating_network(xf).float(), dim=-1)  # (T, E)
+        if self.top_k >= E:
+            out = None
+            for e, expert in enumerate(self.experts):
+                y = expert(xf) * probs[:, e:e + 1].to(xf.dtype)
+                out = y if out is None else out + y
+            first = probs.argmax(dim=-1)
+        else:
+            k = self.top_k
+            top_p, top_i = probs.topk(k, dim=-1)  # (T, k)
+            flat_e = top_i.reshape(-1)  # (T*k,) expert of each assignment
+            order = torch.argsort(flat_e, stable=True)
+            token_of = torch.div(order, k, rounding_mode="floor")  # token of each sorted assignment
+            # One host read for all experts (segment sizes), instead of one .any() sync per expert.
+            counts: List[int] = torch.bincount(flat_e, minlength=E).tolist()
+            xs = xf.index_select(0, token_of)
+            ys = [self.experts[e](chunk) for e, chunk in enumerate(xs.split(counts)) if counts[e] > 0]
+            y = torch.cat(ys, dim=0)
+            gate = top_p.reshape(-1).index_select(0, order).to(y.dtype)
+            y = y * gate.unsqueeze(-1)
+            out = y.new_zeros(T, self.d_model).index_add(0, token_of, y)
+            first = top_i[:, 0]
+        frac = torch.bincount(first, minlength=E).to(probs.dtype) / T
+        self.aux_loss = E * (frac * probs.mean(dim=0)).sum()
+        return out.reshape(shape)
+
+
+class _BKCoreMixin:
+    """Shared H0 = discrete Laplacian buffers and the BK-Core call (v -> features).
+
+    Buffers: ``h0_diag_base`` (1, n_seq) = -2, ``h0_super_base`` / ``h0_sub_base`` (1, n_seq-1) = 1
+    (the original names and shapes, so original state dicts load). They are sliced to the input's
+    length and broadcast by the op; they are never expanded per batch row.
+    z is ``1j`` (buffer ``z``) or, with ``learnable_z=True``, ``z_real + 1j*exp(z_log_imag)``
+    (Im z > 0 by construction, which keeps the resolvent away from H's real spectrum).
+    """
+
+    def _init_bk(self, n_seq: int, causal: bool, backend: Optional[str], learnable_z: bool) -> None:
+        if not isinstance(n_seq, int) or n_seq < 1:
+            raise ValueError(f"n_seq: expected a positive int, got {n_seq!r}")
+        self.n_seq = n_seq
+        self.causal = bool(causal)
+        self.backend = backend
+        self.register_buffer("h0_diag_base", torch.full((1, n_seq), -2.0))
+        self.register_buffer("h0_super_base", torch.ones(1, max(n_seq - 1, 0)))
+        self.register_buffer("h0_sub_base", torch.ones(1, max(n_seq - 1, 0)))
+        self.learnable_z = bool(learnable_z)
+        if self.learnable_z:
+            self.z_real = nn.Parameter(torch.zeros(()))
+            self.z_log_imag = nn.Parameter(torch.zeros(()))
+        else:
+            self.register_buffer("z", torch.tensor(1j, dtype=torch.complex64))
+
+    def get_z(self):
+        if self.learnable_z:
+            return torch.complex(self.z_real.float(), torch.exp(self.z_log_imag.float()))
+        return self.z
+
+    def bk_features(self, v: Tensor) -> Tensor:
+        """v (B, N) potential -> (B, N, 2) [Re G_ii, Im G_ii] of H = H0 + diag(v), in the dtype
+        of H's diagonal (v promoted with the float32 buffers)."""
+        N = v.shape[-1]
+        if N > self.n_seq:
+            raise ValueError(f"v: expected a sequence length <= n_seq={self.n_seq}, got N={N}")
+        base = self.h0_diag_base[:, :N]
+        he_diag = base + v
+        sup = self.h0_super_base[:, :N - 1]
+        sub = self.h0_sub_base[:, :N - 1]
+        if he_diag.dtype == torch.float64:
+            sup, sub = sup.double(), sub.double()
+        elif sup.dtype == torch.float64:
+            sup, sub = sup.float(), sub.float()
+        z = self.get_z()
+        if he_diag.dtype == torch.float64 and isinstance(z, Tensor):
+            z = z.to(torch.complex128)
+        G = ops.bk_core(he_diag, sup, sub, z, causal=self.causal, backend=self.backend)
+        # The op computes bf16/fp16 in float32; hand the features back in the diagonal's dtype.
+        return torch.view_as_real(G).to(he_diag.dtype)
+
+
+class MoEResNetBKLayer(_BKCoreMixin, nn.Module):
+    """MoE FFN -> potential v -> BK-Core (H0 + diag(v), z) -> features (Re, Im) -> projection.
+
+    forward(x (B, N, D)) -> (B, N, D) = ffn + bk_scale * output_proj(features), for 1 <= N <= n_seq.
+    ``causal=True`` (default) uses the causal BK-Core, whose output at i sees positions <= i only.
+    ``backend`` is passed to ``resnet_bk.ops.bk_core`` (None: automatic).
+
+    The layer is split into a per-token part (``ffn_and_potential``) and the sequence mixer
+    (``bk_features`` + ``mix_output``) so that adaptive-computation code can run the per-token
+    part on a subset of tokens.
+    """
+
+    def __init__(self, d_model: int, n_seq: int, num_experts: int = 4, top_k: int = 1,
+                 dropout_p: float = 0.1, *, causal: bool = True, backend: Optional[str] = None,
+                 learnable_z: bool = False):
+        super().__init__()
+        self.d_model = d_model
+        self.moe_ffn = SparseMoELayer(d_model, num_experts, top_k, dropout_p)
+        self.v_proj = nn.Linear(d_model, 1)
+        self.output_proj = nn.Linear(2, d_model)
+        self.bk_scale = nn.Parameter(torch.ones(()))
+        self._init_bk(n_seq, causal, backend, learnable_z)
+
+    def ffn_and_potential(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """Per-token part: x (..., D) -> (ffn (..., D), v (...))."""
+        ffn = self.moe_ffn(x)
+        return ffn, self.v_proj(ffn).squeeze(-1)
+
+    def mix_output(self, ffn: Tensor, feats: Tensor) -> Tensor:
+        """Per-token combine: ffn (..., D), feats (..., 2) -> (..., D)."""
+        return ffn + self.bk_scale * self.output_proj(feats)
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_hidden("x", x, self.d_model, self.n_seq)
+        ffn, v = self.ffn_and_potential(x)
+        return self.mix_output(ffn, self.bk_features(v))
+
+
+class BKMixer(_BKCoreMixin, nn.Module):
+    """The cheap part of a BK layer alone: x (B, N, D) -> bk_scale * output_proj(BK(H0 + v_proj(x))).
+
+    Costs O(N D) per sequence (one D->1 and one 2->D projection plus the O(N) BK-Core); used at full
+    resolution by the multi-scale layers, where the expensive MoE FFN runs at low resolution.
+    """
+
+    def __init__(self, d_model: int, n_seq: int, *, causal: bool = True, backend: Optional[str] = None,
+                 learnable_z: bool = False):
+        super().__init__()
+        self.d_model = d_model
+        self.v_proj = nn.Linear(d_model, 1)
+        self.output_proj = nn.Linear(2, d_model)
+        self.bk_scale = nn.Parameter(torch.ones(()))
+        self._init_bk(n_seq, causal, backend, learnable_z)
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_hidden("x", x, self.d_model, self.n_seq)
+        feats = self.bk_features(self.v_proj(x).squeeze(-1))
+        return self.bk_scale * self.output_proj(feats)
+
+
+class ResNetBKBlock(nn.Module):
+    """Pre-norm residual block: forward(x (B, N, D)) -> x + bk_layer(LayerNorm(x)).
+
+    ``bk_layer`` may be given to substitute another layer with the same (B, N, D) -> (B, N, D)
+    contract (e.g. the learned-sparsity layer); otherwise a ``MoEResNetBKLayer`` is built.
+    """
+
+    def __init__(self, d_model: int, n_seq: int, num_experts: int = 4, top_k: int = 1,
+                 dropout_p: float = 0.1, *, causal: bool = True, backend: Optional[str] = None,
+                 learnable_z: bool = False, bk_layer: Optional[nn.Module] = None):
+        super().__init__()
+        self.d_model = d_model
+        self.n_seq = n_seq
+        self.layer_norm = nn.LayerNorm(d_model)
+        self.bk_layer = bk_layer if bk_layer is not None else MoEResNetBKLayer(
+            d_model, n_seq, num_experts, top_k, dropout_p, causal=causal, backend=backend,
+            learnable_z=learnable_z)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.bk_layer(self.layer_norm(x))
+
+
+def moe_aux_loss(module: nn.Module) -> Optional[Tensor]:
+    """Sum of the load-balancing losses of every ``SparseMoELayer`` under ``module`` from its last
+    forward (None when there is none)."""
+    total = None
+    for m in module.modules():
+        if isinstance(m, SparseMoELayer) and m.aux_loss is not None:
+            total = m.aux_loss if total is None else total + m.aux_loss
+    return total
+
+
+class LanguageModel(nn.Module):
+    """Token + learned position embedding -> n_layers blocks -> LayerNorm -> lm_head.
+
+    forward(x (B, N) long, 1 <= N <= n_seq) -> logits (B, N, vocab_size). Causal by default:
+    logits at position t depend on tokens <= t only. ``block_factory(i)`` may build block i
+    (default: ``ResNetBKBlock``); it must map (B, N, D) -> (B, N, D).
+    """
+
+    def __init__(self, vocab_size: int, d_model: int = 64, n_layers: int = 4, n_seq: int = 128,
+                 num_experts: int = 4, top_k: int = 1, dropout_p: float = 0.1, *, causal: bool = True,
+                 backend: Optional[str] = None, learnable_z: bool = False,
+                 block_factory: Optional[Callable[[int], nn.Module]] = None,
+                 moe_aux_weight: float = 0.01):
+        super().__init__()
+        for name, val in (("vocab_size", vocab_size), ("d_model", d_model), ("n_layers", n_layers),
+                          ("n_seq", n_seq)):
+            if not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name}: expected a positive int, got {val!r}")
+        self.vocab_size = vocab_size
+        self.d_model = d_model
+        self.n_layers = n_layers
+        self.n_seq = n_seq
+        self.causal = bool(causal)
+        self.moe_aux_weight = float(moe_aux_weight)
+        self.token_embedding = nn.Embedding(vocab_size, d_model)
+        self.position_embedding = nn.Embedding(n_seq, d_model)
+        if block_factory is None:
+            def block_factory(i: int) -> nn.Module:
+                return ResNetBKBlock(d_model, n_seq, num_experts, top_k, dropout_p, causal=causal,
+                                     backend=backend, learnable_z=learnable_z)
+        self.blocks = nn.ModuleList([block_factory(i) for i in range(n_layers)])
+        self.layer_norm_final = nn.LayerNorm(d_model)
+        self.lm_head = nn.Linear(d_model, vocab_size)
+
+    def embed(self, x: Tensor) -> Tensor:
+        check_tokens("x", x, self.n_seq, self.vocab_size)
+        N = x.shape[1]
+        pos = torch.arange(N, device=x.device)
+        return self.token_embedding(x) + self.position_embedding(pos)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embed(x)
+        for block in self.blocks:
+            h = block(h)
+        return self.lm_head(self.layer_norm_final(h))
+
+    def training_loss(self, x: Tensor, y: Tensor) -> Tuple[Tensor, dict]:
+        """Next-token loss used by ``resnet_bk.training.train``: CE(logits, y) plus
+        ``moe_aux_weight`` times the MoE load-balancing loss. Returns (loss, float metrics)."""
+        logits = self(x)
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        aux = moe_aux_loss(self)
+        loss = ce if aux is None or self.moe_aux_weight == 0 else ce + self.moe_aux_weight * aux
+        return loss, {"ce_loss": ce.detach()}

@@ -1,0 +1,228 @@
+"""Learnable position bucketing with landmarks (a drop-in replacement for HyLoRADA's
+``LearnableBucketLandmark``).
+
+Each position of a sequence of length S is softly assigned to one of ``num_buckets`` buckets whose
+boundaries are learned. A bucket picks a mixture of ``num_landmarks`` learned vectors (its
+``position_gates`` row), a content gate adds a per-token term, and the resulting context is added
+to the hidden states::
+
+    out = h + scale * dropout(softmax(W_bucket(S) @ position_gates + content_gate(h)) @ landmarks)
+
+What differs from the original (see ORIGINAL_DESIGN.md 3.9):
+
+* positions are normalised by the sequence length actually used, ``p_i = (i + 0.5) / S``, not by
+  ``max_positions``, so every bucket is reachable at any S (at S=1024 with ``max_positions=32768``
+  the original put every position in bucket 0);
+* the temperature is in units of the (uniform) bucket width, ``t = temperature / num_buckets``;
+  with the default 0.25 a position's weight sits on about two buckets (effective count 1/sum(w^2)
+  = 1.8 at S=1024, peak weight 0.67 on average) instead of sixteen;
+* the boundaries are the cumulative sum of ``softmax(bucket_width_logits)``: sorted and strictly
+  inside (0, 1) by construction, differentiable, and part of the ``state_dict`` (an old
+  ``bucket_boundaries`` entry is converted on load);
+* the telescoping bucket weights are one ``diff``, not a Python loop.
+
+Causality: the output at position i depends on h_i, on i and on the normalising length S only, not
+on other tokens' content. Because the normalising length is S, incremental decoding must pass the
+intended total length as ``length=`` so that a position keeps its bucket as the sequence grows.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["LearnableBucketLandmark", "attach_bucket_landmark", "BucketLandmarkHandle"]
+
+
+class LearnableBucketLandmark(nn.Module):
+    """Learnable soft position buckets mixing learned landmark vectors into the hidden states.
+
+    Args:
+        hidden_size: H, the last dimension of the hidden states.
+        num_landmarks: L, number of landmark vectors.
+        max_positions: the longest sequence accepted; also the length ``get_learned_boundaries``
+            expresses boundaries in by default (positions are NOT normalised by it).
+        num_buckets: number of position buckets (>= 1).
+        dropout: dropout on the context before it is added.
+        temperature: softness of the bucket edges in bucket widths (> 0).
+    """
+
+    def __init__(self, hidden_size: int, num_landmarks: int = 8, max_positions: int = 32768,
+                 num_buckets: int = 32, dropout: float = 0.0, *, temperature: float = 0.25):
+        super().__init__()
+        for name, val, lo in (("hidden_size", hidden_size, 1), ("num_landmarks", num_landmarks, 1),
+                              ("max_positions", max_positions, 1), ("num_buckets", num_buckets, 1)):
+            if not isinstance(val, int) or isinstance(val, bool) or val < lo:
+                raise ValueError(f"{name}: expected an int >= {lo}, got {val!r}")
+        if not (isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(temperature)):
+            raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
+        if not (0.0 <= float(dropout) < 1.0):
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
+        self.hidden_size = hidden_size
+        self.num_landmarks = num_landmarks
+        self.max_positions = max_positions
+        self.num_buckets = num_buckets
+        self.temperature = float(temperature)
+
+        self.landmarks = nn.Parameter(torch.randn(num_landmarks, hidden_size) * 0.02)
+        # Equal logits -> equal widths -> the original's uniform initial boundaries.
+        self.bucket_width_logits = nn.Parameter(torch.zeros(num_buckets))
+        self.position_gates = nn.Parameter(torch.randn(num_buckets, num_landmarks) * 0.02)
+        self.content_gate = nn.Linear(hidden_size, num_landmarks, bias=False)
+        self.scale = nn.Parameter(torch.tensor(0.1))
+        self.dropout = nn.Dropout(dropout)
+        self._register_load_state_dict_pre_hook(self._convert_old_boundaries)
+
+    # -- boundaries -------------------------------------------------------------------------
+    @property
+    def bucket_boundaries(self) -> Tensor:
+        """(num_buckets-1,) sorted interior boundaries in (0, 1), as fractions of the sequence."""
+        widths = torch.softmax(self.bucket_width_logits, dim=0)
+        return torch.cumsum(widths, dim=0)[:-1]
+
+    def get_learned_boundaries(self, seq_len: Optional[int] = None) -> Tensor:
+        """(num_buckets-1,) boundaries in positions for a sequence of ``seq_len`` tokens
+        (default ``max_positions``, as the original reported them); detached."""
+        n = self.max_positions if seq_len is None else int(seq_len)
+        return self.bucket_boundaries.detach() * n
+
+    def _convert_old_boundaries(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                                unexpected_keys, error_msgs):
+        """Load a HyLoRADA ``bucket_boundaries`` entry by converting it to width logits."""
+        old = prefix + "bucket_boundaries"
+        new = prefix + "bucket_width_logits"
+        if old not in state_dict or new in state_dict:
+            return
+        b = state_dict.pop(old).detach().to(torch.float64).flatten()
+        if b.numel() != self.num_buckets - 1:
+            raise ValueError(f"{old}: expected {self.num_buckets - 1} boundaries, got {b.numel()}")
+        # The original sorted its boundaries at use, so the sorted set is what it computed with.
+        edges = torch.cat([b.new_zeros(1), torch.sort(b).values, b.new_ones(1)])
+        widths = torch.diff(edges)
+        if not bool((widths > 0).all()):
+            raise ValueError(f"{old}: boundaries must be distinct and strictly inside (0, 1) to be "
+                             f"represented as bucket widths, got {b.tolist()}")
+        state_dict[new] = torch.log(widths).to(self.bucket_width_logits.dtype)
+
+    # -- forward ----------------------------------------------------------------------------
+    def bucket_weights(self, seq_len: int, *, length: Optional[int] = None,
+                       device=None, dtype=None) -> Tensor:
+        """(seq_len, num_buckets) soft bucket assignment of positions 0..seq_len-1; rows sum to 1.
+
+        ``length`` is the normalising length (default ``seq_len``)."""
+        norm = seq_len if length is None else length
+        if not isinstance(norm, int) or norm < seq_len or norm > self.max_positions:
+            raise ValueError(f"length: expected an int in [{seq_len}, max_positions={self.max_positions}], "
+                             f"got {norm!r}")
+        device = self.bucket_width_logits.device if device is None else device
+        dtype = self.bucket_width_logits.dtype if dtype is None else dtype
+        p = (torch.arange(seq_len, device=device, dtype=dtype) + 0.5) / norm          # (S,)
+        b = self.bucket_boundaries.to(dtype)                                          # (nb-1,)
+        t = self.temperature / self.num_buckets
+        s = torch.sigmoid((p[:, None] - b[None, :]) / t)                              # (S, nb-1)
+        # P(bucket k) = s_{k-1} - s_k with s_{-1} = 1 and s_{nb-1} = 0 (boundaries are sorted, so
+        # s is non-increasing in k and every weight is >= 0).
+        ones = torch.ones(seq_len, 1, device=device, dtype=dtype)
+        return -torch.diff(torch.cat([ones, s, torch.zeros_like(ones)], dim=1), dim=1)
+
+    def forward(self, hidden_states: Tensor, *, length: Optional[int] = None) -> Tensor:
+        """hidden_states (B, S, H) -> (B, S, H). ``length``: normalising length for incremental
+        decoding (default S)."""
+        if not isinstance(hidden_states, Tensor) or hidden_states.dim() != 3:
+            raise ValueError("hidden_states: expected a (B, S, H) tensor, got "
+                             f"{tuple(hidden_states.shape) if isinstance(hidden_states, Tensor) else type(hidden_states).__name__}")
+        B, S, H = hidden_states.shape
+        if H != self.hidden_size:
+            raise ValueError(f"hidden_states: expected last dimension hidden_size={self.hidden_size}, got {H}")
+        if S > self.max_positions:
+            raise ValueError(f"hidden_states: sequence length {S} exceeds max_positions={self.max_positions}")
+        if not hidden_states.is_floating_point():
+            raise TypeError(f"hidden_states: expected a floating dtype, got {hidden_states.dtype}")
+        if S == 0:
+            return hidden_states
+        w = self.bucket_weights(S, length=length, device=hidden_states.device,
+                                dtype=self.bucket_width_logits.dtype)                  # (S, nb)
+        pos_logits = w @ self.position_gates                                          # (S, L)
+        logits = pos_logits.to(hidden_states.dtype) + self.content_gate(hidden_states)
+        attn = torch.softmax(logits, dim=-1)                                          # (B, S, L)
+        context = attn @ self.landmarks.to(hidden_states.dtype)                       # (B, S, H)
+        return hidden_states + self.scale.to(hidden_states.dtype) * self.dropout(context)
+
+    def extra_repr(self) -> str:
+        return (f"hidden_size={self.hidden_size}, num_landmarks={self.num_landmarks}, "
+                f"num_buckets={self.num_buckets}, max_positions={self.max_positions}, "
+                f"temperature={self.temperature}")
+
+
+# -- drop-in attachment ------------------------------------------------------------------------
+_ATTR = "bucket_landmark"
+
+
+class BucketLandmarkHandle:
+    """Returned by :func:`attach_bucket_landmark`; ``remove()`` detaches the landmark and restores
+    the module exactly (its outputs, its submodules and its ``state_dict`` keys). Usable as a
+    context manager."""
+
+    def __init__(self, module: nn.Module, landmark: LearnableBucketLandmark, hook):
+        self.module = module
+        self.landmark = landmark
+        self._hook = hook
+        self.removed = False
+
+    def remove(self) -> None:
+        if self.removed:
+            return
+        self._hook.remove()
+        if self.module._modules.get(_ATTR) is self.landmark:
+            del self.module._modules[_ATTR]
+        if self.module.__dict__.get("_bucket_landmark_handle") is self:
+            del self.module.__dict__["_bucket_landmark_handle"]
+        self.removed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+def _apply_landmark(module: nn.Module, inputs, output):
+    landmark = module._modules[_ATTR]
+    if isinstance(output, Tensor):
+        return landmark(output)
+    if isinstance(output, tuple) and output and isinstance(output[0], Tensor):
+        # Hugging Face style blocks return (hidden_states, *extras).
+        return (landmark(output[0]),) + tuple(output[1:])
+    raise TypeError(f"attach_bucket_landmark: the module's output must be a (B, S, H) tensor or a "
+                    f"tuple starting with one, got {type(output).__name__}")
+
+
+def attach_bucket_landmark(module: nn.Module, landmark: LearnableBucketLandmark) -> BucketLandmarkHandle:
+    """Apply ``landmark`` to ``module``'s output through a forward hook (e.g. on GPT-2's
+    ``transformer.ln_f``) and register it as the submodule ``bucket_landmark`` so that the host
+    model's ``parameters()`` and ``state_dict()`` include it.
+
+    Idempotent: attaching the same landmark again returns the existing handle and does not apply
+    it twice. Attaching a different landmark while one is attached raises RuntimeError.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module: expected an nn.Module, got {type(module).__name__}")
+    if not isinstance(landmark, LearnableBucketLandmark):
+        raise TypeError(f"landmark: expected a LearnableBucketLandmark, got {type(landmark).__name__}")
+    existing = getattr(module, "_bucket_landmark_handle", None)
+    if existing is not None and not existing.removed:
+        if existing.landmark is landmark:
+            return existing
+        raise RuntimeError("attach_bucket_landmark: a different LearnableBucketLandmark is already "
+                           "attached to this module; call its handle's remove() first")
+    if _ATTR in module._modules:
+        raise RuntimeError(f"attach_bucket_landmark: module already has a submodule named {_ATTR!r}")
+    module.add_module(_ATTR, landmark)
+    hook = module.register_forward_hook(_apply_landmark)
+    handle = BucketLandmarkHandle(module, landmark, hook)
+    # Stored in __dict__ directly (not a Module attribute) so it is not part of the state.
+    object.__setattr__(module, "_bucket_landmark_handle", handle)
+    return handle

@@ -1,0 +1,347 @@
+"""Learned sequence length: a small predictor picks, per sequence, how many leading positions the
+base model runs on; sequences are grouped by predicted length and each group runs truncated.
+
+What differs from the original prototype (ORIGINAL_DESIGN.md 1.5 / 3.6):
+
+* Shorter predictions really run shorter: the batch is split into groups of equal predicted length
+  and the base model (which accepts any N <= n_seq) runs once per group on ``x[group, :L]``. No
+  module state is mutated.
+* Positions at or past a sequence's predicted length are NOT run. Their logits are zeros, i.e. the
+  uniform distribution, a finite documented placeholder (never a copy of the last position). In
+  ``compute_loss`` they are scored as such, so each dropped real token costs exactly log(V) nats;
+  padding (target == ``ignore_index``) costs nothing. The reported cross-entropy and perplexity are
+  therefore over ALL real target tokens and directly comparable with the full-length model.
+* The predictor learns: (1) REINFORCE (score function) on each sequence's cross-entropy with the
+  batch mean as baseline (the length choice is discrete and the loss of positions that were not
+  run is not differentiable in the length), plus (2) the exact gradient of the length penalty,
+  ``length_penalty * E_p[L] / max_seq_len`` under the predictor's softmax. Training samples the
+  length from the predictor's distribution; eval takes the argmax.
+* The speedup figures are measured, not estimated from an average: ``speedup_estimate`` /
+  ``avg_speedup`` are the ratio of tokens a full-length forward would process to tokens actually
+  processed (labelled as such), and ``LearnedSequenceLengthTrainer.evaluate(measure_time=True)``
+  adds the wall-clock ratio of a full-length forward to the adaptive forward on the same batches.
+* Statistics accumulate over every call since ``reset_length_statistics()`` (not the last batch).
+
+Causality: the predictor mean-pools the whole input's token embeddings, so the chosen length depends
+on the whole sequence (that is the point: it sees where the content ends). Logits at a run position
+t still depend on tokens <= t only when the base model is causal.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import LanguageModel, moe_aux_loss
+
+__all__ = ["SequenceLengthPredictor", "AdaptiveSequenceLengthWrapper", "LearnedSequenceLengthTrainer"]
+
+
+def _logits_of(out) -> Tensor:
+    """Base models may return logits or a tuple starting with them (ACT)."""
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        return out[0]
+    raise TypeError(f"base_model output: expected logits (B, N, V) or a tuple starting with them, got {type(out).__name__}")
+
+
+class SequenceLengthPredictor(nn.Module):
+    """Predict a length bin per sequence from its mean-pooled embeddings.
+
+    Bins: ``round(linspace(max_seq_len/num_length_bins, max_seq_len, num_length_bins))``
+    (defaults: 16, 32, ..., 128), buffer ``length_bins`` (bins,) long.
+    Network: mean-pool -> Linear(d, d/2) -> ReLU -> Dropout(0.1) -> Linear(d/2, bins).
+
+    forward(x_emb (B, N, D), return_distribution=False) -> lengths (B,) long [, probs (B, bins)].
+    Training mode samples the bin from the softmax; eval mode takes the argmax.
+    """
+
+    def __init__(self, d_model: int, max_seq_len: int = 128, num_length_bins: int = 8):
+        super().__init__()
+        for name, val in (("d_model", d_model), ("max_seq_len", max_seq_len), ("num_length_bins", num_length_bins)):
+            if not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name}: expected a positive int, got {val!r}")
+        if num_length_bins > max_seq_len:
+            raise ValueError(f"num_length_bins: expected <= max_seq_len={max_seq_len}, got {num_length_bins}")
+        self.d_model = d_model
+        self.max_seq_len = max_seq_len
+        self.num_length_bins = num_length_bins
+        bins = torch.linspace(max_seq_len / num_length_bins, max_seq_len, num_length_bins).round().long()
+        self.register_buffer("length_bins", bins)
+        hidden = max(1, d_model // 2)
+        self.net = nn.Sequential(nn.Linear(d_model, hidden), nn.ReLU(), nn.Dropout(0.1), nn.Linear(hidden, num_length_bins))
+
+    def bin_logits(self, x_emb: Tensor) -> Tensor:
+        """x_emb (B, N, D) -> (B, bins) unnormalised log-probabilities."""
+        if not isinstance(x_emb, Tensor) or x_emb.dim() != 3 or x_emb.shape[-1] != self.d_model:
+            raise ValueError(f"x_emb: expected shape (B, N, {self.d_model}), got "
+                             f"{tuple(x_emb.shape) if isinstance(x_emb, Tensor) else type(x_emb).__name__}")
+        return self.net(x_emb.mean(dim=1)).float()
+
+    def choose(self, logits: Tensor) -> Tensor:
+        """(B, bins) logits -> (B,) chosen bin index (sampled in training, argmax in eval)."""
+        if self.training:
+            return torch.multinomial(torch.softmax(logits, dim=-1), 1).squeeze(-1)
+        return logits.argmax(dim=-1)
+
+    def forward(self, x_emb: Tensor, return_distribution: bool = False):
+        logits = self.bin_logits(x_emb)
+        lengths = self.length_bins[self.choose(logits)]
+        if return_distribution:
+            return lengths, torch.softmax(logits, dim=-1)
+        return lengths
+
+
+class AdaptiveSequenceLengthWrapper(nn.Module):
+    """Run ``base_model`` on each sequence truncated to its predicted length.
+
+    ``base_model``: maps tokens (b, L) -> logits (b, L, V) for any 1 <= L <= its n_seq, and has a
+    ``token_embedding`` (nn.Embedding) that the predictor reads (detached: the REINFORCE signal
+    does not flow into the embeddings).
+
+    forward(x (B, N) long, use_adaptive_length=True) -> (logits (B, N, V), length_info). With
+    ``use_adaptive_length=False`` every sequence runs at full length (same return type).
+    Logits at positions >= the sequence's length are zeros (uniform placeholder; see module doc).
+
+    length_info: predicted_lengths (B,) long, length_probs (B, bins), log_prob (B,) (with grad),
+    expected_length (B,) (with grad), avg_predicted_length, max_predicted_length, original_length,
+    tokens_processed, tokens_total, num_groups, speedup_estimate (= tokens_total/tokens_processed:
+    a token ratio, not a time).
+    """
+
+    def __init__(self, base_model: nn.Module, max_seq_len: int = 128, num_length_bins: int = 8,
+                 length_penalty: float = 0.01, *, ignore_index: int = -100):
+        super().__init__()
+        emb = getattr(base_model, "token_embedding", None)
+        if not isinstance(emb, nn.Embedding):
+            raise TypeError("base_model: expected a model with a token_embedding (nn.Embedding) for the "
+                            f"length predictor to read, got {type(base_model).__name__} without one")
+        n_seq = getattr(base_model, "n_seq", None)
+        if isinstance(n_seq, int) and max_seq_len > n_seq:
+            raise ValueError(f"max_seq_len: expected <= base_model.n_seq={n_seq}, got {max_seq_len}")
+        if float(length_penalty) < 0:
+            raise ValueError(f"length_penalty: expected >= 0, got {length_penalty!r}")
+        self.base_model = base_model
+        self.max_seq_len = max_seq_len
+        self.length_penalty = float(length_penalty)
+        self.ignore_index = ignore_index
+        self.length_predictor = SequenceLengthPredictor(emb.embedding_dim, max_seq_len, num_length_bins)
+        self.reset_length_statistics()
+
+    # -- statistics ------------------------------------------------------------------------------
+    def reset_length_statistics(self) -> None:
+        self._bin_counts = torch.zeros(self.length_predictor.num_length_bins, dtype=torch.long)
+        self._sum_lengths = 0
+        self._num_predictions = 0
+        self._tokens_processed = 0
+        self._tokens_total = 0
+
+    def get_length_statistics(self) -> Dict:
+        """Accumulated over every adaptive forward since the last reset."""
+        n = self._num_predictions
+        dist = (self._bin_counts.double() / n * 100.0).tolist() if n else [0.0] * len(self._bin_counts)
+        return {"avg_predicted_length": self._sum_lengths / n if n else 0.0,
+                "length_distribution": dist,
+                "length_bins": self.length_predictor.length_bins.tolist(),
+                "avg_speedup": self._tokens_total / self._tokens_processed if self._tokens_processed else 1.0,
+                "speedup_kind": "tokens_total / tokens_processed (not wall-clock)",
+                "total_predictions": n,
+                "tokens_processed": self._tokens_processed,
+                "tokens_total": self._tokens_total}
+
+    # -- forward -------------------------------------------------------------------------------
+    def _check_x(self, x) -> None:
+        if not isinstance(x, Tensor) or x.dim() != 2:
+            raise ValueError(f"x: expected token ids of shape (B, N), got "
+                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        if x.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+            raise TypeError(f"x: expected integer token ids, got dtype {x.dtype}")
+        if not 1 <= x.shape[1] <= self.max_seq_len:
+            raise ValueError(f"x: expected a sequence length 1 <= N <= max_seq_len={self.max_seq_len}, got N={x.shape[1]}")
+
+    def forward(self, x: Tensor, use_adaptive_length: bool = True) -> Tuple[Tensor, Dict]:
+        self._check_x(x)
+        B, N = x.shape
+        if not use_adaptive_length:
+            logits = _logits_of(self.base_model(x))
+            full = torch.full((B,), N, dtype=torch.long, device=x.device)
+            return logits, {"predicted_lengths": full, "avg_predicted_length": float(N),
+                            "max_predicted_length": N, "original_length": N, "tokens_processed": B * N,
+                            "tokens_total": B * N, "num_groups": 1, "speedup_estimate": 1.0}
+        pred = self.length_predictor
+        with torch.no_grad():
+            emb = self.base_model.token_embedding(x)
+        bin_logits = pred.bin_logits(emb)                                      # (B, bins)
+        log_probs = torch.log_softmax(bin_logits, dim=-1)
+        choice = pred.choose(bin_logits.detach())                              # (B,)
+        # A bin longer than the input means "the whole input": the sequence runs at N.
+        bins_n = torch.minimum(pred.length_bins, torch.tensor(N, device=x.device))   # (bins,)
+        lengths = bins_n[choice]                                               # (B,)
+        # Group sequences by length: one sort and one host read of the distinct lengths and sizes.
+        order = torch.argsort(lengths, stable=True)
+        uniq, counts = torch.unique_consecutive(lengths[order], return_counts=True)
+        uniq_host, counts_host = uniq.tolist(), counts.tolist()
+        logits = None
+        for L, idx_t in zip(uniq_host, order.split(counts_host)):
+            out = _logits_of(self.base_model(x.index_select(0, idx_t)[:, :L]))   # (b, L, V)
+            if logits is None:
+                # Zeros = uniform placeholder for positions that are not run.
+                logits = out.new_zeros(B, N, out.shape[-1])
+            logits[idx_t, :L] = out
+        processed = int(sum(L * c for L, c in zip(uniq_host, counts_host)))
+        expected = (log_probs.exp() * bins_n.to(log_probs.dtype)).sum(-1)     # (B,) with grad
+        self._bin_counts += torch.bincount(choice.cpu(), minlength=pred.num_length_bins)
+        self._sum_lengths += processed
+        self._num_predictions += B
+        self._tokens_processed += processed
+        self._tokens_total += B * N
+        info = {"predicted_lengths": lengths, "length_probs": log_probs.exp().detach(),
+                "log_prob": log_probs.gather(1, choice[:, None]).squeeze(1), "expected_length": expected,
+                "avg_predicted_length": processed / B, "max_predicted_length": max(uniq_host),
+                "original_length": N, "tokens_processed": processed, "tokens_total": B * N,
+                "num_groups": len(uniq_host), "speedup_estimate": B * N / processed}
+        return logits, info
+
+    def compute_loss(self, logits: Tensor, targets: Tensor, length_info: Optional[Dict] = None
+                     ) -> Tuple[Tensor, Tensor, Tensor]:
+        """(total, ce, length_cost).
+
+        ce: mean cross-entropy over every real target (targets != ignore_index); positions that
+        were not run have uniform placeholder logits and cost log(V) each. length_cost:
+        ``length_penalty * mean(E_p[L]) / max_seq_len`` (differentiable in the predictor).
+        total = ce + length_cost + the REINFORCE surrogate (zero in expectation; its gradient trains
+        the predictor on the per-sequence cross-entropy)."""
+        B, N, V = logits.shape
+        targets = targets.reshape(B, N)
+        per_tok = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none",
+                                  ignore_index=self.ignore_index)             # (B, N), 0 at ignored
+        valid = (targets != self.ignore_index)
+        n_valid = valid.sum()
+        # A batch with no real target has ce = 0 (0 / 1), not NaN.
+        ce = per_tok.sum() / torch.maximum(n_valid, torch.ones_like(n_valid))
+        if length_info is None or "log_prob" not in length_info:
+            zero = ce.new_zeros(())
+            return ce, ce, zero
+        length_cost = self.length_penalty * length_info["expected_length"].mean() / self.max_seq_len
+        per_seq = per_tok.sum(1) / torch.maximum(valid.sum(1), torch.ones_like(n_valid))
+        advantage = (per_seq - per_seq.mean()).detach()
+        reinforce = (advantage * length_info["log_prob"]).mean()
+        return ce + length_cost + reinforce, ce, length_cost
+
+
+    def training_loss(self, x: Tensor, y: Tensor) -> Tuple[Tensor, Dict]:
+        """Loss for ``resnet_bk.training.train``: ``compute_loss`` of an adaptive forward plus the
+        base model's MoE balance loss (weighted by its ``moe_aux_weight``)."""
+        logits, info = self(x, use_adaptive_length=True)
+        total, ce, cost = self.compute_loss(logits, y, info)
+        aux = moe_aux_loss(self.base_model)
+        weight = float(getattr(self.base_model, "moe_aux_weight", 0.0))
+        if aux is not None and weight != 0.0:
+            total = total + weight * aux
+        return total, {"ce_loss": ce.detach(), "length_cost": cost.detach(),
+                       "avg_predicted_length": info["avg_predicted_length"],
+                       "token_speedup": info["speedup_estimate"]}
+
+
+class LearnedSequenceLengthTrainer:
+    """Training / evaluation loop for ``AdaptiveSequenceLengthWrapper``.
+
+    train_step(x, y, use_adaptive_length=True) -> {total_loss, ce_loss, length_cost,
+    avg_predicted_length, speedup_estimate (token ratio)}.
+    evaluate(dataloader, use_adaptive_length=True, measure_time=False) -> {loss, ce_loss, length_cost,
+    perplexity, avg_predicted_length, avg_speedup (token ratio), ...}; with ``measure_time`` also
+    ``measured_time_speedup`` = wall time of full-length forwards / wall time of adaptive forwards
+    on the same batches.
+    """
+
+    def __init__(self, model: AdaptiveSequenceLengthWrapper, optimizer: torch.optim.Optimizer, device=None):
+        if not isinstance(model, AdaptiveSequenceLengthWrapper):
+            raise TypeError(f"model: expected an AdaptiveSequenceLengthWrapper, got {type(model).__name__}")
+        self.model = model
+        self.optimizer = optimizer
+        if device is None:
+            p = next(model.parameters(), None)
+            device = p.device if p is not None else "cpu"
+        self.device = torch.device(device)
+        self.reset_statistics()
+
+    def reset_statistics(self) -> None:
+        self._ce_sum = 0.0
+        self._cost_sum = 0.0
+        self._steps = 0
+
+    def get_average_metrics(self) -> Dict[str, float]:
+        n = max(1, self._steps)
+        return {"avg_ce_loss": self._ce_sum / n, "avg_length_cost": self._cost_sum / n}
+
+    def train_step(self, x: Tensor, y: Tensor, use_adaptive_length: bool = True) -> Dict[str, float]:
+        self.model.train()
+        x, y = x.to(self.device), y.to(self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        logits, info = self.model(x, use_adaptive_length=use_adaptive_length)
+        total, ce, cost = self.model.compute_loss(logits, y, info)
+        total.backward()
+        self.optimizer.step()
+        ce_v, cost_v = ce.item(), cost.item()
+        self._ce_sum += ce_v
+        self._cost_sum += cost_v
+        self._steps += 1
+        return {"total_loss": total.item(), "ce_loss": ce_v, "length_cost": cost_v,
+                "avg_predicted_length": info["avg_predicted_length"], "speedup_estimate": info["speedup_estimate"]}
+
+    @torch.no_grad()
+    def evaluate(self, dataloader, use_adaptive_length: bool = True, measure_time: bool = False) -> Dict:
+        was_training = self.model.training
+        self.model.eval()
+        self.model.reset_length_statistics()
+        ce_sum, n_tok, cost_sum, n_batches = 0.0, 0, 0.0, 0
+        t_adapt = t_full = 0.0
+        try:
+            for batch in dataloader:
+                x, y = batch[0].to(self.device), batch[1].to(self.device)
+                t0 = time.perf_counter()
+                logits, info = self.model(x, use_adaptive_length=use_adaptive_length)
+                t_adapt += time.perf_counter() - t0
+                if measure_time:
+                    t0 = time.perf_counter()
+                    self.model(x, use_adaptive_length=False)
+                    t_full += time.perf_counter() - t0
+                _, ce, cost = self.model.compute_loss(logits, y, info)
+                valid = int((y != self.model.ignore_index).sum())
+                ce_sum += ce.item() * valid
+                n_tok += valid
+                cost_sum += float(cost)
+                n_batches += 1
+        finally:
+            self.model.train(was_training)
+        ce_mean = ce_sum / max(1, n_tok)
+        cost_mean = cost_sum / max(1, n_batches)
+        out = {"loss": ce_mean + cost_mean, "ce_loss": ce_mean, "length_cost": cost_mean,
+               "perplexity": math.exp(ce_mean), "eval_tokens": n_tok}
+        out.update(self.model.get_length_statistics())
+        if measure_time:
+            out["measured_time_speedup"] = t_full / t_adapt if t_adapt > 0 else float("nan")
+            out["time_full_s"] = t_full
+            out["time_adaptive_s"] = t_adapt
+        return out
+
+
+def _learned_length_factory(vocab_size, d_model, n_layers, n_seq, backend=None, *, num_length_bins=8,
+                            length_penalty=0.01, **kw):
+    base = LanguageModel(vocab_size, d_model, n_layers, n_seq, backend=backend, **kw)
+    return AdaptiveSequenceLengthWrapper(base, n_seq, num_length_bins, length_penalty)
+
+
+def register_models() -> None:
+    """Register ``learned_length`` in ``resnet_bk.training.train.MODELS``."""
+    from ..training.train import register_model
+    register_model("learned_length", _learned_length_factory)
+
+
+register_models()

@@ -1,0 +1,199 @@
+"""Multi-scale ResNet-BK layers: the expensive MoE FFN runs at low resolution, only cheap work at full.
+
+The original multi-scale layer ran a full-resolution BK layer *in addition* to a half-resolution one
+(1.5x the work; the hierarchical U-Net 2.25x; ORIGINAL_DESIGN.md 3.4). Here the work per full-resolution
+token is, in multiply-adds (D = d_model; a plain ``MoEResNetBKLayer`` with top-1 is about 4 D^2):
+
+* ``MultiScaleResNetBKLayer`` (factor r=2): MoE FFN + BK at N/2 (2 D^2), an up-projection
+  ``Linear(D, r*D)`` at N/2 (D^2), and at full resolution only a ``BKMixer`` (a D->1 projection, the
+  O(N) BK-Core, a 2->D projection): about 3 D^2 in all.
+* ``HierarchicalMultiScaleLayer`` (N -> N/2 -> N/4 -> N/2 -> N with skips): MoE FFN + BK at N/4 (D^2),
+  up-projections at N/4 and N/2 (1.5 D^2), cheap BK mixers at N/2 and N: about 2.5 D^2.
+
+Resampling uses ``resnet_bk.ops.learned_downsample`` / ``learned_upsample``. Causality (``causal=True``,
+the default): the downsample uses the op's causal window (group j pools positions [j*r-r+1, j*r], the
+Hourglass shift), the low-resolution layers are causal along their own axis, and the upsample writes
+low-resolution entry j back to positions j*r .. j*r+r-1, so every output t depends on inputs <= t only.
+
+Any length 1 <= N <= n_seq is accepted: the sequence is right-padded with zeros to a multiple of the
+total downsampling factor and the output is cut back to N. With ``causal=True`` the padding cannot
+reach the real positions (it lies after them); with ``causal=False`` it enters the last group's pool.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import ops
+from .base import BKMixer, MoEResNetBKLayer, check_hidden
+
+__all__ = ["LearnedDownsampling", "LearnedUpsampling", "MultiScaleResNetBKLayer",
+           "HierarchicalMultiScaleLayer", "MultiScaleResNetBKBlock", "count_flops_multi_scale"]
+
+
+def _pad_to(x: Tensor, multiple: int) -> Tensor:
+    N = x.shape[1]
+    Np = -(-N // multiple) * multiple
+    return x if Np == N else F.pad(x, (0, 0, 0, Np - N))
+
+
+class LearnedDownsampling(nn.Module):
+    """(B, N, D) -> (B, ceil(N/factor), D): softmax-weighted pooling of groups of ``factor`` positions,
+    position-specific logits ``pool_logits`` (ceil(n_seq/factor), factor), zero-initialised (mean pool).
+    ``causal=True`` uses the op's causal window (see ``resnet_bk.ops.learned_downsample``)."""
+
+    def __init__(self, d_model: int, n_seq: int, factor: int = 2, *, causal: bool = True,
+                 backend: Optional[str] = None):
+        super().__init__()
+        if not isinstance(factor, int) or factor < 1:
+            raise ValueError(f"factor: expected a positive int, got {factor!r}")
+        self.d_model, self.n_seq, self.factor = d_model, n_seq, factor
+        self.causal, self.backend = bool(causal), backend
+        self.pool_logits = nn.Parameter(torch.zeros(-(-n_seq // factor), factor))
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_hidden("x", x, self.d_model, self.n_seq)
+        x = _pad_to(x, self.factor)
+        M = x.shape[1] // self.factor
+        logits = self.pool_logits[:M]
+        if x.dtype == torch.float64:
+            logits = logits.double()
+        return ops.learned_downsample(x, logits, causal=self.causal, backend=self.backend)
+
+
+class LearnedUpsampling(nn.Module):
+    """(B, M, D) -> (B, M*factor, D): ``Linear(D, factor*D)`` splits each low-resolution vector into
+    ``factor`` tokens, plus a per-phase ``position_bias`` (1, factor, D); ``residual`` (B, M*factor, D)
+    is added in the same pass. Here ``n_seq`` is the low-resolution length (as in the original).
+    ``forward(y, residual=None, out_len=None)`` cuts the output to ``out_len`` positions when given."""
+
+    def __init__(self, d_model: int, n_seq: int, factor: int = 2, *, backend: Optional[str] = None):
+        super().__init__()
+        self.d_model, self.n_seq, self.factor, self.backend = d_model, n_seq, factor, backend
+        self.upsample_transform = nn.Linear(d_model, factor * d_model)
+        self.position_bias = nn.Parameter(torch.zeros(1, factor, d_model))
+
+    def forward(self, y: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        check_hidden("y", y, self.d_model, self.n_seq)
+        z = self.upsample_transform(y)
+        bias = self.position_bias.double() if z.dtype == torch.float64 else self.position_bias.float()
+        if residual is not None and residual.dtype != z.dtype:
+            residual = residual.to(z.dtype)
+        return ops.learned_upsample(z, bias, residual=residual, backend=self.backend)
+
+
+class MultiScaleResNetBKLayer(nn.Module):
+    """x (B, N, D) -> (B, N, D): u = up(MoE-BK_{N/r}(down(x))); out = u + BKMixer_N(x + u).
+
+    The MoE FFN and its BK-Core run at N/r; at full resolution only the cheap ``BKMixer`` runs.
+    """
+
+    def __init__(self, d_model: int, n_seq: int, num_experts: int = 4, top_k: int = 1,
+                 dropout_p: float = 0.1, *, factor: int = 2, causal: bool = True,
+                 backend: Optional[str] = None, learnable_z: bool = False):
+        super().__init__()
+        self.d_model, self.n_seq, self.factor = d_model, n_seq, factor
+        n_low = -(-n_seq // factor)
+        self.down = LearnedDownsampling(d_model, n_seq, factor, causal=causal, backend=backend)
+        self.low_layer = MoEResNetBKLayer(d_model, n_low, num_experts, top_k, dropout_p, causal=causal,
+                                          backend=backend, learnable_z=learnable_z)
+        self.up = LearnedUpsampling(d_model, n_low, factor, backend=backend)
+        self.full_mixer = BKMixer(d_model, n_seq, causal=causal, backend=backend, learnable_z=learnable_z)
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_hidden("x", x, self.d_model, self.n_seq)
+        N = x.shape[1]
+        u = self.up(self.low_layer(self.down(x)))[:, :N]
+        return u + self.full_mixer(x + u)
+
+
+class HierarchicalMultiScaleLayer(nn.Module):
+    """U-Net mode, x (B, N, D) -> (B, N, D):
+
+        d1 = down1(x) (N/2);  d2 = down2(d1) (N/4);  b = MoE-BK_{N/4}(d2)
+        u1 = up1(b) + d1;  u1 = u1 + BKMixer_{N/2}(u1)          (skip from the N/2 encoder level)
+        u2 = up2(u1) (N);  out = u2 + BKMixer_N(x + u2)         (skip from the input)
+
+    Only the N/4 level runs the MoE FFN; the other levels run cheap BK mixers.
+    """
+
+    def __init__(self, d_model: int, n_seq: int, num_experts: int = 4, top_k: int = 1,
+                 dropout_p: float = 0.1, *, causal: bool = True, backend: Optional[str] = None,
+                 learnable_z: bool = False):
+        super().__init__()
+        self.d_model, self.n_seq = d_model, n_seq
+        n2 = -(-n_seq // 2)
+        n4 = -(-n2 // 2)
+        self.down1 = LearnedDownsampling(d_model, n_seq, 2, causal=causal, backend=backend)
+        self.down2 = LearnedDownsampling(d_model, n2, 2, causal=causal, backend=backend)
+        self.bottleneck = MoEResNetBKLayer(d_model, n4, num_experts, top_k, dropout_p, causal=causal,
+                                           backend=backend, learnable_z=learnable_z)
+        self.up1 = LearnedUpsampling(d_model, n4, 2, backend=backend)
+        self.mid_mixer = BKMixer(d_model, n2, causal=causal, backend=backend, learnable_z=learnable_z)
+        self.up2 = LearnedUpsampling(d_model, n2, 2, backend=backend)
+        self.full_mixer = BKMixer(d_model, n_seq, causal=causal, backend=backend, learnable_z=learnable_z)
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_hidden("x", x, self.d_model, self.n_seq)
+        N = x.shape[1]
+        d1 = self.down1(x)  # (B, ceil(N/2), D)
+        d1 = _pad_to(d1, 2)
+        d2 = self.down2(d1)
+        u1 = self.up1(self.bottleneck(d2), residual=d1)
+        u1 = u1 + self.mid_mixer(u1)
+        u2 = self.up2(u1)[:, :N]
+        return u2 + self.full_mixer(x + u2)
+
+
+class MultiScaleResNetBKBlock(nn.Module):
+    """Pre-norm residual block: x + layer(LayerNorm(x)), the layer multi-scale or hierarchical."""
+
+    def __init__(self, d_model: int, n_seq: int, num_experts: int = 4, hierarchical: bool = False, *,
+                 top_k: int = 1, dropout_p: float = 0.1, causal: bool = True,
+                 backend: Optional[str] = None, learnable_z: bool = False):
+        super().__init__()
+        self.d_model, self.n_seq, self.hierarchical = d_model, n_seq, bool(hierarchical)
+        self.layer_norm = nn.LayerNorm(d_model)
+        cls = HierarchicalMultiScaleLayer if hierarchical else MultiScaleResNetBKLayer
+        self.layer = cls(d_model, n_seq, num_experts, top_k, dropout_p, causal=causal, backend=backend,
+                         learnable_z=learnable_z)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.layer(self.layer_norm(x))
+
+
+def count_flops_multi_scale(d_model: int, n_seq: int, num_experts: int = 4, hierarchical: bool = False) -> dict:
+    """Analytic multiply-add counts per sequence (top-1 MoE, BK-Core counted as ~20 N real ops).
+
+    Returns {standard_flops, multi_scale_flops, speedup, breakdown}; a model, not a measurement
+    (see the training entry point / benchmarks for measured times)."""
+    D, N, E = d_model, n_seq, num_experts
+
+    def moe_bk(n):
+        return n * (D * E + 4 * D * D + D + 2 * D) + 20 * n
+
+    def mixer(n):
+        return n * (D + 2 * D) + 20 * n
+
+    def up(n_low, r=2):
+        return n_low * r * D * D + n_low * r * D
+
+    def down(n):
+        return n * D
+
+    standard = moe_bk(N)
+    if hierarchical:
+        n2, n4 = math.ceil(N / 2), math.ceil(N / 4)
+        parts = {"down": down(N) + down(n2), "moe_bk_quarter": moe_bk(n4), "up": up(n4) + up(n2),
+                 "mixers": mixer(n2) + mixer(N)}
+    else:
+        n2 = math.ceil(N / 2)
+        parts = {"down": down(N), "moe_bk_half": moe_bk(n2), "up": up(n2), "mixer": mixer(N)}
+    total = sum(parts.values())
+    return {"standard_flops": standard, "multi_scale_flops": total, "speedup": standard / total,
+            "breakdown": parts}

@@ -1,0 +1,118 @@
+"""The benchmark suite itself (benchmarks/): a tiny run produces well-formed JSON and Markdown,
+checks every timed backend against the reference, and marks a wrong backend FAILED with no
+speedup claimed from it."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+import resnet_bk.ops as ops
+
+# benchmarks/ is a top-level folder of the checkout, not part of the installed package
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import report  # noqa: E402
+from benchmarks.run import main  # noqa: E402
+
+pytestmark = pytest.mark.skipif("cpp" not in ops.available_backends(), reason="needs the C++ backend")
+
+ROW_KEYS = {"suite", "op", "variant", "mode", "impl", "impl_kind", "device", "dtype", "B", "N", "status", "time_s",
+            "ns_per_element", "gbps", "bw_fraction", "peak_mem_bytes", "check", "speedup", "notes"}
+
+
+def _run(tmp_path, *extra):
+    rc = main(["--smoke", "--ops", "bk_core", "--backends", "cpp", "--out", str(tmp_path), "--name", "t",
+               "--no-progress", *extra])
+    with open(os.path.join(tmp_path, "t.json")) as f:
+        result = json.load(f)
+    with open(os.path.join(tmp_path, "t.md")) as f:
+        md = f.read()
+    return rc, result, md
+
+
+def test_smoke_run_structure(tmp_path, capsys):
+    rc, result, md = _run(tmp_path)
+    assert rc == 0
+    m = result["machine"]
+    for k in ("cpu_model", "cpu_cores", "torch", "triton", "git_commit", "cpu_isa_used_by_kernels", "gpu"):
+        assert k in m
+    assert "hostname" not in json.dumps(m).lower()
+    assert m["cpu_isa_used_by_kernels"] == ops._cpp.cpu_isa()
+    assert result["copy_bandwidth"]["cpu"]["gbps"] > 0
+    rows = result["rows"]
+    assert rows and all(ROW_KEYS <= set(r) for r in rows)
+    # two-sided and causal, three modes, reference + cpp each
+    got = {(r["variant"], r["mode"], r["impl"]) for r in rows}
+    for variant in ("two-sided", "causal"):
+        for mode in ("forward", "backward", "forward+backward"):
+            assert (variant, mode, "reference") in got and (variant, mode, "cpp") in got
+    for r in rows:
+        assert r["status"] == "ok", r
+        t = r["time_s"]
+        assert t["p10"] <= t["median"] <= t["p90"] and t["n"] >= 1
+        assert r["ns_per_element"] == pytest.approx(t["median"] / (r["B"] * r["N"]) * 1e9)
+        if r["impl"] == "cpp":
+            assert r["check"].startswith("ok")
+            assert r["speedup"]["reference"] == pytest.approx(
+                next(x for x in rows if x["impl"] == "reference" and x["mode"] == r["mode"]
+                     and x["variant"] == r["variant"])["time_s"]["median"] / t["median"])
+    assert "## bk_core [two-sided] on cpu, float32" in md and "| B | N | mode | impl |" in md
+    out = capsys.readouterr().out
+    assert "all correctness checks passed" in out
+    # comparing a run with itself matches every ok row
+    cmp = report.render_compare(result, result)
+    assert f"{len(rows)} matching rows" in cmp and "geometric mean speedup 1x" in cmp
+
+
+def test_broken_backend_is_marked_failed(tmp_path, monkeypatch, capsys):
+    registry = ops._dispatch._registry["cpp"].impls
+    good, check = registry["bk_core"]
+
+    def broken(a, k, zri, mask, causal):
+        return good(a, k, zri, mask, causal) * 1.001  # a 1e-3 relative error: far beyond float32's 1e-5
+
+    monkeypatch.setitem(registry, "bk_core", (broken, check))
+    rc, result, md = _run(tmp_path)
+    assert rc == 1
+    cpp = [r for r in result["rows"] if r["impl"] == "cpp"]
+    assert cpp and all(r["status"] == "FAILED" for r in cpp)
+    assert all(r["speedup"] == {} for r in cpp)
+    assert all("differs from the reference" in r["check"] for r in cpp)
+    assert all(r["status"] == "ok" for r in result["rows"] if r["impl"] == "reference")
+    assert "FAILED" in md
+    assert "FAILED/ERROR rows" in capsys.readouterr().out
+
+
+def test_unavailable_case_is_skipped_with_reason(tmp_path, monkeypatch):
+    from benchmarks import cases
+    orig = cases.op_cases
+
+    def with_missing():
+        out = orig()
+        out[0].unavailable = lambda: "resnet_bk.ops.example does not exist yet"
+        return out
+
+    monkeypatch.setattr("benchmarks.run.op_cases", with_missing)
+    rc, result, _ = _run(tmp_path)
+    assert rc == 0
+    assert {"case": "bk_core[two-sided]", "reason": "resnet_bk.ops.example does not exist yet"} in result["skipped_cases"]
+    assert all(r["variant"] != "two-sided" for r in result["rows"])
+
+
+def test_row_subset_check_where_reference_is_not_timed(tmp_path, monkeypatch):
+    # Above REF_LARGE_N the masked reference is not timed (tens of seconds per call at N = 65536):
+    # the backends are then checked against the reference on the first rows only.
+    monkeypatch.setattr("benchmarks.cases.REF_LARGE_N", 32)
+    rc = main(["--smoke", "--ops", "bk_core_masked", "--backends", "cpp", "--out", str(tmp_path), "--name", "s",
+               "--no-progress", "--no-plots"])
+    with open(os.path.join(tmp_path, "s.json")) as f:
+        rows = json.load(f)["rows"]
+    assert rc == 0
+    ref = [r for r in rows if r["impl"] == "reference"]
+    assert ref and all(r["status"] == "skipped" and "first 2 rows" in r["reason"] for r in ref)
+    cpp = [r for r in rows if r["impl"] == "cpp"]
+    assert cpp and all(r["status"] == "ok" and r["check"] == "ok (first 2 rows vs reference)" for r in cpp)
+    assert all(r["speedup"] == {} for r in cpp)  # nothing to compare against: no speedup claimed

@@ -1,0 +1,255 @@
+"""The CUDA backend (csrc/cuda: kernels + torch binding) on a GPU, against the float64 reference.
+
+Skipped when there is no GPU or resnet_bk._C was built without CUDA kernels. Covers forward and
+backward, two-sided and causal, masked, shared and per-row k, both kernel strategies (forced with
+RESNET_BK_CUDA_STRATEGY), float32 and float64, N in {1, 2, 17, 1000, 70000}, B in {1, 3, 64},
+non-contiguous inputs, a non-default current stream, CUDA-graph capture and replay, determinism,
+and the binding's argument errors.
+
+Oracle: the pure-PyTorch reference in float64 on the CPU; for N = 70,000 the C++ CPU kernel in
+float64 (itself held to the reference by tests/test_bk_core.py), because the reference's Python
+loop over positions is too slow there.
+"""
+import pytest
+import torch
+
+from resnet_bk import ops
+from resnet_bk.ops import _cpp
+from resnet_bk.ops.reference import bk_core_bwd_ref, bk_core_fwd_ref
+
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+    pytest.mark.skipif(not _cpp.HAS_CUDA_KERNELS,
+                       reason="resnet_bk._C was built without CUDA kernels (torch without CUDA or no nvcc)"),
+]
+
+FWD = lambda *a: torch.ops.resnet_bk.bk_core_fwd(*a)  # noqa: E731
+BWD = lambda *a: torch.ops.resnet_bk.bk_core_bwd(*a)  # noqa: E731
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
+TOL_Z = {torch.float64: 1e-10, torch.float32: 1e-4}  # grad_z sums B*N rounded terms
+
+
+@pytest.fixture(params=["lanes", "chunked"])
+def strategy(request, monkeypatch):
+    monkeypatch.setenv("RESNET_BK_CUDA_STRATEGY", request.param)
+    monkeypatch.delenv("RESNET_BK_CUDA_CHUNK", raising=False)
+    return request.param
+
+
+def canon(B, N, dtype, shared, masked, seed, device="cuda"):
+    g = torch.Generator().manual_seed(seed)
+    a = -2.0 + 6.0 * torch.rand(B, N, generator=g, dtype=torch.float64) - 3.0
+    kr = 1 if shared else B
+    k = (0.5 + torch.rand(kr, N - 1, generator=g, dtype=torch.float64)) * \
+        (0.5 + torch.rand(kr, N - 1, generator=g, dtype=torch.float64))
+    zri = torch.tensor([0.3, 0.8], dtype=torch.float64)
+    mask = None
+    if masked:
+        mask = (torch.rand(B, N, generator=g) > 0.3).double()
+        mask[:, 0] = 0.5
+    grad = torch.complex(torch.randn(B, N, generator=g, dtype=torch.float64),
+                         torch.randn(B, N, generator=g, dtype=torch.float64))
+    cpu = (a, k, zri, mask, grad)
+    cdt = torch.complex128 if dtype == torch.float64 else torch.complex64
+    dev = tuple(None if t is None else t.to(device, cdt if t.is_complex() else dtype) for t in cpu)
+    # the oracle sees exactly the (rounded) inputs the kernel sees
+    ref = tuple(None if t is None else t.cpu().to(torch.complex128 if t.is_complex() else torch.float64) for t in dev)
+    return dev, ref
+
+
+def oracle(ref, causal, need_mask):
+    a, k, zri, mask, grad = ref
+    if a.shape[1] > 5000:
+        out = FWD(a, k, zri, mask, causal)
+        ga, gk, gz, gm = BWD(grad, a, k, zri, mask, causal, need_mask)
+        return out, (ga, gk, gz, gm if need_mask else None)
+    out = bk_core_fwd_ref(a, k, zri, mask, causal)
+    return out, bk_core_bwd_ref(grad, a, k, zri, mask, causal)
+
+
+def rel(got, ref):
+    got = got.cpu()
+    got = got.to(torch.complex128) if got.is_complex() else got.double()
+    ref = ref.to(got.dtype)
+    assert torch.isfinite(torch.view_as_real(got) if got.is_complex() else got).all()
+    return ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-300)).item()
+
+
+def check_all(dev, ref, causal, dtype):
+    a, k, zri, mask, grad = dev
+    need_mask = mask is not None
+    out = FWD(a, k, zri, mask, causal)
+    got = BWD(grad, a, k, zri, mask, causal, need_mask)
+    want_out, want = oracle(ref, causal, need_mask)
+    assert out.dtype == (torch.complex128 if dtype == torch.float64 else torch.complex64)
+    assert out.device == a.device and out.shape == a.shape
+    assert rel(out, want_out) < TOL[dtype]
+    assert got[1].shape == k.shape
+    assert got[3].shape == ((a.shape if need_mask else (0,)))
+    for name, x, y in zip(("grad_a", "grad_k", "grad_zri", "grad_mask"), got, want):
+        if y is None or y.numel() == 0:
+            continue
+        assert x.device == a.device, name
+        assert rel(x, y) < (TOL_Z if name == "grad_zri" else TOL)[dtype], name
+
+
+GRID = [(B, N) for N in (1, 2, 17, 1000) for B in (1, 3, 64)]
+
+
+@pytest.mark.parametrize("B,N", GRID, ids=[f"B{b}-N{n}" for b, n in GRID])
+@pytest.mark.parametrize("causal", [False, True], ids=["twosided", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("variant", ["perrow", "shared-masked"])
+def test_vs_reference(strategy, B, N, causal, dtype, variant):
+    shared = masked = variant == "shared-masked"
+    dev, ref = canon(B, N, dtype, shared, masked, seed=B * 7 + N)
+    check_all(dev, ref, causal, dtype)
+
+
+@pytest.mark.parametrize("B", [1, 3, 64])
+@pytest.mark.parametrize("causal", [False, True], ids=["twosided", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_long_sequences(strategy, B, causal, dtype):
+    dev, ref = canon(B, 70000, dtype, shared=B != 3, masked=B == 3, seed=B)
+    check_all(dev, ref, causal, dtype)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64, 999])
+def test_forced_chunk_lengths(monkeypatch, chunk):
+    monkeypatch.setenv("RESNET_BK_CUDA_CHUNK", str(chunk))
+    for causal in (False, True):
+        dev, ref = canon(3, 1000, torch.float64, shared=False, masked=True, seed=chunk)
+        check_all(dev, ref, causal, torch.float64)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["twosided", "causal"])
+def test_public_api_noncontiguous_and_autograd(strategy, causal):
+    B, H, N = 2, 3, 257
+    g = torch.Generator().manual_seed(5)
+    big = (-2.0 + 3.0 * torch.randn(B, H, 2 * N, generator=g, dtype=torch.float64)).cuda()
+    a = big[..., ::2]
+    assert not a.is_contiguous()
+    b = (0.5 + torch.rand(N - 1, generator=g, dtype=torch.float64)).cuda()
+    c = (0.5 + torch.rand(H, 2 * (N - 1), generator=g, dtype=torch.float64)).cuda()[:, 1::2]
+    z = torch.tensor(0.2 + 0.9j, dtype=torch.complex128, device="cuda")
+    up = torch.randn(B, H, N, dtype=torch.complex128, generator=g).cuda()
+
+    def run(backend):
+        ins = [t.detach().clone().requires_grad_() for t in (a, b, c, z)]
+        out = ops.bk_core(*ins, causal=causal, backend=backend)
+        grads = torch.autograd.grad(out, ins, up)
+        return out, grads
+
+    out, grads = run("cuda")
+    ref_out, ref_grads = run("reference")
+    assert rel(out, ref_out.cpu()) < 1e-10
+    for x, y in zip(grads, ref_grads):
+        assert rel(x, y.cpu()) < 1e-10
+
+
+def test_masked_public_api_gets_mask_gradient(strategy):
+    B, N = 4, 100
+    dev, _ = canon(B, N, torch.float64, shared=False, masked=True, seed=9)
+    a = dev[0]
+    b = torch.ones(N - 1, dtype=torch.float64, device="cuda")
+    mask = dev[3].clone().requires_grad_()
+    ref_mask = mask.detach().clone().requires_grad_()
+    out = ops.bk_core_masked(a, b, b, 1j, mask, backend="cuda")
+    ref = ops.bk_core_masked(a, b, b, 1j, ref_mask, backend="reference")
+    up = torch.randn_like(out)
+    (gm,) = torch.autograd.grad(out, mask, up)
+    (rgm,) = torch.autograd.grad(ref, ref_mask, up)
+    assert rel(gm, rgm.cpu()) < 1e-10
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["twosided", "causal"])
+def test_deterministic(strategy, causal):
+    dev, _ = canon(3, 5000, torch.float32, shared=True, masked=False, seed=1)
+    a, k, zri, mask, grad = dev
+    r1 = BWD(grad, a, k, zri, mask, causal, False)
+    r2 = BWD(grad, a, k, zri, mask, causal, False)
+    for x, y in zip(r1[:3], r2[:3]):
+        assert torch.equal(x, y)
+    assert torch.equal(FWD(a, k, zri, mask, causal), FWD(a, k, zri, mask, causal))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["twosided", "causal"])
+def test_runs_on_the_current_stream(strategy, causal):
+    dev, _ = canon(3, 3000, torch.float32, shared=False, masked=True, seed=2)
+    a, k, zri, mask, grad = dev
+    want_out = FWD(a, k, zri, mask, causal)
+    want = BWD(grad, a, k, zri, mask, causal, True)
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        # queue a long kernel first so that a launch on the wrong stream would race with it
+        big = torch.randn(4096, 4096, device="cuda")
+        for _ in range(4):
+            big = big @ big / 64.0
+        a2 = a + 0.0 * big[0, 0]
+        out = FWD(a2, k, zri, mask, causal)
+        got = BWD(grad, a2, k, zri, mask, causal, True)
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    assert torch.equal(out, want_out)
+    for x, y in zip(got, want):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["twosided", "causal"])
+def test_cuda_graph_capture_and_replay(strategy, causal):
+    dev, _ = canon(3, 2000, torch.float32, shared=True, masked=True, seed=3)
+    a, k, zri, mask, grad = (t.clone() for t in dev)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):  # warm-up outside capture (allocator pools, lazy init)
+            FWD(a, k, zri, mask, causal)
+            BWD(grad, a, k, zri, mask, causal, True)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = FWD(a, k, zri, mask, causal)
+        grads = BWD(grad, a, k, zri, mask, causal, True)
+    dev2, _ = canon(3, 2000, torch.float32, shared=True, masked=True, seed=4)
+    for static, new in zip((a, k, zri, mask, grad), dev2):
+        static.copy_(new)
+    zri.copy_(torch.tensor([0.1, 1.3], device="cuda"))  # z is read on the device: replay sees the new one
+    graph.replay()
+    torch.cuda.synchronize()
+    want_out = FWD(a, k, zri, mask, causal)
+    want = BWD(grad, a, k, zri, mask, causal, True)
+    assert torch.equal(out, want_out)
+    for x, y in zip(grads, want):
+        assert torch.equal(x, y)
+
+
+def test_binding_errors(monkeypatch):
+    dev, _ = canon(2, 10, torch.float32, shared=False, masked=False, seed=0)
+    a, k, zri, _, grad = dev
+    with pytest.raises(RuntimeError, match="k: expected a CUDA tensor"):
+        FWD(a, k.cpu(), zri, None, False)
+    with pytest.raises(RuntimeError, match="k: expected shape"):
+        FWD(a, k[:, :-1], zri, None, False)
+    with pytest.raises(RuntimeError, match="zri: expected shape"):
+        FWD(a, k, zri.double(), None, False)
+    with pytest.raises(RuntimeError, match="grad: expected"):
+        BWD(grad.to(torch.complex128), a, k, zri, None, False, False)
+    monkeypatch.setenv("RESNET_BK_CUDA_STRATEGY", "fastest")
+    with pytest.raises(RuntimeError, match="RESNET_BK_CUDA_STRATEGY: expected auto, lanes or chunked"):
+        FWD(a, k, zri, None, False)
+    monkeypatch.setenv("RESNET_BK_CUDA_STRATEGY", "auto")
+    monkeypatch.setenv("RESNET_BK_CUDA_CHUNK", "0")
+    with pytest.raises(RuntimeError, match="RESNET_BK_CUDA_CHUNK: expected a positive integer"):
+        FWD(a, k, zri, None, False)
+
+
+def test_empty_batch():
+    a = torch.zeros(0, 5, device="cuda")
+    k = torch.zeros(1, 4, device="cuda")
+    zri = torch.tensor([0.0, 1.0], device="cuda")
+    out = FWD(a, k, zri, None, False)
+    assert out.shape == (0, 5)
+    ga, gk, gz, gm = BWD(torch.zeros(0, 5, dtype=torch.complex64, device="cuda"), a, k, zri, None, False, False)
+    assert ga.shape == (0, 5) and gk.shape == (1, 4) and torch.equal(gz, torch.zeros(2, device="cuda"))

@@ -1,0 +1,396 @@
+"""Triton BK-Core kernels (triton_kernels/bk_core.py) and the "triton" backend, against the
+reference backend: forward and every gradient, both strategies ("lanes" and "chunked", forced),
+float32/float64, two-sided/causal, with/without mask, shared/per-row off-diagonals.
+
+Without a GPU the kernels run in Triton's interpreter on CPU tensors: TRITON_INTERPRET=1 must be
+set before triton is first imported (``@triton.jit`` decides at decoration time, for triton's own
+library functions too); tests/conftest.py sets it on machines without a GPU, and this module sets
+it too when run on its own. The interpreter
+is slow, so shapes are small; the chunked strategy is forced with short chunks so that several
+chunks, a partial last chunk and several programs are exercised.
+
+Tolerances (shared/BK_CORE_MATH.md): relative to the reference's largest magnitude, 1e-5 for
+float32 and 1e-10 for float64.
+"""
+import importlib
+import importlib.util
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+DEVICE = "cuda" if ON_GPU else "cpu"
+_PREV_INTERPRET = os.environ.get("TRITON_INTERPRET")
+if not ON_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"
+try:
+    triton = importlib.import_module("triton")
+    K = importlib.import_module("resnet_bk.triton_kernels.bk_core")
+    P = importlib.import_module("resnet_bk.triton_kernels.pooling")
+finally:
+    if _PREV_INTERPRET is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _PREV_INTERPRET
+
+from resnet_bk import ops  # noqa: E402
+from resnet_bk.ops import _dispatch, _triton  # noqa: E402
+from resnet_bk.ops._canon import canon_bk  # noqa: E402
+from resnet_bk.ops.reference import bk_core_bwd_ref, bk_core_fwd_ref  # noqa: E402
+
+if not ON_GPU and (not (K.INTERPRETED and P.INTERPRETED) or K.INTERPRETER_PROBLEM):
+    pytest.skip("Triton's interpreter cannot run here: triton was imported before TRITON_INTERPRET=1 was "
+                "set (tests/conftest.py sets it on machines without a GPU)", allow_module_level=True)
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+Z = 0.3 + 0.8j
+
+
+@pytest.fixture(autouse=True)
+def _interpret(monkeypatch):
+    """The backend's check accepts CPU tensors only under TRITON_INTERPRET=1."""
+    if not ON_GPU:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv(K.ENV_STRATEGY, raising=False)
+    monkeypatch.delenv(K.ENV_CHUNK, raising=False)
+    yield
+
+
+def canon_inputs(B, N, dtype, shared=False, masked=False, seed=0):
+    """Canonical (a, k, zri, mask) with nonsymmetric b, c (k = b c) and z = 0.3 + 0.8j."""
+    g = torch.Generator().manual_seed(seed)
+    a = -2.0 + (6.0 * torch.rand(B, N, generator=g, dtype=torch.float64) - 3.0)
+    b = 0.5 + torch.rand(1 if shared else B, N - 1, generator=g, dtype=torch.float64)
+    c = 0.5 + torch.rand(1 if shared else B, N - 1, generator=g, dtype=torch.float64)
+    mask = (torch.rand(B, N, generator=g) > 0.3).double() if masked else None
+    zri = torch.tensor([Z.real, Z.imag], dtype=torch.float64)
+    dev = dict(dtype=dtype, device=DEVICE)
+    return a.to(**dev), (b * c).to(**dev), zri.to(**dev), None if mask is None else mask.to(**dev)
+
+
+def upstream(B, N, dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    cdt = torch.complex128 if dtype == torch.float64 else torch.complex64
+    return torch.randn(B, N, generator=g, dtype=torch.complex128).to(cdt).to(DEVICE)
+
+
+def assert_rel(got, ref, tol, what):
+    assert got.shape == ref.shape, f"{what}: shape {tuple(got.shape)} vs {tuple(ref.shape)}"
+    assert got.dtype == ref.dtype, f"{what}: dtype {got.dtype} vs {ref.dtype}"
+    if ref.numel() == 0:
+        return
+    got, ref = got.cpu(), ref.cpu()
+    assert torch.isfinite(got).all(), f"{what}: non-finite values"
+    scale = ref.abs().max().item()
+    # an all-zero reference (e.g. the logits gradient when r = 1) is held to the absolute tolerance
+    err = (got - ref).abs().max().item() / (scale if scale > 0 else 1.0)
+    assert err < tol, f"{what}: relative error {err:.3g} >= {tol:g}"
+
+
+def check_kernels(B, N, dtype, causal, masked, shared, strategy, chunk=None, seed=0):
+    a, k, zri, mask = canon_inputs(B, N, dtype, shared, masked, seed)
+    tol = TOL[dtype]
+    out = K.bk_core_fwd(a, k, zri, mask, causal, strategy=strategy, chunk=chunk)
+    assert_rel(out, bk_core_fwd_ref(a, k, zri, mask, causal), tol, "forward")
+    g = upstream(B, N, dtype, seed + 1)
+    got = K.bk_core_bwd(g, a, k, zri, mask, causal, True, strategy=strategy, chunk=chunk)
+    exp = bk_core_bwd_ref(g, a, k, zri, mask, causal)
+    for name, x, y in zip(("grad_a", "grad_k", "grad_zri", "grad_mask"), got, exp):
+        if y is None:
+            assert x is None, f"{name}: expected None"
+        else:
+            assert_rel(x, y, tol, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# the kernels against the reference
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["k_rows", "k_shared"])
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("causal", [False, True], ids=["twosided", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("strategy,chunk", [("lanes", None), ("chunked", 3)], ids=["lanes", "chunked"])
+def test_kernels_match_reference(strategy, chunk, dtype, causal, masked, shared):
+    # N = 11 with chunks of 3: three full chunks and a partial one
+    check_kernels(3, 11, dtype, causal, masked, shared, strategy, chunk)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["twosided", "causal"])
+@pytest.mark.parametrize("N,strategy,chunk", [(1, "lanes", None), (2, "lanes", None), (3, "lanes", None),
+                                              (1, "chunked", 4), (2, "chunked", 1), (3, "chunked", 2),
+                                              (7, "chunked", 1)])
+def test_short_sequences(N, strategy, chunk, causal):
+    check_kernels(2, N, torch.float64, causal, True, False, strategy, chunk)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["twosided", "causal"])
+@pytest.mark.parametrize("B,N,strategy,chunk", [(37, 5, "lanes", None), (5, 40, "chunked", 4),
+                                                (1, 48, "chunked", None)])
+def test_several_programs_and_long_rows(B, N, strategy, chunk, causal):
+    """More segments than one program's BLOCK (B = 37 lanes; 5 rows x 10 chunks); a single
+    row of 48 with the default chunk length (sqrt(48) -> 16: three chunks)."""
+    check_kernels(B, N, torch.float32, causal, True, True, strategy, chunk, seed=B + N)
+
+
+def test_zero_rows_and_bad_arguments():
+    a, k, zri, _ = canon_inputs(2, 5, torch.float64)
+    assert K.bk_core_fwd(a[:0], k[:0], zri, None, False).shape == (0, 5)
+    with pytest.raises(ValueError, match="k: expected"):
+        K.bk_core_fwd(a, k[:, :3], zri, None, False)
+    with pytest.raises(ValueError, match="zri: expected"):
+        K.bk_core_fwd(a, k, zri.float(), None, False)
+    with pytest.raises(ValueError, match="strategy=: expected one of"):
+        K.bk_core_fwd(a, k, zri, None, False, strategy="diagonal")
+    with pytest.raises(ValueError, match="chunk=: expected a positive integer"):
+        K.bk_core_fwd(a, k, zri, None, False, strategy="chunked", chunk=0)
+    with pytest.raises(ValueError, match="grad: expected shape"):
+        K.bk_core_bwd(upstream(2, 4, torch.float64), a, k, zri, None, False)
+
+
+def test_strategy_selection(monkeypatch):
+    assert K.choose_strategy(1, 1 << 16) == "chunked"
+    assert K.choose_strategy(8, K.CHUNKED_MIN_N) == "chunked"
+    assert K.choose_strategy(9, 1 << 16) == "lanes"
+    assert K.choose_strategy(2, K.CHUNKED_MIN_N - 1) == "lanes"
+    assert K.chunk_size(1 << 16) == 256 and K.chunk_size(10) == 16 and K.chunk_size(1 << 30) == 4096
+    assert K._resolve(2, 15, None, None) == ("lanes", 1, 15)
+    assert K._resolve(2, 15, "chunked", 4) == ("chunked", 4, 4)
+    monkeypatch.setenv(K.ENV_STRATEGY, "chunked")
+    monkeypatch.setenv(K.ENV_CHUNK, "6")
+    assert K._resolve(2, 15, None, None) == ("chunked", 3, 6)
+    assert K._resolve(2, 15, "lanes", None) == ("lanes", 1, 15)  # the keyword wins over the env
+    monkeypatch.setenv(K.ENV_CHUNK, "six")
+    with pytest.raises(ValueError, match=K.ENV_CHUNK):
+        K._resolve(2, 15, None, None)
+    monkeypatch.setenv(K.ENV_STRATEGY, "fast")
+    with pytest.raises(ValueError, match=K.ENV_STRATEGY):
+        K._resolve(2, 15, None, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# the "triton" backend through resnet_bk.ops
+
+
+def public_inputs(dtype, shared, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    B, N = 2, 9
+    a = (-2.0 + 6.0 * torch.rand(B, N, generator=g, dtype=torch.float64) - 3.0).to(dtype)
+    shp = (N - 1,) if shared else (B, N - 1)
+    b = (0.5 + torch.rand(shp, generator=g, dtype=torch.float64)).to(dtype)
+    c = (0.5 + torch.rand(shp, generator=g, dtype=torch.float64)).to(dtype)
+    mask = (torch.rand(B, N, generator=g) > 0.3).to(dtype)
+    cdt = torch.complex128 if dtype == torch.float64 else torch.complex64
+    z = torch.tensor(Z, dtype=cdt)
+    return [t.to(DEVICE) for t in (a, b, c, z, mask)]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["twosided", "causal"])
+@pytest.mark.parametrize("strategy", ["lanes", "chunked"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_backend_autograd_matches_reference(monkeypatch, dtype, strategy, causal):
+    """Every input's gradient (diag, super, sub, learnable complex z, straight-through mask)
+    through ops.bk_core_masked, the strategy forced by the environment."""
+    monkeypatch.setenv(K.ENV_STRATEGY, strategy)
+    monkeypatch.setenv(K.ENV_CHUNK, "4")
+    results = []
+    for backend in ("triton", "reference"):
+        inputs = [t.clone().requires_grad_() for t in public_inputs(dtype, shared=(strategy == "chunked"))]
+        out = ops.bk_core_masked(*inputs, causal=causal, backend=backend)
+        g = upstream(*out.shape, dtype, seed=7)
+        grads = torch.autograd.grad(out, inputs, g)
+        results.append((out,) + grads)
+    for name, x, y in zip(("out", "diag", "super", "sub", "z", "mask"), *results):
+        assert_rel(x.detach(), y.detach(), TOL[dtype], name)
+
+
+def test_backend_registered_and_explained(monkeypatch):
+    assert "triton" in ops.available_backends()
+    assert ops.backend_status()["triton"] == "available"
+    a, b, c, _, _ = public_inputs(torch.float64, shared=True)
+    choice = ops.explain(a, b, c, 1j, backend="triton")
+    assert choice.backend == "triton"
+    if not ON_GPU:
+        # CPU tensors are rejected, saying why, unless the interpreter is on
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(ops.BackendUnavailableError, match="takes CUDA tensors"):
+            ops.bk_core(a, b, c, 1j, backend="triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        # any other device is rejected with the reason
+        assert "takes CUDA tensors, got meta" in _triton._check(torch.empty(2, 3, device="meta"))
+
+
+def test_verify_mode_passes():
+    a, b, c, z, mask = public_inputs(torch.float64, shared=False)
+    a.requires_grad_()
+    with ops.verify():
+        out = ops.bk_core_masked(a, b, c, z, mask, backend="triton")
+        out.real.sum().backward()
+    assert a.grad is not None and torch.isfinite(a.grad).all()
+
+
+@pytest.mark.parametrize("causal,masked", [(False, True), (True, False)], ids=["twosided_mask", "causal"])
+def test_opcheck(causal, masked):
+    a, k, zri, mask = canon_inputs(2, 4, torch.float64, shared=False, masked=masked)
+    a.requires_grad_()
+    torch.library.opcheck(torch.ops.resnet_bk.bk_core_fwd_triton, (a, k, zri, mask, causal))
+
+
+def test_compile_fullgraph_matches_eager():
+    """torch.compile traces the dispatch and the registered op (fake kernel + autograd) without
+    a graph break; aot_eager keeps the test quick (Inductor adds nothing to an opaque op)."""
+    a, b, c, z, mask = public_inputs(torch.float64, shared=True)
+
+    def f(a, b, c):
+        return ops.bk_core_masked(a, b, c, 1j, mask, backend="triton").abs().sum()
+
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    a1 = a.clone().requires_grad_()
+    a2 = a.clone().requires_grad_()
+    y1 = cf(a1, b, c)
+    y1.backward()
+    y2 = f(a2, b, c)
+    y2.backward()
+    assert_rel(y1.detach(), y2.detach(), 1e-12, "compiled output")
+    assert_rel(a1.grad, a2.grad, 1e-12, "compiled gradient")
+
+
+def test_kernels_compile_for_gpu():
+    """The real Triton compiler (not the interpreter) lowers the kernels to sm_90 cubin, including
+    the launcher's constexpr-1 specialisation of integer arguments; no GPU is needed for this.
+    ``python -m resnet_bk.triton_kernels.aot_check`` runs every specialisation."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-W", "ignore", "-m", "resnet_bk.triton_kernels.aot_check",
+                        "--level", "smoke"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "18 kernel variants compiled for sm_90" in r.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# learned down/upsampling kernels (triton_kernels/pooling.py)
+
+
+def down_formula(x, logits, causal):
+    """out[b, j] = sum_k softmax(logits[j])_k x[b, j*r + k - s], s = r - 1 if causal (zero padding)."""
+    B, N, D = x.shape
+    M, r = logits.shape
+    w = torch.softmax(logits, -1)
+    xs = x.to(logits.dtype)
+    if causal and r > 1:
+        xs = F.pad(xs, (0, 0, r - 1, 0))[:, :N]
+    return (xs.reshape(B, M, r, D) * w[None, :, :, None]).sum(2).to(x.dtype)
+
+
+def up_formula(y, bias, residual, scale):
+    """residual + scale * (y[b, m, k*D + d] + bias[m, k, d]) as (B, M*r, D)."""
+    B, M, RD = y.shape
+    r = bias.shape[1]
+    v = (y.to(bias.dtype).reshape(B, M, r, RD // r) + bias).reshape(B, M * r, RD // r)
+    if scale is not None:
+        v = scale * v
+    if residual is not None:
+        v = residual.to(bias.dtype) + v
+    return v.to(y.dtype)
+
+
+POOL_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3}
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["plain", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=["f64", "f32", "f16"])
+@pytest.mark.parametrize("r,D", [(3, 70), (1, 5), (4, 2)])
+def test_downsample_kernel(dtype, causal, r, D):
+    """D = 70 spans two feature blocks; r = 3 is not a power of two; x is a strided view."""
+    B, M = 2, 3
+    g = torch.Generator().manual_seed(r * D)
+    x = torch.randn(M * r, B, D, generator=g, dtype=torch.float64).to(dtype).transpose(0, 1).to(DEVICE)
+    logits = torch.randn(M, r, generator=g, dtype=torch.float64).to(_acc(dtype)).to(DEVICE)
+    tol = POOL_TOL[dtype]
+    out = P.learned_downsample_fwd(x, logits, causal)
+    xr, lr = x.clone().requires_grad_(), logits.clone().requires_grad_()
+    ref = down_formula(xr, lr, causal)
+    assert_rel(out, ref.detach(), tol, "downsample forward")
+    gout = torch.randn(ref.shape, generator=g, dtype=torch.float64).to(dtype).to(DEVICE)
+    ex, el = torch.autograd.grad(ref, [xr, lr], gout)
+    gx, gl = P.learned_downsample_bwd(gout, x, logits, causal)
+    assert_rel(gx, ex, tol, "grad_x")
+    assert_rel(gl, el, tol, "grad_logits")
+    only_x = P.learned_downsample_bwd(gout, x, logits, causal, need_x=True, need_logits=False)
+    assert only_x[1] is None and torch.equal(only_x[0], gx)
+
+
+@pytest.mark.parametrize("with_res,with_scale", [(True, True), (False, False), (True, False)],
+                         ids=["res_scale", "plain", "res"])
+@pytest.mark.parametrize("Mb,Db", [(3, 5), (1, 5), (3, 1), (1, 1)], ids=["full", "phase", "scalar", "shared"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_upsample_kernel(dtype, Mb, Db, with_res, with_scale):
+    B, M, r, D = 2, 3, 4, 5
+    g = torch.Generator().manual_seed(Mb * 10 + Db)
+    acc = _acc(dtype)
+
+    def rnd(*shape, dt):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dt).to(DEVICE)
+
+    y = rnd(B, M, 2 * r * D, dt=dtype)[..., ::2]  # strided view
+    bias = rnd(Mb, r, Db, dt=acc)
+    res = rnd(B, M * r, D, dt=dtype) if with_res else None
+    scale = torch.tensor(0.7, dtype=acc, device=DEVICE) if with_scale else None
+    tol = POOL_TOL[dtype]
+    out = P.learned_upsample_fwd(y, bias, res, scale)
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in (y, bias, res, scale)]
+    ref = up_formula(*leaves)
+    assert_rel(out, ref.detach(), tol, "upsample forward")
+    gout = rnd(*ref.shape, dt=dtype)
+    want = [t for t in leaves if t is not None]
+    exp = dict(zip([id(t) for t in want], torch.autograd.grad(ref, want, gout)))
+    gy, gb, gs = P.learned_upsample_bwd(gout, y, bias, scale)
+    assert_rel(gy, exp[id(leaves[0])], tol, "grad_y")
+    assert_rel(gb, exp[id(leaves[1])], tol, "grad_bias")
+    if with_scale:
+        assert_rel(gs, exp[id(leaves[3])], tol, "grad_scale")
+    else:
+        assert gs is None
+
+
+needs_pool_ops = pytest.mark.skipif(not hasattr(ops, "learned_downsample"),
+                                    reason="resnet_bk.ops has no learned_downsample (pooling ops not merged)")
+
+
+@needs_pool_ops
+@pytest.mark.parametrize("causal", [False, True], ids=["plain", "causal"])
+def test_pool_ops_through_dispatch(causal):
+    """The "triton" impls of the public pooling ops: outputs and every gradient equal the
+    reference backend's; opcheck of the registered ops."""
+    g = torch.Generator().manual_seed(5)
+    B, M, r, D = 2, 3, 2, 4
+    x = torch.randn(B, M * r, D, generator=g, dtype=torch.float64).to(DEVICE)
+    logits = torch.randn(M, r, generator=g, dtype=torch.float64).to(DEVICE)
+    bias = torch.randn(1, r, D, generator=g, dtype=torch.float64).to(DEVICE)
+    scale = torch.tensor(0.5, dtype=torch.float64, device=DEVICE)
+    results = []
+    for backend in ("triton", "reference"):
+        leaves = [t.clone().requires_grad_() for t in (x, logits, bias, scale)]
+        low = ops.learned_downsample(leaves[0], leaves[1], causal=causal, backend=backend)
+        y = low.repeat(1, 1, r)  # (B, M, r*D)
+        out = ops.learned_upsample(y, leaves[2], residual=leaves[0], scale=leaves[3], backend=backend)
+        gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(9), dtype=out.dtype).to(DEVICE)
+        results.append((out,) + torch.autograd.grad(out, leaves, gout))
+    for name, a, b in zip(("out", "x", "logits", "bias", "scale"), *results):
+        assert_rel(a.detach(), b.detach(), 1e-12, name)
+    xc = x.clone().requires_grad_()
+    torch.library.opcheck(torch.ops.resnet_bk.learned_downsample_fwd_triton, (xc, logits, causal))
+    yc = torch.randn(B, M, r * D, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(torch.ops.resnet_bk.learned_upsample_fwd_triton, (yc, bias, x, scale))
