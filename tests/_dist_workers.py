@@ -125,26 +125,13 @@ def sp_worker(rank, world, init_file, big):
 # ---------------------------------------------------------------------------------------------
 # data parallelism: DistributedDataParallel == single process on the same global batch
 
-class TinyBK(nn.Module):
-    """A small ResNet-BK language model: embedding -> learned potential v -> causal BK-Core features
-    of H = H0 + diag(v) at z = i * eps (eps learnable) -> residual MLP -> logits."""
-
-    def __init__(self, vocab=13, d=8, N=16):
-        super().__init__()
-        self.emb = nn.Embedding(vocab, d)
-        self.v = nn.Linear(d, 1)
-        self.mix = nn.Linear(2, d)
-        self.out = nn.Linear(d, vocab)
-        self.eps = nn.Parameter(torch.tensor(1.0))
-        self.register_buffer("h0", torch.ones(N - 1))
-
-    def forward(self, tokens):
-        x = self.emb(tokens)
-        v = self.v(x).squeeze(-1)
-        z = torch.complex(torch.zeros_like(self.eps), self.eps)
-        f = ops.bk_core_features(-2.0 + v, self.h0.to(v.dtype), self.h0.to(v.dtype), z, causal=True)
-        x = x + self.mix(f.to(x.dtype))
-        return self.out(torch.tanh(x))
+def _model(vocab, N):
+    """resnet_bk.models.base.LanguageModel (ResNet-BK blocks: MoE FFN + causal BK-Core with a learnable
+    Im z). Dropout off and no MoE balancing loss: both depend on the batch split, which is exactly
+    what must not change the result here (per-token top-1 routing does not)."""
+    from resnet_bk.models.base import LanguageModel
+    return LanguageModel(vocab, d_model=16, n_layers=2, n_seq=N, num_experts=2, top_k=1, dropout_p=0.0,
+                         learnable_z=True, moe_aux_weight=0.0).double()
 
 
 def _train(model, tokens, targets, steps):
@@ -165,8 +152,8 @@ def ddp_worker(rank, world, init_file, result_dir):
         g = torch.Generator().manual_seed(123)
         tokens = torch.randint(0, vocab, (B, N), generator=g)
         targets = torch.randint(0, vocab, (B, N), generator=g)
-        single = TinyBK(vocab, N=N).double()
-        local = TinyBK(vocab, N=N).double()
+        single = _model(vocab, N)
+        local = _model(vocab, N)
         local.load_state_dict(single.state_dict())
         init = {k: v.clone() for k, v in single.state_dict().items()}
         _train(single, tokens, targets, steps)  # the whole global batch in one process

@@ -227,3 +227,90 @@ def test_broadcast_equals_materialised(p):
                          c.expand(want).contiguous().to(p["dtype"]), p["z"], causal=p["causal"], backend=backend)
         # the same products b_j c_j reach the kernel either way: bitwise equal
         assert torch.equal(o1, o2), (backend, p)
+
+
+# ---------------------------------------------------------------------------------------------
+# pooling ops (learned_downsample / learned_upsample): every CPU backend against the float64 reference.
+# Both are convex-combination / affine maps (well conditioned): float32 1e-5 and float64 1e-12 relative
+# in the normwise metric; bf16/fp16 results are rounded to the input dtype (2^-8 relative more).
+
+POOL_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-5 + 2.0 ** -8}
+
+
+def _pool_backends():
+    return [b for b in BACKENDS if b in ("reference", "cpp")]
+
+
+def _grads_of(fn, leaves, gout):
+    out = fn(*leaves)
+    gs = torch.autograd.grad(out, [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad], gout.to(out.dtype),
+                             allow_unused=True)
+    return [out.detach()] + [torch.zeros(()) if g is None else g for g in gs]
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+       lead=st.lists(st.integers(1, 3), max_size=2).map(tuple), M=st.integers(1, 40), r=st.integers(1, 6),
+       D=st.integers(1, 9), causal=st.booleans(), strided=st.booleans(),
+       scale=st.floats(-1.0, 3.0), seed=st.integers(0, 2 ** 31 - 1))
+def test_learned_downsample_matches_reference(dtype, lead, M, r, D, causal, strided, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    N = M * r
+    x = torch.randn(lead + (N, D), generator=g, dtype=torch.float64).to(dtype).double()
+    logits = (10.0 ** scale * torch.randn(M, r, generator=g, dtype=torch.float64)).to(dtype).double()
+    gout = torch.randn(lead + (M, D), generator=g, dtype=torch.float64).to(dtype).double()  # same rounding
+    ref = _grads_of(lambda x, l: ops.learned_downsample(x, l, causal=causal, backend="reference"),
+                    [x.clone().requires_grad_(), logits.clone().requires_grad_()], gout)
+    for backend in _pool_backends():
+        xx = x.to(dtype)
+        if strided:
+            xx = torch.cat([xx, xx], -1)[..., :D] if D > 1 else xx.transpose(-1, -2).contiguous().transpose(-1, -2)
+        got = _grads_of(lambda x, l: ops.learned_downsample(x, l, causal=causal, backend=backend),
+                        [xx.detach().clone().requires_grad_() if not strided else xx.detach().requires_grad_(),
+                         logits.to(dtype if dtype != torch.bfloat16 else torch.float32).requires_grad_()], gout)
+        assert got[0].dtype == dtype
+        for name, a, b in zip(("forward", "grad x", "grad logits"), got, ref):
+            assert a.shape == b.shape, (backend, name)
+            if name == "grad logits":
+                # dL/dlogit_jk = w_jk <g_j, x_k - out_j>: with a saturated softmax x_k - out_j cancels, and the
+                # gradient is tiny compared with the terms it is computed from; its error scale is
+                # |x| |g| (per unit of rounding), not its own size.
+                err = (a.double() - b).abs().max().item() / (x.abs().max() * gout.abs().max()).item()
+            else:
+                err = rel_err(a, b) if b.abs().max() > 0 else a.abs().max().item()
+            assert err <= POOL_TOL[dtype], (backend, name, err, dtype, lead, N, r, D, causal)
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+       lead=st.lists(st.integers(1, 3), max_size=2).map(tuple), M=st.integers(1, 40), r=st.integers(1, 6),
+       D=st.integers(1, 9), bias_kind=st.sampled_from(["MrD", "1rD", "Mr1", "Mr"]), residual=st.booleans(),
+       scale_kind=st.sampled_from(["none", "float", "tensor"]), seed=st.integers(0, 2 ** 31 - 1))
+def test_learned_upsample_matches_reference(dtype, lead, M, r, D, bias_kind, residual, scale_kind, seed):
+    g = torch.Generator().manual_seed(seed)
+    f64 = torch.float64
+    y = torch.randn(lead + (M, r * D), generator=g, dtype=f64).to(dtype).double()
+    bshape = {"MrD": (M, r, D), "1rD": (1, r, D), "Mr1": (M, r, 1), "Mr": (M, r)}[bias_kind]
+    bias = torch.randn(bshape, generator=g, dtype=f64).to(dtype).double()
+    res = torch.randn(lead + (M * r, D), generator=g, dtype=f64).to(dtype).double() if residual else None
+    sc = {"none": None, "float": 0.7, "tensor": torch.tensor(1.3, dtype=f64)}[scale_kind]
+    gout = torch.randn(lead + (M * r, D), generator=g, dtype=f64).to(dtype).double()  # same rounding
+
+    def leaves(dt):
+        bdt = dt if dt != torch.bfloat16 else torch.float32
+        out = [y.to(dt).requires_grad_(), bias.to(bdt).requires_grad_(),
+               None if res is None else res.to(dt).requires_grad_(),
+               sc.to(bdt).requires_grad_() if isinstance(sc, torch.Tensor) else sc]
+        return out
+
+    def call(backend):
+        return lambda y, b, rr, s: ops.learned_upsample(y, b, rr, s, backend=backend)
+
+    ref = _grads_of(call("reference"), leaves(f64), gout)
+    for backend in _pool_backends():
+        got = _grads_of(call(backend), leaves(dtype), gout)
+        assert got[0].dtype == dtype
+        for i, (a, b) in enumerate(zip(got, ref)):
+            assert a.shape == b.shape, (backend, i)
+            err = rel_err(a, b) if b.abs().max() > 0 else a.abs().max().item()
+            assert err <= POOL_TOL[dtype], (backend, i, err, dtype, lead, M, r, D, bias_kind, residual, scale_kind)
