@@ -38,12 +38,27 @@ __all__ = [
 ]
 
 Number = Union[int, float, complex]
+try:
+    from numpy import bool_ as np_bool
+except ImportError:  # numpy is optional
+    np_bool = bool
 
 
-def _run_bk(op: str, args: BKArgs, causal: bool, backend: Optional[str]) -> Tensor:
+def _check_causal(causal) -> bool:
+    # bool(...) would turn causal="no" or causal=None into a silent choice of variant
+    if not isinstance(causal, (bool, np_bool)):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__} {causal!r}")
+    return bool(causal)
+
+
+def _run_bk(op: str, args: BKArgs, causal, backend: Optional[str]) -> Tensor:
+    causal = _check_causal(causal)
     if args.B == 0:
-        cdt = torch.complex128 if args.a.dtype == torch.float64 else torch.complex64
-        return torch.empty(args.batch_shape + (args.N,), dtype=cdt, device=args.a.device)
+        # An empty batch runs no kernel, but stays in the autograd graph (backward through it gives
+        # zero-size gradients and a zero grad for z): the reference handles B = 0 without a loop.
+        _dispatch._forced(backend)  # a bad backend name still raises
+        out = _ref_backend.bk_core_reference(args.a, args.k, args.zri, args.mask, causal)
+        return out.reshape(args.batch_shape + (args.N,))
     fn = _dispatch.select(op, args.a.device, (args.a, args.k, args.zri, args.mask, causal), backend)
     out = fn(args.a, args.k, args.zri, args.mask, causal)
     return out.reshape(args.batch_shape + (args.N,))
@@ -67,7 +82,7 @@ def bk_core(diag: Tensor, super_diag: Tensor, sub_diag: Tensor, z: Union[Number,
         super_diag, sub_diag and z.
     """
     args = canon_bk(diag, super_diag, sub_diag, z)
-    return _run_bk("bk_core", args, bool(causal), backend)
+    return _run_bk("bk_core", args, causal, backend)
 
 
 def bk_core_masked(diag: Tensor, super_diag: Tensor, sub_diag: Tensor, z: Union[Number, Tensor],
@@ -81,7 +96,7 @@ def bk_core_masked(diag: Tensor, super_diag: Tensor, sub_diag: Tensor, z: Union[
     whose mask is 0 in all the sequences of a SIMD block (32 float / 16 double lanes), so the
     saving depends on how masks line up across the batch (see the benchmark)."""
     args = canon_bk(diag, super_diag, sub_diag, z, mask)
-    return _run_bk("bk_core", args, bool(causal), backend)
+    return _run_bk("bk_core", args, causal, backend)
 
 
 def bk_core_features(he_diag: Tensor, h0_super: Tensor, h0_sub: Tensor, z: Union[Number, Tensor], *,
@@ -97,4 +112,4 @@ def explain(diag: Tensor, super_diag: Tensor, sub_diag: Tensor, z: Union[Number,
     """Which backend a ``bk_core`` call with these arguments would use, and why the ones before it
     in the preference order were skipped. ``str(explain(...))`` reads as a sentence."""
     args = canon_bk(diag, super_diag, sub_diag, z, mask)
-    return _dispatch.choose(op, args.a.device, (args.a, args.k, args.zri, args.mask, bool(causal)), backend)
+    return _dispatch.choose(op, args.a.device, (args.a, args.k, args.zri, args.mask, _check_causal(causal)), backend)
