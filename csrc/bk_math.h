@@ -52,11 +52,19 @@ template <class V>
 BK_HD V norm2(Cx<V> x) {
   return x.re * x.re + x.im * x.im;
 }
+// x * s, but exactly 0 where s == 0. s is 1/|p|^2 or k/|p|^2 for a pivot p; an infinite pivot
+// (an infinite potential) makes s = 0, and the limit of x * s is then 0, not inf * 0 = NaN: the
+// position decouples, as the exact resolvent does. (The CPU kernel overloads this for its SIMD packs.)
+template <class V>
+BK_HD V mul_or_zero(V x, V s) {
+  return s == V{} ? V{} : x * s;
+}
+
 // 1 / x: one real division.
 template <class V>
 BK_HD Cx<V> recip(Cx<V> x) {
   V inv = bk_one<V>() / norm2(x);
-  return Cx<V>{x.re * inv, -x.im * inv};
+  return Cx<V>{mul_or_zero(x.re, inv), -mul_or_zero(x.im, inv)};
 }
 
 // One Schur pivot step, either direction:
@@ -66,7 +74,7 @@ BK_HD Cx<V> recip(Cx<V> x) {
 template <class V>
 BK_HD Cx<V> pivot_step(Cx<V> alpha, V k, Cx<V> prev) {
   V q = k / norm2(prev);
-  return Cx<V>{alpha.re - prev.re * q, alpha.im + prev.im * q};
+  return Cx<V>{alpha.re - mul_or_zero(prev.re, q), alpha.im + mul_or_zero(prev.im, q)};
 }
 
 // Two-sided combine: G_ii = 1 / (d_i + e_i - alpha_i).

@@ -136,6 +136,12 @@ static inline Cx<VPack<T>> masked(const Cx<VPack<T>>& x, const VPack<T>& m) {
   return r;
 }
 template <class T>
+static inline VPack<T> mul_or_zero(const VPack<T>& x, const VPack<T>& s) {
+  VPack<T> r;
+  for (int u = 0; u < VPack<T>::U; ++u) r.v[u] = s.v[u] == 0 ? s.v[u] * 0 : x.v[u] * s.v[u];
+  return r;
+}
+template <class T>
 static inline VPack<T> vmax(const VPack<T>& x, const VPack<T>& y) {
   VPack<T> r;
   for (int u = 0; u < VPack<T>::U; ++u) r.v[u] = x.v[u] > y.v[u] ? x.v[u] : y.v[u];
@@ -383,8 +389,8 @@ static Cx<typename VecOf<T>::type> d_pass(const BlockIn<T>& in, int64_t Lc, T zi
       const int64_t p = p0 + q;
       V r = bk::bk_one<V>() / bk::norm2(prev);
       V qq = tK[q] * r;
-      if (ID && p > 0) ID[p - 1] = Cx<V>{prev.re * r, -prev.im * r};
-      Cx<V> d{tA[q] - prev.re * qq, aim + prev.im * qq};
+      if (ID && p > 0) ID[p - 1] = Cx<V>{mul_or_zero(prev.re, r), -mul_or_zero(prev.im, r)};
+      Cx<V> d{tA[q] - mul_or_zero(prev.re, qq), aim + mul_or_zero(prev.im, qq)};
       D[p] = d;
       prev = d;
     }
@@ -738,8 +744,8 @@ static void bwd_phase1(BwdShared<T>& sh, int64_t blk, Scratch<T>& s) {
       V kk = tK[q + 1];
       V r = bk::bk_one<V>() / bk::norm2(eprev);
       V qq = kk * r;
-      s.IE[p + 1] = Cx<V>{eprev.re * r, -eprev.im * r};
-      Cx<V> e{al.re - eprev.re * qq, al.im + eprev.im * qq};
+      s.IE[p + 1] = Cx<V>{mul_or_zero(eprev.re, r), -mul_or_zero(eprev.im, r)};
+      Cx<V> e{al.re - mul_or_zero(eprev.re, qq), al.im + mul_or_zero(eprev.im, qq)};
       Cx<V> G = bk::combine(s.D[p], e, al);
       Cx<V> w = tW[q];
       if (gm) tGM[q] = G.re * w.re - G.im * w.im;

@@ -370,9 +370,9 @@ __global__ void __launch_bounds__(NT) bwd1_two_sided(Problem<T> pr, Grads<T> gr,
       const T kk = sK[r * RS + t];
       // e_p = alpha_p - k_p / e_{p+1}; the division also gives 1 / e_{p+1}.
       const T inv = T(1) / bk::norm2(eprev);
-      const Cx<T> ie_next{eprev.re * inv, -eprev.im * inv};
+      const Cx<T> ie_next{bk::mul_or_zero(eprev.re, inv), -bk::mul_or_zero(eprev.im, inv)};
       const T q = kk * inv;
-      const Cx<T> e{al.re - eprev.re * q, al.im + eprev.im * q};
+      const Cx<T> e{al.re - bk::mul_or_zero(eprev.re, q), al.im + bk::mul_or_zero(eprev.im, q)};
       const Cx<T> d = g.act ? w.S0[idx] : al;
       const Cx<T> id = bk::recip(d);
       const Cx<T> G = bk::combine(d, e, al);
