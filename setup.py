@@ -47,6 +47,13 @@ def _ext_modules():
              f"(install torch first and use --no-build-isolation)")
         return [], {}
     cxx = ["-O3", "-std=c++17", "-fno-math-errno"]
+    link = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is a header template whose OpenMP pragma is compiled in *this* extension:
+        # without -fopenmp it silently runs on one thread. At run time the extension's libgomp.so.1
+        # resolves to the copy torch already loaded, so torch.set_num_threads governs it.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     if _env_flag("RESNET_BK_NATIVE"):
         cxx.append("-march=native")
     sources = [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
@@ -73,11 +80,12 @@ def _ext_modules():
         sources += [os.path.relpath(p, ROOT) for p in cu_sources + cu_bind]
         ext = CUDAExtension(
             "resnet_bk._C", sources,
+            extra_link_args=link,
             extra_compile_args={"cxx": cxx + ["-DRESNET_BK_WITH_CUDA"],
                                 "nvcc": ["-O3", "-std=c++17", "-DRESNET_BK_WITH_CUDA"]},
             py_limited_api=False)
     else:
-        ext = CppExtension("resnet_bk._C", sources, extra_compile_args={"cxx": cxx})
+        ext = CppExtension("resnet_bk._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None or _has_ninja_module())}
 
 
