@@ -896,7 +896,10 @@ static void backward_impl(const Problem<T>& pr, Grads<T>& g, const Par& par) {
     sh.l_in.assign(nl, zero);
     // Per-block scratch lives across the two phases; it is cached per calling thread so repeated
     // calls do not pay fresh page faults.
-    static thread_local std::vector<Scratch<T>> keep;
+    // (A thread_local named inside the worker lambda would be the *worker's* own, empty vector:
+    // bind the calling thread's vector to a reference the lambdas capture.)
+    static thread_local std::vector<Scratch<T>> keep_tls;
+    std::vector<Scratch<T>>& keep = keep_tls;
     if (int64_t(keep.size()) < pl.blocks) keep.resize(pl.blocks);
     parallel_blocks(par, pl.blocks, [&](int64_t blk) { bwd_phase1(sh, blk, keep[blk]); });
     for (int64_t b = 0; b < pl.B; ++b) {
