@@ -80,6 +80,14 @@ def canon_z(z, rdt: torch.dtype, device: torch.device, ref_name: str = "diag") -
     return torch.tensor([zc.real, zc.imag], dtype=rdt, device=device)
 
 
+def _broadcastable_to(shape: Tuple[int, ...], want: Tuple[int, ...]) -> bool:
+    """shape broadcasts to exactly `want` (right-aligned, each dim equal or 1). A plain loop: this
+    runs on every call, and torch.broadcast_shapes costs ~10 us."""
+    if len(shape) > len(want):
+        return False
+    return all(s == w or s == 1 for s, w in zip(reversed(shape), reversed(want)))
+
+
 @dataclass
 class BKArgs:
     a: Tensor            # (B, N) compute dtype, contiguous
@@ -112,12 +120,7 @@ def canon_bk(diag, super_diag, sub_diag, z, mask=None, *, mask_name: str = "mask
         if t.dim() < 1 or t.dim() > len(want):
             raise ValueError(f"{name}: expected a shape broadcastable to {want} (diag is {tuple(diag.shape)}), "
                              f"got {tuple(t.shape)}")
-        try:
-            torch.broadcast_shapes(tuple(t.shape), want)
-            ok = torch.broadcast_shapes(tuple(t.shape), want) == want
-        except RuntimeError:
-            ok = False
-        if not ok:
+        if not _broadcastable_to(tuple(t.shape), want):
             raise ValueError(f"{name}: expected a shape broadcastable to {want} (N - 1 = {N - 1} off-diagonal "
                              f"entries for diag of shape {tuple(diag.shape)}), got {tuple(t.shape)}")
         offs.append(t)
