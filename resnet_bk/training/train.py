@@ -87,6 +87,13 @@ def _register_optional() -> None:
             __import__(mod)
         except ImportError:
             pass
+    # Run as `python -m resnet_bk.training.train`, this file is __main__ and the modules above
+    # registered into the importable copy of it: take their entries over.
+    import sys
+    registry = sys.modules.get("resnet_bk.training.train")
+    if registry is not None and registry.MODELS is not MODELS:
+        for name, factory in registry.MODELS.items():
+            MODELS.setdefault(name, factory)
 
 
 def _walk_sorted(root: Path, skip_site_packages: bool):
