@@ -44,3 +44,57 @@ def register_no_double_backward(bwd_qualname: str) -> None:
             "the first-order gradient is exact. Use the reference backend if you need create_graph=True.")
 
     torch.library.register_autograd(bwd_qualname, backward, setup_context=lambda ctx, inputs, output: None)
+
+
+# ---- learned down/upsampling op pairs (C++/CUDA and Triton) ----------------------------------
+
+def down_fwd_fake(x, logits, causal):
+    torch._check(x.dim() == 3, lambda: "x: expected shape (B, N, D)")
+    return x.new_empty((x.shape[0], logits.shape[0], x.shape[2]))
+
+
+def down_bwd_fake(grad, x, logits, causal, need_x_grad, need_logits_grad):
+    return (x.new_empty(x.shape) if need_x_grad else x.new_empty((0,)),
+            logits.new_empty(logits.shape) if need_logits_grad else logits.new_empty((0,)))
+
+
+def up_fwd_fake(y, bias, residual, scale):
+    r = bias.shape[1]
+    return y.new_empty((y.shape[0], y.shape[1] * r, y.shape[2] // r))
+
+
+def up_bwd_fake(grad, y, bias, scale, need_y_grad, need_bias_grad, need_scale_grad):
+    return (y.new_empty(y.shape) if need_y_grad else y.new_empty((0,)),
+            bias.new_empty(bias.shape) if need_bias_grad else bias.new_empty((0,)),
+            bias.new_empty(()) if (need_scale_grad and scale is not None) else bias.new_empty((0,)))
+
+
+def register_pool_autograd(down_fwd_qualname: str, down_bwd_op: Callable, up_fwd_qualname: str,
+                           up_bwd_op: Callable) -> None:
+    """Registers the backward of a (downsample, upsample) forward-op pair as calls of their
+    backward ops; unneeded gradients are not computed."""
+
+    def down_setup(ctx, inputs, output):
+        x, logits, causal = inputs
+        ctx.save_for_backward(x, logits)
+        ctx.causal = causal
+
+    def down_backward(ctx, grad):
+        x, logits = ctx.saved_tensors
+        nx, nl = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gx, gl = down_bwd_op(grad, x, logits, ctx.causal, nx, nl)
+        return (gx if nx else None), (gl if nl else None), None
+
+    def up_setup(ctx, inputs, output):
+        y, bias, residual, scale = inputs
+        ctx.save_for_backward(y, bias, scale)
+
+    def up_backward(ctx, grad):
+        y, bias, scale = ctx.saved_tensors
+        ny, nb, nr, ns = ctx.needs_input_grad
+        gy, gb, gs = up_bwd_op(grad, y, bias, scale, ny, nb, ns)
+        # d out / d residual is the identity: the upstream gradient itself
+        return (gy if ny else None), (gb if nb else None), (grad if nr else None), (gs if ns else None)
+
+    torch.library.register_autograd(down_fwd_qualname, down_backward, setup_context=down_setup)
+    torch.library.register_autograd(up_fwd_qualname, up_backward, setup_context=up_setup)

@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from . import _dispatch
-from ._bk_autograd import bwd_fake, fwd_fake, register_bk_autograd, register_no_double_backward
+from ._bk_autograd import (bwd_fake, down_bwd_fake, down_fwd_fake, fwd_fake, register_bk_autograd,
+                           register_no_double_backward, register_pool_autograd, up_bwd_fake, up_fwd_fake)
 
 try:
     import triton  # noqa: F401
@@ -142,28 +143,8 @@ if _TRITON_ERROR is None:
         gx, gl = _pool().learned_downsample_bwd(grad, x, logits, causal, need_x, need_logits)
         return (x.new_empty((0,)) if gx is None else gx), (logits.new_empty((0,)) if gl is None else gl)
 
-    @learned_downsample_fwd_triton.register_fake
-    def _down_fwd_fake(x, logits, causal):
-        return x.new_empty((x.shape[0], logits.shape[0], x.shape[2]))
-
-    @learned_downsample_bwd_triton.register_fake
-    def _down_bwd_fake(grad, x, logits, causal, need_x, need_logits):
-        return (x.new_empty(x.shape) if need_x else x.new_empty((0,)),
-                logits.new_empty(logits.shape) if need_logits else logits.new_empty((0,)))
-
-    def _down_setup(ctx, inputs, output):
-        x, logits, causal = inputs
-        ctx.save_for_backward(x, logits)
-        ctx.causal = causal
-
-    def _down_backward(ctx, grad):
-        x, logits = ctx.saved_tensors
-        nx, nl = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        gx, gl = torch.ops.resnet_bk.learned_downsample_bwd_triton(grad, x, logits, ctx.causal, nx, nl)
-        return (gx if nx else None), (gl if nl else None), None
-
-    torch.library.register_autograd("resnet_bk::learned_downsample_fwd_triton", _down_backward,
-                                    setup_context=_down_setup)
+    learned_downsample_fwd_triton.register_fake(down_fwd_fake)
+    learned_downsample_bwd_triton.register_fake(down_bwd_fake)
 
     @torch.library.custom_op("resnet_bk::learned_upsample_fwd_triton", mutates_args=())
     def learned_upsample_fwd_triton(y: Tensor, bias: Tensor, residual: Optional[Tensor],
@@ -180,29 +161,11 @@ if _TRITON_ERROR is None:
         return (y.new_empty((0,)) if gy is None else gy, bias.new_empty((0,)) if gb is None else gb,
                 bias.new_empty((0,)) if gs is None else gs)
 
-    @learned_upsample_fwd_triton.register_fake
-    def _up_fwd_fake(y, bias, residual, scale):
-        r = bias.shape[1]
-        return y.new_empty((y.shape[0], y.shape[1] * r, y.shape[2] // r))
-
-    @learned_upsample_bwd_triton.register_fake
-    def _up_bwd_fake(grad, y, bias, scale, need_y, need_bias, need_scale):
-        return (y.new_empty(y.shape) if need_y else y.new_empty((0,)),
-                bias.new_empty(bias.shape) if need_bias else bias.new_empty((0,)),
-                bias.new_empty(()) if (need_scale and scale is not None) else bias.new_empty((0,)))
-
-    def _up_setup(ctx, inputs, output):
-        y, bias, residual, scale = inputs
-        ctx.save_for_backward(y, bias, scale)
-
-    def _up_backward(ctx, grad):
-        y, bias, scale = ctx.saved_tensors
-        ny, nb, nr, ns = ctx.needs_input_grad
-        gy, gb, gs = torch.ops.resnet_bk.learned_upsample_bwd_triton(grad, y, bias, scale, ny, nb, ns)
-        # d out / d residual is the identity: the upstream gradient itself
-        return (gy if ny else None), (gb if nb else None), (grad if nr else None), (gs if ns else None)
-
-    torch.library.register_autograd("resnet_bk::learned_upsample_fwd_triton", _up_backward, setup_context=_up_setup)
+    learned_upsample_fwd_triton.register_fake(up_fwd_fake)
+    learned_upsample_bwd_triton.register_fake(up_bwd_fake)
+    register_pool_autograd("resnet_bk::learned_downsample_fwd_triton",
+                           torch.ops.resnet_bk.learned_downsample_bwd_triton,
+                           "resnet_bk::learned_upsample_fwd_triton", torch.ops.resnet_bk.learned_upsample_bwd_triton)
 
     def learned_downsample_triton(x, logits, causal):
         return torch.ops.resnet_bk.learned_downsample_fwd_triton(x, logits, causal)

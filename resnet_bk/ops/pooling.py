@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _cpp, _dispatch, _ref_backend  # noqa: F401  (backends must exist before register_impl)
+from ._bk_autograd import down_bwd_fake, down_fwd_fake, register_pool_autograd, up_bwd_fake, up_fwd_fake
 from ._canon import check_precision_class, check_same_device, check_tensor
 
 __all__ = ["learned_downsample", "learned_upsample", "learned_downsample_ref", "learned_upsample_ref"]
@@ -85,53 +86,12 @@ def _has_op(name: str) -> bool:
 HAS_POOL_OPS = _has_op("learned_downsample_fwd") and _has_op("learned_upsample_fwd")
 
 if HAS_POOL_OPS:
-    @torch.library.register_fake("resnet_bk::learned_downsample_fwd")
-    def _down_fwd_fake(x, logits, causal):
-        torch._check(x.dim() == 3, lambda: "x: expected shape (B, N, D)")
-        return x.new_empty((x.shape[0], logits.shape[0], x.shape[2]))
-
-    @torch.library.register_fake("resnet_bk::learned_downsample_bwd")
-    def _down_bwd_fake(grad, x, logits, causal, need_x_grad, need_logits_grad):
-        gx = x.new_empty(x.shape) if need_x_grad else x.new_empty((0,))
-        gl = logits.new_empty(logits.shape) if need_logits_grad else logits.new_empty((0,))
-        return gx, gl
-
-    @torch.library.register_fake("resnet_bk::learned_upsample_fwd")
-    def _up_fwd_fake(y, bias, residual, scale):
-        r = bias.shape[1]
-        return y.new_empty((y.shape[0], y.shape[1] * r, y.shape[2] // r))
-
-    @torch.library.register_fake("resnet_bk::learned_upsample_bwd")
-    def _up_bwd_fake(grad, y, bias, scale, need_y_grad, need_bias_grad, need_scale_grad):
-        gy = y.new_empty(y.shape) if need_y_grad else y.new_empty((0,))
-        gb = bias.new_empty(bias.shape) if need_bias_grad else bias.new_empty((0,))
-        gs = bias.new_empty(()) if need_scale_grad else bias.new_empty((0,))
-        return gy, gb, gs
-
-    def _down_setup(ctx, inputs, output):
-        x, logits, causal = inputs
-        ctx.save_for_backward(x, logits)
-        ctx.causal = causal
-
-    def _down_backward(ctx, grad):
-        x, logits = ctx.saved_tensors
-        nx, nl = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        gx, gl = torch.ops.resnet_bk.learned_downsample_bwd(grad, x, logits, ctx.causal, nx, nl)
-        return (gx if nx else None), (gl if nl else None), None
-
-    def _up_setup(ctx, inputs, output):
-        y, bias, residual, scale = inputs
-        ctx.save_for_backward(y, bias, scale)
-
-    def _up_backward(ctx, grad):
-        y, bias, scale = ctx.saved_tensors
-        ny, nb, nr, ns = ctx.needs_input_grad
-        gy, gb, gs = torch.ops.resnet_bk.learned_upsample_bwd(grad, y, bias, scale, ny, nb, ns)
-        # d out / d residual is the identity: the upstream gradient itself
-        return (gy if ny else None), (gb if nb else None), (grad if nr else None), (gs if ns else None)
-
-    torch.library.register_autograd("resnet_bk::learned_downsample_fwd", _down_backward, setup_context=_down_setup)
-    torch.library.register_autograd("resnet_bk::learned_upsample_fwd", _up_backward, setup_context=_up_setup)
+    torch.library.register_fake("resnet_bk::learned_downsample_fwd")(down_fwd_fake)
+    torch.library.register_fake("resnet_bk::learned_downsample_bwd")(down_bwd_fake)
+    torch.library.register_fake("resnet_bk::learned_upsample_fwd")(up_fwd_fake)
+    torch.library.register_fake("resnet_bk::learned_upsample_bwd")(up_bwd_fake)
+    register_pool_autograd("resnet_bk::learned_downsample_fwd", torch.ops.resnet_bk.learned_downsample_bwd,
+                           "resnet_bk::learned_upsample_fwd", torch.ops.resnet_bk.learned_upsample_bwd)
 
 
 def learned_downsample_compiled(x, logits, causal):
