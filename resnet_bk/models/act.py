@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import MoEResNetBKLayer, check_hidden, check_tokens, moe_aux_loss
+from .base import MoEResNetBKLayer, check_hidden, check_positive_ints, check_tokens, moe_aux_loss
 
 __all__ = ["AdaptiveResNetBKBlock", "ACTLanguageModel", "ACTTrainer", "ACTStep"]
 
@@ -154,10 +154,7 @@ class ACTLanguageModel(nn.Module):
                  act_lambda: float = 0.01, *, causal: bool = True, backend: Optional[str] = None,
                  learnable_z: bool = False, halt_bias_init: float = -1.0, moe_aux_weight: float = 0.01):
         super().__init__()
-        for name, val in (("vocab_size", vocab_size), ("d_model", d_model), ("n_layers", n_layers),
-                          ("n_seq", n_seq)):
-            if not isinstance(val, int) or val < 1:
-                raise ValueError(f"{name}: expected a positive int, got {val!r}")
+        check_positive_ints(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_seq=n_seq)
         self.vocab_size = vocab_size
         self.d_model = d_model
         self.n_layers = n_layers

@@ -54,6 +54,13 @@ def check_tokens(name: str, x, n_seq: int, vocab_size: Optional[int] = None) -> 
         raise ValueError(f"{name}: expected a sequence length 1 <= N <= n_seq={n_seq}, got N={x.shape[1]}")
 
 
+
+def check_positive_ints(**values) -> None:
+    """Raises ValueError naming the first argument that is not a positive int."""
+    for name, val in values.items():
+        if not isinstance(val, int) or val < 1:
+            raise ValueError(f"{name}: expected a positive int, got {val!r}")
+
 class SparseMoELayer(nn.Module):
     """Top-k mixture of experts FFN. Each expert is ``Linear(d,2d)-ReLU-Dropout-Linear(2d,d)``.
 
@@ -288,10 +295,7 @@ class LanguageModel(nn.Module):
                  block_factory: Optional[Callable[[int], nn.Module]] = None,
                  moe_aux_weight: float = 0.01):
         super().__init__()
-        for name, val in (("vocab_size", vocab_size), ("d_model", d_model), ("n_layers", n_layers),
-                          ("n_seq", n_seq)):
-            if not isinstance(val, int) or val < 1:
-                raise ValueError(f"{name}: expected a positive int, got {val!r}")
+        check_positive_ints(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_seq=n_seq)
         self.vocab_size = vocab_size
         self.d_model = d_model
         self.n_layers = n_layers

@@ -31,7 +31,6 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["LearnableBucketLandmark", "attach_bucket_landmark", "BucketLandmarkHandle"]

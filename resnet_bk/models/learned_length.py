@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import LanguageModel, moe_aux_loss
+from .base import LanguageModel, check_positive_ints, moe_aux_loss
 
 __all__ = ["SequenceLengthPredictor", "AdaptiveSequenceLengthWrapper", "LearnedSequenceLengthTrainer"]
 
@@ -64,9 +64,7 @@ class SequenceLengthPredictor(nn.Module):
 
     def __init__(self, d_model: int, max_seq_len: int = 128, num_length_bins: int = 8):
         super().__init__()
-        for name, val in (("d_model", d_model), ("max_seq_len", max_seq_len), ("num_length_bins", num_length_bins)):
-            if not isinstance(val, int) or val < 1:
-                raise ValueError(f"{name}: expected a positive int, got {val!r}")
+        check_positive_ints(d_model=d_model, max_seq_len=max_seq_len, num_length_bins=num_length_bins)
         if num_length_bins > max_seq_len:
             raise ValueError(f"num_length_bins: expected <= max_seq_len={max_seq_len}, got {num_length_bins}")
         self.d_model = d_model
