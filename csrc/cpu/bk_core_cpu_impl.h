@@ -25,6 +25,10 @@
 #include "bk_transpose_avx512.h"
 #endif
 
+#ifndef BK_AI
+#define BK_AI inline __attribute__((always_inline))
+#endif
+
 namespace bk_cpu {
 namespace BK_ISA_NS {
 namespace {
@@ -48,23 +52,23 @@ struct VPack {
   N v[U];
 
   VPack() : v{} {}
-  static inline VPack bcast(T s) {
+  static BK_AI VPack bcast(T s) {
     VPack r;
     for (int u = 0; u < U; ++u) r.v[u] = N{} + s;
     return r;
   }
 #define BK_VPACK_OP(op)                                                       \
-  friend inline VPack operator op(const VPack& a, const VPack& b) {           \
+  friend BK_AI VPack operator op(const VPack& a, const VPack& b) {           \
     VPack r;                                                                  \
     for (int u = 0; u < U; ++u) r.v[u] = a.v[u] op b.v[u];                    \
     return r;                                                                 \
   }                                                                           \
-  friend inline VPack operator op(const VPack& a, T s) {                      \
+  friend BK_AI VPack operator op(const VPack& a, T s) {                      \
     VPack r;                                                                  \
     for (int u = 0; u < U; ++u) r.v[u] = a.v[u] op s;                         \
     return r;                                                                 \
   }                                                                           \
-  friend inline VPack operator op(T s, const VPack& b) {                      \
+  friend BK_AI VPack operator op(T s, const VPack& b) {                      \
     VPack r;                                                                  \
     for (int u = 0; u < U; ++u) r.v[u] = s op b.v[u];                         \
     return r;                                                                 \
@@ -74,8 +78,8 @@ struct VPack {
   BK_VPACK_OP(*)
   BK_VPACK_OP(/)
 #undef BK_VPACK_OP
-  friend inline VPack operator+(const VPack& a, int s) { return a + T(s); }
-  friend inline VPack operator-(const VPack& a) {
+  friend BK_AI VPack operator+(const VPack& a, int s) { return a + T(s); }
+  friend BK_AI VPack operator-(const VPack& a) {
     VPack r;
     for (int u = 0; u < U; ++u) r.v[u] = -a.v[u];
     return r;
@@ -86,6 +90,8 @@ template <class T>
 struct VecOf {
   typedef VPack<T> type;
 };
+template <class T>
+using V_t = typename VecOf<T>::type;
 constexpr int64_t kMinChunk = 256;  // shortest chunk worth its carry phases
 constexpr int64_t kTile = 16;       // positions per transpose tile
 // Moebius products are rescaled every 4 (float) / 16 (double) steps: each step grows the entries
@@ -94,6 +100,7 @@ template <class T>
 constexpr int64_t kRescaleMask = sizeof(T) == 4 ? 3 : 15;
 constexpr int64_t kMaxChunkFwd = 4096;  // forward keeps 1 complex per position and lane
 constexpr int64_t kMaxChunkBwd = 4096;  // backward keeps 5-6
+constexpr int64_t kStreamOutBytes = int64_t(1) << 20;
 
 template <class T>
 struct Plan {
@@ -119,7 +126,7 @@ struct Plan {
 };
 
 template <class T>
-static inline VPack<T> vabs(const VPack<T>& x) {
+static BK_AI VPack<T> vabs(const VPack<T>& x) {
   VPack<T> r;
   for (int u = 0; u < VPack<T>::U; ++u) r.v[u] = x.v[u] < 0 ? -x.v[u] : x.v[u];
   return r;
@@ -127,7 +134,7 @@ static inline VPack<T> vabs(const VPack<T>& x) {
 // mask * x where mask != 0, exactly 0 where mask == 0 (a masked-out position is not computed,
 // so it is 0 even if the resolvent there is not finite)
 template <class T>
-static inline Cx<VPack<T>> masked(const Cx<VPack<T>>& x, const VPack<T>& m) {
+static BK_AI Cx<VPack<T>> masked(const Cx<VPack<T>>& x, const VPack<T>& m) {
   Cx<VPack<T>> r;
   for (int u = 0; u < VPack<T>::U; ++u) {
     r.re.v[u] = m.v[u] != 0 ? x.re.v[u] * m.v[u] : m.v[u] * 0;
@@ -136,24 +143,24 @@ static inline Cx<VPack<T>> masked(const Cx<VPack<T>>& x, const VPack<T>& m) {
   return r;
 }
 template <class T>
-static inline VPack<T> mul_or_zero(const VPack<T>& x, const VPack<T>& s) {
+static BK_AI VPack<T> mul_or_zero(const VPack<T>& x, const VPack<T>& s) {
   VPack<T> r;
   for (int u = 0; u < VPack<T>::U; ++u) r.v[u] = s.v[u] == 0 ? s.v[u] * 0 : x.v[u] * s.v[u];
   return r;
 }
 template <class T>
-static inline VPack<T> vmax(const VPack<T>& x, const VPack<T>& y) {
+static BK_AI VPack<T> vmax(const VPack<T>& x, const VPack<T>& y) {
   VPack<T> r;
   for (int u = 0; u < VPack<T>::U; ++u) r.v[u] = x.v[u] > y.v[u] ? x.v[u] : y.v[u];
   return r;
 }
 
 template <class T>
-static inline T lane(const typename VecOf<T>::type& v, int l) {
+static BK_AI T lane(const typename VecOf<T>::type& v, int l) {
   return reinterpret_cast<const T*>(&v)[l];
 }
 template <class T>
-static inline void set_lane(typename VecOf<T>::type& v, int l, T x) {
+static BK_AI void set_lane(typename VecOf<T>::type& v, int l, T x) {
   reinterpret_cast<T*>(&v)[l] = x;
 }
 
@@ -226,7 +233,7 @@ struct LaneSrc {
     }
   }
 
-  inline void tile_lane(int l, int64_t p0, int64_t n, T* dst, int64_t dstride) const {
+  BK_AI void tile_lane(int l, int64_t p0, int64_t n, T* dst, int64_t dstride) const {
     const T* r = rows[l];
     int64_t i0 = off[l] + p0;
     if (r && i0 >= 0 && i0 + n <= hi) {
@@ -240,7 +247,7 @@ struct LaneSrc {
     }
   }
   // True when lanes [g0, g0 + G) all read n in-range elements from p0 on; fills their pointers.
-  inline bool full_group(int g0, int G, int64_t p0, int64_t n, const T** ptr) const {
+  BK_AI bool full_group(int g0, int G, int64_t p0, int64_t n, const T** ptr) const {
     for (int i = 0; i < G; ++i) {
       const T* r = rows[g0 + i];
       int64_t i0 = off[g0 + i] + p0;
@@ -251,7 +258,7 @@ struct LaneSrc {
   }
 
   // dst[q * dstride + l] = value of lane l at chunk position p0 + q, q < n
-  inline void tile(int64_t p0, int64_t n, T* dst, int64_t dstride) const {
+  BK_AI void tile(int64_t p0, int64_t n, T* dst, int64_t dstride) const {
     constexpr int NL = Plan<T>::NL;
 #ifdef BK_AVX512_TRANSPOSE
     constexpr int G = 64 / sizeof(T);
@@ -273,7 +280,7 @@ struct LaneSrc {
 // Writes lane-major values src[q * sstride + l] (q < n) to rows[l][(off[l] + p0 + q) * es] for
 // positions inside the lane's chunk (< len) and the row (< hi).
 template <class T>
-static inline void scatter_lane(const LaneInfo& L, int l, T* base, int64_t row_stride, int64_t hi, int64_t es,
+static BK_AI void scatter_lane(const LaneInfo& L, int l, T* base, int64_t row_stride, int64_t hi, int64_t es,
                                 int64_t p0, int64_t n, const T* src, int64_t sstride) {
   if (L.row < 0) return;
   int64_t qe = std::min(n, std::min(L.len, hi - L.start) - p0);
@@ -282,7 +289,7 @@ static inline void scatter_lane(const LaneInfo& L, int l, T* base, int64_t row_s
 }
 
 // Lanes [g0, g0 + G) all write n positions from p0 (inside chunk and row)? Fills row pointers.
-static inline bool full_out_group(const LaneInfo* li, int g0, int G, int64_t hi, int64_t p0, int64_t n) {
+static BK_AI bool full_out_group(const LaneInfo* li, int g0, int G, int64_t hi, int64_t p0, int64_t n) {
   for (int i = 0; i < G; ++i) {
     const LaneInfo& L = li[g0 + i];
     if (L.row < 0 || p0 + n > std::min(L.len, hi - L.start)) return false;
@@ -291,7 +298,7 @@ static inline bool full_out_group(const LaneInfo* li, int g0, int G, int64_t hi,
 }
 
 template <class T>
-static inline void scatter_tile(const LaneInfo* li, T* base, int64_t row_stride, int64_t hi, int64_t es, int64_t p0,
+static BK_AI void scatter_tile(const LaneInfo* li, T* base, int64_t row_stride, int64_t hi, int64_t es, int64_t p0,
                                 int64_t n, const T* src, int64_t sstride) {
   constexpr int NL = Plan<T>::NL;
 #ifdef BK_AVX512_TRANSPOSE
@@ -333,7 +340,7 @@ struct BlockIn {
     if (has_mask) M.init(li, pr.mask, pr.N, pr.N, 1, 0, T(0), T(1), T(0));
   }
   // tK[q] = coupling into chunk position p0 + q (k at p0 + q - 1), q in [0, n]
-  inline void k_tile(int64_t p0, int64_t n, V* tK) const {
+  BK_AI void k_tile(int64_t p0, int64_t n, V* tK) const {
     if (kuni) {
       // Broadcast element-wise through memory: a 128-byte vector assigned from a scalar is
       // lowered by GCC to per-lane extracts, so write the lanes as scalars instead.
@@ -360,7 +367,11 @@ struct Scratch {
   Buf<Cx<V>> P;      // w G^2 (causal: q_j = -w_j / d_j^2)
   Buf<Cx<V>> R;      // R recurrence, R[Lc] = value just right of the chunk (causal: mu coefficients)
   Buf<Cx<V>> CR;     // R coefficients k_j / d_j^2 (chunked only)
-  void alloc_fwd(int64_t Lc) { D.alloc(Lc); }
+  Buf<V> SA;         // two-sided forward: Re alpha, lane-major (gathered once, read by both halves)
+  void alloc_fwd(int64_t Lc) {
+    D.alloc(Lc);
+    SA.alloc(Lc);
+  }
   void alloc_bwd(int64_t Lc, bool chunked) {
     D.alloc(Lc);
     ID.alloc(Lc + 1);
@@ -421,7 +432,7 @@ static void store_mobius(const Mobius<typename VecOf<T>::type>& m, const LaneInf
 }
 
 template <class V>
-static inline void mobius_rescale_max(Mobius<V>& m) {
+static BK_AI void mobius_rescale_max(Mobius<V>& m) {
   V mx = vmax(vmax(vmax(vabs(m.x0.re), vabs(m.x0.im)), vmax(vabs(m.y0.re), vabs(m.y0.im))),
               vmax(vmax(vabs(m.x1.re), vabs(m.x1.im)), vmax(vabs(m.y1.re), vabs(m.y1.im))));
   bk::mobius_rescale(m, bk::bk_one<V>() / mx);
@@ -516,8 +527,8 @@ static Cx<typename VecOf<T>::type> load_carry(const std::vector<Cx<T>>& src, int
 
 // Writes a lane-major complex tile to the interleaved [B, N, 2] output.
 template <class T>
-static inline void scatter_cx_tile(const LaneInfo* li, T* out, int64_t N, int64_t p0, int64_t n,
-                                   const Cx<typename VecOf<T>::type>* src) {
+static BK_AI void scatter_cx_tile(const LaneInfo* li, T* out, int64_t N, int64_t p0, int64_t n,
+                                   const Cx<typename VecOf<T>::type>* src, bool stream = false) {
   constexpr int NL = Plan<T>::NL;
   const T* s = reinterpret_cast<const T*>(src);
 #ifdef BK_AVX512_TRANSPOSE
@@ -526,8 +537,12 @@ static inline void scatter_cx_tile(const LaneInfo* li, T* out, int64_t N, int64_
     for (int g0 = 0; g0 < NL; g0 += G) {
       if (full_out_group(li, g0, G, N, p0, n)) {
         T* ptr[G];
-        for (int i = 0; i < G; ++i) ptr[i] = out + (li[g0 + i].row * N + li[g0 + i].start + p0) * 2;
-        bk_avx512::scatter16_cx(s + g0, s + NL + g0, 2 * NL, ptr);
+        uintptr_t bits = 0;
+        for (int i = 0; i < G; ++i) {
+          ptr[i] = out + (li[g0 + i].row * N + li[g0 + i].start + p0) * 2;
+          bits |= reinterpret_cast<uintptr_t>(ptr[i]);
+        }
+        bk_avx512::scatter16_cx(s + g0, s + NL + g0, 2 * NL, ptr, stream && (bits & 63) == 0);
       } else {
         for (int l = g0; l < g0 + G; ++l) {
           scatter_lane(li[l], l, out, 2 * N, N, 2, p0, n, s, 2 * NL);
@@ -547,8 +562,103 @@ static inline void scatter_cx_tile(const LaneInfo* li, T* out, int64_t N, int64_
 // ---------------------------------------------------------------------------------------------
 // Forward
 
+// G at one position from its two pivots; with a mask, the combine (a division) is skipped for a
+// position whose mask is 0 in every lane of the block and the output is exactly 0 there.
 template <class T>
-static void forward_block(const Problem<T>& pr, const Plan<T>& pl, int64_t blk, const Carries<T>& car, T* out) {
+static BK_AI Cx<typename VecOf<T>::type> combine_out(const Cx<typename VecOf<T>::type>& d,
+                                                      const Cx<typename VecOf<T>::type>& e,
+                                                      const Cx<typename VecOf<T>::type>& al, const V_t<T>* m) {
+  typedef typename VecOf<T>::type V;
+  if (!m) return bk::combine(d, e, al);
+  // all-zero test of the 128-byte mask vector as 16 words (a -0.0 counts as "compute")
+  uint64_t bits[16];
+  std::memcpy(bits, m, sizeof(bits));
+  uint64_t acc = 0;
+  for (int w = 0; w < 16; ++w) acc |= bits[w];
+  return acc != 0 ? masked<T>(bk::combine(d, e, al), *m) : Cx<V>{V{}, V{}};
+}
+
+// Two-sided forward of one block over its chunk [0, L): the d chain (left to right) and the e
+// chain (right to left) advance together, two independent division chains in flight. In the
+// first half each stores its pivots in S (d on the left half, e on the right half); in the
+// second half each meets the other's stored pivot and writes G there (one combine each).
+// Same arithmetic, in the same order per chain, as running the two passes one after the other.
+template <class T>
+static void two_sided_sweep(const BlockIn<T>& in, const LaneInfo* li, const Problem<T>& pr, int64_t L,
+                            Cx<typename VecOf<T>::type> dprev, Cx<typename VecOf<T>::type> eprev,
+                            Cx<typename VecOf<T>::type>* S, typename VecOf<T>::type* SA, T* out, bool stream) {
+  typedef typename VecOf<T>::type V;
+  constexpr int NL = Plan<T>::NL;
+  const V aim = V{} - pr.zi;
+  const int64_t h = L / 2, h2 = L - h;
+  alignas(128) V tK[kTile + 1], tKB[kTile + 1];  // couplings of the d tile / e tile
+  alignas(128) V tM[kTile], tMB[kTile];
+  alignas(128) Cx<V> tG[kTile], tGB[kTile];
+  auto dstep = [&](V a, V k) {
+    Cx<V> d = bk::pivot_step(Cx<V>{a, aim}, k, dprev);
+    dprev = d;
+    return d;
+  };
+  auto estep = [&](V a, V k) {
+    Cx<V> e = bk::pivot_step(Cx<V>{a, aim}, k, eprev);
+    eprev = e;
+    return e;
+  };
+  // Phase 1: d over [0, h), e over [h2, L), pivots stored; alpha is gathered into SA once.
+  for (int64_t t0 = 0; t0 < h; t0 += kTile) {
+    const int64_t n = std::min(kTile, h - t0);
+    const int64_t pb = L - t0 - n;  // e tile [pb, pb + n)
+    in.A.tile(t0, n, reinterpret_cast<T*>(SA + t0), NL);
+    in.k_tile(t0, n, tK);
+    in.A.tile(pb, n, reinterpret_cast<T*>(SA + pb), NL);
+    in.k_tile(pb, n, tKB);
+    for (int64_t q = 0; q < n; ++q) {
+      const int64_t qb = n - 1 - q;
+      S[t0 + q] = dstep(SA[t0 + q], tK[q]);
+      S[pb + qb] = estep(SA[pb + qb], tKB[qb + 1]);
+    }
+  }
+  if (L & 1) {  // the middle position: d then e, combined at once
+    in.A.tile(h, 1, reinterpret_cast<T*>(SA + h), NL);
+    in.k_tile(h, 1, tK);
+    const V a = SA[h];
+    Cx<V> d = dstep(a, tK[0]);
+    Cx<V> e = estep(a, tK[1]);
+    if (in.has_mask) in.M.tile(h, 1, reinterpret_cast<T*>(tMB), NL);
+    tGB[0] = combine_out<T>(d, e, Cx<V>{a, aim}, in.has_mask ? &tMB[0] : nullptr);
+    scatter_cx_tile<T>(li, out, pr.N, h, 1, tGB);
+  }
+  // Phase 2: d over [h2, L) meets the stored e; e over [0, h) meets the stored d.
+  for (int64_t t0 = 0; t0 < h; t0 += kTile) {
+    const int64_t n = std::min(kTile, h - t0);
+    const int64_t pa = h2 + t0;     // d tile [pa, pa + n)
+    const int64_t pb = h - t0 - n;  // e tile [pb, pb + n)
+    in.k_tile(pa, n, tK);
+    in.k_tile(pb, n, tKB);
+    if (in.has_mask) {
+      in.M.tile(pa, n, reinterpret_cast<T*>(tM), NL);
+      in.M.tile(pb, n, reinterpret_cast<T*>(tMB), NL);
+    }
+    for (int64_t q = 0; q < n; ++q) {
+      const int64_t qb = n - 1 - q;
+      const V aa = SA[pa + q], ab = SA[pb + qb];
+      Cx<V> ala{aa, aim}, alb{ab, aim};
+      Cx<V> d = dstep(aa, tK[q]);
+      Cx<V> e = estep(ab, tKB[qb + 1]);
+      tG[q] = combine_out<T>(d, S[pa + q], ala, in.has_mask ? &tM[q] : nullptr);
+      tGB[qb] = combine_out<T>(S[pb + qb], e, alb, in.has_mask ? &tMB[qb] : nullptr);
+    }
+    scatter_cx_tile<T>(li, out, pr.N, pa, n, tG, stream);
+    scatter_cx_tile<T>(li, out, pr.N, pb, n, tGB, stream);
+  }
+#ifdef BK_AVX512_TRANSPOSE
+  if (stream) _mm_sfence();  // order the non-temporal stores before the block is reported done
+#endif
+}
+
+template <class T>
+static void forward_block(const Problem<T>& pr, const Plan<T>& pl, int64_t blk, const Carries<T>& car, T* out,
+                          bool stream) {
   typedef typename VecOf<T>::type V;
   constexpr int NL = Plan<T>::NL;
   Scratch<T>& s = thread_scratch<T>();
@@ -558,13 +668,9 @@ static void forward_block(const Problem<T>& pr, const Plan<T>& pl, int64_t blk, 
   BlockIn<T> in;
   in.init(pr, pl, li);
   const int64_t Lc = pl.Lc;
-  const V aim = V{} - pr.zi;
   Cx<V> dprev = load_carry(car.d_in, blk, li);
-  alignas(128) V tA[kTile];
-  alignas(128) V tK[kTile + 1];
-  alignas(128) V tM[kTile];
-  alignas(128) Cx<V> tG[kTile];
   if (pr.causal) {
+    alignas(128) V tM[kTile];
     // y = 1 / d: the reciprocal of d_p falls out of step p + 1's division.
     d_pass<T>(in, Lc, pr.zi, dprev, s.D.p, s.D.p);
     for (int64_t p0 = 0; p0 < Lc; p0 += kTile) {
@@ -574,42 +680,15 @@ static void forward_block(const Problem<T>& pr, const Plan<T>& pl, int64_t blk, 
         in.M.tile(p0, n, reinterpret_cast<T*>(tM), NL);
         for (int64_t q = 0; q < n; ++q) y[q] = masked<T>(y[q], tM[q]);
       }
-      scatter_cx_tile<T>(li, out, pr.N, p0, n, y);
+      scatter_cx_tile<T>(li, out, pr.N, p0, n, y, stream);
     }
+#ifdef BK_AVX512_TRANSPOSE
+    if (stream) _mm_sfence();
+#endif
     return;
   }
-  d_pass<T>(in, Lc, pr.zi, dprev, s.D.p, nullptr);
   Cx<V> eprev = load_carry(car.e_in, blk, li);
-  for (int64_t p0 = ((Lc - 1) / kTile) * kTile; p0 >= 0; p0 -= kTile) {
-    const int64_t n = std::min(kTile, Lc - p0);
-    in.A.tile(p0, n, reinterpret_cast<T*>(tA), NL);
-    in.k_tile(p0, n, tK);
-    if (in.has_mask) {
-      // The pivots must run everywhere; the combine (a division) and the mask product are
-      // skipped for a position whose mask is 0 in every lane of the block.
-      in.M.tile(p0, n, reinterpret_cast<T*>(tM), NL);
-      for (int64_t q = n - 1; q >= 0; --q) {
-        Cx<V> al{tA[q], aim};
-        Cx<V> e = bk::pivot_step(al, tK[q + 1], eprev);
-        eprev = e;
-        // all-zero test of the 128-byte mask vector as 16 words (a -0.0 counts as "compute")
-        uint64_t bits[16];
-        std::memcpy(bits, &tM[q], sizeof(bits));
-        uint64_t acc = 0;
-        for (int w = 0; w < 16; ++w) acc |= bits[w];
-        const bool any = acc != 0;
-        tG[q] = any ? masked<T>(bk::combine(s.D[p0 + q], e, al), tM[q]) : Cx<V>{V{}, V{}};
-      }
-    } else {
-      for (int64_t q = n - 1; q >= 0; --q) {
-        Cx<V> al{tA[q], aim};
-        Cx<V> e = bk::pivot_step(al, tK[q + 1], eprev);
-        tG[q] = bk::combine(s.D[p0 + q], e, al);
-        eprev = e;
-      }
-    }
-    scatter_cx_tile<T>(li, out, pr.N, p0, n, tG);
-  }
+  two_sided_sweep<T>(in, li, pr, Lc, dprev, eprev, s.D.p, s.SA.p, out, stream);
 }
 
 template <class T>
@@ -618,7 +697,9 @@ static void forward_impl(const Problem<T>& pr, T* out, const Par& par) {
   Plan<T> pl(pr.B, pr.N, par.num_threads, kMaxChunkFwd);
   Carries<T> car;
   compute_carries(pr, pl, par, !pr.causal, car);
-  parallel_blocks(par, pl.blocks, [&](int64_t blk) { forward_block(pr, pl, blk, car, out); });
+  // An output much larger than the cores' L2 goes out with non-temporal stores (see scatter16_cx).
+  const bool stream = pr.B * pr.N * 2 * int64_t(sizeof(T)) >= kStreamOutBytes;
+  parallel_blocks(par, pl.blocks, [&](int64_t blk) { forward_block(pr, pl, blk, car, out, stream); });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -643,7 +724,7 @@ static Cx<T> lane_cx(const Cx<typename VecOf<T>::type>& v, int l) {
 
 // conj(upstream gradient) of the block for positions [p0, p0 + n)
 template <class T>
-static inline void w_tile(const LaneSrc<T>& Wre, const LaneSrc<T>& Wim, int64_t p0, int64_t n,
+static BK_AI void w_tile(const LaneSrc<T>& Wre, const LaneSrc<T>& Wim, int64_t p0, int64_t n,
                           Cx<typename VecOf<T>::type>* tW) {
   constexpr int NL = Plan<T>::NL;
   T* dre = reinterpret_cast<T*>(tW);

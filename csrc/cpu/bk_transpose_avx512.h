@@ -7,10 +7,12 @@
 
 #include <cstdint>
 
+#define BK_TR_INLINE static inline __attribute__((always_inline))
+
 namespace bk_avx512 {
 
 // out[j] = column j of the 16x16 matrix whose rows are r[0..15]
-static inline void tr16(__m512* r) {
+BK_TR_INLINE void tr16(__m512* r) {
   __m512 t[16];
   for (int i = 0; i < 8; ++i) {
     t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
@@ -37,7 +39,7 @@ static inline void tr16(__m512* r) {
 }
 
 // out[j] = column j of the 8x8 matrix whose rows are r[0..7]
-static inline void tr8(__m512d* r) {
+BK_TR_INLINE void tr8(__m512d* r) {
   __m512d x[8];
   for (int i = 0; i < 4; ++i) {
     x[2 * i] = _mm512_unpacklo_pd(r[2 * i], r[2 * i + 1]);
@@ -56,7 +58,7 @@ static inline void tr8(__m512d* r) {
 
 // ---- rows -> lane-major: src[i] points at 16 consecutive positions of lane i's row ----
 
-static inline void gather16(const float* const* src, float sub, float mul, float* dst, int64_t dstride) {
+BK_TR_INLINE void gather16(const float* const* src, float sub, float mul, float* dst, int64_t dstride) {
   __m512 r[16];
   const __m512 vs = _mm512_set1_ps(sub), vm = _mm512_set1_ps(mul);
   for (int i = 0; i < 16; ++i) r[i] = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(src[i]), vs), vm);
@@ -64,7 +66,7 @@ static inline void gather16(const float* const* src, float sub, float mul, float
   for (int q = 0; q < 16; ++q) _mm512_store_ps(dst + q * dstride, r[q]);
 }
 
-static inline void gather16(const double* const* src, double sub, double mul, double* dst, int64_t dstride) {
+BK_TR_INLINE void gather16(const double* const* src, double sub, double mul, double* dst, int64_t dstride) {
   const __m512d vs = _mm512_set1_pd(sub), vm = _mm512_set1_pd(mul);
   for (int h = 0; h < 2; ++h) {
     __m512d r[8];
@@ -74,26 +76,30 @@ static inline void gather16(const double* const* src, double sub, double mul, do
   }
 }
 
-// interleaved complex rows (src[i] -> 16 complex values): re -> dre, mul_im * im -> dim
-static inline void gather16_cx(const float* const* src, float mul_im, float* dre, float* dim, int64_t dstride) {
-  __m512 re[16], im[16];
+// interleaved complex rows (src[i] -> 16 complex values): re -> dre, mul_im * im -> dim.
+// A complex value is one 64-bit element: two 8x8 64-bit transposes per half tile, then one
+// de-interleave per position (fewer live registers than transposing re and im separately).
+BK_TR_INLINE void gather16_cx(const float* const* src, float mul_im, float* dre, float* dim, int64_t dstride) {
   const __m512i ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i io = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
   const __m512 vm = _mm512_set1_ps(mul_im);
-  for (int i = 0; i < 16; ++i) {
-    __m512 a = _mm512_loadu_ps(src[i]), b = _mm512_loadu_ps(src[i] + 16);
-    re[i] = _mm512_permutex2var_ps(a, ie, b);
-    im[i] = _mm512_mul_ps(_mm512_permutex2var_ps(a, io, b), vm);
-  }
-  tr16(re);
-  tr16(im);
-  for (int q = 0; q < 16; ++q) {
-    _mm512_store_ps(dre + q * dstride, re[q]);
-    _mm512_store_ps(dim + q * dstride, im[q]);
+  for (int pb = 0; pb < 16; pb += 8) {
+    __m512d lo[8], hi[8];  // lanes 0-7 / 8-15, positions pb..pb+7
+    for (int i = 0; i < 8; ++i) {
+      lo[i] = _mm512_loadu_pd(reinterpret_cast<const double*>(src[i] + 2 * pb));
+      hi[i] = _mm512_loadu_pd(reinterpret_cast<const double*>(src[8 + i] + 2 * pb));
+    }
+    tr8(lo);
+    tr8(hi);
+    for (int q = 0; q < 8; ++q) {
+      __m512 a = _mm512_castpd_ps(lo[q]), b = _mm512_castpd_ps(hi[q]);
+      _mm512_store_ps(dre + (pb + q) * dstride, _mm512_permutex2var_ps(a, ie, b));
+      _mm512_store_ps(dim + (pb + q) * dstride, _mm512_mul_ps(_mm512_permutex2var_ps(a, io, b), vm));
+    }
   }
 }
 
-static inline void gather16_cx(const double* const* src, double mul_im, double* dre, double* dim, int64_t dstride) {
+BK_TR_INLINE void gather16_cx(const double* const* src, double mul_im, double* dre, double* dim, int64_t dstride) {
   const __m512i ie = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14);
   const __m512i io = _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15);
   const __m512d vm = _mm512_set1_pd(mul_im);
@@ -115,14 +121,14 @@ static inline void gather16_cx(const double* const* src, double mul_im, double* 
 
 // ---- lane-major -> rows: dst[i] points at 16 consecutive positions of lane i's row ----
 
-static inline void scatter16(const float* src, int64_t sstride, float* const* dst) {
+BK_TR_INLINE void scatter16(const float* src, int64_t sstride, float* const* dst) {
   __m512 r[16];
   for (int q = 0; q < 16; ++q) r[q] = _mm512_load_ps(src + q * sstride);
   tr16(r);
   for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst[i], r[i]);
 }
 
-static inline void scatter16(const double* src, int64_t sstride, double* const* dst) {
+BK_TR_INLINE void scatter16(const double* src, int64_t sstride, double* const* dst) {
   for (int h = 0; h < 2; ++h) {
     __m512d r[8];
     for (int q = 0; q < 8; ++q) r[q] = _mm512_load_pd(src + (8 * h + q) * sstride);
@@ -132,23 +138,35 @@ static inline void scatter16(const double* src, int64_t sstride, double* const* 
 }
 
 // lane-major (re, im) tiles -> interleaved complex rows
-static inline void scatter16_cx(const float* sre, const float* sim, int64_t sstride, float* const* dst) {
-  __m512 re[16], im[16];
-  for (int q = 0; q < 16; ++q) {
-    re[q] = _mm512_load_ps(sre + q * sstride);
-    im[q] = _mm512_load_ps(sim + q * sstride);
-  }
-  tr16(re);
-  tr16(im);
-  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-  for (int i = 0; i < 16; ++i) {
-    _mm512_storeu_ps(dst[i], _mm512_permutex2var_ps(re[i], lo, im[i]));
-    _mm512_storeu_ps(dst[i] + 16, _mm512_permutex2var_ps(re[i], hi, im[i]));
+// stream: non-temporal stores (every dst[i] 64-byte aligned): a large output written once skips
+// the read-for-ownership of each line and does not evict the kernel's working set.
+BK_TR_INLINE void scatter16_cx(const float* sre, const float* sim, int64_t sstride, float* const* dst, bool stream) {
+  const __m512i lo_i = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi_i = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  for (int pb = 0; pb < 16; pb += 8) {
+    __m512d lo[8], hi[8];  // position pb + q: complex of lanes 0-7 / 8-15 (64-bit elements)
+    for (int q = 0; q < 8; ++q) {
+      __m512 re = _mm512_load_ps(sre + (pb + q) * sstride), im = _mm512_load_ps(sim + (pb + q) * sstride);
+      lo[q] = _mm512_castps_pd(_mm512_permutex2var_ps(re, lo_i, im));
+      hi[q] = _mm512_castps_pd(_mm512_permutex2var_ps(re, hi_i, im));
+    }
+    tr8(lo);
+    tr8(hi);
+    if (stream) {
+      for (int i = 0; i < 8; ++i) {
+        _mm512_stream_pd(reinterpret_cast<double*>(dst[i] + 2 * pb), lo[i]);
+        _mm512_stream_pd(reinterpret_cast<double*>(dst[8 + i] + 2 * pb), hi[i]);
+      }
+    } else {
+      for (int i = 0; i < 8; ++i) {
+      _mm512_storeu_pd(reinterpret_cast<double*>(dst[i] + 2 * pb), lo[i]);
+        _mm512_storeu_pd(reinterpret_cast<double*>(dst[8 + i] + 2 * pb), hi[i]);
+      }
+    }
   }
 }
 
-static inline void scatter16_cx(const double* sre, const double* sim, int64_t sstride, double* const* dst) {
+BK_TR_INLINE void scatter16_cx(const double* sre, const double* sim, int64_t sstride, double* const* dst, bool stream) {
   const __m512i lo = _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11);
   const __m512i hi = _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15);
   for (int h = 0; h < 2; ++h) {
@@ -160,8 +178,14 @@ static inline void scatter16_cx(const double* sre, const double* sim, int64_t ss
     tr8(re);
     tr8(im);
     for (int i = 0; i < 8; ++i) {
-      _mm512_storeu_pd(dst[i] + 16 * h, _mm512_permutex2var_pd(re[i], lo, im[i]));
-      _mm512_storeu_pd(dst[i] + 16 * h + 8, _mm512_permutex2var_pd(re[i], hi, im[i]));
+      __m512d x = _mm512_permutex2var_pd(re[i], lo, im[i]), y = _mm512_permutex2var_pd(re[i], hi, im[i]);
+      if (stream) {
+        _mm512_stream_pd(dst[i] + 16 * h, x);
+        _mm512_stream_pd(dst[i] + 16 * h + 8, y);
+      } else {
+        _mm512_storeu_pd(dst[i] + 16 * h, x);
+        _mm512_storeu_pd(dst[i] + 16 * h + 8, y);
+      }
     }
   }
 }
