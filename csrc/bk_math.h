@@ -60,21 +60,36 @@ BK_HD V mul_or_zero(V x, V s) {
   return s == V{} ? V{} : x * s;
 }
 
+// The parts of 1 / x for a complex x: u = Re(x) / |x|^2, v = Im(x) / |x|^2 (so 1 / x = u - i v),
+// each exactly 0 where |x|^2 is infinite (mul_or_zero's limit). This is the recursion's one
+// division; the CPU kernel's SIMD packs overload it (found by argument-dependent lookup) with a
+// refined hardware reciprocal.
+template <class V>
+BK_HD void inv_parts(V re, V im, V& u, V& v) {
+  V r = bk_one<V>() / (re * re + im * im);
+  u = mul_or_zero(re, r);
+  v = mul_or_zero(im, r);
+}
+
 // 1 / x: one real division.
 template <class V>
 BK_HD Cx<V> recip(Cx<V> x) {
-  V inv = bk_one<V>() / norm2(x);
-  return Cx<V>{mul_or_zero(x.re, inv), -mul_or_zero(x.im, inv)};
+  V u, v;
+  inv_parts(x.re, x.im, u, v);
+  return Cx<V>{u, -v};
 }
 
 // One Schur pivot step, either direction:
 //   forward  d_i = alpha_i - k_{i-1} / d_{i-1}
 //   backward e_i = alpha_i - k_i / e_{i+1}
-// k is real, so k / prev = k * conj(prev) / |prev|^2: one real division.
+// k is real, so k / prev = k * conj(prev) / |prev|^2: one real division. inv_prev (optional)
+// receives 1 / prev, a by-product the gradient needs.
 template <class V>
-BK_HD Cx<V> pivot_step(Cx<V> alpha, V k, Cx<V> prev) {
-  V q = k / norm2(prev);
-  return Cx<V>{alpha.re - mul_or_zero(prev.re, q), alpha.im + mul_or_zero(prev.im, q)};
+BK_HD Cx<V> pivot_step(Cx<V> alpha, V k, Cx<V> prev, Cx<V>* inv_prev = nullptr) {
+  V u, v;
+  inv_parts(prev.re, prev.im, u, v);
+  if (inv_prev) *inv_prev = Cx<V>{u, -v};
+  return Cx<V>{alpha.re - k * u, alpha.im + k * v};
 }
 
 // Two-sided combine: G_ii = 1 / (d_i + e_i - alpha_i).
