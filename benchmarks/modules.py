@@ -91,7 +91,7 @@ def _plain(cfg):
 
 def _act(cfg):
     return _cls("resnet_bk.models.act", "ACTLanguageModel")(VOCAB, cfg["d_model"], cfg["n_layers"], cfg["n_seq"],
-                                                          act_threshold=0.95)
+                                                          act_threshold=0.95, halt_bias_init=0.0)
 
 
 def _multi_scale(hierarchical: bool):
