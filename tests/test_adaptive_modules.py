@@ -143,6 +143,7 @@ def test_length_predictor_bins():
 
 def test_learned_length_groups_run_shorter(monkeypatch):
     base, w = _wrapper()
+    w.max_groups = None  # one group per distinct length
     w.eval()
     # Force distinct predictions: bins 8, 16, 24, 32 for the four sequences.
     with torch.no_grad():
@@ -170,6 +171,33 @@ def test_learned_length_groups_run_shorter(monkeypatch):
     assert ce.item() == pytest.approx(torch.log(torch.tensor(float(V))).item(), rel=1e-5)
     stats = w.get_length_statistics()
     assert stats["total_predictions"] == 4 and stats["avg_predicted_length"] == 20.0
+
+
+def test_learned_length_merged_groups_same_logits_fewer_calls(monkeypatch):
+    """max_groups=2: the four predicted lengths 8, 16, 24, 32 run as two base-model calls at the
+    token-minimising split (8+16 at 16, 24+32 at 32: 2*16 + 2*32 = 96 positions), and the logits
+    are those of exact grouping (causal base)."""
+    base, w = _wrapper()
+    w.eval()
+    forced = torch.tensor([[9.0, 0, 0, 0], [0, 9.0, 0, 0], [0, 0, 9.0, 0], [0, 0, 0, 9.0]])
+    monkeypatch.setattr(w.length_predictor, "bin_logits", lambda emb: forced)
+    x = torch.randint(0, V, (4, NSEQ))
+    w.max_groups = None
+    exact, _ = w(x)
+    seen = []
+    real_forward = base.forward
+    monkeypatch.setattr(base, "forward", lambda x: (seen.append(tuple(x.shape)), real_forward(x))[1])
+    w.max_groups = 2
+    logits, info = w(x)
+    assert sorted(seen) == [(2, 16), (2, 32)]
+    assert info["num_groups"] == 2 and info["tokens_processed"] == 96
+    assert info["avg_predicted_length"] == 20.0
+    torch.testing.assert_close(logits, exact, rtol=1e-4, atol=1e-5)
+    assert bool((logits[0, 8:] == 0).all())
+    w.max_groups = 1
+    seen.clear()
+    w(x)
+    assert seen == [(4, 32)]
 
 
 def test_learned_length_predictor_gets_gradient_and_trainer():
