@@ -98,6 +98,27 @@ def test_sparsity_loss_has_gradient(loss_type):
     assert stats["num_positions"] == 2 * NSEQ and stats["target_sparsity"] == 0.5
 
 
+def test_sparse_layer_skips_ffn_on_masked_positions():
+    """skip_ffn: the MoE runs on exactly the kept positions (counted, machine-independent) and the
+    output equals the dense reference (FFN on every position, then masked)."""
+    torch.manual_seed(0)
+    layer = SparseMoEResNetBKLayer(D, NSEQ, dropout_p=0.0).eval()
+    layer.sparse_bk_core.importance_predictor.bias.data.zero_()  # about half the positions kept
+    x = torch.randn(3, NSEQ, D)
+    before = layer.moe_ffn.tokens_processed
+    out = layer(x)
+    kept = int(layer.last_mask_detached.sum())
+    assert layer.moe_ffn.tokens_processed - before == kept
+    assert 0 < kept < x.shape[0] * NSEQ
+    layer.use_sparse_computation = False
+    ref = layer(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    layer.use_sparse_computation = True
+    layer.train()
+    layer(x.requires_grad_()).sum().backward()
+    assert layer.sparse_bk_core.importance_predictor.weight.grad.abs().sum() > 0
+
+
 def test_sparsity_loss_values_and_bad_type():
     m = torch.tensor([[1.0, 0.0, 1.0, 1.0]], requires_grad=True)  # sparsity 0.25
     assert sparsity_loss(m, 0.5, "l2").item() == pytest.approx(0.0625)
