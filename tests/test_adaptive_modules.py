@@ -119,6 +119,15 @@ def test_sparse_layer_skips_ffn_on_masked_positions():
     assert layer.sparse_bk_core.importance_predictor.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_sparse_interpolator_matmul_equals_its_convolutions(causal):
+    torch.manual_seed(0)
+    core = SparseBKCore(D, NSEQ, causal=causal)
+    f, m = torch.randn(2, NSEQ, 2), (torch.rand(2, NSEQ) > 0.5).float()
+    inp = torch.nn.functional.pad(torch.cat([f, m.unsqueeze(-1)], -1).transpose(1, 2), (2, 0) if causal else (1, 1))
+    torch.testing.assert_close(core.interpolate(f, m), core.interpolator(inp).transpose(1, 2))
+
+
 def test_sparsity_loss_values_and_bad_type():
     m = torch.tensor([[1.0, 0.0, 1.0, 1.0]], requires_grad=True)  # sparsity 0.25
     assert sparsity_loss(m, 0.5, "l2").item() == pytest.approx(0.0625)

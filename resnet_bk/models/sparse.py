@@ -141,9 +141,16 @@ class SparseBKCore(_BKCoreMixin, nn.Module):
     def interpolate(self, feats: Tensor, mask: Tensor) -> Tensor:
         """feats (B, N, 2) zero where skipped, mask (B, N) -> estimates (B, N, 2) for every position;
         position i uses positions <= i only when causal."""
-        inp = torch.cat([feats, mask.unsqueeze(-1).to(feats.dtype)], dim=-1).transpose(1, 2)  # (B, 3, N)
-        inp = F.pad(inp, (2, 0) if self.causal else (1, 1))
-        return self.interpolator(inp.to(self.interpolator[0].weight.dtype)).transpose(1, 2).to(feats.dtype)
+        B, N, _ = feats.shape
+        c1, c2 = self.interpolator[0], self.interpolator[2]
+        dt = c1.weight.dtype
+        inp = torch.cat([feats.to(dt), mask.unsqueeze(-1).to(dt)], dim=-1)  # (B, N, 3)
+        inp = F.pad(inp, (0, 0, 2, 0) if self.causal else (0, 0, 1, 1))    # pad the sequence axis
+        # The two convolutions as matmuls over 3-position windows: the same parameters and values
+        # as nn.Conv1d, without oneDNN's per-call cost for 3 and 8 channels (~0.1 ms per conv).
+        win = inp.unfold(1, 3, 1).reshape(B, N, 9)                          # (B, N, [channel, tap])
+        h = F.relu(F.linear(win, c1.weight.reshape(c1.out_channels, -1), c1.bias))
+        return F.linear(h, c2.weight.reshape(c2.out_channels, -1), c2.bias).to(feats.dtype)
 
     def forward(self, x: Tensor, v: Tensor, use_sparse_computation: bool = True, *,
                 mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
