@@ -7,8 +7,11 @@ What differs from the original prototype (ORIGINAL_DESIGN.md 1.4 / 3.5):
   returns ``mask * G`` of the true H (the original dropped couplings, which changed every G_ii,
   and applied a position's mask to the whole batch). The kernel still runs the O(N) pivot
   recurrences over every position (G_ii depends on all of H) and skips the combine/output work
-  where the mask is 0, so the saving is bounded by that share of the op's cost (measured in the
-  report; it is small, and the BK-Core is itself a small share of a layer next to the MoE FFN).
+  where the mask is 0 (in whole 32-lane blocks), so skipping G_ii alone saves at most that share of
+  the op, and the BK-Core is itself a few percent of a layer next to the MoE FFN.
+* The real saving therefore comes from around the BK-Core: in ``SparseMoEResNetBKLayer`` (with
+  ``skip_ffn=True``, the default) a masked position also skips the MoE FFN, which is most of the
+  layer's work; its BK features are interpolated (see the class docstring).
 * The importance predictor is ``Linear(d_model, 1)`` (d MACs per token, like ``v_proj``) and the
   interpolator a two-layer 1-D conv over (Re, Im, mask) with 8 hidden channels, causal (left
   padded) when the layer is causal, so that they cost less than what they are meant to save.
