@@ -1,8 +1,17 @@
 """Module benchmarks: each adaptive model against the plain ResNet-BK language model.
 
-For each module case: time per training step (forward, backward, AdamW step) and per inference
-batch (eval mode, no_grad), the speedup over the plain model, and, from a short training run on
-real text, the validation perplexity. A case whose module is not importable yet is SKIPPED with
+For each module case: from a short training run on real text, the validation perplexity; then,
+on the trained model (its learned halting / sparsity / lengths are what set its cost), the time per
+training step (forward, backward, AdamW step) and per inference batch (eval mode, no_grad), each
+timed interleaved with a plain model of the same size on the same batches.
+
+Settings (the ones a user would train with, chosen so that the adaptive part really adapts):
+ACT threshold 0.95, act_lambda 0.03, halting bias 0 (p = 0.5 at init; with the default -1 and
+act_lambda 0.01 no token ever halted in 150 steps); learned sparsity target 0.5 with an l2 sparsity
+loss of weight 1 (masked positions skip the MoE FFN); learned length with length_penalty 0.5 on
+"mixed" inputs (half short, half long rows, right-padded), where the plain model is trained and
+timed on the same padded data. d_model 128: at 64 the per-call costs of routing, gathers and the
+lm_head are a large share of a layer; at 128 the MoE dominates as it does at real widths. A case whose module is not importable yet is SKIPPED with
 the reason.
 
 The real data is the English text of CPython's own documentation topics (``pydoc_data.topics``,
@@ -58,6 +67,18 @@ def fixed_batches(data: Tensor, B: int, N: int, count: int, device: torch.device
     return out
 
 
+def pad_mixed(x: Tensor, y: Tensor, gen: torch.Generator) -> Tuple[Tensor, Tensor]:
+    """The learned-length design's "mixed inputs": each row keeps a real length drawn half from
+    [N/16, N/4] and half from [3N/4, N] (8-32 and 96-128 at N=128); the rest is right padding
+    (input 0, target -100, which cross-entropy ignores)."""
+    B, N = x.shape
+    short = torch.rand(B, generator=gen) < 0.5
+    L = torch.where(short, torch.randint(max(1, N // 16), N // 4 + 1, (B,), generator=gen),
+                    torch.randint(3 * N // 4, N + 1, (B,), generator=gen)).to(x.device)
+    pad = torch.arange(N, device=x.device)[None, :] >= L[:, None]
+    return x.masked_fill(pad, 0), y.masked_fill(pad, -100)
+
+
 @dataclass
 class ModuleCase:
     name: str
@@ -67,6 +88,8 @@ class ModuleCase:
     label: str
     claim: str = ""                       # the original design's claim, quoted
     metrics: Callable[[nn.Module], Dict[str, float]] = field(default=lambda m: {})
+    data: str = "text"                    # "text": unpadded windows; "mixed": pad_mixed windows
+    cumulative_metrics: bool = False      # metrics() already accumulates over the validation batches
 
     def unavailable(self) -> Optional[str]:
         try:
@@ -91,7 +114,7 @@ def _plain(cfg):
 
 def _act(cfg):
     return _cls("resnet_bk.models.act", "ACTLanguageModel")(VOCAB, cfg["d_model"], cfg["n_layers"], cfg["n_seq"],
-                                                          act_threshold=0.95)
+                                                          act_threshold=0.95, act_lambda=0.03, halt_bias_init=0.0)
 
 
 def _multi_scale(hierarchical: bool):
@@ -105,12 +128,22 @@ def _multi_scale(hierarchical: bool):
 
 def _sparse(cfg):
     return _cls("resnet_bk.models.sparse", "SparseLanguageModel")(VOCAB, cfg["d_model"], cfg["n_layers"],
-                                                                cfg["n_seq"], target_sparsity=0.5)
+                                                                cfg["n_seq"], target_sparsity=0.5,
+                                                                sparsity_loss_weight=1.0, sparsity_loss_type="l2")
 
 
 def _learned_length(cfg):
     wrapper = _cls("resnet_bk.models.learned_length", "AdaptiveSequenceLengthWrapper")
-    return wrapper(_plain(cfg), max_seq_len=cfg["n_seq"])
+    return wrapper(_plain(cfg), max_seq_len=cfg["n_seq"], length_penalty=0.5)
+
+
+def _sparse_metrics(m) -> Dict[str, float]:
+    return {"sparsity": sum(l.get_sparsity_stats()["sparsity_ratio"] for l in m.sparse_layers()) / len(m.sparse_layers())}
+
+
+def _length_metrics(m) -> Dict[str, float]:
+    st = m.get_length_statistics()
+    return {"avg_predicted_length": st["avg_predicted_length"], "token_ratio": st["avg_speedup"]}
 
 
 def _bucketing(cfg):
@@ -132,16 +165,18 @@ def module_cases() -> List[ModuleCase]:
         ModuleCase("multi_scale_hier", "resnet_bk.models.multi_scale", "MultiScaleResNetBKBlock", _multi_scale(True),
                    "hierarchical multi-scale (U-Net) blocks", claim="1.44x (seeds/002 'expected output')"),
         ModuleCase("sparse", "resnet_bk.models.sparse", "SparseLanguageModel", _sparse,
-                   "learned sparsity, target 50%", claim="1.8x at 50% sparsity (seeds/003)"),
+                   "learned sparsity, target 50%", claim="1.8x at 50% sparsity (seeds/003)", metrics=_sparse_metrics),
         ModuleCase("learned_length", "resnet_bk.models.learned_length", "AdaptiveSequenceLengthWrapper",
-                   _learned_length, "learned sequence length", claim="2-3x (seeds/000)"),
+                   _learned_length, "learned sequence length, mixed short/long padded inputs",
+                   claim="2-3x on mixed inputs (seeds/000)", metrics=_length_metrics, data="mixed",
+                   cumulative_metrics=True),
         ModuleCase("bucketing", "resnet_bk.models.bucketing", "attach_bucket_landmark", _bucketing,
                    "plain LM + learnable bucket landmarks", claim="+1-3% PPL (seeds/004, quality only)"),
     ]
 
 
 MODULE_CONFIG = {
-    "full": {"d_model": 64, "n_layers": 4, "n_seq": 128, "B": 16, "train_steps": 150, "val_batches": 8},
+    "full": {"d_model": 128, "n_layers": 4, "n_seq": 128, "B": 16, "train_steps": 150, "val_batches": 8},
     "quick": {"d_model": 64, "n_layers": 2, "n_seq": 128, "B": 8, "train_steps": 0, "val_batches": 0},
     "smoke": {"d_model": 16, "n_layers": 1, "n_seq": 32, "B": 2, "train_steps": 0, "val_batches": 0},
 }
@@ -160,76 +195,121 @@ def _loss(model: nn.Module, x: Tensor, y: Tensor) -> Tuple[Tensor, Dict[str, flo
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)), {}
 
 
+def _train(model: nn.Module, case: ModuleCase, cfg: dict, train: Tensor, val: Tensor, device: torch.device,
+           metrics_fn=None) -> dict:
+    """``cfg['train_steps']`` AdamW steps on random windows of ``train`` (padded as ``case.data``
+    says), then the validation cross-entropy over every real target of fixed windows of ``val``."""
+    B, N, steps = cfg["B"], cfg["n_seq"], cfg["train_steps"]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(2)
+    t0 = time.perf_counter()
+    metrics: Dict[str, float] = {}
+    model.train()
+    for _ in range(steps):
+        x, y = batches(train, B, N, gen, device)
+        if case.data == "mixed":
+            x, y = pad_mixed(x, y, gen)
+        loss, metrics = _loss(model, x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    train_s = time.perf_counter() - t0
+    model.eval()
+    if hasattr(model, "reset_length_statistics"):
+        model.reset_length_statistics()
+    total, count, per_batch = 0.0, 0, []
+    vgen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for x, y in fixed_batches(val, B, N, cfg["val_batches"], device):
+            if case.data == "mixed":
+                x, y = pad_mixed(x, y, vgen)
+            logits = _logits(model(x))
+            total += float(F.cross_entropy(logits.reshape(-1, VOCAB), y.reshape(-1), reduction="sum"))
+            count += int((y != -100).sum())
+            if metrics_fn is not None:
+                per_batch.append(metrics_fn(model))
+    out = {"steps": steps, "batch": [B, N], "data": case.data, "optimizer": "AdamW lr 3e-3", "seconds": train_s,
+           "val_tokens": count, "val_ce": total / count, "val_ppl": math.exp(total / count),
+           "final_train_metrics": metrics}
+    if per_batch:
+        if case.cumulative_metrics:
+            out["eval_metrics"] = per_batch[-1]
+        else:
+            out["eval_metrics"] = {k: sum(d[k] for d in per_batch) / len(per_batch) for k in per_batch[0]}
+    return out
+
+
 def run_module_case(case: ModuleCase, cfg: dict, grid: str, policy: Policy, device: torch.device,
                     corpus) -> dict:
-    """One row: timings (train step, inference batch), training-run perplexity, module metrics."""
+    """One row: training-run perplexity (when the grid trains), then, on the trained model, the
+    time per train step and per inference batch, each timed interleaved with a plain model of the
+    same size on the same batches (``baseline``), so that load drift hits both alike."""
     train, val, _ = corpus
     torch.manual_seed(0)
     model = case.build(cfg).to(device)
     n_params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(1)
     B, N = cfg["B"], cfg["n_seq"]
-    pool = [batches(train, B, N, gen, device) for _ in range(4)]
     row: Dict[str, object] = {"suite": "module", "module": case.name, "label": case.label, "device": device.type,
                               "B": B, "N": N, "d_model": cfg["d_model"], "n_layers": cfg["n_layers"],
-                              "params": n_params, "claim": case.claim, "notes": []}
-
-    def train_step(i):
-        model.train()
-        x, y = pool[i % len(pool)]
-        sync(device)
-        t0 = time.perf_counter()
-        loss, _ = _loss(model, x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sync(device)
-        return {"train_step": time.perf_counter() - t0}
-
-    def infer(i):
-        model.eval()
-        x, _ = pool[i % len(pool)]
-        sync(device)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            _logits(model(x))
-        sync(device)
-        return {"inference": time.perf_counter() - t0}
-
-    st, notes = measure(train_step, policy)
-    row["train_step"] = st["train_step"].to_dict()
-    st, notes2 = measure(infer, policy)
-    row["inference"] = st["inference"].to_dict()
-    row["notes"] += notes + notes2
+                              "params": n_params, "claim": case.claim, "data": case.data, "notes": []}
     steps = cfg["train_steps"]
     if steps:
+        row["training"] = _train(model, case, cfg, train, val, device, case.metrics)
+        row["module_metrics"] = row["training"].pop("eval_metrics", {})
+    else:
+        row["notes"].append(f"no training run in the {grid} grid (perplexity not measured)")
+    with_base = case.name != "plain"
+    if with_base:
         torch.manual_seed(0)
-        model = case.build(cfg).to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        gen = torch.Generator().manual_seed(2)
-        t0 = time.perf_counter()
-        metrics: Dict[str, float] = {}
-        model.train()
-        for _ in range(steps):
-            x, y = batches(train, B, N, gen, device)
-            loss, metrics = _loss(model, x, y)
+        base = _plain(cfg).to(device)
+        if steps and case.data != "text":
+            # The plain model's perplexity on the same (padded) data, same steps.
+            row["baseline_training"] = _train(base, case, cfg, train, val, device)
+    gen = torch.Generator().manual_seed(1)
+    pool = []
+    for _ in range(4):
+        x, y = batches(train, B, N, gen, device)
+        pool.append(pad_mixed(x, y, gen) if case.data == "mixed" else (x, y))
+    runs = [("", model, torch.optim.AdamW(model.parameters(), lr=3e-3))]
+    if with_base:
+        runs.append(("baseline_", base, torch.optim.AdamW(base.parameters(), lr=3e-3)))
+
+    def train_step(i):
+        x, y = pool[i % len(pool)]
+        res = {}
+        for prefix, m, opt in runs:
+            m.train()
+            sync(device)
+            t0 = time.perf_counter()
+            loss, _ = _loss(m, x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        train_s = time.perf_counter() - t0
-        model.eval()
-        total, count = 0.0, 0
-        with torch.no_grad():
-            for x, y in fixed_batches(val, B, N, cfg["val_batches"], device):
-                logits = _logits(model(x))
-                total += float(F.cross_entropy(logits.reshape(-1, VOCAB), y.reshape(-1), reduction="sum"))
-                count += y.numel()
-        row["training"] = {"steps": steps, "batch": [B, N], "optimizer": "AdamW lr 3e-3", "seconds": train_s,
-                           "val_tokens": count, "val_ce": total / count, "val_ppl": math.exp(total / count),
-                           "final_train_metrics": metrics}
-        row["module_metrics"] = case.metrics(model)
-    else:
-        row["notes"].append(f"no training run in the {grid} grid (perplexity not measured)")
+            sync(device)
+            res[prefix + "train_step"] = time.perf_counter() - t0
+        return res
+
+    def infer(i):
+        x, _ = pool[i % len(pool)]
+        res = {}
+        for prefix, m, _ in runs:
+            m.eval()
+            sync(device)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                _logits(m(x))
+            sync(device)
+            res[prefix + "inference"] = time.perf_counter() - t0
+        return res
+
+    st, notes = measure(train_step, policy)
+    st2, notes2 = measure(infer, policy)
+    st.update(st2)
+    row["train_step"] = st["train_step"].to_dict()
+    row["inference"] = st["inference"].to_dict()
+    if with_base:
+        row["baseline"] = {"train_step": st["baseline_train_step"].to_dict(),
+                           "inference": st["baseline_inference"].to_dict()}
+    row["notes"] += notes + notes2
     row["status"] = "ok"
     return row

@@ -105,15 +105,18 @@ def goal_lines(result: dict) -> List[str]:
 
 
 def module_speedups(module_rows: List[dict]) -> None:
-    """Speedup of each module over the plain model (same device), train step and inference."""
+    """Speedup of each module over the plain model, train step and inference: over the plain model
+    timed interleaved with it in the same row (``baseline``) when there is one, else over the plain
+    row of the same device. Perplexity ratio over the plain model trained on the same data."""
     plain = {r["device"]: r for r in module_rows if r["module"] == "plain" and r["status"] == "ok"}
     for r in module_rows:
-        p = plain.get(r.get("device"))
+        p = r.get("baseline") or plain.get(r.get("device"))
         if r["status"] != "ok" or p is None:
             continue
         r["speedup_vs_plain"] = {k: p[k]["median"] / r[k]["median"] for k in ("train_step", "inference")}
-        if "training" in r and "training" in p:
-            r["val_ppl_vs_plain"] = r["training"]["val_ppl"] / p["training"]["val_ppl"]
+        pt = r.get("baseline_training") or (plain.get(r.get("device")) or {}).get("training")
+        if "training" in r and pt:
+            r["val_ppl_vs_plain"] = r["training"]["val_ppl"] / pt["val_ppl"]
 
 
 def _module_table(result: dict) -> Tuple[List[str], List[List[str]]]:
@@ -130,7 +133,10 @@ def _module_table(result: dict) -> Tuple[List[str], List[List[str]]]:
         tr = r.get("training")
         extra = dict(r.get("module_metrics") or {})
         if tr:
-            extra.update({k: v for k, v in tr.get("final_train_metrics", {}).items() if k != "ce_loss"})
+            extra.update({k: v for k, v in tr.get("final_train_metrics", {}).items()
+                          if k != "ce_loss" and k not in extra})
+        if r.get("baseline_training"):
+            extra["plain_val_ppl_same_data"] = r["baseline_training"]["val_ppl"]
         notes = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items())
         body.append([r["module"], r["device"], f"{r['params'] / 1e3:.0f}k",
                      f"{_ms(ts['median'])} ({_ms(ts['p10'])}-{_ms(ts['p90'])})",

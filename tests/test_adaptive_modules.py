@@ -98,6 +98,36 @@ def test_sparsity_loss_has_gradient(loss_type):
     assert stats["num_positions"] == 2 * NSEQ and stats["target_sparsity"] == 0.5
 
 
+def test_sparse_layer_skips_ffn_on_masked_positions():
+    """skip_ffn: the MoE runs on exactly the kept positions (counted, machine-independent) and the
+    output equals the dense reference (FFN on every position, then masked)."""
+    torch.manual_seed(0)
+    layer = SparseMoEResNetBKLayer(D, NSEQ, dropout_p=0.0).eval()
+    layer.sparse_bk_core.importance_predictor.bias.data.zero_()  # about half the positions kept
+    x = torch.randn(3, NSEQ, D)
+    before = layer.moe_ffn.tokens_processed
+    out = layer(x)
+    kept = int(layer.last_mask_detached.sum())
+    assert layer.moe_ffn.tokens_processed - before == kept
+    assert 0 < kept < x.shape[0] * NSEQ
+    layer.use_sparse_computation = False
+    ref = layer(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    layer.use_sparse_computation = True
+    layer.train()
+    layer(x.requires_grad_()).sum().backward()
+    assert layer.sparse_bk_core.importance_predictor.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_sparse_interpolator_matmul_equals_its_convolutions(causal):
+    torch.manual_seed(0)
+    core = SparseBKCore(D, NSEQ, causal=causal)
+    f, m = torch.randn(2, NSEQ, 2), (torch.rand(2, NSEQ) > 0.5).float()
+    inp = torch.nn.functional.pad(torch.cat([f, m.unsqueeze(-1)], -1).transpose(1, 2), (2, 0) if causal else (1, 1))
+    torch.testing.assert_close(core.interpolate(f, m), core.interpolator(inp).transpose(1, 2))
+
+
 def test_sparsity_loss_values_and_bad_type():
     m = torch.tensor([[1.0, 0.0, 1.0, 1.0]], requires_grad=True)  # sparsity 0.25
     assert sparsity_loss(m, 0.5, "l2").item() == pytest.approx(0.0625)
@@ -143,6 +173,7 @@ def test_length_predictor_bins():
 
 def test_learned_length_groups_run_shorter(monkeypatch):
     base, w = _wrapper()
+    w.max_groups = None  # one group per distinct length
     w.eval()
     # Force distinct predictions: bins 8, 16, 24, 32 for the four sequences.
     with torch.no_grad():
@@ -170,6 +201,33 @@ def test_learned_length_groups_run_shorter(monkeypatch):
     assert ce.item() == pytest.approx(torch.log(torch.tensor(float(V))).item(), rel=1e-5)
     stats = w.get_length_statistics()
     assert stats["total_predictions"] == 4 and stats["avg_predicted_length"] == 20.0
+
+
+def test_learned_length_merged_groups_same_logits_fewer_calls(monkeypatch):
+    """max_groups=2: the four predicted lengths 8, 16, 24, 32 run as two base-model calls at the
+    token-minimising split (8+16 at 16, 24+32 at 32: 2*16 + 2*32 = 96 positions), and the logits
+    are those of exact grouping (causal base)."""
+    base, w = _wrapper()
+    w.eval()
+    forced = torch.tensor([[9.0, 0, 0, 0], [0, 9.0, 0, 0], [0, 0, 9.0, 0], [0, 0, 0, 9.0]])
+    monkeypatch.setattr(w.length_predictor, "bin_logits", lambda emb: forced)
+    x = torch.randint(0, V, (4, NSEQ))
+    w.max_groups = None
+    exact, _ = w(x)
+    seen = []
+    real_forward = base.forward
+    monkeypatch.setattr(base, "forward", lambda x: (seen.append(tuple(x.shape)), real_forward(x))[1])
+    w.max_groups = 2
+    logits, info = w(x)
+    assert sorted(seen) == [(2, 16), (2, 32)]
+    assert info["num_groups"] == 2 and info["tokens_processed"] == 96
+    assert info["avg_predicted_length"] == 20.0
+    torch.testing.assert_close(logits, exact, rtol=1e-4, atol=1e-5)
+    assert bool((logits[0, 8:] == 0).all())
+    w.max_groups = 1
+    seen.clear()
+    w(x)
+    assert seen == [(4, 32)]
 
 
 def test_learned_length_predictor_gets_gradient_and_trainer():

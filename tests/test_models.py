@@ -191,6 +191,40 @@ def test_act_layer_with_no_running_token_is_skipped():
     m.training_loss(x, x)[0].backward()
 
 
+def _act_reference_forward(m, x):
+    """The ACT forward through the full-state block API (AdaptiveResNetBKBlock.step): every state
+    kept at (B, N); the model's compact path must give the same logits and ponder cost."""
+    B, N = x.shape
+    h = m.token_embedding(x) + m.position_embedding(torch.arange(N))
+    cumsum = torch.zeros(B, N)
+    running = torch.ones(B, N, dtype=torch.bool)
+    frozen_v = torch.zeros(B, N)
+    out = torch.zeros(B * N, m.d_model)
+    ponder = torch.zeros(())
+    for l, blk in enumerate(m.blocks):
+        st = blk.step(h, cumsum, running, frozen_v, is_last=(l == len(m.blocks) - 1))
+        if st is None:
+            break
+        out = out.index_add(0, st.idx, st.w_run.unsqueeze(-1) * st.h_run)
+        ponder = ponder + torch.where(st.halted_now, st.remainder + (l + 1), torch.zeros_like(st.remainder)).sum()
+        h, cumsum, running, frozen_v = st.h, st.cumsum, st.running, st.v
+    return m.lm_head(m.layer_norm_final(out.view(B, N, -1))), ponder / (B * N)
+
+
+def test_act_compact_path_matches_full_state_reference():
+    torch.manual_seed(0)
+    m = ACTLanguageModel(V, D, 4, NS, act_threshold=0.6, halt_bias_init=0.0, dropout_p=0.0).eval()
+    with torch.no_grad():
+        for b in m.blocks:
+            b.halting_unit[2].weight.mul_(20)  # a spread of halting layers
+    x = torch.randint(0, V, (3, NS))
+    logits, ponder = m(x)
+    assert 1.0 < m.get_avg_layers_executed() < 4.0
+    ref_logits, ref_ponder = _act_reference_forward(m, x)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ponder, ref_ponder, rtol=1e-5, atol=1e-5)
+
+
 def test_act_never_halting_tokens_get_remainder():
     torch.manual_seed(0)
     m = ACTLanguageModel(V, D, 3, NS, act_threshold=0.99)

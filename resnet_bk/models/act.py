@@ -85,6 +85,33 @@ class AdaptiveResNetBKBlock(nn.Module):
         with torch.no_grad():
             self.halting_unit[2].bias.fill_(float(halt_bias_init))
 
+    def step_compact(self, h_run: Tensor, idx: Optional[Tensor], c_run: Tensor, v_full: Optional[Tensor],
+                     B: int, N: int, is_last: bool = False):
+        """One block on compact running-token state (the path ``ACTLanguageModel`` uses).
+
+        h_run (T, D) running tokens' states, idx (T,) their flat indices in B*N (None: all B*N tokens
+        in order), c_run (T,) their halting sums, v_full (B*N,) potentials with halted tokens'
+        frozen (None before the first block). Returns (h_new (T, D), v_full (B*N,), c_new (T,),
+        halted (T,) bool, w (T,) the weights w_l, remainder (T,) = 1 - c_run). One gather of the
+        features and one scatter of the potentials; no full-size copies of the hidden states.
+        """
+        ffn, v_run = self.bk_layer.ffn_and_potential(self.layer_norm(h_run))
+        if idx is None:
+            v_full = v_run
+        else:
+            v_full = v_full.to(v_run.dtype).index_copy(0, idx, v_run)
+        feats = self.bk_layer.bk_features(v_full.view(B, N)).reshape(B * N, 2)
+        f_run = feats if idx is None else feats.index_select(0, idx)
+        h_new = h_run + self.bk_layer.mix_output(ffn, f_run)
+        remainder = 1.0 - c_run
+        if is_last:  # every token still running halts here with the remainder
+            halted = torch.ones_like(c_run, dtype=torch.bool)
+            return h_new, v_full, c_run, halted, remainder, remainder
+        p = self.halting_unit(h_new).squeeze(-1).to(c_run.dtype)
+        c_new = c_run + p
+        halted = c_new >= self.threshold
+        return h_new, v_full, c_new, halted, torch.where(halted, remainder, p), remainder
+
     def step(self, h: Tensor, cumsum: Tensor, running: Tensor, frozen_v: Optional[Tensor] = None,
              is_last: bool = False) -> Optional[ACTStep]:
         """One block on the running tokens only. Returns None (nothing computed) when no token runs."""
@@ -179,29 +206,52 @@ class ACTLanguageModel(nn.Module):
         check_tokens("x", x, self.n_seq, self.vocab_size)
         B, N = x.shape
         h = self.token_embedding(x) + self.position_embedding(torch.arange(N, device=x.device))
-        cumsum = h.new_zeros(B, N, dtype=torch.float32)
-        running = torch.ones(B, N, dtype=torch.bool, device=x.device)
-        frozen_v = h.new_zeros(B, N)
-        out = h.new_zeros(B * N, self.d_model)
+        D = self.d_model
+        # Compact state: only the running tokens' states, halting sums and flat indices are kept
+        # (idx None = every token, so block 0 needs no gather). Halted tokens cost nothing but
+        # their frozen potential in v_full, which the full-sequence BK-Core reads.
+        h_run = h.reshape(B * N, D)
+        c_run = h_run.new_zeros(B * N, dtype=torch.float32)
+        idx: Optional[Tensor] = None
+        v_full: Optional[Tensor] = None
+        idx_parts, contrib_parts = [], []
         ponder = h.new_zeros((), dtype=torch.float32)
         tokens_run = 0
         skipped = 0
         L = len(self.blocks)
         for l, block in enumerate(self.blocks):
-            st = block.step(h, cumsum, running, frozen_v, is_last=(l == L - 1))
-            if st is None:  # every token has halted: the remaining blocks do no work at all
+            T = h_run.shape[0]
+            if T == 0:  # every token has halted: the remaining blocks do no work at all
                 skipped = L - l
                 for later in self.blocks[l:]:
                     later.bk_layer.moe_ffn.aux_loss = None
                 break
-            tokens_run += st.idx.numel()
-            out = out.index_add(0, st.idx, st.w_run.unsqueeze(-1).to(out.dtype) * st.h_run.to(out.dtype))
+            tokens_run += T
+            h_new, v_full, c_new, halted, w, remainder = block.step_compact(
+                h_run, idx, c_run, v_full, B, N, is_last=(l == L - 1))
+            idx_parts.append(idx)
+            contrib_parts.append(w.unsqueeze(-1).to(h_new.dtype) * h_new)
             # Graves' rho = N(t) + R(t), summed over the tokens halting at block l (N(t) = l + 1).
-            ponder = ponder + torch.where(st.halted_now, st.remainder + (l + 1), torch.zeros_like(st.remainder)).sum()
-            h, cumsum, running, frozen_v = st.h, st.cumsum, st.running, st.v
+            ponder = ponder + torch.where(halted, remainder + (l + 1), torch.zeros_like(remainder)).sum()
+            if l == L - 1:
+                break
+            keep = (~halted).nonzero().squeeze(1)  # one host read per block: the next gather size
+            if keep.numel() == T:  # nobody halted: no gather needed
+                h_run, c_run = h_new, c_new
+            else:
+                idx = keep if idx is None else idx.index_select(0, keep)
+                h_run, c_run = h_new.index_select(0, keep), c_new.index_select(0, keep)
         self.avg_layers_executed = tokens_run / float(B * N)
         self.layers_skipped = skipped
-        logits = self.lm_head(self.layer_norm_final(out.view(B, N, self.d_model)))
+        # Output = sum_l w_l h_l: the full-size first contribution plus one index_add of the rest.
+        full = [c for i, c in zip(idx_parts, contrib_parts) if i is None]
+        out = full[0] if full else h.new_zeros(B * N, D)
+        for c in full[1:]:
+            out = out + c
+        rest = [(i, c) for i, c in zip(idx_parts, contrib_parts) if i is not None]
+        if rest:
+            out = out.index_add(0, torch.cat([i for i, _ in rest]), torch.cat([c for _, c in rest]).to(out.dtype))
+        logits = self.lm_head(self.layer_norm_final(out.view(B, N, D)))
         if not return_ponder_cost:
             return logits
         return logits, ponder / float(B * N)

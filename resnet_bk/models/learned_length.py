@@ -3,10 +3,17 @@ base model runs on; sequences are grouped by predicted length and each group run
 
 What differs from the original prototype (ORIGINAL_DESIGN.md 1.5 / 3.6):
 
-* Shorter predictions really run shorter: the batch is split into groups of equal predicted length
-  and the base model (which accepts any N <= n_seq) runs once per group on ``x[group, :L]``. No
+* Shorter predictions really run shorter: the batch is split into groups of predicted length and
+  the base model (which accepts any N <= n_seq) runs once per group on ``x[group, :L]``, L the
+  group's longest predicted length. With a causal base model at most ``max_groups`` (default 2)
+  groups are formed, chosen to minimise the tokens run: each base-model call has a fixed cost
+  (kernel launches, MoE routing, autograd bookkeeping) that eight small calls would pay eight
+  times. A sequence predicted shorter than its group's L has positions run that it does not use;
+  causality makes its used positions independent of them, so the result does not depend on the
+  grouping. ``max_groups=None`` (or a non-causal base) gives one group per distinct length. No
   module state is mutated.
-* Positions at or past a sequence's predicted length are NOT run. Their logits are zeros, i.e. the
+* Positions at or past a sequence's predicted length are not used (and not run unless they share a
+  group's rectangle). Their logits are zeros, i.e. the
   uniform distribution, a finite documented placeholder (never a copy of the last position). In
   ``compute_loss`` they are scored as such, so each dropped real token costs exactly log(V) nats;
   padding (target == ``ignore_index``) costs nothing. The reported cross-entropy and perplexity are
@@ -109,12 +116,13 @@ class AdaptiveSequenceLengthWrapper(nn.Module):
 
     length_info: predicted_lengths (B,) long, length_probs (B, bins), log_prob (B,) (with grad),
     expected_length (B,) (with grad), avg_predicted_length, max_predicted_length, original_length,
-    tokens_processed, tokens_total, num_groups, speedup_estimate (= tokens_total/tokens_processed:
-    a token ratio, not a time).
+    tokens_processed (positions the base model ran, group rectangles included), tokens_total,
+    num_groups (base-model calls), speedup_estimate (= tokens_total/tokens_processed: a token ratio,
+    not a time). ``max_groups``: see the module doc.
     """
 
     def __init__(self, base_model: nn.Module, max_seq_len: int = 128, num_length_bins: int = 8,
-                 length_penalty: float = 0.01, *, ignore_index: int = -100):
+                 length_penalty: float = 0.01, *, ignore_index: int = -100, max_groups: Optional[int] = 2):
         super().__init__()
         emb = getattr(base_model, "token_embedding", None)
         if not isinstance(emb, nn.Embedding):
@@ -129,6 +137,9 @@ class AdaptiveSequenceLengthWrapper(nn.Module):
         self.max_seq_len = max_seq_len
         self.length_penalty = float(length_penalty)
         self.ignore_index = ignore_index
+        if max_groups is not None and (not isinstance(max_groups, int) or max_groups < 1):
+            raise ValueError(f"max_groups: expected a positive int or None, got {max_groups!r}")
+        self.max_groups = max_groups
         self.length_predictor = SequenceLengthPredictor(emb.embedding_dim, max_seq_len, num_length_bins)
         self.reset_length_statistics()
 
@@ -185,26 +196,70 @@ class AdaptiveSequenceLengthWrapper(nn.Module):
         order = torch.argsort(lengths, stable=True)
         uniq, counts = torch.unique_consecutive(lengths[order], return_counts=True)
         uniq_host, counts_host = uniq.tolist(), counts.tolist()
+        groups = self._plan_groups(uniq_host, counts_host)
+        segs = order.split(counts_host)
         logits = None
-        for L, idx_t in zip(uniq_host, order.split(counts_host)):
+        processed = 0
+        for lo, hi in groups:
+            L = uniq_host[hi - 1]                      # the group runs at its longest member's length
+            idx_t = segs[lo] if hi - lo == 1 else torch.cat(segs[lo:hi])
             out = _logits_of(self.base_model(x.index_select(0, idx_t)[:, :L]))   # (b, L, V)
+            if hi - lo > 1:
+                # Members predicted shorter than L: their positions past their own length are the
+                # placeholder too (run only because they share the group's rectangle).
+                own = lengths.index_select(0, idx_t)
+                out = out * (torch.arange(L, device=x.device)[None, :] < own[:, None]).unsqueeze(-1).to(out.dtype)
             if logits is None:
                 # Zeros = uniform placeholder for positions that are not run.
                 logits = out.new_zeros(B, N, out.shape[-1])
             logits[idx_t, :L] = out
-        processed = int(sum(L * c for L, c in zip(uniq_host, counts_host)))
+            processed += L * idx_t.numel()
+        predicted = int(sum(L * c for L, c in zip(uniq_host, counts_host)))
         expected = (log_probs.exp() * bins_n.to(log_probs.dtype)).sum(-1)     # (B,) with grad
         self._bin_counts += torch.bincount(choice.cpu(), minlength=pred.num_length_bins)
-        self._sum_lengths += processed
+        self._sum_lengths += predicted
         self._num_predictions += B
         self._tokens_processed += processed
         self._tokens_total += B * N
         info = {"predicted_lengths": lengths, "length_probs": log_probs.exp().detach(),
                 "log_prob": log_probs.gather(1, choice[:, None]).squeeze(1), "expected_length": expected,
-                "avg_predicted_length": processed / B, "max_predicted_length": max(uniq_host),
+                "avg_predicted_length": predicted / B, "max_predicted_length": max(uniq_host),
                 "original_length": N, "tokens_processed": processed, "tokens_total": B * N,
-                "num_groups": len(uniq_host), "speedup_estimate": B * N / processed}
+                "num_groups": len(groups), "speedup_estimate": B * N / processed}
         return logits, info
+
+    def _plan_groups(self, lens, counts):
+        """Contiguous groups [(lo, hi), ...] of the sorted distinct lengths ``lens`` (sizes ``counts``)
+        that minimise the tokens run (each group runs at its longest length), using at most
+        ``max_groups`` groups (each group is one base-model call; fewer, larger calls amortise the
+        per-call overhead). Exact groups (one per distinct length) when ``max_groups`` is None or
+        the base model is not causal: there, running a position past a sequence's length would
+        change its earlier outputs."""
+        m = len(lens)
+        G = m if self.max_groups is None or not getattr(self.base_model, "causal", False) else min(self.max_groups, m)
+        if G >= m:
+            return [(i, i + 1) for i in range(m)]
+        pref = [0]
+        for c in counts:
+            pref.append(pref[-1] + c)
+        INF = float("inf")
+        # best[g][j]: fewest tokens covering lens[:j] with g groups; m <= num_length_bins is small.
+        best = [[INF] * (m + 1) for _ in range(G + 1)]
+        back = [[0] * (m + 1) for _ in range(G + 1)]
+        best[0][0] = 0
+        for g in range(1, G + 1):
+            for j in range(1, m + 1):
+                for i in range(j):
+                    c = best[g - 1][i] + lens[j - 1] * (pref[j] - pref[i])
+                    if c < best[g][j]:
+                        best[g][j], back[g][j] = c, i
+        g = min(range(1, G + 1), key=lambda k: (best[k][m], k))
+        out, j = [], m
+        while j > 0:
+            i = back[g][j]
+            out.append((i, j))
+            j, g = i, g - 1
+        return out[::-1]
 
     def compute_loss(self, logits: Tensor, targets: Tensor, length_info: Optional[Dict] = None
                      ) -> Tuple[Tensor, Tensor, Tensor]:
