@@ -248,12 +248,18 @@ static void lane_info(const Plan<T>& pl, int64_t blk, LaneInfo* li) {
 
 // One strided source seen through a block's lanes: lane l reads element index i (position i of
 // the chunk) at rows[l][(off[l] + i) * es] when 0 <= off[l] + i < hi, else `pad`.
+constexpr int64_t kNoFast = INT64_MAX / 4;
 template <class T>
 struct LaneSrc {
-  const T* rows[Plan<T>::NL];
-  int64_t off[Plan<T>::NL];
+  static constexpr int NL = Plan<T>::NL, G = 64 / sizeof(T), NG = NL / G;
+  const T* rows[NL];
+  int64_t off[NL];
   int64_t hi, es;
   T sub, mul, pad;
+  // Precomputed for the transpose path: the address of chunk position 0 of each lane, and per
+  // group of G lanes the tile range [glo, ghi) in which every lane of the group reads in-range.
+  uintptr_t at0[NL];
+  int64_t glo[NG], ghi[NG];
 
   // src rows of length `hi` (in elements of stride es), chunk-relative shift `shift` (-1 for k)
   void init(const LaneInfo* li, const T* base, int64_t row_stride, int64_t hi_, int64_t es_, int64_t shift, T sub_,
@@ -266,6 +272,19 @@ struct LaneSrc {
     for (int l = 0; l < Plan<T>::NL; ++l) {
       rows[l] = li[l].row >= 0 ? base + li[l].row * row_stride : nullptr;
       off[l] = li[l].start + shift;
+      at0[l] = reinterpret_cast<uintptr_t>(rows[l]) + uintptr_t(off[l] * es * int64_t(sizeof(T)));
+    }
+    for (int g = 0; g < NG; ++g) {
+      glo[g] = -kNoFast;
+      ghi[g] = kNoFast;
+      for (int l = g * G; l < (g + 1) * G; ++l) {
+        if (!rows[l]) {
+          glo[g] = kNoFast;
+          break;
+        }
+        glo[g] = std::max(glo[g], -off[l]);
+        ghi[g] = std::min(ghi[g], hi - off[l]);
+      }
     }
   }
 
@@ -300,9 +319,9 @@ struct LaneSrc {
     constexpr int G = 64 / sizeof(T);
     if (n == kTile && es == 1) {
       for (int g0 = 0; g0 < NL; g0 += G) {
-        const T* ptr[G];
-        if (full_group(g0, G, p0, n, ptr))
-          bk_avx512::gather16(ptr, sub, mul, dst + g0, dstride);
+        if (p0 >= glo[g0 / G] && p0 + n <= ghi[g0 / G])
+          bk_avx512::gather16(bk_avx512::Rows<const T>{at0 + g0, intptr_t(p0 * int64_t(sizeof(T)))}, sub, mul,
+                              dst + g0, dstride);
         else
           for (int l = g0; l < g0 + G; ++l) tile_lane(l, p0, n, dst, dstride);
       }
@@ -560,24 +579,45 @@ static Cx<typename VecOf<T>::type> load_carry(const std::vector<Cx<T>>& src, int
   return out;
 }
 
+// The interleaved [B, N, 2] output seen through a block's lanes: the address of each lane's chunk
+// start, and per group the number of leading chunk positions every lane of the group writes.
+template <class T>
+struct LaneOut {
+  static constexpr int NL = Plan<T>::NL, G = 64 / sizeof(T), NG = NL / G;
+  uintptr_t at0[NL];
+  int64_t lim[NG];
+  bool aligned[NG];  // every lane's chunk start 64-byte aligned (non-temporal stores need it)
+  void init(const LaneInfo* li, T* out, int64_t N) {
+    for (int l = 0; l < NL; ++l)
+      at0[l] = li[l].row >= 0 ? reinterpret_cast<uintptr_t>(out + (li[l].row * N + li[l].start) * 2) : 0;
+    for (int g = 0; g < NG; ++g) {
+      lim[g] = kNoFast;
+      uintptr_t bits = 0;
+      for (int l = g * G; l < (g + 1) * G; ++l) {
+        lim[g] = li[l].row < 0 ? -1 : std::min(lim[g], std::min(li[l].len, N - li[l].start));
+        bits |= at0[l];
+      }
+      aligned[g] = (bits & 63) == 0;
+    }
+  }
+};
+
 // Writes a lane-major complex tile to the interleaved [B, N, 2] output.
 template <class T>
-static BK_AI void scatter_cx_tile(const LaneInfo* li, T* out, int64_t N, int64_t p0, int64_t n,
-                                   const Cx<typename VecOf<T>::type>* src, bool stream = false) {
+static BK_AI void scatter_cx_tile(const LaneInfo* li, const LaneOut<T>& lo, T* out, int64_t N, int64_t p0,
+                                   int64_t n, const Cx<typename VecOf<T>::type>* src, bool stream = false) {
   constexpr int NL = Plan<T>::NL;
   const T* s = reinterpret_cast<const T*>(src);
 #ifdef BK_AVX512_TRANSPOSE
   constexpr int G = 64 / sizeof(T);
   if (n == kTile) {
     for (int g0 = 0; g0 < NL; g0 += G) {
-      if (full_out_group(li, g0, G, N, p0, n)) {
-        T* ptr[G];
-        uintptr_t bits = 0;
-        for (int i = 0; i < G; ++i) {
-          ptr[i] = out + (li[g0 + i].row * N + li[g0 + i].start + p0) * 2;
-          bits |= reinterpret_cast<uintptr_t>(ptr[i]);
-        }
-        bk_avx512::scatter16_cx(s + g0, s + NL + g0, 2 * NL, ptr, stream && (bits & 63) == 0);
+      if (p0 + n <= lo.lim[g0 / G]) {
+        // p0 is a multiple of 8 on the full tiles of the sweep, so the alignment of the chunk
+        // starts decides the alignment of every row
+        const bool nt = stream && lo.aligned[g0 / G] && (p0 & 7) == 0;
+        bk_avx512::scatter16_cx(s + g0, s + NL + g0, 2 * NL,
+                                bk_avx512::Rows<T>{lo.at0 + g0, intptr_t(p0 * 2 * int64_t(sizeof(T)))}, nt);
       } else {
         for (int l = g0; l < g0 + G; ++l) {
           scatter_lane(li[l], l, out, 2 * N, N, 2, p0, n, s, 2 * NL);
@@ -626,6 +666,8 @@ static void two_sided_sweep(const BlockIn<T>& in, const LaneInfo* li, const Prob
   constexpr int NL = Plan<T>::NL;
   const V aim = V{} - pr.zi;
   const int64_t h = L / 2, h2 = L - h;
+  LaneOut<T> lo;
+  lo.init(li, out, pr.N);
   alignas(128) V tK[kTile + 1], tKB[kTile + 1];  // couplings of the d tile / e tile
   alignas(128) V tM[kTile], tMB[kTile];
   alignas(128) Cx<V> tG[kTile], tGB[kTile];
@@ -661,7 +703,7 @@ static void two_sided_sweep(const BlockIn<T>& in, const LaneInfo* li, const Prob
     Cx<V> e = estep(a, tK[1]);
     if (in.has_mask) in.M.tile(h, 1, reinterpret_cast<T*>(tMB), NL);
     tGB[0] = combine_out<T>(d, e, Cx<V>{a, aim}, in.has_mask ? &tMB[0] : nullptr);
-    scatter_cx_tile<T>(li, out, pr.N, h, 1, tGB);
+    scatter_cx_tile<T>(li, lo, out, pr.N, h, 1, tGB);
   }
   // Phase 2: d over [h2, L) meets the stored e; e over [0, h) meets the stored d.
   for (int64_t t0 = 0; t0 < h; t0 += kTile) {
@@ -683,8 +725,8 @@ static void two_sided_sweep(const BlockIn<T>& in, const LaneInfo* li, const Prob
       tG[q] = combine_out<T>(d, S[pa + q], ala, in.has_mask ? &tM[q] : nullptr);
       tGB[qb] = combine_out<T>(S[pb + qb], e, alb, in.has_mask ? &tMB[qb] : nullptr);
     }
-    scatter_cx_tile<T>(li, out, pr.N, pa, n, tG, stream);
-    scatter_cx_tile<T>(li, out, pr.N, pb, n, tGB, stream);
+    scatter_cx_tile<T>(li, lo, out, pr.N, pa, n, tG, stream);
+    scatter_cx_tile<T>(li, lo, out, pr.N, pb, n, tGB, stream);
   }
 #ifdef BK_AVX512_TRANSPOSE
   if (stream) _mm_sfence();  // order the non-temporal stores before the block is reported done
@@ -706,6 +748,8 @@ static void forward_block(const Problem<T>& pr, const Plan<T>& pl, int64_t blk, 
   Cx<V> dprev = load_carry(car.d_in, blk, li);
   if (pr.causal) {
     alignas(128) V tM[kTile];
+    LaneOut<T> lo;
+    lo.init(li, out, pr.N);
     // y = 1 / d: the reciprocal of d_p falls out of step p + 1's division.
     d_pass<T>(in, Lc, pr.zi, dprev, s.D.p, s.D.p);
     for (int64_t p0 = 0; p0 < Lc; p0 += kTile) {
@@ -715,7 +759,7 @@ static void forward_block(const Problem<T>& pr, const Plan<T>& pl, int64_t blk, 
         in.M.tile(p0, n, reinterpret_cast<T*>(tM), NL);
         for (int64_t q = 0; q < n; ++q) y[q] = masked<T>(y[q], tM[q]);
       }
-      scatter_cx_tile<T>(li, out, pr.N, p0, n, y, stream);
+      scatter_cx_tile<T>(li, lo, out, pr.N, p0, n, y, stream);
     }
 #ifdef BK_AVX512_TRANSPOSE
     if (stream) _mm_sfence();

@@ -11,6 +11,15 @@
 
 namespace bk_avx512 {
 
+// Row addresses of a group: either an array of pointers, or per-row base addresses plus one byte
+// offset shared by the group (precomputed once per block, so a tile costs one add per row).
+template <class T>
+struct Rows {
+  const uintptr_t* base;
+  intptr_t off;
+  inline __attribute__((always_inline)) T* operator[](int i) const { return reinterpret_cast<T*>(base[i] + off); }
+};
+
 // out[j] = column j of the 16x16 matrix whose rows are r[0..15]
 BK_TR_INLINE void tr16(__m512* r) {
   __m512 t[16];
@@ -58,7 +67,8 @@ BK_TR_INLINE void tr8(__m512d* r) {
 
 // ---- rows -> lane-major: src[i] points at 16 consecutive positions of lane i's row ----
 
-BK_TR_INLINE void gather16(const float* const* src, float sub, float mul, float* dst, int64_t dstride) {
+template <class P>
+BK_TR_INLINE void gather16(const P& src, float sub, float mul, float* dst, int64_t dstride) {
   __m512 r[16];
   const __m512 vs = _mm512_set1_ps(sub), vm = _mm512_set1_ps(mul);
   for (int i = 0; i < 16; ++i) r[i] = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(src[i]), vs), vm);
@@ -66,7 +76,8 @@ BK_TR_INLINE void gather16(const float* const* src, float sub, float mul, float*
   for (int q = 0; q < 16; ++q) _mm512_store_ps(dst + q * dstride, r[q]);
 }
 
-BK_TR_INLINE void gather16(const double* const* src, double sub, double mul, double* dst, int64_t dstride) {
+template <class P>
+BK_TR_INLINE void gather16(const P& src, double sub, double mul, double* dst, int64_t dstride) {
   const __m512d vs = _mm512_set1_pd(sub), vm = _mm512_set1_pd(mul);
   for (int h = 0; h < 2; ++h) {
     __m512d r[8];
@@ -140,7 +151,8 @@ BK_TR_INLINE void scatter16(const double* src, int64_t sstride, double* const* d
 // lane-major (re, im) tiles -> interleaved complex rows
 // stream: non-temporal stores (every dst[i] 64-byte aligned): a large output written once skips
 // the read-for-ownership of each line and does not evict the kernel's working set.
-BK_TR_INLINE void scatter16_cx(const float* sre, const float* sim, int64_t sstride, float* const* dst, bool stream) {
+template <class P>
+BK_TR_INLINE void scatter16_cx(const float* sre, const float* sim, int64_t sstride, const P& dst, bool stream) {
   const __m512i lo_i = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   const __m512i hi_i = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
   for (int pb = 0; pb < 16; pb += 8) {
@@ -166,7 +178,8 @@ BK_TR_INLINE void scatter16_cx(const float* sre, const float* sim, int64_t sstri
   }
 }
 
-BK_TR_INLINE void scatter16_cx(const double* sre, const double* sim, int64_t sstride, double* const* dst, bool stream) {
+template <class P>
+BK_TR_INLINE void scatter16_cx(const double* sre, const double* sim, int64_t sstride, const P& dst, bool stream) {
   const __m512i lo = _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11);
   const __m512i hi = _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15);
   for (int h = 0; h < 2; ++h) {

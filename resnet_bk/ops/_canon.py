@@ -77,7 +77,21 @@ def canon_z(z, rdt: torch.dtype, device: torch.device, ref_name: str = "diag") -
     zc = complex(z)
     if not (math.isfinite(zc.real) and math.isfinite(zc.imag)):
         raise ValueError(f"z: expected a finite spectral shift, got {zc!r}")
-    return torch.tensor([zc.real, zc.imag], dtype=rdt, device=device)
+    if torch.compiler.is_compiling():
+        return torch.tensor([zc.real, zc.imag], dtype=rdt, device=device)
+    # A model calls the op with the same Python z every step: reuse its (2,) tensor (read-only for
+    # every backend) instead of building one per call (a host-to-device copy on CUDA).
+    key = (zc, rdt, device)
+    t = _Z_CACHE.get(key)
+    if t is None:
+        if len(_Z_CACHE) >= 64:
+            _Z_CACHE.clear()
+        with torch.inference_mode(False):  # a normal tensor: autograd may save it later
+            t = _Z_CACHE[key] = torch.tensor([zc.real, zc.imag], dtype=rdt, device=device)
+    return t
+
+
+_Z_CACHE: dict = {}
 
 
 def _broadcastable_to(shape: Tuple[int, ...], want: Tuple[int, ...]) -> bool:
@@ -131,7 +145,9 @@ def canon_bk(diag, super_diag, sub_diag, z, mask=None, *, mask_name: str = "mask
     a = diag.to(rdt).reshape(B, N).contiguous()
     kb = offs[0].to(rdt) * offs[1].to(rdt)
     lead = kb.shape[:-1]
-    if all(s == 1 for s in lead):
+    if kb.dim() == 1 and kb.shape[0] == N - 1:
+        k = kb.view(1, N - 1)  # the common case: one (N-1,) off-diagonal for the whole batch
+    elif all(s == 1 for s in lead):
         # one off-diagonal shared by the whole batch: never materialised per row
         k = kb.reshape(1, kb.shape[-1]).expand(1, N - 1).contiguous()
     else:
