@@ -143,6 +143,25 @@ def _dense_diag(a: Tensor, b: Tensor, c: Tensor, z: complex) -> Tensor:
     return torch.linalg.inv(T).diagonal(dim1=-2, dim2=-1)
 
 
+def _cpp_op_impl(causal: bool, args) -> Impl:
+    """The compiled CPU op called directly on the public [B, N] tensors: the C++ kernel and the
+    dispatcher (with the registered autograd), without the Python argument checks, canonicalisation
+    and backend dispatch of ``ops.bk_core``; the off-diagonal product is still formed per call, so
+    gradients reach super and sub as through the public op."""
+    from resnet_bk.ops import _cpp
+    if not _cpp.HAS_C:
+        return Impl("cpp-op", "backend", "C++ op called directly", None, skip="resnet_bk._C did not load")
+    op = torch.ops.resnet_bk.bk_core_fwd
+    zri = args.zri
+
+    def fn(x):
+        k = (x["super"] * x["sub"]).view(1, -1)
+        return op(x["diag"], k, zri, None, causal)
+    return Impl("cpp-op", "backend", "C++ op called directly (torch.ops.resnet_bk.bk_core_fwd on the [B, N] diag "
+                "and the (N-1,) off-diagonal product: the kernel, the dispatcher and the registered autograd, "
+                "without ops.bk_core's Python checks and dispatch)", fn)
+
+
 def _bk_case(variant: str) -> OpCase:
     causal = variant == "causal"
     masked = variant == "masked"
@@ -160,6 +179,8 @@ def _bk_case(variant: str) -> OpCase:
         out = [Impl("reference", "baseline", "reference backend (= the plain-PyTorch pivot loop)", call("reference"),
                     split=True)]
         out += _backend_impls("bk_core", device, canon, call)
+        if device.type == "cpu" and not masked:
+            out.append(_cpp_op_impl(causal, args))
 
         def naive(x):
             y = _naive_continuants(x["diag"], x["super"], x["sub"], x["z"], causal)

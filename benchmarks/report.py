@@ -81,12 +81,21 @@ def _fmt_table(head: List[str], body: List[List[str]]) -> str:
 
 
 def goal_lines(result: dict) -> List[str]:
-    """The issue's goals for the C++ backend at B=64, N=4096, float32, as measured ratios."""
-    rows = {r["mode"]: r for r in result["rows"] if all(r.get(k) == v for k, v in GOAL.items())}
+    """The issue's goals for the C++ backend at B=64, N=4096, float32, as measured ratios: through
+    the public op (``ops.bk_core``) and through the compiled op called directly (``cpp-op``)."""
+    out = _goal_lines(result, "cpp", "public ops.bk_core")
+    if any(r.get("impl") == "cpp-op" for r in result["rows"]):
+        out += _goal_lines(result, "cpp-op", "torch.ops.resnet_bk.bk_core_fwd called directly")
+    return out
+
+
+def _goal_lines(result: dict, impl: str, how: str) -> List[str]:
+    want = dict(GOAL, impl=impl)
+    rows = {r["mode"]: r for r in result["rows"] if all(r.get(k) == v for k, v in want.items())}
     if not rows:
-        return ["goals (cpp, bk_core two-sided, B=64 N=4096 float32, CPU): not in this grid/selection"]
+        return [f"goals ({impl}, bk_core two-sided, B=64 N=4096 float32, CPU): not in this grid/selection"]
     f, fb = rows.get("forward"), rows.get("forward+backward")
-    out = ["goals (cpp, bk_core two-sided, B=64 N=4096 float32, CPU):"]
+    out = [f"goals ({impl}: {how}; bk_core two-sided, B=64 N=4096 float32, CPU):"]
     if f is None or f["status"] != "ok":
         out.append(f"  forward row {'missing' if f is None else _status(f)}: goals not assessed")
         return out
