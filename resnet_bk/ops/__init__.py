@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import _dispatch, _ref_backend  # noqa: F401  (registers the reference backend)
-from . import _cpp  # noqa: F401  (registers cpp / cuda when resnet_bk._C loaded)
+from . import _canon, _cpp  # noqa: F401  (_cpp registers cpp / cuda when resnet_bk._C loaded)
 from ._canon import BKArgs, canon_bk
 from ._dispatch import (BackendUnavailableError, Choice, VerificationError, available_backends,
                         backend_status, verify, verify_enabled)
@@ -81,8 +81,48 @@ def bk_core(diag: Tensor, super_diag: Tensor, sub_diag: Tensor, z: Union[Number,
         (..., N) complex64 (complex128 for float64 input). Exact gradients (O(N)) for diag,
         super_diag, sub_diag and z.
     """
+    if backend is None:
+        out = _fast_cpu_bk_core(diag, super_diag, sub_diag, z, causal)
+        if out is not None:
+            return out
     args = canon_bk(diag, super_diag, sub_diag, z)
     return _run_bk("bk_core", args, causal, backend)
+
+
+_FAST_DTYPES = (torch.float32, torch.float64)
+
+
+def _fast_cpu_bk_core(diag, super_diag, sub_diag, z, causal) -> Optional[Tensor]:
+    """The call a model makes every step (float32/float64 CPU ``diag``, one shared (N-1,)
+    off-diagonal pair of its dtype, a Python ``z`` seen before, automatic backend choice resolving
+    to cpp), recognised in a few attribute reads and sent straight to the compiled op: the same op
+    and arguments the general path would build. Anything else returns None and takes the general
+    path (which validates, raises on bad input, dispatches, warns and verifies)."""
+    if not (_cpp.HAS_C and type(causal) is bool and isinstance(diag, Tensor) and isinstance(super_diag, Tensor)
+            and isinstance(sub_diag, Tensor)):
+        return None
+    if diag.dtype not in _FAST_DTYPES or diag.device.type != "cpu" or diag.dim() < 1:
+        return None
+    N = diag.shape[-1]
+    if (N < 2 or diag.numel() == 0 or super_diag.dim() != 1 or sub_diag.dim() != 1
+            or super_diag.shape[0] != N - 1 or sub_diag.shape[0] != N - 1
+            or super_diag.dtype != diag.dtype or sub_diag.dtype != diag.dtype
+            or super_diag.device != diag.device or sub_diag.device != diag.device):
+        return None
+    if type(z) not in (complex, float, int):
+        return None
+    zri = _canon._Z_CACHE.get((complex(z), diag.dtype, diag.device))  # present only once validated
+    if zri is None or _dispatch.os.environ.get(_dispatch.ENV_BACKEND) or _dispatch.verify_enabled():
+        return None
+    be = _dispatch._registry["cpp"]  # what automatic dispatch would pick for CPU tensors, unchanged
+    if be.impls.get("bk_core", (None,))[0] is not _cpp.bk_core_compiled or not be.available()[0]:
+        return None
+    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
+        return None
+    a = diag if diag.dim() == 2 else diag.reshape(-1, N)
+    k = (super_diag * sub_diag).view(1, N - 1)
+    out = torch.ops.resnet_bk.bk_core_fwd(a.contiguous(), k, zri, None, causal)
+    return out if diag.dim() == 2 else out.view(diag.shape)
 
 
 def bk_core_masked(diag: Tensor, super_diag: Tensor, sub_diag: Tensor, z: Union[Number, Tensor],
