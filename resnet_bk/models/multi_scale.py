@@ -36,6 +36,19 @@ __all__ = ["LearnedDownsampling", "LearnedUpsampling", "MultiScaleResNetBKLayer"
            "HierarchicalMultiScaleLayer", "MultiScaleResNetBKBlock", "count_flops_multi_scale"]
 
 
+def _add_mixer(mixer: BKMixer, base: Tensor, h: Tensor) -> Tensor:
+    """``base + mixer(h)`` for base, h (B, N, D), with the mixer's 2 -> D output projection, its bias,
+    ``bk_scale`` and the add folded into one ``addmm`` over [Re G, Im G, 1] (B*N, 3) and a (3, D)
+    matrix: one pass over the (B, N, D) output instead of four (projection, scale, add; same
+    parameters, same value up to float rounding order)."""
+    B, N, D = h.shape
+    feats = mixer.bk_features(mixer.v_proj(h).squeeze(-1))  # (B, N, 2)
+    f3 = torch.cat([feats, feats.new_ones(B, N, 1)], dim=-1).reshape(B * N, 3)
+    proj = mixer.output_proj
+    m3 = mixer.bk_scale * torch.cat([proj.weight.t(), proj.bias.unsqueeze(0)], dim=0)  # (3, D)
+    return torch.addmm(base.reshape(B * N, D), f3, m3.to(f3.dtype)).view(B, N, D)
+
+
 def _pad_to(x: Tensor, multiple: int) -> Tensor:
     N = x.shape[1]
     Np = -(-N // multiple) * multiple
@@ -80,6 +93,15 @@ class LearnedUpsampling(nn.Module):
 
     def forward(self, y: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         check_hidden("y", y, self.d_model, self.n_seq)
+        if residual is None:
+            # Without a residual, the per-phase bias is a constant added to the Linear's output
+            # (entry k*D + d of each low-resolution vector): fold it into the Linear's bias, and the
+            # split into factor tokens is a free view of the (B, M, factor*D) result (the same
+            # value as ops.learned_upsample(z, position_bias), without its extra pass).
+            B, M, _ = y.shape
+            lin = self.upsample_transform
+            bias = lin.bias + self.position_bias.reshape(-1).to(lin.bias.dtype)
+            return F.linear(y, lin.weight, bias).view(B, M * self.factor, self.d_model)
         z = self.upsample_transform(y)
         bias = self.position_bias.double() if z.dtype == torch.float64 else self.position_bias.float()
         if residual is not None and residual.dtype != z.dtype:
@@ -109,7 +131,7 @@ class MultiScaleResNetBKLayer(nn.Module):
         check_hidden("x", x, self.d_model, self.n_seq)
         N = x.shape[1]
         u = self.up(self.low_layer(self.down(x)))[:, :N]
-        return u + self.full_mixer(x + u)
+        return _add_mixer(self.full_mixer, u, x + u)
 
 
 class HierarchicalMultiScaleLayer(nn.Module):
@@ -145,9 +167,9 @@ class HierarchicalMultiScaleLayer(nn.Module):
         d1 = _pad_to(d1, 2)
         d2 = self.down2(d1)
         u1 = self.up1(self.bottleneck(d2), residual=d1)
-        u1 = u1 + self.mid_mixer(u1)
+        u1 = _add_mixer(self.mid_mixer, u1, u1)
         u2 = self.up2(u1)[:, :N]
-        return u2 + self.full_mixer(x + u2)
+        return _add_mixer(self.full_mixer, u2, x + u2)
 
 
 class MultiScaleResNetBKBlock(nn.Module):
