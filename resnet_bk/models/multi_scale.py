@@ -46,7 +46,14 @@ def _add_mixer(mixer: BKMixer, base: Tensor, h: Tensor) -> Tensor:
     f3 = torch.cat([feats, feats.new_ones(B, N, 1)], dim=-1).reshape(B * N, 3)
     proj = mixer.output_proj
     m3 = mixer.bk_scale * torch.cat([proj.weight.t(), proj.bias.unsqueeze(0)], dim=0)  # (3, D)
-    return torch.addmm(base.reshape(B * N, D), f3, m3.to(f3.dtype)).view(B, N, D)
+    base2 = base.reshape(B * N, D)
+    m3 = m3.to(f3.dtype)
+    if not torch.is_grad_enabled() and base2.is_contiguous() and base2.dtype == f3.dtype:
+        # Inference: accumulate into base's own memory (callers pass a fresh intermediate that is
+        # not read again; h's potential was already taken above), which saves addmm's copy of base
+        # into a new output. Not with grad: autograd may have saved base (e.g. when base is h).
+        return base2.addmm_(f3, m3).view(B, N, D)
+    return torch.addmm(base2, f3, m3).view(B, N, D)
 
 
 def _pad_to(x: Tensor, multiple: int) -> Tensor:
