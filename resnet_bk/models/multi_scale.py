@@ -36,24 +36,34 @@ __all__ = ["LearnedDownsampling", "LearnedUpsampling", "MultiScaleResNetBKLayer"
            "HierarchicalMultiScaleLayer", "MultiScaleResNetBKBlock", "count_flops_multi_scale"]
 
 
-def _add_mixer(mixer: BKMixer, base: Tensor, h: Tensor) -> Tensor:
-    """``base + mixer(h)`` for base, h (B, N, D), with the mixer's 2 -> D output projection, its bias,
-    ``bk_scale`` and the add folded into one ``addmm`` over [Re G, Im G, 1] (B*N, 3) and a (3, D)
-    matrix: one pass over the (B, N, D) output instead of four (projection, scale, add; same
-    parameters, same value up to float rounding order)."""
-    B, N, D = h.shape
-    feats = mixer.bk_features(mixer.v_proj(h).squeeze(-1))  # (B, N, 2)
+def _project_add(base: Tensor, feats: Tensor, proj: nn.Linear, scale: Tensor) -> Tensor:
+    """``base + scale * proj(feats)`` for base (B, N, D), feats (B, N, 2) [Re G, Im G], ``proj`` a
+    Linear(2, D): the projection, its bias, the scale and the add as one ``addmm`` of [Re, Im, 1]
+    (B*N, 3) and a (3, D) matrix, one pass over the (B, N, D) output instead of four (the same
+    parameters; the same value up to float rounding order)."""
+    B, N, D = base.shape
     f3 = torch.cat([feats, feats.new_ones(B, N, 1)], dim=-1).reshape(B * N, 3)
-    proj = mixer.output_proj
-    m3 = mixer.bk_scale * torch.cat([proj.weight.t(), proj.bias.unsqueeze(0)], dim=0)  # (3, D)
+    m3 = (scale * torch.cat([proj.weight.t(), proj.bias.unsqueeze(0)], dim=0)).to(f3.dtype)  # (3, D)
     base2 = base.reshape(B * N, D)
-    m3 = m3.to(f3.dtype)
     if not torch.is_grad_enabled() and base2.is_contiguous() and base2.dtype == f3.dtype:
         # Inference: accumulate into base's own memory (callers pass a fresh intermediate that is
-        # not read again; h's potential was already taken above), which saves addmm's copy of base
-        # into a new output. Not with grad: autograd may have saved base (e.g. when base is h).
+        # not read again; features were already taken from it), which saves addmm's copy of base
+        # into a new output. Not with grad: autograd may have saved base (e.g. for v_proj).
         return base2.addmm_(f3, m3).view(B, N, D)
     return torch.addmm(base2, f3, m3).view(B, N, D)
+
+
+def _add_mixer(mixer: BKMixer, base: Tensor, h: Tensor) -> Tensor:
+    """``base + mixer(h)`` (all (B, N, D)) through ``_project_add``."""
+    feats = mixer.bk_features(mixer.v_proj(h).squeeze(-1))  # (B, N, 2)
+    return _project_add(base, feats, mixer.output_proj, mixer.bk_scale)
+
+
+def _moe_bk(layer: MoEResNetBKLayer, x: Tensor) -> Tensor:
+    """``layer(x)`` for a low-resolution ``MoEResNetBKLayer`` (x (B, M, D), already checked by the
+    caller), with its ffn + bk_scale * output_proj(features) combine through ``_project_add``."""
+    ffn, v = layer.ffn_and_potential(x)
+    return _project_add(ffn, layer.bk_features(v), layer.output_proj, layer.bk_scale)
 
 
 def _pad_to(x: Tensor, multiple: int) -> Tensor:
@@ -137,7 +147,7 @@ class MultiScaleResNetBKLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         check_hidden("x", x, self.d_model, self.n_seq)
         N = x.shape[1]
-        u = self.up(self.low_layer(self.down(x)))[:, :N]
+        u = self.up(_moe_bk(self.low_layer, self.down(x)))[:, :N]
         return _add_mixer(self.full_mixer, u, x + u)
 
 
@@ -173,7 +183,7 @@ class HierarchicalMultiScaleLayer(nn.Module):
         d1 = self.down1(x)  # (B, ceil(N/2), D)
         d1 = _pad_to(d1, 2)
         d2 = self.down2(d1)
-        u1 = self.up1(self.bottleneck(d2), residual=d1)
+        u1 = self.up1(_moe_bk(self.bottleneck, d2), residual=d1)
         u1 = _add_mixer(self.mid_mixer, u1, u1)
         u2 = self.up2(u1)[:, :N]
         return _add_mixer(self.full_mixer, u2, x + u2)
