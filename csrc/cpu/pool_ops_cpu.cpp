@@ -82,6 +82,29 @@ void check_acc(const at::Tensor& t, const char* name, at::ScalarType act) {
 
 int64_t grain_for(int64_t work_per_item) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, work_per_item)); }
 
+// sum_e a[e] * (b[e] + c[e]) (c may be null: 0), accumulated in A over 16 independent lanes, then
+// the lanes in a fixed order. A single running sum is a serial dependency chain the compiler may
+// not reorder (no -ffast-math), i.e. one scalar add per element at the add latency; the lanes let
+// it vectorise. Deterministic: the order depends on n only.
+template <class A, class T>
+inline A dot_lanes(const T* __restrict__ a, const T* __restrict__ b, const A* __restrict__ c, int64_t n) {
+  constexpr int L = 16;
+  A acc[L];
+  for (int l = 0; l < L; ++l) acc[l] = A(0);
+  int64_t e = 0;
+  if (c) {
+    for (; e + L <= n; e += L)
+      for (int l = 0; l < L; ++l) acc[l] += static_cast<A>(a[e + l]) * (static_cast<A>(b[e + l]) + c[e + l]);
+  } else {
+    for (; e + L <= n; e += L)
+      for (int l = 0; l < L; ++l) acc[l] += static_cast<A>(a[e + l]) * static_cast<A>(b[e + l]);
+  }
+  for (int l = 0; e < n; ++e, ++l) acc[l] += static_cast<A>(a[e]) * (static_cast<A>(b[e]) + (c ? c[e] : A(0)));
+  for (int w = L / 2; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+  return acc[0];
+}
+
 // Row-wise softmax of logits (M, r), max-subtracted.
 template <class A>
 void softmax_rows(const A* logits, int64_t M, int64_t r, A* w) {
@@ -200,9 +223,7 @@ std::tuple<at::Tensor, at::Tensor> learned_downsample_bwd_cpu(const at::Tensor& 
           }
           if (sb) {
             const T* __restrict__ xp = xd + (b * N + p) * D;
-            A dot = 0;
-            for (int64_t d = 0; d < D; ++d) dot += static_cast<A>(gp[d]) * static_cast<A>(xp[d]);
-            sb[i * r + k] = dot;
+            sb[i * r + k] = dot_lanes<A, T>(gp, xp, nullptr, D);
           }
         }
         if (gx && s > 0 && j == M - 1) {
@@ -384,9 +405,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> learned_upsample_bwd_cpu(
               for (int64_t e = 0; e < RD; ++e) gs[e] += static_cast<A>(gp[e]);
             if (need_scale_grad) {
               const T* __restrict__ yp = yd + i * RD;
-              A acc = 0;
-              for (int64_t e = 0; e < RD; ++e) acc += static_cast<A>(gp[e]) * (static_cast<A>(yp[e]) + bp[e]);
-              sacc += acc;
+              sacc += dot_lanes<A, T>(gp, yp, bp, RD);
             }
           }
           const bool flush = need_bias_grad && (u.Mb != 1 || m == m1 - 1);
