@@ -51,6 +51,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -140,6 +141,29 @@ void down_fwd_kernel(const T* x, const typename Acc<T>::type* w, T* out, int64_t
   using A = typename Acc<T>::type;
   const int64_t N = M * r;
   at::parallel_for(0, B * M, grain_for(r * D), [&](int64_t begin, int64_t end) {
+    if constexpr (std::is_same<T, A>::value) {
+      // float32 / float64: accumulate straight into the output row (no scratch row and copy); the
+      // first term in the window initialises it. Same operations in the same order as below.
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t b = i / M, j = i % M;
+        T* __restrict__ op = out + i * D;
+        bool first = true;
+        for (int64_t k = 0; k < r; ++k) {
+          const int64_t p = j * r + k - s;
+          if (p < 0) continue;  // causal window reaching before position 0: zero padding
+          const A wk = w[j * r + k];
+          const T* __restrict__ xp = x + (b * N + p) * D;
+          if (first) {
+            for (int64_t d = 0; d < D; ++d) op[d] = A(0) + wk * xp[d];
+            first = false;
+          } else {
+            for (int64_t d = 0; d < D; ++d) op[d] += wk * xp[d];
+          }
+        }
+        if (first) std::fill(op, op + D, T(0));
+      }
+      return;
+    }
     std::vector<A> acc(D);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / M, j = i % M;
