@@ -10,6 +10,12 @@ token is, in multiply-adds (D = d_model; a plain ``MoEResNetBKLayer`` with top-1
 * ``HierarchicalMultiScaleLayer`` (N -> N/2 -> N/4 -> N/2 -> N with skips): MoE FFN + BK at N/4 (D^2),
   up-projections at N/4 and N/2 (1.5 D^2), cheap BK mixers at N/2 and N: about 2.5 D^2.
 
+Per-call work kept small (the layers are meant to save wall-clock time, not only multiply-adds): a
+``LearnedUpsampling`` without residual folds its per-phase bias into the Linear's bias, so the split into
+tokens is a free view; with a residual (the U-Net skip) it is one ``ops.learned_upsample`` pass. Every
+"base + bk_scale * output_proj(features)" combine is one ``addmm`` over [Re G, Im G, 1], in place under
+no_grad (``_project_add``).
+
 Resampling uses ``resnet_bk.ops.learned_downsample`` / ``learned_upsample``. Causality (``causal=True``,
 the default): the downsample uses the op's causal window (group j pools positions [j*r-r+1, j*r], the
 Hourglass shift), the low-resolution layers are causal along their own axis, and the upsample writes
