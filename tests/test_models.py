@@ -427,6 +427,10 @@ def test_multiscale_fused_paths_match_unfused_formula(cls, N):
     x = torch.randn(2, N, D, dtype=torch.float64, requires_grad=True)
     out, expect = layer(x), ref(x)
     torch.testing.assert_close(out, expect, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():  # the in-place accumulation path; the input must be left untouched
+        x0 = x.detach().clone()
+        torch.testing.assert_close(layer(x), expect, rtol=1e-10, atol=1e-10)
+        assert torch.equal(x, x0)
     g = torch.randn_like(out)
     params = [x] + list(layer.parameters())
     got = torch.autograd.grad(out, params, g, allow_unused=True)
