@@ -313,3 +313,63 @@ def run_module_case(case: ModuleCase, cfg: dict, grid: str, policy: Policy, devi
     row["notes"] += notes + notes2
     row["status"] = "ok"
     return row
+
+
+def run_layer_rows(cfg: dict, policy: Policy, device: torch.device) -> List[dict]:
+    """Per-layer rows for the multi-scale designs, whose claims (1.23x, 1.44x) are per layer: one
+    ``MultiScaleResNetBKLayer`` (and one hierarchical ``HierarchicalMultiScaleLayer``) against one
+    ``MoEResNetBKLayer`` of the same d_model / n_seq on the same (B, N, D) input, timed interleaved.
+    "train_step" here is forward + backward of ``out.sum()`` (train mode, no optimizer step);
+    "inference" is a forward in eval mode under no_grad. Untrained layers: the cost of these layers
+    does not depend on their weights (top-1 routing balance aside)."""
+    from resnet_bk.models.base import MoEResNetBKLayer
+    from resnet_bk.models.multi_scale import HierarchicalMultiScaleLayer, MultiScaleResNetBKLayer
+    B, N, D = cfg["B"], cfg["n_seq"], cfg["d_model"]
+    gen = torch.Generator().manual_seed(4)
+    pool = [torch.randn(B, N, D, generator=gen).to(device) for _ in range(4)]
+    rows = []
+    for name, cls, claim in (("layer:multi_scale", MultiScaleResNetBKLayer, "1.23x (seeds/002, per layer)"),
+                             ("layer:multi_scale_hier", HierarchicalMultiScaleLayer, "1.44x (seeds/002, per layer)")):
+        torch.manual_seed(0)
+        layer = cls(D, N).to(device)
+        base = MoEResNetBKLayer(D, N).to(device)
+        runs = [("", layer), ("baseline_", base)]
+
+        def fwd_bwd(i):
+            x = pool[i % len(pool)].detach().requires_grad_()
+            res = {}
+            for prefix, m in runs:
+                m.train()
+                m.zero_grad(set_to_none=True)
+                sync(device)
+                t0 = time.perf_counter()
+                m(x).sum().backward()
+                sync(device)
+                res[prefix + "train_step"] = time.perf_counter() - t0
+            return res
+
+        def infer(i):
+            x = pool[i % len(pool)]
+            res = {}
+            for prefix, m in runs:
+                m.eval()
+                sync(device)
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    m(x)
+                sync(device)
+                res[prefix + "inference"] = time.perf_counter() - t0
+            return res
+
+        st, notes = measure(fwd_bwd, policy)
+        st2, notes2 = measure(infer, policy)
+        st.update(st2)
+        rows.append({"suite": "layer", "module": name, "label": f"one {cls.__name__} vs one MoEResNetBKLayer",
+                     "device": device.type, "B": B, "N": N, "d_model": D, "n_layers": 1,
+                     "params": sum(p.numel() for p in layer.parameters()), "claim": claim, "data": "random",
+                     "notes": ["train_step = forward + backward (no optimizer step)"] + notes + notes2,
+                     "train_step": st["train_step"].to_dict(), "inference": st["inference"].to_dict(),
+                     "baseline": {"train_step": st["baseline_train_step"].to_dict(),
+                                  "inference": st["baseline_inference"].to_dict()},
+                     "status": "ok"})
+    return rows

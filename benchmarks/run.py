@@ -413,6 +413,17 @@ def main(argv: Optional[List[str]] = None) -> int:
                     progress.write(f"ERROR module {mc.name}: {row['reason']}")
                 module_rows.append(row)
                 progress.update(f"module {mc.name} {dev.type} ({time.perf_counter() - t0:.1f} s)")
+            if any(mc.name.startswith("multi_scale") for mc in mcases):
+                from .modules import run_layer_rows
+                t0 = time.perf_counter()
+                try:
+                    module_rows += run_layer_rows(cfg, MODULE_POLICIES[grid], dev)
+                except Exception as exc:  # noqa: BLE001
+                    module_rows.append({"suite": "layer", "module": "layer:multi_scale", "label": "per-layer rows",
+                                        "device": dev.type, "status": "ERROR",
+                                        "reason": f"{type(exc).__name__}: {exc}", "claim": ""})
+                    progress.write(f"ERROR layer rows: {module_rows[-1]['reason']}")
+                progress.write(f"layer rows {dev.type} ({time.perf_counter() - t0:.1f} s)")
         report.module_speedups(module_rows)
     progress.close()
     elapsed = time.perf_counter() - t_start

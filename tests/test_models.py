@@ -395,3 +395,61 @@ def test_registry_is_extensible():
         tmod.MODELS.pop("tiny-test")
     with pytest.raises(ValueError, match="model_name"):
         tmod.train("nope")
+
+
+@pytest.mark.parametrize("cls", [MultiScaleResNetBKLayer, HierarchicalMultiScaleLayer])
+@pytest.mark.parametrize("N", [NS, 7])
+def test_multiscale_fused_paths_match_unfused_formula(cls, N):
+    """The folded upsample bias / single-addmm mixer give the unfused formulas' values and gradients:
+    u = ops.learned_upsample(W y + b, position_bias); out = u + mixer(x + u) (per level)."""
+    from resnet_bk import ops
+    from resnet_bk.models.multi_scale import _pad_to
+    torch.manual_seed(1)
+    layer = cls(D, NS).double().eval()
+    for p in layer.parameters():  # non-trivial biases, scales and pooling weights
+        torch.nn.init.normal_(p, std=0.3)
+
+    def up_ref(up, y, residual=None):
+        return ops.learned_upsample(up.upsample_transform(y), up.position_bias, residual=residual,
+                                    backend="reference")
+
+    def ref(x):
+        n = x.shape[1]
+        if cls is MultiScaleResNetBKLayer:
+            u = up_ref(layer.up, layer.low_layer(layer.down(x)))[:, :n]
+            return u + layer.full_mixer(x + u)
+        d1 = _pad_to(layer.down1(x), 2)
+        u1 = up_ref(layer.up1, layer.bottleneck(layer.down2(d1)), residual=d1)
+        u1 = u1 + layer.mid_mixer(u1)
+        u2 = up_ref(layer.up2, u1)[:, :n]
+        return u2 + layer.full_mixer(x + u2)
+
+    x = torch.randn(2, N, D, dtype=torch.float64, requires_grad=True)
+    out, expect = layer(x), ref(x)
+    torch.testing.assert_close(out, expect, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():  # the in-place accumulation path; the input must be left untouched
+        x0 = x.detach().clone()
+        torch.testing.assert_close(layer(x), expect, rtol=1e-10, atol=1e-10)
+        assert torch.equal(x, x0)
+    g = torch.randn_like(out)
+    params = [x] + list(layer.parameters())
+    got = torch.autograd.grad(out, params, g, allow_unused=True)
+    want = torch.autograd.grad(expect, params, g, allow_unused=True)
+    for a, b in zip(got, want):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_learned_upsampling_folded_bias_matches_op():
+    torch.manual_seed(2)
+    up = LearnedUpsampling(D, NS // 2)
+    torch.nn.init.normal_(up.position_bias)
+    y = torch.randn(3, 5, D)
+    expect = ops_learned_upsample_ref(up.upsample_transform(y), up.position_bias)
+    torch.testing.assert_close(up(y), expect)
+
+
+def ops_learned_upsample_ref(z, bias):
+    from resnet_bk import ops
+    return ops.learned_upsample(z, bias, backend="reference")

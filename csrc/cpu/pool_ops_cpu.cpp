@@ -51,6 +51,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -81,6 +82,29 @@ void check_acc(const at::Tensor& t, const char* name, at::ScalarType act) {
 }
 
 int64_t grain_for(int64_t work_per_item) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, work_per_item)); }
+
+// sum_e a[e] * (b[e] + c[e]) (c may be null: 0), accumulated in A over 16 independent lanes, then
+// the lanes in a fixed order. A single running sum is a serial dependency chain the compiler may
+// not reorder (no -ffast-math), i.e. one scalar add per element at the add latency; the lanes let
+// it vectorise. Deterministic: the order depends on n only.
+template <class A, class T>
+inline A dot_lanes(const T* __restrict__ a, const T* __restrict__ b, const A* __restrict__ c, int64_t n) {
+  constexpr int L = 16;
+  A acc[L];
+  for (int l = 0; l < L; ++l) acc[l] = A(0);
+  int64_t e = 0;
+  if (c) {
+    for (; e + L <= n; e += L)
+      for (int l = 0; l < L; ++l) acc[l] += static_cast<A>(a[e + l]) * (static_cast<A>(b[e + l]) + c[e + l]);
+  } else {
+    for (; e + L <= n; e += L)
+      for (int l = 0; l < L; ++l) acc[l] += static_cast<A>(a[e + l]) * static_cast<A>(b[e + l]);
+  }
+  for (int l = 0; e < n; ++e, ++l) acc[l] += static_cast<A>(a[e]) * (static_cast<A>(b[e]) + (c ? c[e] : A(0)));
+  for (int w = L / 2; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+  return acc[0];
+}
 
 // Row-wise softmax of logits (M, r), max-subtracted.
 template <class A>
@@ -117,6 +141,29 @@ void down_fwd_kernel(const T* x, const typename Acc<T>::type* w, T* out, int64_t
   using A = typename Acc<T>::type;
   const int64_t N = M * r;
   at::parallel_for(0, B * M, grain_for(r * D), [&](int64_t begin, int64_t end) {
+    if constexpr (std::is_same<T, A>::value) {
+      // float32 / float64: accumulate straight into the output row (no scratch row and copy); the
+      // first term in the window initialises it. Same operations in the same order as below.
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t b = i / M, j = i % M;
+        T* __restrict__ op = out + i * D;
+        bool first = true;
+        for (int64_t k = 0; k < r; ++k) {
+          const int64_t p = j * r + k - s;
+          if (p < 0) continue;  // causal window reaching before position 0: zero padding
+          const A wk = w[j * r + k];
+          const T* __restrict__ xp = x + (b * N + p) * D;
+          if (first) {
+            for (int64_t d = 0; d < D; ++d) op[d] = A(0) + wk * xp[d];
+            first = false;
+          } else {
+            for (int64_t d = 0; d < D; ++d) op[d] += wk * xp[d];
+          }
+        }
+        if (first) std::fill(op, op + D, T(0));
+      }
+      return;
+    }
     std::vector<A> acc(D);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / M, j = i % M;
@@ -200,9 +247,7 @@ std::tuple<at::Tensor, at::Tensor> learned_downsample_bwd_cpu(const at::Tensor& 
           }
           if (sb) {
             const T* __restrict__ xp = xd + (b * N + p) * D;
-            A dot = 0;
-            for (int64_t d = 0; d < D; ++d) dot += static_cast<A>(gp[d]) * static_cast<A>(xp[d]);
-            sb[i * r + k] = dot;
+            sb[i * r + k] = dot_lanes<A, T>(gp, xp, nullptr, D);
           }
         }
         if (gx && s > 0 && j == M - 1) {
@@ -384,9 +429,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> learned_upsample_bwd_cpu(
               for (int64_t e = 0; e < RD; ++e) gs[e] += static_cast<A>(gp[e]);
             if (need_scale_grad) {
               const T* __restrict__ yp = yd + i * RD;
-              A acc = 0;
-              for (int64_t e = 0; e < RD; ++e) acc += static_cast<A>(gp[e]) * (static_cast<A>(yp[e]) + bp[e]);
-              sacc += acc;
+              sacc += dot_lanes<A, T>(gp, yp, bp, RD);
             }
           }
           const bool flush = need_bias_grad && (u.Mb != 1 || m == m1 - 1);

@@ -10,6 +10,12 @@ token is, in multiply-adds (D = d_model; a plain ``MoEResNetBKLayer`` with top-1
 * ``HierarchicalMultiScaleLayer`` (N -> N/2 -> N/4 -> N/2 -> N with skips): MoE FFN + BK at N/4 (D^2),
   up-projections at N/4 and N/2 (1.5 D^2), cheap BK mixers at N/2 and N: about 2.5 D^2.
 
+Per-call work kept small (the layers are meant to save wall-clock time, not only multiply-adds): a
+``LearnedUpsampling`` without residual folds its per-phase bias into the Linear's bias, so the split into
+tokens is a free view; with a residual (the U-Net skip) it is one ``ops.learned_upsample`` pass. Every
+"base + bk_scale * output_proj(features)" combine is one ``addmm`` over [Re G, Im G, 1], in place under
+no_grad (``_project_add``).
+
 Resampling uses ``resnet_bk.ops.learned_downsample`` / ``learned_upsample``. Causality (``causal=True``,
 the default): the downsample uses the op's causal window (group j pools positions [j*r-r+1, j*r], the
 Hourglass shift), the low-resolution layers are causal along their own axis, and the upsample writes
@@ -34,6 +40,36 @@ from .base import BKMixer, MoEResNetBKLayer, check_hidden
 
 __all__ = ["LearnedDownsampling", "LearnedUpsampling", "MultiScaleResNetBKLayer",
            "HierarchicalMultiScaleLayer", "MultiScaleResNetBKBlock", "count_flops_multi_scale"]
+
+
+def _project_add(base: Tensor, feats: Tensor, proj: nn.Linear, scale: Tensor) -> Tensor:
+    """``base + scale * proj(feats)`` for base (B, N, D), feats (B, N, 2) [Re G, Im G], ``proj`` a
+    Linear(2, D): the projection, its bias, the scale and the add as one ``addmm`` of [Re, Im, 1]
+    (B*N, 3) and a (3, D) matrix, one pass over the (B, N, D) output instead of four (the same
+    parameters; the same value up to float rounding order)."""
+    B, N, D = base.shape
+    f3 = torch.cat([feats, feats.new_ones(B, N, 1)], dim=-1).reshape(B * N, 3)
+    m3 = (scale * torch.cat([proj.weight.t(), proj.bias.unsqueeze(0)], dim=0)).to(f3.dtype)  # (3, D)
+    base2 = base.reshape(B * N, D)
+    if not torch.is_grad_enabled() and base2.is_contiguous() and base2.dtype == f3.dtype:
+        # Inference: accumulate into base's own memory (callers pass a fresh intermediate that is
+        # not read again; features were already taken from it), which saves addmm's copy of base
+        # into a new output. Not with grad: autograd may have saved base (e.g. for v_proj).
+        return base2.addmm_(f3, m3).view(B, N, D)
+    return torch.addmm(base2, f3, m3).view(B, N, D)
+
+
+def _add_mixer(mixer: BKMixer, base: Tensor, h: Tensor) -> Tensor:
+    """``base + mixer(h)`` (all (B, N, D)) through ``_project_add``."""
+    feats = mixer.bk_features(mixer.v_proj(h).squeeze(-1))  # (B, N, 2)
+    return _project_add(base, feats, mixer.output_proj, mixer.bk_scale)
+
+
+def _moe_bk(layer: MoEResNetBKLayer, x: Tensor) -> Tensor:
+    """``layer(x)`` for a low-resolution ``MoEResNetBKLayer`` (x (B, M, D), already checked by the
+    caller), with its ffn + bk_scale * output_proj(features) combine through ``_project_add``."""
+    ffn, v = layer.ffn_and_potential(x)
+    return _project_add(ffn, layer.bk_features(v), layer.output_proj, layer.bk_scale)
 
 
 def _pad_to(x: Tensor, multiple: int) -> Tensor:
@@ -80,6 +116,15 @@ class LearnedUpsampling(nn.Module):
 
     def forward(self, y: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         check_hidden("y", y, self.d_model, self.n_seq)
+        if residual is None:
+            # Without a residual, the per-phase bias is a constant added to the Linear's output
+            # (entry k*D + d of each low-resolution vector): fold it into the Linear's bias, and the
+            # split into factor tokens is a free view of the (B, M, factor*D) result (the same
+            # value as ops.learned_upsample(z, position_bias), without its extra pass).
+            B, M, _ = y.shape
+            lin = self.upsample_transform
+            bias = lin.bias + self.position_bias.reshape(-1).to(lin.bias.dtype)
+            return F.linear(y, lin.weight, bias).view(B, M * self.factor, self.d_model)
         z = self.upsample_transform(y)
         bias = self.position_bias.double() if z.dtype == torch.float64 else self.position_bias.float()
         if residual is not None and residual.dtype != z.dtype:
@@ -108,8 +153,8 @@ class MultiScaleResNetBKLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         check_hidden("x", x, self.d_model, self.n_seq)
         N = x.shape[1]
-        u = self.up(self.low_layer(self.down(x)))[:, :N]
-        return u + self.full_mixer(x + u)
+        u = self.up(_moe_bk(self.low_layer, self.down(x)))[:, :N]
+        return _add_mixer(self.full_mixer, u, x + u)
 
 
 class HierarchicalMultiScaleLayer(nn.Module):
@@ -144,10 +189,10 @@ class HierarchicalMultiScaleLayer(nn.Module):
         d1 = self.down1(x)  # (B, ceil(N/2), D)
         d1 = _pad_to(d1, 2)
         d2 = self.down2(d1)
-        u1 = self.up1(self.bottleneck(d2), residual=d1)
-        u1 = u1 + self.mid_mixer(u1)
+        u1 = self.up1(_moe_bk(self.bottleneck, d2), residual=d1)
+        u1 = _add_mixer(self.mid_mixer, u1, u1)
         u2 = self.up2(u1)[:, :N]
-        return u2 + self.full_mixer(x + u2)
+        return _add_mixer(self.full_mixer, u2, x + u2)
 
 
 class MultiScaleResNetBKBlock(nn.Module):
