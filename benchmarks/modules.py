@@ -291,16 +291,7 @@ def run_module_case(case: ModuleCase, cfg: dict, grid: str, policy: Policy, devi
 
     def infer(i):
         x, _ = pool[i % len(pool)]
-        res = {}
-        for prefix, m, _ in runs:
-            m.eval()
-            sync(device)
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                _logits(m(x))
-            sync(device)
-            res[prefix + "inference"] = time.perf_counter() - t0
-        return res
+        return _time_inference([(prefix, m) for prefix, m, _ in runs], x, device, _logits)
 
     st, notes = measure(train_step, policy)
     st2, notes2 = measure(infer, policy)
@@ -313,6 +304,21 @@ def run_module_case(case: ModuleCase, cfg: dict, grid: str, policy: Policy, devi
     row["notes"] += notes + notes2
     row["status"] = "ok"
     return row
+
+
+def _time_inference(runs, x, device, out) -> Dict[str, float]:
+    """``{prefix + "inference": seconds}`` of one eval-mode, no-grad call of each (prefix, model)
+    on x, in order (interleaved timing: the models see the same batch back to back)."""
+    res = {}
+    for prefix, m in runs:
+        m.eval()
+        sync(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out(m(x))
+        sync(device)
+        res[prefix + "inference"] = time.perf_counter() - t0
+    return res
 
 
 def run_layer_rows(cfg: dict, policy: Policy, device: torch.device) -> List[dict]:
@@ -350,16 +356,7 @@ def run_layer_rows(cfg: dict, policy: Policy, device: torch.device) -> List[dict
 
         def infer(i):
             x = pool[i % len(pool)]
-            res = {}
-            for prefix, m in runs:
-                m.eval()
-                sync(device)
-                t0 = time.perf_counter()
-                with torch.no_grad():
-                    m(x)
-                sync(device)
-                res[prefix + "inference"] = time.perf_counter() - t0
-            return res
+            return _time_inference(runs, x, device, lambda y: y)
 
         st, notes = measure(fwd_bwd, policy)
         st2, notes2 = measure(infer, policy)
