@@ -94,6 +94,61 @@ def _seg_ids(pid, S, C, CH, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _pivot_step(v, a_ptr, k_ptr, row, N, n, kn, k_rs, zr, zi, zero, qr, qi):
+    """One pivot step at position n where v: p = alpha_n - k_kn q with q the inverse of the previous
+    pivot (kn = n - 1 left to right, n right to left; k outside [0, N-1) is 0). Returns alpha,
+    k, p and the new q = 1 / p (q unchanged where not v)."""
+    alr = tl.load(a_ptr + row * N + n, mask=v, other=0.0) - zr
+    ali = zero - zi
+    kk = tl.load(k_ptr + row * k_rs + kn, mask=v & (kn >= 0) & (kn < N - 1), other=0.0)
+    pr = alr - kk * qr
+    pi = ali - kk * qi
+    nqr, nqi = _crecip(pr, pi)
+    return alr, ali, kk, pr, pi, tl.where(v, nqr, qr), tl.where(v, nqi, qi)
+
+
+@triton.jit
+def _load_carry(ptr, s, S, ok, zero, HAS_CARRY: tl.constexpr):
+    """A complex carry (re at ptr[s], im at ptr[S + s]), or 0 without carries."""
+    if HAS_CARRY:
+        return tl.load(ptr + s, mask=ok, other=0.0), tl.load(ptr + S + s, mask=ok, other=0.0)
+    else:
+        return zero, zero
+
+
+@triton.jit
+def _mobius_step(v, alr, ali, kk, p00r, p00i, p01r, p01i, p10r, p10i, p11r, p11i):
+    """P <- M P with M = [[alpha, -k], [1, 0]] where v, rescaled by its largest entry (only
+    ratios matter); P unchanged where not v."""
+    q00r, q00i = _cmul(alr, ali, p00r, p00i)
+    q01r, q01i = _cmul(alr, ali, p01r, p01i)
+    q00r = q00r - kk * p10r
+    q00i = q00i - kk * p10i
+    q01r = q01r - kk * p11r
+    q01i = q01i - kk * p11i
+    m = tl.maximum(tl.maximum(tl.maximum(tl.abs(q00r), tl.abs(q00i)), tl.maximum(tl.abs(q01r), tl.abs(q01i))),
+                   tl.maximum(tl.maximum(tl.abs(p00r), tl.abs(p00i)), tl.maximum(tl.abs(p01r), tl.abs(p01i))))
+    inv = 1.0 / m
+    return (tl.where(v, q00r * inv, p00r), tl.where(v, q00i * inv, p00i),
+            tl.where(v, q01r * inv, p01r), tl.where(v, q01i * inv, p01i),
+            tl.where(v, p00r * inv, p10r), tl.where(v, p00i * inv, p10i),
+            tl.where(v, p01r * inv, p11r), tl.where(v, p01i * inv, p11i))
+
+
+@triton.jit
+def _store_mobius(ptr, S, s, ok, p00r, p00i, p01r, p01i, p10r, p10i, p11r, p11i):
+    """The 8 real entries of P at ptr[e * S + s], e = 0..7 (m00 m01 m10 m11 as re/im pairs)."""
+    tl.store(ptr + 0 * S + s, p00r, mask=ok)
+    tl.store(ptr + 1 * S + s, p00i, mask=ok)
+    tl.store(ptr + 2 * S + s, p01r, mask=ok)
+    tl.store(ptr + 3 * S + s, p01i, mask=ok)
+    tl.store(ptr + 4 * S + s, p10r, mask=ok)
+    tl.store(ptr + 5 * S + s, p10i, mask=ok)
+    tl.store(ptr + 6 * S + s, p11r, mask=ok)
+    tl.store(ptr + 7 * S + s, p11i, mask=ok)
+
+
+@triton.jit
 def _pivot_summary_kernel(a_ptr, k_ptr, zri_ptr, pf_ptr, pb_ptr, N, S, C, CH, k_rs,
                           TWO_SIDED: tl.constexpr, BLOCK: tl.constexpr):
     """pf/pb (8, S): the chunk's product of Moebius matrices (entries m00 m01 m10 m11 as re/im
@@ -107,86 +162,26 @@ def _pivot_summary_kernel(a_ptr, k_ptr, zri_ptr, pf_ptr, pb_ptr, N, S, C, CH, k_
     one = tl.full([BLOCK], 1.0, a_ptr.dtype.element_ty)
     zero = tl.zeros([BLOCK], a_ptr.dtype.element_ty)
     # forward: P <- M_n P with M_n = [[alpha_n, -k_{n-1}], [1, 0]]
-    p00r = one
-    p00i = zero
-    p01r = zero
-    p01i = zero
-    p10r = zero
-    p10i = zero
-    p11r = one
-    p11i = zero
+    p00r, p00i, p01r, p01i, p10r, p10i, p11r, p11i = one, zero, zero, zero, zero, zero, one, zero
     for t in range(0, CH):
         n = start + t
         v = ok & (n < N)
         alr = tl.load(a_ptr + row * N + n, mask=v, other=0.0) - zr
-        ali = zero - zi
         kk = tl.load(k_ptr + row * k_rs + n - 1, mask=v & (n >= 1), other=0.0)
-        q00r, q00i = _cmul(alr, ali, p00r, p00i)
-        q01r, q01i = _cmul(alr, ali, p01r, p01i)
-        q00r = q00r - kk * p10r
-        q00i = q00i - kk * p10i
-        q01r = q01r - kk * p11r
-        q01i = q01i - kk * p11i
-        m = tl.maximum(tl.maximum(tl.maximum(tl.abs(q00r), tl.abs(q00i)), tl.maximum(tl.abs(q01r), tl.abs(q01i))),
-                       tl.maximum(tl.maximum(tl.abs(p00r), tl.abs(p00i)), tl.maximum(tl.abs(p01r), tl.abs(p01i))))
-        inv = 1.0 / m
-        p10r = tl.where(v, p00r * inv, p10r)
-        p10i = tl.where(v, p00i * inv, p10i)
-        p11r = tl.where(v, p01r * inv, p11r)
-        p11i = tl.where(v, p01i * inv, p11i)
-        p00r = tl.where(v, q00r * inv, p00r)
-        p00i = tl.where(v, q00i * inv, p00i)
-        p01r = tl.where(v, q01r * inv, p01r)
-        p01i = tl.where(v, q01i * inv, p01i)
-    tl.store(pf_ptr + 0 * S + s, p00r, mask=ok)
-    tl.store(pf_ptr + 1 * S + s, p00i, mask=ok)
-    tl.store(pf_ptr + 2 * S + s, p01r, mask=ok)
-    tl.store(pf_ptr + 3 * S + s, p01i, mask=ok)
-    tl.store(pf_ptr + 4 * S + s, p10r, mask=ok)
-    tl.store(pf_ptr + 5 * S + s, p10i, mask=ok)
-    tl.store(pf_ptr + 6 * S + s, p11r, mask=ok)
-    tl.store(pf_ptr + 7 * S + s, p11i, mask=ok)
+        p00r, p00i, p01r, p01i, p10r, p10i, p11r, p11i = _mobius_step(
+            v, alr, zero - zi, kk, p00r, p00i, p01r, p01i, p10r, p10i, p11r, p11i)
+    _store_mobius(pf_ptr, S, s, ok, p00r, p00i, p01r, p01i, p10r, p10i, p11r, p11i)
     if TWO_SIDED:
         # backward: P <- M_n P with M_n = [[alpha_n, -k_n], [1, 0]], n from the chunk's end
-        p00r = one
-        p00i = zero
-        p01r = zero
-        p01i = zero
-        p10r = zero
-        p10i = zero
-        p11r = one
-        p11i = zero
+        p00r, p00i, p01r, p01i, p10r, p10i, p11r, p11i = one, zero, zero, zero, zero, zero, one, zero
         for tt in range(0, CH):
             n = start + CH - 1 - tt
             v = ok & (n < N)
             alr = tl.load(a_ptr + row * N + n, mask=v, other=0.0) - zr
-            ali = zero - zi
             kk = tl.load(k_ptr + row * k_rs + n, mask=v & (n < N - 1), other=0.0)
-            q00r, q00i = _cmul(alr, ali, p00r, p00i)
-            q01r, q01i = _cmul(alr, ali, p01r, p01i)
-            q00r = q00r - kk * p10r
-            q00i = q00i - kk * p10i
-            q01r = q01r - kk * p11r
-            q01i = q01i - kk * p11i
-            m = tl.maximum(tl.maximum(tl.maximum(tl.abs(q00r), tl.abs(q00i)), tl.maximum(tl.abs(q01r), tl.abs(q01i))),
-                           tl.maximum(tl.maximum(tl.abs(p00r), tl.abs(p00i)), tl.maximum(tl.abs(p01r), tl.abs(p01i))))
-            inv = 1.0 / m
-            p10r = tl.where(v, p00r * inv, p10r)
-            p10i = tl.where(v, p00i * inv, p10i)
-            p11r = tl.where(v, p01r * inv, p11r)
-            p11i = tl.where(v, p01i * inv, p11i)
-            p00r = tl.where(v, q00r * inv, p00r)
-            p00i = tl.where(v, q00i * inv, p00i)
-            p01r = tl.where(v, q01r * inv, p01r)
-            p01i = tl.where(v, q01i * inv, p01i)
-        tl.store(pb_ptr + 0 * S + s, p00r, mask=ok)
-        tl.store(pb_ptr + 1 * S + s, p00i, mask=ok)
-        tl.store(pb_ptr + 2 * S + s, p01r, mask=ok)
-        tl.store(pb_ptr + 3 * S + s, p01i, mask=ok)
-        tl.store(pb_ptr + 4 * S + s, p10r, mask=ok)
-        tl.store(pb_ptr + 5 * S + s, p10i, mask=ok)
-        tl.store(pb_ptr + 6 * S + s, p11r, mask=ok)
-        tl.store(pb_ptr + 7 * S + s, p11i, mask=ok)
+            p00r, p00i, p01r, p01i, p10r, p10i, p11r, p11i = _mobius_step(
+                v, alr, zero - zi, kk, p00r, p00i, p01r, p01i, p10r, p10i, p11r, p11i)
+        _store_mobius(pb_ptr, S, s, ok, p00r, p00i, p01r, p01i, p10r, p10i, p11r, p11i)
 
 
 @triton.jit
@@ -264,24 +259,13 @@ def _fwd_kernel(a_ptr, k_ptr, zri_ptr, mask_ptr, qin_ptr, rin_ptr, out_ptr, d_pt
     zi = tl.load(zri_ptr + 1)
     zero = tl.zeros([BLOCK], a_ptr.dtype.element_ty)
     SC = CH * S
-    if HAS_CARRY:
-        qr = tl.load(qin_ptr + s, mask=ok, other=0.0)
-        qi = tl.load(qin_ptr + S + s, mask=ok, other=0.0)
-    else:
-        qr = zero
-        qi = zero
+    qr, qi = _load_carry(qin_ptr, s, S, ok, zero, HAS_CARRY)
     # left to right: d_n = alpha_n - k_{n-1} q_{n-1}, q_n = 1 / d_n
     for t in range(0, CH):
         n = start + t
         v = ok & (n < N)
-        alr = tl.load(a_ptr + row * N + n, mask=v, other=0.0) - zr
-        ali = zero - zi
-        kk = tl.load(k_ptr + row * k_rs + n - 1, mask=v & (n >= 1), other=0.0)
-        dr = alr - kk * qr
-        di = ali - kk * qi
-        nqr, nqi = _crecip(dr, di)
-        qr = tl.where(v, nqr, qr)
-        qi = tl.where(v, nqi, qi)
+        alr, ali, kk, dr, di, qr, qi = _pivot_step(v, a_ptr, k_ptr, row, N, n, n - 1, k_rs, zr, zi, zero,
+                                                     qr, qi)
         if CAUSAL:
             outr = qr
             outi = qi
@@ -296,25 +280,14 @@ def _fwd_kernel(a_ptr, k_ptr, zri_ptr, mask_ptr, qin_ptr, rin_ptr, out_ptr, d_pt
             tl.store(d_ptr + SC + t * S + s, di, mask=v)
     if not CAUSAL:
         tl.debug_barrier()
-        if HAS_CARRY:
-            rr = tl.load(rin_ptr + s, mask=ok, other=0.0)
-            ri = tl.load(rin_ptr + S + s, mask=ok, other=0.0)
-        else:
-            rr = zero
-            ri = zero
+        rr, ri = _load_carry(rin_ptr, s, S, ok, zero, HAS_CARRY)
         # right to left: e_n = alpha_n - k_n r_{n+1}, r_n = 1 / e_n; G_n = 1 / (d_n + e_n - alpha_n)
         for tt in range(0, CH):
             t = CH - 1 - tt
             n = start + t
             v = ok & (n < N)
-            alr = tl.load(a_ptr + row * N + n, mask=v, other=0.0) - zr
-            ali = zero - zi
-            kk = tl.load(k_ptr + row * k_rs + n, mask=v & (n < N - 1), other=0.0)
-            er = alr - kk * rr
-            ei = ali - kk * ri
-            nrr, nri = _crecip(er, ei)
-            rr = tl.where(v, nrr, rr)
-            ri = tl.where(v, nri, ri)
+            alr, ali, kk, er, ei, rr, ri = _pivot_step(v, a_ptr, k_ptr, row, N, n, n, k_rs, zr, zi, zero,
+                                                         rr, ri)
             dr = tl.load(d_ptr + t * S + s, mask=v, other=1.0)
             di = tl.load(d_ptr + SC + t * S + s, mask=v, other=0.0)
             gr, gi = _crecip(dr + er - alr, di + ei - ali)
@@ -362,23 +335,12 @@ def _bwd_pass1_kernel(g_ptr, a_ptr, k_ptr, zri_ptr, mask_ptr, qin_ptr, rin_ptr,
     zero = tl.zeros([BLOCK], a_ptr.dtype.element_ty)
     one = tl.full([BLOCK], 1.0, a_ptr.dtype.element_ty)
     SC = CH * S
-    if HAS_CARRY:
-        qr = tl.load(qin_ptr + s, mask=ok, other=0.0)
-        qi = tl.load(qin_ptr + S + s, mask=ok, other=0.0)
-    else:
-        qr = zero
-        qi = zero
+    qr, qi = _load_carry(qin_ptr, s, S, ok, zero, HAS_CARRY)
     for t in range(0, CH):
         n = start + t
         v = ok & (n < N)
-        alr = tl.load(a_ptr + row * N + n, mask=v, other=0.0) - zr
-        ali = zero - zi
-        kk = tl.load(k_ptr + row * k_rs + n - 1, mask=v & (n >= 1), other=0.0)
-        dr = alr - kk * qr
-        di = ali - kk * qi
-        nqr, nqi = _crecip(dr, di)
-        qr = tl.where(v, nqr, qr)
-        qi = tl.where(v, nqi, qi)
+        alr, ali, kk, dr, di, qr, qi = _pivot_step(v, a_ptr, k_ptr, row, N, n, n - 1, k_rs, zr, zi, zero,
+                                                     qr, qi)
         tl.store(d_ptr + t * S + s, dr, mask=v)
         tl.store(d_ptr + SC + t * S + s, di, mask=v)
         if CAUSAL:
@@ -418,12 +380,7 @@ def _bwd_pass1_kernel(g_ptr, a_ptr, k_ptr, zri_ptr, mask_ptr, qin_ptr, rin_ptr,
             tl.store(sum_ptr + 2 * S + s, xr, mask=ok)
             tl.store(sum_ptr + 3 * S + s, xi, mask=ok)
     else:
-        if HAS_CARRY:
-            rr = tl.load(rin_ptr + s, mask=ok, other=0.0)
-            ri = tl.load(rin_ptr + S + s, mask=ok, other=0.0)
-        else:
-            rr = zero
-            ri = zero
+        rr, ri = _load_carry(rin_ptr, s, S, ok, zero, HAS_CARRY)
         # right to left: e, G, p = w G^2; R summary with c_j = k_j / d_j^2
         cpr = one
         cpi = zero
@@ -433,14 +390,8 @@ def _bwd_pass1_kernel(g_ptr, a_ptr, k_ptr, zri_ptr, mask_ptr, qin_ptr, rin_ptr,
             t = CH - 1 - tt
             n = start + t
             v = ok & (n < N)
-            alr = tl.load(a_ptr + row * N + n, mask=v, other=0.0) - zr
-            ali = zero - zi
-            kk = tl.load(k_ptr + row * k_rs + n, mask=v & (n < N - 1), other=0.0)
-            er = alr - kk * rr
-            ei = ali - kk * ri
-            nrr, nri = _crecip(er, ei)
-            rr = tl.where(v, nrr, rr)
-            ri = tl.where(v, nri, ri)
+            alr, ali, kk, er, ei, rr, ri = _pivot_step(v, a_ptr, k_ptr, row, N, n, n, k_rs, zr, zi, zero,
+                                                         rr, ri)
             tl.store(e_ptr + t * S + s, er, mask=v)
             tl.store(e_ptr + SC + t * S + s, ei, mask=v)
             dr = tl.load(d_ptr + t * S + s, mask=v, other=1.0)
@@ -550,12 +501,7 @@ def _bwd_final_kernel(g_ptr, a_ptr, k_ptr, zri_ptr, mask_ptr, cin_ptr,
     s, ok, row, start = _seg_ids(pid, S, C, CH, BLOCK)
     zero = tl.zeros([BLOCK], a_ptr.dtype.element_ty)
     SC = CH * S
-    if HAS_CARRY:
-        xr = tl.load(cin_ptr + s, mask=ok, other=0.0)
-        xi = tl.load(cin_ptr + S + s, mask=ok, other=0.0)
-    else:
-        xr = zero
-        xi = zero
+    xr, xi = _load_carry(cin_ptr, s, S, ok, zero, HAS_CARRY)
     sr = zero
     si = zero
     if CAUSAL:
