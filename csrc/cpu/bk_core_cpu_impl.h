@@ -301,16 +301,14 @@ struct LaneSrc {
       }
     }
   }
-  // True when lanes [g0, g0 + G) all read n in-range elements from p0 on; fills their pointers.
-  BK_AI bool full_group(int g0, int G, int64_t p0, int64_t n, const T** ptr) const {
-    for (int i = 0; i < G; ++i) {
-      const T* r = rows[g0 + i];
-      int64_t i0 = off[g0 + i] + p0;
-      if (!r || i0 < 0 || i0 + n > hi) return false;
-      ptr[i] = r + i0 * es;
-    }
-    return true;
+  // True when every lane of the group starting at lane g0 reads n in-range elements from p0 on.
+  BK_AI bool full_group(int g0, int64_t p0, int64_t n) const { return p0 >= glo[g0 / G] && p0 + n <= ghi[g0 / G]; }
+#ifdef BK_AVX512_TRANSPOSE
+  // The group's row addresses at chunk position p0 (for the transposes).
+  BK_AI bk_avx512::Rows<const T> group_rows(int g0, int64_t p0) const {
+    return {at0 + g0, intptr_t(p0 * es * int64_t(sizeof(T)))};
   }
+#endif
 
   // dst[q * dstride + l] = value of lane l at chunk position p0 + q, q < n
   BK_AI void tile(int64_t p0, int64_t n, T* dst, int64_t dstride) const {
@@ -319,9 +317,8 @@ struct LaneSrc {
     constexpr int G = 64 / sizeof(T);
     if (n == kTile && es == 1) {
       for (int g0 = 0; g0 < NL; g0 += G) {
-        if (p0 >= glo[g0 / G] && p0 + n <= ghi[g0 / G])
-          bk_avx512::gather16(bk_avx512::Rows<const T>{at0 + g0, intptr_t(p0 * int64_t(sizeof(T)))}, sub, mul,
-                              dst + g0, dstride);
+        if (full_group(g0, p0, n))
+          bk_avx512::gather16(group_rows(g0, p0), sub, mul, dst + g0, dstride);
         else
           for (int l = g0; l < g0 + G; ++l) tile_lane(l, p0, n, dst, dstride);
       }
@@ -343,35 +340,65 @@ static BK_AI void scatter_lane(const LaneInfo& L, int l, T* base, int64_t row_st
   for (int64_t q = 0; q < qe; ++q) o[q * es] = src[q * sstride + l];
 }
 
-// Lanes [g0, g0 + G) all write n positions from p0 (inside chunk and row)? Fills row pointers.
-static BK_AI bool full_out_group(const LaneInfo* li, int g0, int G, int64_t hi, int64_t p0, int64_t n) {
-  for (int i = 0; i < G; ++i) {
-    const LaneInfo& L = li[g0 + i];
-    if (L.row < 0 || p0 + n > std::min(L.len, hi - L.start)) return false;
+// One destination seen through a block's lanes: lane l writes chunk position q to
+// base[row * row_stride + (start + q) * es] for q inside the chunk (< len) and the row (< hi).
+// Precomputed per block for the transpose path: each lane's chunk-start address, and per group of
+// G lanes the number of leading chunk positions every lane of the group writes.
+template <class T>
+struct LaneOut {
+  static constexpr int NL = Plan<T>::NL, G = 64 / sizeof(T), NG = NL / G;
+  const LaneInfo* li;
+  T* base;
+  int64_t row_stride, hi, es;
+  uintptr_t at0[NL];
+  int64_t lim[NG];
+  bool aligned[NG];  // every lane's chunk start 64-byte aligned (non-temporal stores need it)
+  void init(const LaneInfo* li_, T* base_, int64_t row_stride_, int64_t hi_, int64_t es_) {
+    li = li_;
+    base = base_;
+    row_stride = row_stride_;
+    hi = hi_;
+    es = es_;
+    for (int l = 0; l < NL; ++l)
+      at0[l] = li[l].row >= 0 ? reinterpret_cast<uintptr_t>(base + li[l].row * row_stride + li[l].start * es) : 0;
+    for (int g = 0; g < NG; ++g) {
+      lim[g] = kNoFast;
+      uintptr_t bits = 0;
+      for (int l = g * G; l < (g + 1) * G; ++l) {
+        lim[g] = li[l].row < 0 ? -1 : std::min(lim[g], std::min(li[l].len, hi - li[l].start));
+        bits |= at0[l];
+      }
+      aligned[g] = (bits & 63) == 0;
+    }
   }
-  return true;
-}
+  BK_AI bool full_group(int g0, int64_t p0, int64_t n) const { return p0 + n <= lim[g0 / G]; }
+#ifdef BK_AVX512_TRANSPOSE
+  BK_AI bk_avx512::Rows<T> group_rows(int g0, int64_t p0) const {
+    return {at0 + g0, intptr_t(p0 * es * int64_t(sizeof(T)))};
+  }
+#endif
+  // lane l's values src[q * sstride + l], q < n, from chunk position p0 (off: 1 for the imaginary parts)
+  BK_AI void lane(int l, int64_t p0, int64_t n, const T* src, int64_t sstride, int64_t off = 0) const {
+    scatter_lane(li[l], l, base + off, row_stride, hi, es, p0, n, src, sstride);
+  }
+};
 
 template <class T>
-static BK_AI void scatter_tile(const LaneInfo* li, T* base, int64_t row_stride, int64_t hi, int64_t es, int64_t p0,
-                                int64_t n, const T* src, int64_t sstride) {
+static BK_AI void scatter_tile(const LaneOut<T>& o, int64_t p0, int64_t n, const T* src, int64_t sstride) {
   constexpr int NL = Plan<T>::NL;
 #ifdef BK_AVX512_TRANSPOSE
   constexpr int G = 64 / sizeof(T);
-  if (n == kTile && es == 1) {
+  if (n == kTile && o.es == 1) {
     for (int g0 = 0; g0 < NL; g0 += G) {
-      if (full_out_group(li, g0, G, hi, p0, n)) {
-        T* ptr[G];
-        for (int i = 0; i < G; ++i) ptr[i] = base + li[g0 + i].row * row_stride + li[g0 + i].start + p0;
-        bk_avx512::scatter16(src + g0, sstride, ptr);
-      } else {
-        for (int l = g0; l < g0 + G; ++l) scatter_lane(li[l], l, base, row_stride, hi, es, p0, n, src, sstride);
-      }
+      if (o.full_group(g0, p0, n))
+        bk_avx512::scatter16(src + g0, sstride, o.group_rows(g0, p0));
+      else
+        for (int l = g0; l < g0 + G; ++l) o.lane(l, p0, n, src, sstride);
     }
     return;
   }
 #endif
-  for (int l = 0; l < NL; ++l) scatter_lane(li[l], l, base, row_stride, hi, es, p0, n, src, sstride);
+  for (int l = 0; l < NL; ++l) o.lane(l, p0, n, src, sstride);
 }
 
 // Inputs of one block: alpha's real part, the couplings (uniform across lanes when one k row is
@@ -579,49 +606,25 @@ static Cx<typename VecOf<T>::type> load_carry(const std::vector<Cx<T>>& src, int
   return out;
 }
 
-// The interleaved [B, N, 2] output seen through a block's lanes: the address of each lane's chunk
-// start, and per group the number of leading chunk positions every lane of the group writes.
+// Writes a lane-major complex tile to the interleaved [B, N, 2] output (o: es = 2).
 template <class T>
-struct LaneOut {
-  static constexpr int NL = Plan<T>::NL, G = 64 / sizeof(T), NG = NL / G;
-  uintptr_t at0[NL];
-  int64_t lim[NG];
-  bool aligned[NG];  // every lane's chunk start 64-byte aligned (non-temporal stores need it)
-  void init(const LaneInfo* li, T* out, int64_t N) {
-    for (int l = 0; l < NL; ++l)
-      at0[l] = li[l].row >= 0 ? reinterpret_cast<uintptr_t>(out + (li[l].row * N + li[l].start) * 2) : 0;
-    for (int g = 0; g < NG; ++g) {
-      lim[g] = kNoFast;
-      uintptr_t bits = 0;
-      for (int l = g * G; l < (g + 1) * G; ++l) {
-        lim[g] = li[l].row < 0 ? -1 : std::min(lim[g], std::min(li[l].len, N - li[l].start));
-        bits |= at0[l];
-      }
-      aligned[g] = (bits & 63) == 0;
-    }
-  }
-};
-
-// Writes a lane-major complex tile to the interleaved [B, N, 2] output.
-template <class T>
-static BK_AI void scatter_cx_tile(const LaneInfo* li, const LaneOut<T>& lo, T* out, int64_t N, int64_t p0,
-                                   int64_t n, const Cx<typename VecOf<T>::type>* src, bool stream = false) {
+static BK_AI void scatter_cx_tile(const LaneOut<T>& o, int64_t p0, int64_t n, const Cx<typename VecOf<T>::type>* src,
+                                  bool stream = false) {
   constexpr int NL = Plan<T>::NL;
   const T* s = reinterpret_cast<const T*>(src);
 #ifdef BK_AVX512_TRANSPOSE
   constexpr int G = 64 / sizeof(T);
   if (n == kTile) {
     for (int g0 = 0; g0 < NL; g0 += G) {
-      if (p0 + n <= lo.lim[g0 / G]) {
+      if (o.full_group(g0, p0, n)) {
         // p0 is a multiple of 8 on the full tiles of the sweep, so the alignment of the chunk
         // starts decides the alignment of every row
-        const bool nt = stream && lo.aligned[g0 / G] && (p0 & 7) == 0;
-        bk_avx512::scatter16_cx(s + g0, s + NL + g0, 2 * NL,
-                                bk_avx512::Rows<T>{lo.at0 + g0, intptr_t(p0 * 2 * int64_t(sizeof(T)))}, nt);
+        const bool nt = stream && o.aligned[g0 / G] && (p0 & 7) == 0;
+        bk_avx512::scatter16_cx(s + g0, s + NL + g0, 2 * NL, o.group_rows(g0, p0), nt);
       } else {
         for (int l = g0; l < g0 + G; ++l) {
-          scatter_lane(li[l], l, out, 2 * N, N, 2, p0, n, s, 2 * NL);
-          scatter_lane(li[l], l, out + 1, 2 * N, N, 2, p0, n, s + NL, 2 * NL);
+          o.lane(l, p0, n, s, 2 * NL);
+          o.lane(l, p0, n, s + NL, 2 * NL, 1);
         }
       }
     }
@@ -629,8 +632,8 @@ static BK_AI void scatter_cx_tile(const LaneInfo* li, const LaneOut<T>& lo, T* o
   }
 #endif
   for (int l = 0; l < NL; ++l) {
-    scatter_lane(li[l], l, out, 2 * N, N, 2, p0, n, s, 2 * NL);
-    scatter_lane(li[l], l, out + 1, 2 * N, N, 2, p0, n, s + NL, 2 * NL);
+    o.lane(l, p0, n, s, 2 * NL);
+    o.lane(l, p0, n, s + NL, 2 * NL, 1);
   }
 }
 
@@ -667,7 +670,7 @@ static void two_sided_sweep(const BlockIn<T>& in, const LaneInfo* li, const Prob
   const V aim = V{} - pr.zi;
   const int64_t h = L / 2, h2 = L - h;
   LaneOut<T> lo;
-  lo.init(li, out, pr.N);
+  lo.init(li, out, 2 * pr.N, pr.N, 2);
   alignas(128) V tK[kTile + 1], tKB[kTile + 1];  // couplings of the d tile / e tile
   alignas(128) V tM[kTile], tMB[kTile];
   alignas(128) Cx<V> tG[kTile], tGB[kTile];
@@ -703,7 +706,7 @@ static void two_sided_sweep(const BlockIn<T>& in, const LaneInfo* li, const Prob
     Cx<V> e = estep(a, tK[1]);
     if (in.has_mask) in.M.tile(h, 1, reinterpret_cast<T*>(tMB), NL);
     tGB[0] = combine_out<T>(d, e, Cx<V>{a, aim}, in.has_mask ? &tMB[0] : nullptr);
-    scatter_cx_tile<T>(li, lo, out, pr.N, h, 1, tGB);
+    scatter_cx_tile<T>(lo, h, 1, tGB);
   }
   // Phase 2: d over [h2, L) meets the stored e; e over [0, h) meets the stored d.
   for (int64_t t0 = 0; t0 < h; t0 += kTile) {
@@ -725,8 +728,8 @@ static void two_sided_sweep(const BlockIn<T>& in, const LaneInfo* li, const Prob
       tG[q] = combine_out<T>(d, S[pa + q], ala, in.has_mask ? &tM[q] : nullptr);
       tGB[qb] = combine_out<T>(S[pb + qb], e, alb, in.has_mask ? &tMB[qb] : nullptr);
     }
-    scatter_cx_tile<T>(li, lo, out, pr.N, pa, n, tG, stream);
-    scatter_cx_tile<T>(li, lo, out, pr.N, pb, n, tGB, stream);
+    scatter_cx_tile<T>(lo, pa, n, tG, stream);
+    scatter_cx_tile<T>(lo, pb, n, tGB, stream);
   }
 #ifdef BK_AVX512_TRANSPOSE
   if (stream) _mm_sfence();  // order the non-temporal stores before the block is reported done
@@ -749,7 +752,7 @@ static void forward_block(const Problem<T>& pr, const Plan<T>& pl, int64_t blk, 
   if (pr.causal) {
     alignas(128) V tM[kTile];
     LaneOut<T> lo;
-    lo.init(li, out, pr.N);
+    lo.init(li, out, 2 * pr.N, pr.N, 2);
     // y = 1 / d: the reciprocal of d_p falls out of step p + 1's division.
     d_pass<T>(in, Lc, pr.zi, dprev, s.D.p, s.D.p);
     for (int64_t p0 = 0; p0 < Lc; p0 += kTile) {
@@ -759,7 +762,7 @@ static void forward_block(const Problem<T>& pr, const Plan<T>& pl, int64_t blk, 
         in.M.tile(p0, n, reinterpret_cast<T*>(tM), NL);
         for (int64_t q = 0; q < n; ++q) y[q] = masked<T>(y[q], tM[q]);
       }
-      scatter_cx_tile<T>(li, lo, out, pr.N, p0, n, y, stream);
+      scatter_cx_tile<T>(lo, p0, n, y, stream);
     }
 #ifdef BK_AVX512_TRANSPOSE
     if (stream) _mm_sfence();
@@ -812,9 +815,8 @@ static BK_AI void w_tile(const LaneSrc<T>& Wre, const LaneSrc<T>& Wim, int64_t p
   constexpr int G = 64 / sizeof(T);
   if (n == kTile) {
     for (int g0 = 0; g0 < NL; g0 += G) {
-      const T* ptr[G];
-      if (Wre.full_group(g0, G, p0, n, ptr)) {
-        bk_avx512::gather16_cx(ptr, T(-1), dre + g0, dim + g0, 2 * NL);
+      if (Wre.full_group(g0, p0, n)) {
+        bk_avx512::gather16_cx(Wre.group_rows(g0, p0), T(-1), dre + g0, dim + g0, 2 * NL);
       } else {
         for (int l = g0; l < g0 + G; ++l) {
           Wre.tile_lane(l, p0, n, dre, 2 * NL);
@@ -849,6 +851,8 @@ static void bwd_phase1(BwdShared<T>& sh, int64_t blk, Scratch<T>& s) {
   Cx<V> dprev = load_carry(sh.car.d_in, blk, li);
   d_pass<T>(in, Lc, pr.zi, dprev, s.D.p, s.ID.p);
   T* gm = sh.g.grad_mask;
+  LaneOut<T> ogm;
+  if (gm) ogm.init(li, gm, pr.N, pr.N, 1);
   alignas(128) V tA[kTile];
   alignas(128) V tK[kTile + 1];
   alignas(128) V tM[kTile];
@@ -881,7 +885,7 @@ static void bwd_phase1(BwdShared<T>& sh, int64_t blk, Scratch<T>& s) {
           Pi = Pi * c;
         }
       }
-      if (gm) scatter_tile<T>(li, gm, pr.N, pr.N, 1, p0, n, reinterpret_cast<T*>(tGM), NL);
+      if (gm) scatter_tile<T>(ogm, p0, n, reinterpret_cast<T*>(tGM), NL);
     }
     if (chunked)
       for (int l = 0; l < NL; ++l)
@@ -921,7 +925,7 @@ static void bwd_phase1(BwdShared<T>& sh, int64_t blk, Scratch<T>& s) {
       s.R[p] = R;
       eprev = e;
     }
-    if (gm) scatter_tile<T>(li, gm, pr.N, pr.N, 1, p0, n, reinterpret_cast<T*>(tGM), NL);
+    if (gm) scatter_tile<T>(ogm, p0, n, reinterpret_cast<T*>(tGM), NL);
   }
   s.IE[0] = bk::recip(eprev);
   if (chunked) {
@@ -976,6 +980,9 @@ static void bwd_phase2(BwdShared<T>& sh, int64_t blk, Scratch<T>& s) {
   T* ga = sh.g.grad_a;
   T* gk = sh.g.grad_k;
   const int64_t NK = pr.N - 1;
+  LaneOut<T> oga, ogk;
+  oga.init(li, ga, pr.N, pr.N, 1);
+  if (NK > 0) ogk.init(li, gk, NK, NK, 1);
   if (pr.causal) {
     // mu pass, right to left, with the true carry.
     Cx<V> mu = rin;
@@ -990,8 +997,8 @@ static void bwd_phase2(BwdShared<T>& sh, int64_t blk, Scratch<T>& s) {
         tile = tile + mu;
       }
       flush(tile);
-      scatter_tile<T>(li, ga, pr.N, pr.N, 1, p0, n, reinterpret_cast<T*>(tGA), NL);
-      if (NK > 0) scatter_tile<T>(li, gk, NK, NK, 1, p0, n, reinterpret_cast<T*>(tGK), NL);
+      scatter_tile<T>(oga, p0, n, reinterpret_cast<T*>(tGA), NL);
+      if (NK > 0) scatter_tile<T>(ogk, p0, n, reinterpret_cast<T*>(tGK), NL);
     }
   } else {
     s.R[Lc] = rin;
@@ -1019,8 +1026,8 @@ static void bwd_phase2(BwdShared<T>& sh, int64_t blk, Scratch<T>& s) {
         tile = tile + A;
       }
       flush(tile);
-      scatter_tile<T>(li, ga, pr.N, pr.N, 1, p0, n, reinterpret_cast<T*>(tGA), NL);
-      if (NK > 0) scatter_tile<T>(li, gk, NK, NK, 1, p0, n, reinterpret_cast<T*>(tGK), NL);
+      scatter_tile<T>(oga, p0, n, reinterpret_cast<T*>(tGA), NL);
+      if (NK > 0) scatter_tile<T>(ogk, p0, n, reinterpret_cast<T*>(tGK), NL);
     }
   }
   for (int l = 0; l < NL; ++l) {

@@ -90,7 +90,8 @@ BK_TR_INLINE void gather16(const P& src, double sub, double mul, double* dst, in
 // interleaved complex rows (src[i] -> 16 complex values): re -> dre, mul_im * im -> dim.
 // A complex value is one 64-bit element: two 8x8 64-bit transposes per half tile, then one
 // de-interleave per position (fewer live registers than transposing re and im separately).
-BK_TR_INLINE void gather16_cx(const float* const* src, float mul_im, float* dre, float* dim, int64_t dstride) {
+template <class P>
+BK_TR_INLINE void gather16_cx(const P& src, float mul_im, float* dre, float* dim, int64_t dstride) {
   const __m512i ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i io = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
   const __m512 vm = _mm512_set1_ps(mul_im);
@@ -110,7 +111,8 @@ BK_TR_INLINE void gather16_cx(const float* const* src, float mul_im, float* dre,
   }
 }
 
-BK_TR_INLINE void gather16_cx(const double* const* src, double mul_im, double* dre, double* dim, int64_t dstride) {
+template <class P>
+BK_TR_INLINE void gather16_cx(const P& src, double mul_im, double* dre, double* dim, int64_t dstride) {
   const __m512i ie = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14);
   const __m512i io = _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15);
   const __m512d vm = _mm512_set1_pd(mul_im);
@@ -132,14 +134,16 @@ BK_TR_INLINE void gather16_cx(const double* const* src, double mul_im, double* d
 
 // ---- lane-major -> rows: dst[i] points at 16 consecutive positions of lane i's row ----
 
-BK_TR_INLINE void scatter16(const float* src, int64_t sstride, float* const* dst) {
+template <class P>
+BK_TR_INLINE void scatter16(const float* src, int64_t sstride, const P& dst) {
   __m512 r[16];
   for (int q = 0; q < 16; ++q) r[q] = _mm512_load_ps(src + q * sstride);
   tr16(r);
   for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst[i], r[i]);
 }
 
-BK_TR_INLINE void scatter16(const double* src, int64_t sstride, double* const* dst) {
+template <class P>
+BK_TR_INLINE void scatter16(const double* src, int64_t sstride, const P& dst) {
   for (int h = 0; h < 2; ++h) {
     __m512d r[8];
     for (int q = 0; q < 8; ++q) r[q] = _mm512_load_pd(src + (8 * h + q) * sstride);

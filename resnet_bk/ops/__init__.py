@@ -12,6 +12,7 @@ call would use and why; ``available_backends()`` lists what loaded. ``verify()``
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Union
 
 import torch
@@ -112,7 +113,7 @@ def _fast_cpu_bk_core(diag, super_diag, sub_diag, z, causal) -> Optional[Tensor]
     if type(z) not in (complex, float, int):
         return None
     zri = _canon._Z_CACHE.get((complex(z), diag.dtype, diag.device))  # present only once validated
-    if zri is None or _dispatch.os.environ.get(_dispatch.ENV_BACKEND) or _dispatch.verify_enabled():
+    if zri is None or os.environ.get(_dispatch.ENV_BACKEND) or _dispatch.verify_enabled():
         return None
     be = _dispatch._registry["cpp"]  # what automatic dispatch would pick for CPU tensors, unchanged
     if be.impls.get("bk_core", (None,))[0] is not _cpp.bk_core_compiled or not be.available()[0]:
