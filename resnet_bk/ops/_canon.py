@@ -145,9 +145,7 @@ def canon_bk(diag, super_diag, sub_diag, z, mask=None, *, mask_name: str = "mask
     a = diag.to(rdt).reshape(B, N).contiguous()
     kb = offs[0].to(rdt) * offs[1].to(rdt)
     lead = kb.shape[:-1]
-    if kb.dim() == 1 and kb.shape[0] == N - 1:
-        k = kb.view(1, N - 1)  # the common case: one (N-1,) off-diagonal for the whole batch
-    elif all(s == 1 for s in lead):
+    if all(s == 1 for s in lead):
         # one off-diagonal shared by the whole batch: never materialised per row
         k = kb.reshape(1, kb.shape[-1]).expand(1, N - 1).contiguous()
     else:
