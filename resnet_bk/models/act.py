@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import MoEResNetBKLayer, check_hidden, check_positive_ints, check_tokens, moe_aux_loss
+from .base import MoEResNetBKLayer, check_hidden, embed_tokens, init_lm_trunk, moe_aux_loss
 
 __all__ = ["AdaptiveResNetBKBlock", "ACTLanguageModel", "ACTTrainer", "ACTStep"]
 
@@ -181,31 +181,18 @@ class ACTLanguageModel(nn.Module):
                  act_lambda: float = 0.01, *, causal: bool = True, backend: Optional[str] = None,
                  learnable_z: bool = False, halt_bias_init: float = -1.0, moe_aux_weight: float = 0.01):
         super().__init__()
-        check_positive_ints(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_seq=n_seq)
-        self.vocab_size = vocab_size
-        self.d_model = d_model
-        self.n_layers = n_layers
-        self.n_seq = n_seq
-        self.causal = bool(causal)
+        init_lm_trunk(self, vocab_size, d_model, n_layers, n_seq, causal, moe_aux_weight,
+                      lambda i: AdaptiveResNetBKBlock(d_model, n_seq, num_experts, top_k, dropout_p, act_threshold,
+                                                      causal=causal, backend=backend, learnable_z=learnable_z,
+                                                      halt_bias_init=halt_bias_init))
         self.act_threshold = float(act_threshold)
         self.act_lambda = float(act_lambda)
-        self.moe_aux_weight = float(moe_aux_weight)
-        self.token_embedding = nn.Embedding(vocab_size, d_model)
-        self.position_embedding = nn.Embedding(n_seq, d_model)
-        self.blocks = nn.ModuleList([
-            AdaptiveResNetBKBlock(d_model, n_seq, num_experts, top_k, dropout_p, act_threshold,
-                                  causal=causal, backend=backend, learnable_z=learnable_z,
-                                  halt_bias_init=halt_bias_init)
-            for _ in range(n_layers)])
-        self.layer_norm_final = nn.LayerNorm(d_model)
-        self.lm_head = nn.Linear(d_model, vocab_size)
         self.avg_layers_executed: float = 0.0
         self.layers_skipped: int = 0
 
     def forward(self, x: Tensor, return_ponder_cost: bool = True):
-        check_tokens("x", x, self.n_seq, self.vocab_size)
+        h = embed_tokens(self, x)
         B, N = x.shape
-        h = self.token_embedding(x) + self.position_embedding(torch.arange(N, device=x.device))
         D = self.d_model
         # Compact state: only the running tokens' states, halting sums and flat indices are kept
         # (idx None = every token, so block 0 needs no gather). Halted tokens cost nothing but

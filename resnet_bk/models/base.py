@@ -297,6 +297,31 @@ def moe_aux_loss(module: nn.Module) -> Optional[Tensor]:
     return total
 
 
+def init_lm_trunk(m: nn.Module, vocab_size: int, d_model: int, n_layers: int, n_seq: int, causal: bool,
+                  moe_aux_weight: float, block_factory: Callable[[int], nn.Module]) -> None:
+    """What every language model here shares, with the same names and creation order (so the
+    same state_dict keys and initialisation): sizes, token and position embeddings, the blocks
+    (``block_factory(i)``), the final LayerNorm and the lm_head."""
+    check_positive_ints(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_seq=n_seq)
+    m.vocab_size = vocab_size
+    m.d_model = d_model
+    m.n_layers = n_layers
+    m.n_seq = n_seq
+    m.causal = bool(causal)
+    m.moe_aux_weight = float(moe_aux_weight)
+    m.token_embedding = nn.Embedding(vocab_size, d_model)
+    m.position_embedding = nn.Embedding(n_seq, d_model)
+    m.blocks = nn.ModuleList([block_factory(i) for i in range(n_layers)])
+    m.layer_norm_final = nn.LayerNorm(d_model)
+    m.lm_head = nn.Linear(d_model, vocab_size)
+
+
+def embed_tokens(m: nn.Module, x: Tensor) -> Tensor:
+    """Token + position embedding of x (B, N) long, checked against m's n_seq and vocab_size."""
+    check_tokens("x", x, m.n_seq, m.vocab_size)
+    return m.token_embedding(x) + m.position_embedding(torch.arange(x.shape[1], device=x.device))
+
+
 class LanguageModel(nn.Module):
     """Token + learned position embedding -> n_layers blocks -> LayerNorm -> lm_head.
 
@@ -311,28 +336,14 @@ class LanguageModel(nn.Module):
                  block_factory: Optional[Callable[[int], nn.Module]] = None,
                  moe_aux_weight: float = 0.01):
         super().__init__()
-        check_positive_ints(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_seq=n_seq)
-        self.vocab_size = vocab_size
-        self.d_model = d_model
-        self.n_layers = n_layers
-        self.n_seq = n_seq
-        self.causal = bool(causal)
-        self.moe_aux_weight = float(moe_aux_weight)
-        self.token_embedding = nn.Embedding(vocab_size, d_model)
-        self.position_embedding = nn.Embedding(n_seq, d_model)
         if block_factory is None:
             def block_factory(i: int) -> nn.Module:
                 return ResNetBKBlock(d_model, n_seq, num_experts, top_k, dropout_p, causal=causal,
                                      backend=backend, learnable_z=learnable_z)
-        self.blocks = nn.ModuleList([block_factory(i) for i in range(n_layers)])
-        self.layer_norm_final = nn.LayerNorm(d_model)
-        self.lm_head = nn.Linear(d_model, vocab_size)
+        init_lm_trunk(self, vocab_size, d_model, n_layers, n_seq, causal, moe_aux_weight, block_factory)
 
     def embed(self, x: Tensor) -> Tensor:
-        check_tokens("x", x, self.n_seq, self.vocab_size)
-        N = x.shape[1]
-        pos = torch.arange(N, device=x.device)
-        return self.token_embedding(x) + self.position_embedding(pos)
+        return embed_tokens(self, x)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.embed(x)
