@@ -28,6 +28,7 @@
 #ifndef BK_AI
 #define BK_AI inline __attribute__((always_inline))
 #endif
+#define BK_AI_LAMBDA __attribute__((always_inline))
 
 namespace bk_cpu {
 namespace BK_ISA_NS {
@@ -135,7 +136,7 @@ constexpr int64_t kTile = 16;       // positions per transpose tile
 template <class T>
 constexpr int64_t kRescaleMask = sizeof(T) == 4 ? 3 : 15;
 constexpr int64_t kMaxChunkFwd = 4096;  // forward keeps 1 complex per position and lane
-constexpr int64_t kMaxChunkBwd = 4096;  // backward keeps 5-6
+constexpr int64_t kMaxChunkBwd = 4096;  // backward keeps 2 (two-sided) or 3 (causal)
 constexpr int64_t kStreamOutBytes = int64_t(1) << 20;
 
 template <class T>
@@ -301,6 +302,17 @@ struct LaneSrc {
       }
     }
   }
+  // Software prefetch of the lines a tile at chunk position p0 will read (kTile positions): the
+  // lanes' rows are far apart, so the hardware prefetchers do not cover a tile's many streams.
+  BK_AI void prefetch(int64_t p0) const {
+    for (int l = 0; l < NL; ++l) {
+      if (!rows[l]) continue;
+      const int64_t i0 = std::max<int64_t>(0, std::min(hi - 1, off[l] + p0));
+      const int64_t i1 = std::max<int64_t>(0, std::min(hi - 1, off[l] + p0 + kTile - 1));
+      __builtin_prefetch(rows[l] + i0 * es);
+      __builtin_prefetch(rows[l] + i1 * es);
+    }
+  }
   // True when every lane of the group starting at lane g0 reads n in-range elements from p0 on.
   BK_AI bool full_group(int g0, int64_t p0, int64_t n) const { return p0 >= glo[g0 / G] && p0 + n <= ghi[g0 / G]; }
 #ifdef BK_AVX512_TRANSPOSE
@@ -449,18 +461,26 @@ struct Scratch {
   Buf<Cx<V>> P;      // w G^2 (causal: q_j = -w_j / d_j^2)
   Buf<Cx<V>> R;      // R recurrence, R[Lc] = value just right of the chunk (causal: mu coefficients)
   Buf<Cx<V>> CR;     // R coefficients k_j / d_j^2 (chunked only)
-  Buf<V> SA;         // two-sided forward: Re alpha, lane-major (gathered once, read by both halves)
+  Buf<V> SA;         // two-sided: Re alpha, lane-major (gathered once, read by both halves)
+  Buf<Cx<V>> SI;     // two-sided backward: the inverse pivot each chain stores on its half
+  Buf<Cx<V>> SU;     // two-sided backward: the accumulator (U or Rt) each chain stores on its half
+  Buf<Cx<V>> SW;     // two-sided backward: w, lane-major (gathered once, read by both halves)
+  Buf<V> SM;         // two-sided backward with a mask: the mask, lane-major
   void alloc_fwd(int64_t Lc) {
     D.alloc(Lc);
     SA.alloc(Lc);
   }
-  void alloc_bwd(int64_t Lc, bool chunked) {
-    D.alloc(Lc);
+  void alloc_bwd_causal(int64_t Lc) {
     ID.alloc(Lc + 1);
-    IE.alloc(Lc + 1);
     P.alloc(Lc);
     R.alloc(Lc + 1);
-    if (chunked) CR.alloc(Lc);
+  }
+  void alloc_bwd_two_sided(int64_t Lc, bool mask) {
+    SA.alloc(Lc);
+    SI.alloc(Lc);
+    SU.alloc(Lc);
+    SW.alloc(Lc);
+    if (mask) SM.alloc(Lc);
   }
 };
 
@@ -483,7 +503,7 @@ static Cx<typename VecOf<T>::type> d_pass(const BlockIn<T>& in, int64_t Lc, T zi
       Cx<V> inv;
       Cx<V> d = bk::pivot_step(Cx<V>{tA[q], aim}, tK[q], prev, &inv);
       if (ID && p > 0) ID[p - 1] = inv;
-      D[p] = d;
+      if (D) D[p] = d;
       prev = d;
     }
   }
@@ -793,10 +813,15 @@ struct BwdShared {
   const Plan<T>& pl;
   Grads<T>& g;
   Carries<T> car;
-  // per-lane linear-recurrence summaries and carries (chunked only)
-  std::vector<Cx<T>> r_start, r_prod, r_in;   // R (two-sided) or mu (causal)
-  std::vector<Cx<T>> l_end, l_prod, l_in;     // L (two-sided)
-  std::vector<double> zsum;                   // per lane [re, im]
+  // Chunked only, per lane: (local value, product) summaries of the linear recurrences and the
+  // true carries from the scan. Two-sided: U (left to right) in r_*, Rt (right to left) in l_*;
+  // causal: mu in r_*.
+  std::vector<Cx<T>> r_start, r_prod, r_in;
+  std::vector<Cx<T>> l_end, l_prod, l_in;
+  // Two-sided chunked: the two halves of grad_k at the coupling between a chunk and the next,
+  // each computed by one of the two blocks (joined after both ran).
+  std::vector<T> gk_left, gk_right;
+  std::vector<double> zsum;  // per lane [re, im]
 };
 
 template <class T>
@@ -831,211 +856,399 @@ static BK_AI void w_tile(const LaneSrc<T>& Wre, const LaneSrc<T>& Wim, int64_t p
   Wim.tile(p0, n, dim, 2 * NL);
 }
 
+// Re(x y)
+template <class V>
+static BK_AI V re_prod(const Cx<V>& x, const Cx<V>& y) {
+  return x.re * y.re - x.im * y.im;
+}
+
+// Block-level view of the backward's inputs and outputs.
 template <class T>
-static void bwd_phase1(BwdShared<T>& sh, int64_t blk, Scratch<T>& s) {
+struct BwdIO {
   typedef typename VecOf<T>::type V;
-  constexpr int NL = Plan<T>::NL;
-  const Problem<T>& pr = sh.pr;
-  const Plan<T>& pl = sh.pl;
-  const int64_t Lc = pl.Lc;
-  const bool chunked = pl.chunked();
-  s.alloc_bwd(Lc, chunked);
-  LaneInfo li[NL];
-  lane_info(pl, blk, li);
   BlockIn<T> in;
-  in.init(pr, pl, li);
-  LaneSrc<T> Wre, Wim;
-  Wre.init(li, sh.g.grad, 2 * pr.N, pr.N, 2, 0, T(0), T(1), T(0));
-  Wim.init(li, sh.g.grad + 1, 2 * pr.N, pr.N, 2, 0, T(0), T(-1), T(0));
-  const V aim = V{} - pr.zi;
-  Cx<V> dprev = load_carry(sh.car.d_in, blk, li);
-  d_pass<T>(in, Lc, pr.zi, dprev, s.D.p, s.ID.p);
-  T* gm = sh.g.grad_mask;
-  LaneOut<T> ogm;
-  if (gm) ogm.init(li, gm, pr.N, pr.N, 1);
-  alignas(128) V tA[kTile];
-  alignas(128) V tK[kTile + 1];
-  alignas(128) V tM[kTile];
-  alignas(128) V tGM[kTile];
-  alignas(128) Cx<V> tW[kTile];
-
-  if (pr.causal) {
-    // y = 1/d. mu_j = c_j mu_{j+1} + q_j with c_j = k_j / d_j^2, q_j = -w_j / d_j^2.
-    // Keeps q in P, c in R and, when chunked, the (product, local sum) summary of mu.
-    Cx<V> S{V{}, V{}}, Pi{V{} + 1, V{}};
-    for (int64_t p0 = 0; p0 < Lc; p0 += kTile) {
-      const int64_t n = std::min(kTile, Lc - p0);
-      in.k_tile(p0, n, tK);
-      w_tile<T>(Wre, Wim, p0, n, tW);
-      if (in.has_mask) in.M.tile(p0, n, reinterpret_cast<T*>(tM), NL);
-      for (int64_t q = 0; q < n; ++q) {
-        const int64_t p = p0 + q;
-        Cx<V> y = s.ID[p];
-        Cx<V> y2 = y * y;
-        Cx<V> w = tW[q];
-        if (gm) tGM[q] = y.re * w.re - y.im * w.im;  // Re(conj(y) g) = Re(y conj(g))
-        Cx<V> qq = w * y2;
-        qq = Cx<V>{-qq.re, -qq.im};
-        if (in.has_mask) qq = masked<T>(qq, tM[q]);
-        Cx<V> c = bk::scale(y2, tK[q + 1]);
-        s.P[p] = qq;
-        s.R[p] = c;
-        if (chunked) {
-          S = S + Pi * qq;
-          Pi = Pi * c;
-        }
-      }
-      if (gm) scatter_tile<T>(ogm, p0, n, reinterpret_cast<T*>(tGM), NL);
-    }
-    if (chunked)
-      for (int l = 0; l < NL; ++l)
-        if (li[l].row >= 0) {
-          sh.r_start[blk * NL + l] = lane_cx<T>(S, l);
-          sh.r_prod[blk * NL + l] = lane_cx<T>(Pi, l);
-        }
-    return;
+  LaneSrc<T> Wre, Wim;  // w = conj(upstream gradient)
+  LaneOut<T> oga, ogk, ogm;
+  bool has_gk, has_gm;
+  void init(const BwdShared<T>& sh, const LaneInfo* li) {
+    const Problem<T>& pr = sh.pr;
+    in.init(pr, sh.pl, li);
+    Wre.init(li, sh.g.grad, 2 * pr.N, pr.N, 2, 0, T(0), T(1), T(0));
+    Wim.init(li, sh.g.grad + 1, 2 * pr.N, pr.N, 2, 0, T(0), T(-1), T(0));
+    oga.init(li, sh.g.grad_a, pr.N, pr.N, 1);
+    has_gk = pr.N > 1;
+    if (has_gk) ogk.init(li, sh.g.grad_k, pr.N - 1, pr.N - 1, 1);
+    has_gm = sh.g.grad_mask != nullptr;
+    if (has_gm) ogm.init(li, sh.g.grad_mask, pr.N, pr.N, 1);
   }
-
-  // Two-sided: e (right to left), G, p = w G^2, R_j = p_j + (k_j / d_j^2) R_{j+1} (carry 0 here).
-  Cx<V> eprev = load_carry(sh.car.e_in, blk, li);
-  Cx<V> R{V{}, V{}}, Pi{V{} + 1, V{}};
-  for (int64_t p0 = ((Lc - 1) / kTile) * kTile; p0 >= 0; p0 -= kTile) {
-    const int64_t n = std::min(kTile, Lc - p0);
-    in.A.tile(p0, n, reinterpret_cast<T*>(tA), NL);
-    in.k_tile(p0, n, tK);
+  // w and, with a mask, the masked w' = m w of a tile (tM receives the mask)
+  BK_AI void w_tiles(int64_t p0, int64_t n, Cx<V>* tW, Cx<V>* tWm, V* tM) const {
     w_tile<T>(Wre, Wim, p0, n, tW);
-    if (in.has_mask) in.M.tile(p0, n, reinterpret_cast<T*>(tM), NL);
-    for (int64_t q = n - 1; q >= 0; --q) {
-      const int64_t p = p0 + q;
-      Cx<V> al{tA[q], aim};
-      V kk = tK[q + 1];
-      Cx<V> e = bk::pivot_step(al, kk, eprev, &s.IE[p + 1]);
-      Cx<V> G = bk::combine(s.D[p], e, al);
-      Cx<V> w = tW[q];
-      if (gm) tGM[q] = G.re * w.re - G.im * w.im;
-      Cx<V> pp = w * (G * G);
-      if (in.has_mask) pp = masked<T>(pp, tM[q]);
-      s.P[p] = pp;
-      Cx<V> cr = bk::k_over_sq(kk, s.ID[p]);
-      if (chunked) {
-        s.CR[p] = cr;
-        Pi = Pi * cr;
-      }
-      R = cr * R + pp;
-      s.R[p] = R;
-      eprev = e;
+    if (in.has_mask) {
+      in.M.tile(p0, n, reinterpret_cast<T*>(tM), Plan<T>::NL);
+      for (int64_t q = 0; q < n; ++q) tWm[q] = masked<T>(tW[q], tM[q]);
+    } else {
+      for (int64_t q = 0; q < n; ++q) tWm[q] = tW[q];
     }
-    if (gm) scatter_tile<T>(ogm, p0, n, reinterpret_cast<T*>(tGM), NL);
   }
-  s.IE[0] = bk::recip(eprev);
-  if (chunked) {
-    // L summary: L_end = Pi_L * L_in + local sum (left to right, no divisions)
-    Cx<V> L{V{}, V{}}, PiL{V{} + 1, V{}};
-    for (int64_t p0 = 0; p0 < Lc; p0 += kTile) {
-      const int64_t n = std::min(kTile, Lc - p0);
-      in.k_tile(p0, n, tK);
-      for (int64_t q = 0; q < n; ++q) {
-        Cx<V> cl = bk::k_over_sq(tK[q], s.IE[p0 + q]);
-        L = cl * L + s.P[p0 + q];
-        PiL = PiL * cl;
-      }
-    }
-    for (int l = 0; l < NL; ++l)
-      if (li[l].row >= 0) {
-        int64_t v = blk * NL + l;
-        sh.r_start[v] = lane_cx<T>(R, l);
-        sh.r_prod[v] = lane_cx<T>(Pi, l);
-        sh.l_end[v] = lane_cx<T>(L, l);
-        sh.l_prod[v] = lane_cx<T>(PiL, l);
-      }
+};
+
+template <class T>
+static void flush_zsum(Cx<typename VecOf<T>::type>& t, double* zacc) {
+  for (int l = 0; l < Plan<T>::NL; ++l) {
+    zacc[2 * l] += lane<T>(t.re, l);
+    zacc[2 * l + 1] += lane<T>(t.im, l);
   }
+  t = Cx<typename VecOf<T>::type>{};
 }
 
 template <class T>
-static void bwd_phase2(BwdShared<T>& sh, int64_t blk, Scratch<T>& s) {
+static void store_zsum(BwdShared<T>& sh, int64_t blk, const LaneInfo* li, const double* zacc) {
+  for (int l = 0; l < Plan<T>::NL; ++l) {
+    if (li[l].row < 0) continue;
+    int64_t v = blk * Plan<T>::NL + l;
+    sh.zsum[2 * v] = zacc[2 * l];
+    sh.zsum[2 * v + 1] = zacc[2 * l + 1];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Two-sided backward: one bidirectional sweep (shared/BK_CORE_MATH.md's gradient, anchored the
+// other way round). With w' = m w (w = conj(upstream gradient), m the mask or 1), the
+// contributions sum_i w'_i G_ij G_ji that make grad alpha_j are G_jj^2 (U_j + Rt_j - w'_j) with
+//   U_j  = w'_j + (k_{j-1} / d_{j-1}^2) U_{j-1}   (left to right, the d pivots' direction)
+//   Rt_j = w'_j + (k_j / e_{j+1}^2) Rt_{j+1}      (right to left, the e pivots' direction)
+// (G_ij G_ji = G_jj^2 prod k_m / d_m^2 over m in [i, j) for i < j, and the e-form for i > j), so
+// each accumulator runs beside its own pivot chain. With X_j = G_jj^2 U_j, Y_j = G_jj^2 Rt_j:
+//   A_j = X_j + Y_j - G_jj^2 w'_j,  grad alpha_j = -Re A_j,  grad z = conj(sum_j A_j),
+//   grad k_j = Re(X_j / e_{j+1}) + Re(Y_{j+1} / d_j)   (= Re(L_j / e_{j+1} + R_{j+1} / d_j)).
+// As in the forward sweep, the d chain (with U) and the e chain (with Rt) advance together; in
+// the first half each stores its inverse pivot and accumulator on its half (left: 1/d_{j-1}, U_j;
+// right: 1/e_{j+1}, Rt_j); in the second half each meets the other's and finishes the gradients
+// there: d_j + e_j - alpha_j = d_j - k_j / e_{j+1} = e_j - k_{j-1} / d_{j-1}, one division.
+// Nothing else is kept: 2 complex values per position instead of the 5 of three separate passes.
+// The carries (chunked): the pivots d, e entering the chunk, U at the position before it and Rt
+// at the position after it. gk_left / gk_right receive the halves of grad k at the couplings
+// leaving the chunk on the right (Re(X_{L-1} / e_L)) and entering it on the left (Re(Y_0 / d_-1)).
+template <class T>
+static void bwd_sweep(const BwdIO<T>& io, const Problem<T>& pr, int64_t L, Cx<typename VecOf<T>::type> dprev,
+                      Cx<typename VecOf<T>::type> eprev, Cx<typename VecOf<T>::type> U,
+                      Cx<typename VecOf<T>::type> Rt, Scratch<T>& s, double* zacc,
+                      typename VecOf<T>::type* gk_left, typename VecOf<T>::type* gk_right) {
+  typedef typename VecOf<T>::type V;
+  constexpr int NL = Plan<T>::NL;
+  const BlockIn<T>& in = io.in;
+  const V aim = V{} - pr.zi;
+  const int64_t h = L / 2, h2 = L - h;
+  Cx<V>* SI = s.SI.p;
+  Cx<V>* SU = s.SU.p;
+  V* SA = s.SA.p;
+  Cx<V>* SW = s.SW.p;
+  V* SM = s.SM.p;
+  const bool has_mask = in.has_mask;
+  alignas(128) V tK[kTile + 1], tKB[kTile + 1];
+  alignas(128) V tGA[kTile], tGAB[kTile], tGK[kTile], tGKB[kTile], tGM[kTile], tGMB[kTile];
+  Cx<V> zs{V{}, V{}};
+  // Pending halves of grad k: gk_pend = Re(X_{j-1} / e_j) for the left chain's next output,
+  // gkb_pend = Re(Y_{j+1} / d_j) for the right chain's next output.
+  V gk_pend{}, gkb_pend{};
+  // w and the masked w' = m w at position j (gathered into SW / SM by the chain that passes j first)
+  // (with a software prefetch of the chain's next tile: the lanes' rows are far apart, and the
+  // hardware prefetchers do not follow that many streams)
+  auto gather = [&](int64_t p0, int64_t n) BK_AI_LAMBDA {
+    io.Wre.prefetch(p0 < h ? p0 + kTile : p0 - kTile);
+    w_tile<T>(io.Wre, io.Wim, p0, n, SW + p0);
+    if (has_mask) in.M.tile(p0, n, reinterpret_cast<T*>(SM + p0), NL);
+  };
+  auto wm = [&](int64_t j) BK_AI_LAMBDA { return has_mask ? masked<T>(SW[j], SM[j]) : SW[j]; };
+  auto lstep = [&](V a, V k, const Cx<V>& wm, Cx<V>& inv) BK_AI_LAMBDA {
+    Cx<V> d = bk::pivot_step(Cx<V>{a, aim}, k, dprev, &inv);
+    dprev = d;
+    U = bk::lin_step(bk::k_over_sq(k, inv), U, wm);
+    return d;
+  };
+  auto rstep = [&](V a, V k, const Cx<V>& wm, Cx<V>& inv) BK_AI_LAMBDA {
+    Cx<V> e = bk::pivot_step(Cx<V>{a, aim}, k, eprev, &inv);
+    eprev = e;
+    Rt = bk::lin_step(bk::k_over_sq(k, inv), Rt, wm);
+    return e;
+  };
+  // Phase 1: the d chain over [0, h), the e chain over [h2, L); alpha gathered into SA once.
+  for (int64_t t0 = 0; t0 < h; t0 += kTile) {
+    const int64_t n = std::min(kTile, h - t0);
+    const int64_t pb = L - t0 - n;
+    in.A.tile(t0, n, reinterpret_cast<T*>(SA + t0), NL);
+    in.k_tile(t0, n, tK);
+    gather(t0, n);
+    in.A.tile(pb, n, reinterpret_cast<T*>(SA + pb), NL);
+    in.k_tile(pb, n, tKB);
+    gather(pb, n);
+    for (int64_t q = 0; q < n; ++q) {
+      const int64_t qb = n - 1 - q;
+      lstep(SA[t0 + q], tK[q], wm(t0 + q), SI[t0 + q]);
+      SU[t0 + q] = U;
+      rstep(SA[pb + qb], tKB[qb + 1], wm(pb + qb), SI[pb + qb]);
+      SU[pb + qb] = Rt;
+    }
+  }
+  if (L & 1) {  // the middle position: both chains pass it, its gradients at once
+    in.A.tile(h, 1, reinterpret_cast<T*>(SA + h), NL);
+    in.k_tile(h, 1, tK);
+    gather(h, 1);
+    const V a = SA[h];
+    const Cx<V> w1 = wm(h);
+    Cx<V> idm, iep;
+    Cx<V> d = lstep(a, tK[0], w1, idm);
+    Cx<V> e = rstep(a, tK[1], w1, iep);
+    Cx<V> G = bk::combine(d, e, Cx<V>{a, aim});
+    Cx<V> G2 = G * G;
+    Cx<V> X = G2 * U, Y = G2 * Rt;
+    Cx<V> A = X + Y - G2 * w1;
+    tGA[0] = -A.re;
+    zs = zs + A;
+    scatter_tile<T>(io.oga, h, 1, reinterpret_cast<T*>(tGA), NL);
+    if (io.has_gm) {
+      tGM[0] = re_prod(G, SW[h]);
+      scatter_tile<T>(io.ogm, h, 1, reinterpret_cast<T*>(tGM), NL);
+    }
+    gk_pend = re_prod(X, iep);
+    gkb_pend = re_prod(Y, idm);
+  }
+  // Phase 2: the d chain over [h2, L) meets the stored (1/e_{j+1}, Rt_j); the e chain over
+  // [0, h) meets the stored (1/d_{j-1}, U_j). The left chain emits grad k one position behind.
+  for (int64_t t0 = 0; t0 < h; t0 += kTile) {
+    const int64_t n = std::min(kTile, h - t0);
+    const int64_t pa = h2 + t0;
+    const int64_t pb = h - t0 - n;
+    in.k_tile(pa, n, tK);
+    in.k_tile(pb, n, tKB);
+    for (int64_t q = 0; q < n; ++q) {
+      const int64_t qb = n - 1 - q;
+      {  // d chain at j = pa + q
+        const int64_t j = pa + q;
+        Cx<V> idp;
+        const Cx<V> w1 = wm(j);
+        Cx<V> d = lstep(SA[j], tK[q], w1, idp);
+        const Cx<V> ie = SI[j];
+        const V k = tK[q + 1];
+        Cx<V> G = bk::recip(Cx<V>{d.re - k * ie.re, d.im - k * ie.im});
+        Cx<V> G2 = G * G;
+        Cx<V> X = G2 * U, Y = G2 * SU[j];
+        Cx<V> A = X + Y - G2 * w1;
+        tGA[q] = -A.re;
+        if (io.has_gm) tGM[q] = re_prod(G, SW[j]);
+        zs = zs + A;
+        const V gb = re_prod(Y, idp);
+        if (j - 1 >= h)
+          tGK[q] = gk_pend + gb;
+        else
+          gkb_pend = gb;  // even L: grad k at h - 1 is the e chain's first output
+        gk_pend = re_prod(X, ie);
+      }
+      {  // e chain at j = pb + qb
+        const int64_t j = pb + qb;
+        Cx<V> iep;
+        const Cx<V> w1 = wm(j);
+        Cx<V> e = rstep(SA[j], tKB[qb + 1], w1, iep);
+        const Cx<V> id = SI[j];
+        const V k = tKB[qb];
+        Cx<V> G = bk::recip(Cx<V>{e.re - k * id.re, e.im - k * id.im});
+        Cx<V> G2 = G * G;
+        Cx<V> X = G2 * SU[j], Y = G2 * Rt;
+        Cx<V> A = X + Y - G2 * w1;
+        tGAB[qb] = -A.re;
+        if (io.has_gm) tGMB[qb] = re_prod(G, SW[j]);
+        zs = zs + A;
+        tGKB[qb] = re_prod(X, iep) + gkb_pend;
+        gkb_pend = re_prod(Y, id);
+      }
+    }
+    scatter_tile<T>(io.oga, pa, n, reinterpret_cast<T*>(tGA), NL);
+    scatter_tile<T>(io.oga, pb, n, reinterpret_cast<T*>(tGAB), NL);
+    if (io.has_gm) {
+      scatter_tile<T>(io.ogm, pa, n, reinterpret_cast<T*>(tGM), NL);
+      scatter_tile<T>(io.ogm, pb, n, reinterpret_cast<T*>(tGMB), NL);
+    }
+    if (io.has_gk) {
+      // the left tile's grad k covers positions [pa - 1, pa - 1 + n), minus h - 1 (see above)
+      if (pa - 1 >= h)
+        scatter_tile<T>(io.ogk, pa - 1, n, reinterpret_cast<T*>(tGK), NL);
+      else if (n > 1)
+        scatter_tile<T>(io.ogk, pa, n - 1, reinterpret_cast<T*>(tGK + 1), NL);
+      scatter_tile<T>(io.ogk, pb, n, reinterpret_cast<T*>(tGKB), NL);
+    }
+    flush_zsum<T>(zs, zacc);
+  }
+  flush_zsum<T>(zs, zacc);
+  *gk_left = gk_pend;
+  *gk_right = gkb_pend;
+}
+
+// Two-sided chunked: (local value, product) summaries of U and Rt over the chunk, from the true
+// pivot carries: U_end = u + pu U_before, Rt_start = r + pr Rt_after. Both chains, nothing stored.
+template <class T>
+static void bwd_summary_block(BwdShared<T>& sh, int64_t blk) {
+  typedef typename VecOf<T>::type V;
+  constexpr int NL = Plan<T>::NL;
+  const Problem<T>& pr = sh.pr;
+  const int64_t L = sh.pl.Lc;
+  LaneInfo li[NL];
+  lane_info(sh.pl, blk, li);
+  BwdIO<T> io;
+  io.init(sh, li);
+  const V aim = V{} - pr.zi;
+  Cx<V> dprev = load_carry(sh.car.d_in, blk, li), eprev = load_carry(sh.car.e_in, blk, li);
+  Cx<V> U{V{}, V{}}, PU{V{} + 1, V{}}, Rt{V{}, V{}}, PR{V{} + 1, V{}};
+  alignas(128) V tA[kTile], tAB[kTile], tK[kTile + 1], tKB[kTile + 1], tM[kTile];
+  alignas(128) Cx<V> tW[kTile], tWm[kTile], tWmB[kTile];
+  for (int64_t t0 = 0; t0 < L; t0 += kTile) {
+    const int64_t n = std::min(kTile, L - t0);
+    const int64_t pb = L - t0 - n;
+    io.in.A.tile(t0, n, reinterpret_cast<T*>(tA), NL);
+    io.in.k_tile(t0, n, tK);
+    io.w_tiles(t0, n, tW, tWm, tM);
+    io.in.A.tile(pb, n, reinterpret_cast<T*>(tAB), NL);
+    io.in.k_tile(pb, n, tKB);
+    io.w_tiles(pb, n, tW, tWmB, tM);
+    for (int64_t q = 0; q < n; ++q) {
+      const int64_t qb = n - 1 - q;
+      Cx<V> inv;
+      dprev = bk::pivot_step(Cx<V>{tA[q], aim}, tK[q], dprev, &inv);
+      Cx<V> c = bk::k_over_sq(tK[q], inv);
+      U = bk::lin_step(c, U, tWm[q]);
+      PU = c * PU;
+      eprev = bk::pivot_step(Cx<V>{tAB[qb], aim}, tKB[qb + 1], eprev, &inv);
+      c = bk::k_over_sq(tKB[qb + 1], inv);
+      Rt = bk::lin_step(c, Rt, tWmB[qb]);
+      PR = c * PR;
+    }
+  }
+  for (int l = 0; l < NL; ++l)
+    if (li[l].row >= 0) {
+      const int64_t v = blk * NL + l;
+      sh.r_start[v] = lane_cx<T>(U, l);
+      sh.r_prod[v] = lane_cx<T>(PU, l);
+      sh.l_end[v] = lane_cx<T>(Rt, l);
+      sh.l_prod[v] = lane_cx<T>(PR, l);
+    }
+}
+
+template <class T>
+static void bwd_two_sided_block(BwdShared<T>& sh, int64_t blk) {
+  typedef typename VecOf<T>::type V;
+  constexpr int NL = Plan<T>::NL;
+  const Plan<T>& pl = sh.pl;
+  Scratch<T>& s = thread_scratch<T>();
+  s.alloc_bwd_two_sided(pl.Lc, sh.pr.mask != nullptr);
+  LaneInfo li[NL];
+  lane_info(pl, blk, li);
+  BwdIO<T> io;
+  io.init(sh, li);
+  Cx<V> U{V{}, V{}}, Rt{V{}, V{}};
+  if (pl.chunked()) {
+    U = load_carry(sh.r_in, blk, li);
+    Rt = load_carry(sh.l_in, blk, li);
+  }
+  double zacc[2 * NL];
+  std::memset(zacc, 0, sizeof(zacc));
+  V gkl, gkr;
+  bwd_sweep<T>(io, sh.pr, pl.Lc, load_carry(sh.car.d_in, blk, li), load_carry(sh.car.e_in, blk, li), U, Rt, s,
+               zacc, &gkl, &gkr);
+  store_zsum<T>(sh, blk, li, zacc);
+  if (pl.chunked())
+    for (int l = 0; l < NL; ++l)
+      if (li[l].row >= 0) {
+        sh.gk_left[blk * NL + l] = lane<T>(gkl, l);
+        sh.gk_right[blk * NL + l] = lane<T>(gkr, l);
+      }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Causal backward. y = 1/d. mu_j = c_j mu_{j+1} + q_j with c_j = k_j / d_j^2, q_j = -w'_j / d_j^2,
+// right to left against the d chain, so two passes: the d chain keeps 1/d (ID), then the phase
+// below keeps q in P and c in R and, when chunked, the (product, local sum) summary of mu; phase 2
+// runs mu with its true carry.
+template <class T>
+static void causal_bwd_phase1(BwdShared<T>& sh, int64_t blk, Scratch<T>& s) {
   typedef typename VecOf<T>::type V;
   constexpr int NL = Plan<T>::NL;
   const Problem<T>& pr = sh.pr;
   const Plan<T>& pl = sh.pl;
   const int64_t Lc = pl.Lc;
   const bool chunked = pl.chunked();
+  s.alloc_bwd_causal(Lc);
   LaneInfo li[NL];
   lane_info(pl, blk, li);
-  BlockIn<T> in;
-  in.init(pr, pl, li);
+  BwdIO<T> io;
+  io.init(sh, li);
+  const BlockIn<T>& in = io.in;
+  Cx<V> dprev = load_carry(sh.car.d_in, blk, li);
+  d_pass<T>(in, Lc, pr.zi, dprev, nullptr, s.ID.p);
   alignas(128) V tK[kTile + 1];
+  alignas(128) V tM[kTile];
+  alignas(128) V tGM[kTile];
+  alignas(128) Cx<V> tW[kTile], tWm[kTile];
+  Cx<V> S{V{}, V{}}, Pi{V{} + 1, V{}};
+  for (int64_t p0 = 0; p0 < Lc; p0 += kTile) {
+    const int64_t n = std::min(kTile, Lc - p0);
+    in.k_tile(p0, n, tK);
+    io.w_tiles(p0, n, tW, tWm, tM);
+    for (int64_t q = 0; q < n; ++q) {
+      const int64_t p = p0 + q;
+      Cx<V> y = s.ID[p];
+      Cx<V> y2 = y * y;
+      if (io.has_gm) tGM[q] = re_prod(y, tW[q]);  // Re(conj(y) g) = Re(y conj(g))
+      Cx<V> qq = tWm[q] * y2;
+      qq = Cx<V>{-qq.re, -qq.im};
+      Cx<V> c = bk::scale(y2, tK[q + 1]);
+      s.P[p] = qq;
+      s.R[p] = c;
+      if (chunked) {
+        S = S + Pi * qq;
+        Pi = Pi * c;
+      }
+    }
+    if (io.has_gm) scatter_tile<T>(io.ogm, p0, n, reinterpret_cast<T*>(tGM), NL);
+  }
+  if (chunked)
+    for (int l = 0; l < NL; ++l)
+      if (li[l].row >= 0) {
+        sh.r_start[blk * NL + l] = lane_cx<T>(S, l);
+        sh.r_prod[blk * NL + l] = lane_cx<T>(Pi, l);
+      }
+}
+
+template <class T>
+static void causal_bwd_phase2(BwdShared<T>& sh, int64_t blk, Scratch<T>& s) {
+  typedef typename VecOf<T>::type V;
+  constexpr int NL = Plan<T>::NL;
+  const Plan<T>& pl = sh.pl;
+  const int64_t Lc = pl.Lc;
+  LaneInfo li[NL];
+  lane_info(pl, blk, li);
+  BwdIO<T> io;
+  io.init(sh, li);
   alignas(128) V tGA[kTile];
   alignas(128) V tGK[kTile];
-  Cx<V> rin{V{}, V{}};
-  if (chunked) rin = load_carry(sh.r_in, blk, li);
+  Cx<V> mu{V{}, V{}};
+  if (pl.chunked()) mu = load_carry(sh.r_in, blk, li);
   double zacc[2 * NL];
   std::memset(zacc, 0, sizeof(zacc));
-  auto flush = [&](Cx<V>& t) {
-    for (int l = 0; l < NL; ++l) {
-      zacc[2 * l] += lane<T>(t.re, l);
-      zacc[2 * l + 1] += lane<T>(t.im, l);
+  for (int64_t p0 = ((Lc - 1) / kTile) * kTile; p0 >= 0; p0 -= kTile) {
+    const int64_t n = std::min(kTile, Lc - p0);
+    Cx<V> tile{V{}, V{}};
+    for (int64_t q = n - 1; q >= 0; --q) {
+      const int64_t p = p0 + q;
+      tGK[q] = -re_prod(mu, s.ID[p]);
+      mu = s.R[p] * mu + s.P[p];
+      tGA[q] = mu.re;
+      tile = tile + mu;
     }
-    t = Cx<V>{V{}, V{}};
-  };
-  T* ga = sh.g.grad_a;
-  T* gk = sh.g.grad_k;
-  const int64_t NK = pr.N - 1;
-  LaneOut<T> oga, ogk;
-  oga.init(li, ga, pr.N, pr.N, 1);
-  if (NK > 0) ogk.init(li, gk, NK, NK, 1);
-  if (pr.causal) {
-    // mu pass, right to left, with the true carry.
-    Cx<V> mu = rin;
-    for (int64_t p0 = ((Lc - 1) / kTile) * kTile; p0 >= 0; p0 -= kTile) {
-      const int64_t n = std::min(kTile, Lc - p0);
-      Cx<V> tile{V{}, V{}};
-      for (int64_t q = n - 1; q >= 0; --q) {
-        const int64_t p = p0 + q;
-        tGK[q] = -(mu.re * s.ID[p].re - mu.im * s.ID[p].im);
-        mu = s.R[p] * mu + s.P[p];
-        tGA[q] = mu.re;
-        tile = tile + mu;
-      }
-      flush(tile);
-      scatter_tile<T>(oga, p0, n, reinterpret_cast<T*>(tGA), NL);
-      if (NK > 0) scatter_tile<T>(ogk, p0, n, reinterpret_cast<T*>(tGK), NL);
-    }
-  } else {
-    s.R[Lc] = rin;
-    if (chunked) {
-      Cx<V> R = rin;
-      for (int64_t p = Lc - 1; p >= 0; --p) {
-        R = s.CR[p] * R + s.P[p];
-        s.R[p] = R;
-      }
-    }
-    Cx<V> L{V{}, V{}};
-    if (chunked) L = load_carry(sh.l_in, blk, li);
-    for (int64_t p0 = 0; p0 < Lc; p0 += kTile) {
-      const int64_t n = std::min(kTile, Lc - p0);
-      in.k_tile(p0, n, tK);
-      Cx<V> tile{V{}, V{}};
-      for (int64_t q = 0; q < n; ++q) {
-        const int64_t p = p0 + q;
-        Cx<V> cl = bk::k_over_sq(tK[q], s.IE[p]);
-        L = cl * L + s.P[p];
-        Cx<V> A = L + s.R[p] - s.P[p];
-        tGA[q] = -A.re;
-        Cx<V> g = L * s.IE[p + 1] + s.R[p + 1] * s.ID[p];
-        tGK[q] = g.re;
-        tile = tile + A;
-      }
-      flush(tile);
-      scatter_tile<T>(oga, p0, n, reinterpret_cast<T*>(tGA), NL);
-      if (NK > 0) scatter_tile<T>(ogk, p0, n, reinterpret_cast<T*>(tGK), NL);
-    }
+    flush_zsum<T>(tile, zacc);
+    scatter_tile<T>(io.oga, p0, n, reinterpret_cast<T*>(tGA), NL);
+    if (io.has_gk) scatter_tile<T>(io.ogk, p0, n, reinterpret_cast<T*>(tGK), NL);
   }
-  for (int l = 0; l < NL; ++l) {
-    if (li[l].row < 0) continue;
-    int64_t v = blk * NL + l;
-    sh.zsum[2 * v] = zacc[2 * l];
-    sh.zsum[2 * v + 1] = zacc[2 * l + 1];
-  }
+  store_zsum<T>(sh, blk, li, zacc);
 }
 
 template <class T>
@@ -1043,24 +1256,49 @@ static void backward_impl(const Problem<T>& pr, Grads<T>& g, const Par& par) {
   g.grad_z[0] = g.grad_z[1] = 0.0;
   if (pr.B == 0) return;
   Plan<T> pl(pr.B, pr.N, par.num_threads, kMaxChunkBwd);
-  BwdShared<T> sh{pr, pl, g, {}, {}, {}, {}, {}, {}, {}, {}};
+  BwdShared<T> sh{pr, pl, g, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}};
   compute_carries(pr, pl, par, !pr.causal, sh.car);
   const int64_t nl = pl.blocks * Plan<T>::NL;
   sh.zsum.assign(2 * nl, 0.0);
-  if (!pl.chunked()) {
-    parallel_blocks(par, pl.blocks, [&](int64_t blk) {
-      Scratch<T>& s = thread_scratch<T>();
-      bwd_phase1(sh, blk, s);
-      bwd_phase2(sh, blk, s);
-    });
-  } else {
+  const bool chunked = pl.chunked();
+  if (chunked) {
     Cx<T> zero{T(0), T(0)};
     sh.r_start.assign(nl, zero);
     sh.r_prod.assign(nl, zero);
     sh.r_in.assign(nl, zero);
-    sh.l_end.assign(nl, zero);
-    sh.l_prod.assign(nl, zero);
-    sh.l_in.assign(nl, zero);
+    if (!pr.causal) {
+      sh.l_end.assign(nl, zero);
+      sh.l_prod.assign(nl, zero);
+      sh.l_in.assign(nl, zero);
+      sh.gk_left.assign(nl, T(0));
+      sh.gk_right.assign(nl, T(0));
+    }
+  }
+  if (!pr.causal) {
+    if (chunked) {
+      parallel_blocks(par, pl.blocks, [&](int64_t blk) { bwd_summary_block(sh, blk); });
+      for (int64_t b = 0; b < pl.B; ++b) {
+        const int64_t v0 = b * pl.C;
+        for (int64_t ch = 1; ch < pl.C; ++ch)  // U at the position before the chunk
+          sh.r_in[v0 + ch] = sh.r_start[v0 + ch - 1] + sh.r_prod[v0 + ch - 1] * sh.r_in[v0 + ch - 1];
+        for (int64_t ch = pl.C - 2; ch >= 0; --ch)  // Rt at the position after the chunk
+          sh.l_in[v0 + ch] = sh.l_end[v0 + ch + 1] + sh.l_prod[v0 + ch + 1] * sh.l_in[v0 + ch + 1];
+      }
+    }
+    parallel_blocks(par, pl.blocks, [&](int64_t blk) { bwd_two_sided_block(sh, blk); });
+    if (chunked && pr.N > 1)
+      for (int64_t b = 0; b < pl.B; ++b)
+        for (int64_t ch = 0; ch + 1 < pl.C; ++ch) {
+          const int64_t v = b * pl.C + ch;
+          g.grad_k[b * (pr.N - 1) + (ch + 1) * pl.Lc - 1] = sh.gk_left[v] + sh.gk_right[v + 1];
+        }
+  } else if (!chunked) {
+    parallel_blocks(par, pl.blocks, [&](int64_t blk) {
+      Scratch<T>& s = thread_scratch<T>();
+      causal_bwd_phase1(sh, blk, s);
+      causal_bwd_phase2(sh, blk, s);
+    });
+  } else {
     // Per-block scratch lives across the two phases; it is cached per calling thread so repeated
     // calls do not pay fresh page faults.
     // (A thread_local named inside the worker lambda would be the *worker's* own, empty vector:
@@ -1068,16 +1306,13 @@ static void backward_impl(const Problem<T>& pr, Grads<T>& g, const Par& par) {
     static thread_local std::vector<Scratch<T>> keep_tls;
     std::vector<Scratch<T>>& keep = keep_tls;
     if (int64_t(keep.size()) < pl.blocks) keep.resize(pl.blocks);
-    parallel_blocks(par, pl.blocks, [&](int64_t blk) { bwd_phase1(sh, blk, keep[blk]); });
+    parallel_blocks(par, pl.blocks, [&](int64_t blk) { causal_bwd_phase1(sh, blk, keep[blk]); });
     for (int64_t b = 0; b < pl.B; ++b) {
-      int64_t v0 = b * pl.C;
+      const int64_t v0 = b * pl.C;
       for (int64_t ch = pl.C - 2; ch >= 0; --ch)  // carry from the right: value at the next chunk's start
         sh.r_in[v0 + ch] = sh.r_start[v0 + ch + 1] + sh.r_prod[v0 + ch + 1] * sh.r_in[v0 + ch + 1];
-      if (!pr.causal)
-        for (int64_t ch = 1; ch < pl.C; ++ch)
-          sh.l_in[v0 + ch] = sh.l_end[v0 + ch - 1] + sh.l_prod[v0 + ch - 1] * sh.l_in[v0 + ch - 1];
     }
-    parallel_blocks(par, pl.blocks, [&](int64_t blk) { bwd_phase2(sh, blk, keep[blk]); });
+    parallel_blocks(par, pl.blocks, [&](int64_t blk) { causal_bwd_phase2(sh, blk, keep[blk]); });
   }
   double zr = 0, zi = 0;
   for (int64_t v = 0; v < nl; ++v) {
