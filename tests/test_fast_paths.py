@@ -1,15 +1,12 @@
 """The fast paths of the common CPU calls (BK-Core with a module's buffers, the pooling ops, the
-MoE experts as functional calls, the fused multi-scale up-projection + mixer + residual) return
-what the general paths return, gradients included, and are really taken."""
+MoE experts as functional calls) return what the general paths return, gradients included, and are
+really taken."""
 import pytest
 import torch
-import torch.nn as nn
 
 from resnet_bk import ops
 from resnet_bk.ops import _dispatch, pooling
-from resnet_bk.models.base import BKMixer, SparseMoELayer
-from resnet_bk.models.multi_scale import (HierarchicalMultiScaleLayer, MultiScaleResNetBKBlock,
-                                          MultiScaleResNetBKLayer)
+from resnet_bk.models.base import SparseMoELayer
 
 pytestmark = pytest.mark.skipif("cpp" not in ops.available_backends() or not pooling.HAS_POOL_OPS,
                                 reason="compiled extension not built")
@@ -128,46 +125,3 @@ def test_moe_functional_experts_match_module_calls(top_k):
             assert a is None and b is None
         else:
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-
-
-def _unfused(layer):
-    """Forward hooks on the up-projections make the multi-scale layer take its unfused path."""
-    ups = [m for m in layer.modules() if type(m).__name__ == "LearnedUpsampling"]
-    return [u.register_forward_hook(lambda m, i, o: None) for u in ups]
-
-
-@pytest.mark.parametrize("cls", [MultiScaleResNetBKLayer, HierarchicalMultiScaleLayer])
-@pytest.mark.parametrize("N", [16, 13])
-def test_multi_scale_fused_up_mix_matches_unfused(cls, N):
-    """The fused up-projection + mixer (+ block residual) equals the unfused composition, in value
-    and in every gradient, in train mode and under no_grad (where it accumulates in place)."""
-    torch.manual_seed(0)
-    D, NS = 8, 16
-    blk = MultiScaleResNetBKBlock(D, NS, hierarchical=cls is HierarchicalMultiScaleLayer, dropout_p=0.0).double()
-    with torch.no_grad():  # non-trivial biases and scales
-        for p in blk.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    x = torch.randn(3, N, D, dtype=torch.float64, requires_grad=True)
-    params = [x] + list(blk.parameters())
-    w = torch.randn(3, N, D, dtype=torch.float64)
-    res = []
-    for unfused in (False, True):
-        hs = _unfused(blk) if unfused else []
-        out = blk(x)
-        lay = blk.layer(x)
-        gr = torch.autograd.grad((out * w).sum() + (lay * w).sum(), params, allow_unused=True)
-        with torch.no_grad():
-            blk.eval()
-            oe = blk(x)
-            blk.train()
-        res.append((out, lay, gr, oe))
-        for h in hs:
-            h.remove()
-    (o0, l0, g0, e0), (o1, l1, g1, e1) = res
-    torch.testing.assert_close(o0, o1, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(l0, l1, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(e0, e1, rtol=1e-10, atol=1e-12)
-    for a, b in zip(g0, g1):
-        assert (a is None) == (b is None)
-        if a is not None:
-            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)

@@ -14,11 +14,7 @@ Per-call work kept small (the layers are meant to save wall-clock time, not only
 ``LearnedUpsampling`` without residual folds its per-phase bias into the Linear's bias, so the split into
 tokens is a free view; with a residual (the U-Net skip) it is one ``ops.learned_upsample`` pass. Every
 "base + bk_scale * output_proj(features)" combine is one ``addmm`` over [Re G, Im G, 1], in place under
-no_grad (``_project_add``). The last level of each layer, "u = up(low); out = u + mixer(y + u)", and the
-block's residual add are fused (``_up_mix``): the up-projection accumulates onto the residual, the
-mixer's potential is taken from y and from low resolution (y + u is never formed), and the per-phase
-bias, the mixer's projection and its bias are one addmm; the unfused composition remains for lengths
-that are not a multiple of the factor and for hooked or replaced submodules.
+no_grad (``_project_add``).
 
 Resampling uses ``resnet_bk.ops.learned_downsample`` / ``learned_upsample``. Causality (``causal=True``,
 the default): the downsample uses the op's causal window (group j pools positions [j*r-r+1, j*r], the
@@ -40,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
-from .base import BKMixer, MoEResNetBKLayer, _plain_module, check_hidden
+from .base import BKMixer, MoEResNetBKLayer, check_hidden
 
 __all__ = ["LearnedDownsampling", "LearnedUpsampling", "MultiScaleResNetBKLayer",
            "HierarchicalMultiScaleLayer", "MultiScaleResNetBKBlock", "count_flops_multi_scale"]
@@ -74,57 +70,6 @@ def _moe_bk(layer: MoEResNetBKLayer, x: Tensor) -> Tensor:
     caller), with its ffn + bk_scale * output_proj(features) combine through ``_project_add``."""
     ffn, v = layer.ffn_and_potential(x)
     return _project_add(ffn, layer.bk_features(v), layer.output_proj, layer.bk_scale)
-
-
-def _fusable(up: "LearnedUpsampling", mixer: BKMixer) -> bool:
-    """``_up_mix`` reads these modules' parameters directly: only when they are exactly the
-    classes built here, with no hooks, and Linears with biases."""
-    lin = up.upsample_transform
-    return (_plain_module(up, LearnedUpsampling) and _plain_module(mixer, BKMixer) and _plain_module(lin, nn.Linear)
-            and lin.bias is not None and _plain_module(mixer.v_proj, nn.Linear) and mixer.v_proj.bias is not None
-            and _plain_module(mixer.output_proj, nn.Linear) and mixer.output_proj.bias is not None)
-
-
-def _up_mix(up: "LearnedUpsampling", mixer: BKMixer, low: Tensor, y: Tensor, residual: Optional[Tensor]) -> Tensor:
-    """``residual + u + mixer(y + u)`` with ``u = up(low)``, for low (B, M, D), y and residual (B, M*r, D)
-    (residual None means 0), computed with three passes over the full-resolution (B, N, D) data
-    instead of seven, and no (B, N, D) temporaries (same parameters, same value up to rounding):
-
-    * ``residual + low @ W^T`` is one addmm whose accumulator is the residual: (B, M, r*D) and
-      (B, M*r, D) are the same memory, so the split into r tokens is free; the up-projection's
-      per-phase bias (Linear bias + position_bias) is not added there but below;
-    * the mixer's potential ``v_proj(y + u)`` is ``v_proj(y)`` plus ``w . u``, and ``w . u`` at output
-      m*r + k is ``low[m] . (W_k^T w) + w . bias_k``: an (r, D) matrix applied at low resolution, so
-      y + u is never formed;
-    * the bias, the mixer's ``bk_scale * output_proj(features)`` and its bias are one addmm of
-      [Re G, Im G, onehot(phase)] (B*N, 2 + r) with a (2 + r, D) matrix, in place on the
-      accumulator under no_grad (it is a fresh tensor of this function).
-    """
-    B, M, D = low.shape
-    r = up.factor
-    N = M * r
-    lin = up.upsample_transform
-    W = lin.weight  # (r*D, D): rows k*D .. k*D + D - 1 make phase k
-    bias = lin.bias + up.position_bias.reshape(-1).to(lin.bias.dtype)  # (r*D,)
-    low2 = low.reshape(B * M, D)
-    if residual is None:
-        acc = torch.mm(low2, W.t())
-    else:
-        acc = torch.addmm(residual.reshape(B * M, r * D), low2, W.t())
-    wv, bv = mixer.v_proj.weight, mixer.v_proj.bias  # (1, D), (1,)
-    Wc = torch.matmul(wv, W.view(r, D, D)).reshape(r, D)  # phase k: W_k^T w
-    cb = bias.view(r, D) @ wv[0] + bv  # (r,)
-    v = F.linear(y, wv).view(B, N) + torch.addmm(cb, low2, Wc.t()).view(B, N)
-    feats = mixer.bk_features(v)  # (B, N, 2)
-    phase = torch.eye(r, dtype=feats.dtype, device=feats.device).repeat(M, 1)  # (N, r)
-    f = torch.cat([feats, phase.expand(B, N, r)], dim=-1).reshape(B * N, 2 + r)
-    proj = mixer.output_proj
-    scale = mixer.bk_scale
-    m = torch.cat([scale * proj.weight.t(), (scale * proj.bias).unsqueeze(0) + bias.view(r, D)], dim=0).to(f.dtype)
-    acc2 = acc.view(B * N, D)
-    if not torch.is_grad_enabled() and acc2.dtype == f.dtype:
-        return acc2.addmm_(f, m).view(B, N, D)
-    return torch.addmm(acc2, f, m).view(B, N, D)
 
 
 def _pad_to(x: Tensor, multiple: int) -> Tensor:
@@ -207,17 +152,9 @@ class MultiScaleResNetBKLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         check_hidden("x", x, self.d_model, self.n_seq)
-        return self._forward(x, None)
-
-    def _forward(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
-        """``residual + forward(x)`` (residual None: forward(x)); x already checked."""
         N = x.shape[1]
-        low = _moe_bk(self.low_layer, self.down(x))
-        if low.shape[1] * self.factor == N and _fusable(self.up, self.full_mixer):
-            return _up_mix(self.up, self.full_mixer, low, x, residual)
-        u = self.up(low)[:, :N]
-        out = _add_mixer(self.full_mixer, u, x + u)
-        return out if residual is None else residual + out
+        u = self.up(_moe_bk(self.low_layer, self.down(x)))[:, :N]
+        return _add_mixer(self.full_mixer, u, x + u)
 
 
 class HierarchicalMultiScaleLayer(nn.Module):
@@ -248,26 +185,14 @@ class HierarchicalMultiScaleLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         check_hidden("x", x, self.d_model, self.n_seq)
-        return self._forward(x, None)
-
-    def _forward(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
-        """``residual + forward(x)`` (residual None: forward(x)); x already checked."""
         N = x.shape[1]
         d1 = self.down1(x)  # (B, ceil(N/2), D)
         d1 = _pad_to(d1, 2)
         d2 = self.down2(d1)
-        b = _moe_bk(self.bottleneck, d2)
-        if _fusable(self.up1, self.mid_mixer):
-            # u1 = d1 + up1(b), then u1 + mid_mixer(u1): the mixer's input is d1 + up1(b)
-            u1 = _up_mix(self.up1, self.mid_mixer, b, d1, d1)
-        else:
-            u1 = self.up1(b, residual=d1)
-            u1 = _add_mixer(self.mid_mixer, u1, u1)
-        if u1.shape[1] * 2 == N and _fusable(self.up2, self.full_mixer):
-            return _up_mix(self.up2, self.full_mixer, u1, x, residual)
+        u1 = self.up1(_moe_bk(self.bottleneck, d2), residual=d1)
+        u1 = _add_mixer(self.mid_mixer, u1, u1)
         u2 = self.up2(u1)[:, :N]
-        out = _add_mixer(self.full_mixer, u2, x + u2)
-        return out if residual is None else residual + out
+        return _add_mixer(self.full_mixer, u2, x + u2)
 
 
 class MultiScaleResNetBKBlock(nn.Module):
@@ -284,13 +209,7 @@ class MultiScaleResNetBKBlock(nn.Module):
                          learnable_z=learnable_z)
 
     def forward(self, x: Tensor) -> Tensor:
-        layer = self.layer
-        if _plain_module(layer, type(layer)) and type(layer) in (MultiScaleResNetBKLayer, HierarchicalMultiScaleLayer):
-            # The residual add is folded into the layer's last accumulation (no separate pass).
-            y = self.layer_norm(x)
-            check_hidden("x", y, layer.d_model, layer.n_seq)
-            return layer._forward(y, x)
-        return x + layer(self.layer_norm(x))
+        return x + self.layer(self.layer_norm(x))
 
 
 def count_flops_multi_scale(d_model: int, n_seq: int, num_experts: int = 4, hierarchical: bool = False) -> dict:
