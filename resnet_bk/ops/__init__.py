@@ -94,26 +94,38 @@ _FAST_DTYPES = (torch.float32, torch.float64)
 
 
 def _fast_cpu_bk_core(diag, super_diag, sub_diag, z, causal) -> Optional[Tensor]:
-    """The call a model makes every step (float32/float64 CPU ``diag``, one shared (N-1,)
-    off-diagonal pair of its dtype, a Python ``z`` seen before, automatic backend choice resolving
-    to cpp), recognised in a few attribute reads and sent straight to the compiled op: the same op
-    and arguments the general path would build. Anything else returns None and takes the general
-    path (which validates, raises on bad input, dispatches, warns and verifies)."""
+    """The call a model makes every step (float32/float64 CPU ``diag``, one shared off-diagonal
+    pair of its dtype, (N-1,) or (1, N-1), and either a Python ``z`` seen before or a 0-dim complex
+    tensor ``z`` of the matching complex dtype on the same device, e.g. a module's buffer or its
+    learnable shift; automatic backend choice resolving to cpp), recognised in a few attribute
+    reads and sent straight to the compiled op: the same op and arguments the general path would
+    build (``canon_z`` of a complex tensor of that dtype is ``view_as_real(z)``, differentiable in
+    z). Anything else returns None and takes the general path (which validates, raises on bad
+    input, dispatches, warns and verifies)."""
     if not (_cpp.HAS_C and type(causal) is bool and isinstance(diag, Tensor) and isinstance(super_diag, Tensor)
             and isinstance(sub_diag, Tensor)):
         return None
-    if diag.dtype not in _FAST_DTYPES or diag.device.type != "cpu" or diag.dim() < 1:
+    dt = diag.dtype
+    if dt not in _FAST_DTYPES or diag.device.type != "cpu" or diag.dim() < 1:
         return None
     N = diag.shape[-1]
-    if (N < 2 or diag.numel() == 0 or super_diag.dim() != 1 or sub_diag.dim() != 1
-            or super_diag.shape[0] != N - 1 or sub_diag.shape[0] != N - 1
-            or super_diag.dtype != diag.dtype or sub_diag.dtype != diag.dtype
+    sd, bd = super_diag.dim(), sub_diag.dim()
+    if (N < 2 or diag.numel() == 0 or not 1 <= sd <= 2 or not 1 <= bd <= 2
+            or super_diag.shape[-1] != N - 1 or sub_diag.shape[-1] != N - 1
+            or (sd == 2 and (super_diag.shape[0] != 1 or diag.dim() < 2))
+            or (bd == 2 and (sub_diag.shape[0] != 1 or diag.dim() < 2))
+            or super_diag.dtype != dt or sub_diag.dtype != dt
             or super_diag.device != diag.device or sub_diag.device != diag.device):
         return None
-    if type(z) not in (complex, float, int):
+    if type(z) in (complex, float, int):
+        zri = _canon._Z_CACHE.get((complex(z), dt, diag.device))  # present only once validated
+        if zri is None:
+            return None
+    elif (isinstance(z, Tensor) and z.dim() == 0 and z.dtype == _FAST_COMPLEX[dt] and z.device == diag.device):
+        zri = torch.view_as_real(z)
+    else:
         return None
-    zri = _canon._Z_CACHE.get((complex(z), diag.dtype, diag.device))  # present only once validated
-    if zri is None or os.environ.get(_dispatch.ENV_BACKEND) or _dispatch.verify_enabled():
+    if os.environ.get(_dispatch.ENV_BACKEND) or _dispatch.verify_enabled():
         return None
     be = _dispatch._registry["cpp"]  # what automatic dispatch would pick for CPU tensors, unchanged
     if be.impls.get("bk_core", (None,))[0] is not _cpp.bk_core_compiled or not be.available()[0]:
@@ -121,9 +133,12 @@ def _fast_cpu_bk_core(diag, super_diag, sub_diag, z, causal) -> Optional[Tensor]
     if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
         return None
     a = diag if diag.dim() == 2 else diag.reshape(-1, N)
-    k = (super_diag * sub_diag).view(1, N - 1)
+    k = (super_diag * sub_diag).reshape(1, N - 1)
     out = torch.ops.resnet_bk.bk_core_fwd(a.contiguous(), k, zri, None, causal)
     return out if diag.dim() == 2 else out.view(diag.shape)
+
+
+_FAST_COMPLEX = {torch.float32: torch.complex64, torch.float64: torch.complex128}
 
 
 def bk_core_masked(diag: Tensor, super_diag: Tensor, sub_diag: Tensor, z: Union[Number, Tensor],

@@ -1,0 +1,127 @@
+"""The fast paths of the common CPU calls (BK-Core with a module's buffers, the pooling ops, the
+MoE experts as functional calls) return what the general paths return, gradients included, and are
+really taken."""
+import pytest
+import torch
+
+from resnet_bk import ops
+from resnet_bk.ops import _dispatch, pooling
+from resnet_bk.models.base import SparseMoELayer
+
+pytestmark = pytest.mark.skipif("cpp" not in ops.available_backends() or not pooling.HAS_POOL_OPS,
+                                reason="compiled extension not built")
+
+
+@pytest.fixture
+def no_dispatch(monkeypatch):
+    """Makes the general path raise, so a test sees that the fast path was taken."""
+    def boom(*a, **k):
+        raise AssertionError("general dispatch path taken")
+    monkeypatch.setattr(_dispatch, "select", boom)
+
+
+def _grads(out, inputs, g):
+    w = torch.randn(out.shape, dtype=out.dtype, generator=g)
+    loss = (out * w).real.sum() if out.is_complex() else (out * w).sum()
+    return torch.autograd.grad(loss, inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("learnable", [False, True])
+def test_bk_core_module_call_fast_path(dtype, learnable, monkeypatch):
+    """(1, N-1) off-diagonal buffers and a 0-dim complex tensor z (buffer or learnable shift)."""
+    g = torch.Generator().manual_seed(0)
+    N = 17
+    a = (torch.rand(3, N, generator=g, dtype=torch.float64) * 6 - 5).to(dtype).requires_grad_()
+    off = torch.ones(1, N - 1, dtype=dtype)
+    cdt = torch.complex128 if dtype == torch.float64 else torch.complex64
+    zr = torch.tensor(0.3, dtype=dtype, requires_grad=learnable)
+    zbuf = torch.tensor(0.3 + 1j, dtype=cdt)
+
+    def mkz():
+        return torch.complex(zr, torch.ones((), dtype=dtype)) if learnable else zbuf
+    inputs = (a, zr) if learnable else (a,)
+    fast = ops.bk_core(a, off, off, mkz(), causal=True)
+    with monkeypatch.context() as m:
+        m.setattr(ops, "_fast_cpu_bk_core", lambda *args: None)
+        general = ops.bk_core(a, off, off, mkz(), causal=True)
+    assert torch.equal(fast, general)
+    for gf, gg in zip(_grads(fast, inputs, torch.Generator().manual_seed(1)),
+                      _grads(general, inputs, torch.Generator().manual_seed(1))):
+        assert torch.equal(gf, gg)
+    monkeypatch.setattr(_dispatch, "select", lambda *a, **k: (_ for _ in ()).throw(AssertionError("general path")))
+    ops.bk_core(a, off, off, mkz(), causal=True)  # taken: no dispatch
+    with pytest.raises(AssertionError, match="general path"):  # a wrong z dtype is not taken
+        ops.bk_core(a, off, off, mkz().to(torch.complex128 if cdt == torch.complex64 else torch.complex64))
+
+
+def test_bk_core_fast_path_keeps_the_general_errors():
+    a = torch.randn(7)
+    with pytest.raises(ValueError, match="super_diag"):  # (1, N-1) off-diagonal for an unbatched diag
+        ops.bk_core(a, torch.ones(1, 6), torch.ones(1, 6), torch.tensor(1j))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("causal", [False, True])
+def test_pooling_fast_paths_match_general(dtype, causal, no_dispatch):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 12, 5, dtype=dtype, generator=g, requires_grad=True)
+    lg = torch.randn(4, 3, dtype=dtype, generator=g, requires_grad=True)
+    fast = ops.learned_downsample(x, lg, causal=causal)
+    ref = pooling.learned_downsample_ref(x, lg, causal)
+    torch.testing.assert_close(fast, ref)
+    for a, b in zip(_grads(fast, (x, lg), torch.Generator().manual_seed(3)),
+                    _grads(ref, (x, lg), torch.Generator().manual_seed(3))):
+        torch.testing.assert_close(a, b)
+    y = torch.randn(2, 4, 3 * 5, dtype=dtype, generator=g, requires_grad=True)
+    for bshape in ((1, 3, 5), (4, 3, 1)):
+        bias = torch.randn(bshape, dtype=dtype, generator=g, requires_grad=True)
+        for res in (None, torch.randn(2, 12, 5, dtype=dtype, generator=g, requires_grad=True)):
+            fast = ops.learned_upsample(y, bias, residual=res)
+            ref = pooling.learned_upsample_ref(y, bias, res, None)
+            torch.testing.assert_close(fast, ref)
+            ins = (y, bias) if res is None else (y, bias, res)
+            for a, b in zip(_grads(fast, ins, torch.Generator().manual_seed(4)),
+                            _grads(ref, ins, torch.Generator().manual_seed(4))):
+                torch.testing.assert_close(a, b)
+
+
+def test_pooling_fast_path_declines_what_the_general_path_must_check():
+    x = torch.randn(2, 12, 5)
+    with pytest.raises(ValueError, match="logits"):
+        ops.learned_downsample(x, torch.zeros(3, 3))
+    with pytest.raises(TypeError, match="logits"):
+        ops.learned_downsample(x, torch.zeros(4, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="residual"):
+        ops.learned_upsample(torch.randn(2, 4, 15), torch.zeros(1, 3, 5), residual=torch.randn(2, 11, 5))
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 4])
+def test_moe_functional_experts_match_module_calls(top_k):
+    """Experts run as functional addmm + in-place ReLU; a hook on an expert makes the layer call the
+    modules, which must give the same output and gradients (train mode with dropout 0, and eval)."""
+    torch.manual_seed(0)
+    moe = SparseMoELayer(16, num_experts=4, top_k=top_k, dropout_p=0.0).double()
+    x = torch.randn(3, 9, 16, dtype=torch.float64, requires_grad=True)
+    params = [x] + list(moe.parameters())
+    outs = []
+    for hooked in (False, True):
+        hs = [e.register_forward_hook(lambda m, i, o: None) for e in moe.experts] if hooked else []
+        y = moe(x)
+        gr = torch.autograd.grad((y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum()
+                                 + moe.aux_loss, params, allow_unused=True)
+        with torch.no_grad():
+            moe.eval()
+            ye = moe(x)
+            moe.train()
+        outs.append((y, gr, ye))
+        for h in hs:
+            h.remove()
+    (y0, g0, e0), (y1, g1, e1) = outs
+    torch.testing.assert_close(y0, y1, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(e0, e1, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g0, g1):
+        if a is None or b is None:
+            assert a is None and b is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
