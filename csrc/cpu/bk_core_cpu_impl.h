@@ -558,28 +558,57 @@ static void mobius_block(const Problem<T>& pr, const Plan<T>& pl, int64_t blk, b
   alignas(128) V tA[kTile];
   alignas(128) V tK[kTile + 1];
   Mobius<V> m = bk::mobius_identity<V>();
-  for (int64_t p0 = 0; p0 < pl.Lc; p0 += kTile) {
+  if (!backward_too) {
+    for (int64_t p0 = 0; p0 < pl.Lc; p0 += kTile) {
+      const int64_t n = std::min(kTile, pl.Lc - p0);
+      in.A.tile(p0, n, reinterpret_cast<T*>(tA), NL);
+      in.k_tile(p0, n, tK);
+      for (int64_t q = 0; q < n; ++q) {
+        bk::mobius_step(m, Cx<V>{tA[q], aim}, tK[q]);
+        if ((q & kRescaleMask<T>) == kRescaleMask<T>) mobius_rescale_max(m);
+      }
+    }
+    store_mobius<T>(m, li, blk, mf);
+    return;
+  }
+  // Both transfer matrices in one pass: the forward product from the left end and the backward
+  // one from the right end advance together (independent chains, so each hides the other's
+  // latency), tile k from the left beside tile k from the right.
+  Mobius<V> mr = bk::mobius_identity<V>();
+  alignas(128) V tAB[kTile];
+  alignas(128) V tKB[kTile + 1];
+  const int64_t last = ((pl.Lc - 1) / kTile) * kTile;
+  for (int64_t p0 = 0; p0 <= last; p0 += kTile) {
     const int64_t n = std::min(kTile, pl.Lc - p0);
+    const int64_t pb = last - p0;
+    const int64_t nb = std::min(kTile, pl.Lc - pb);
     in.A.tile(p0, n, reinterpret_cast<T*>(tA), NL);
     in.k_tile(p0, n, tK);
-    for (int64_t q = 0; q < n; ++q) {
-      bk::mobius_step(m, Cx<V>{tA[q], aim}, tK[q]);
-      if ((q & kRescaleMask<T>) == kRescaleMask<T>) mobius_rescale_max(m);
+    in.A.tile(pb, nb, reinterpret_cast<T*>(tAB), NL);
+    in.k_tile(pb, nb, tKB);
+    if (n == kTile && nb == kTile) {
+      for (int64_t q = 0; q < kTile; ++q) {
+        const int64_t qb = kTile - 1 - q;
+        bk::mobius_step(m, Cx<V>{tA[q], aim}, tK[q]);
+        bk::mobius_step(mr, Cx<V>{tAB[qb], aim}, tKB[qb + 1]);
+        if ((q & kRescaleMask<T>) == kRescaleMask<T>) {
+          mobius_rescale_max(m);
+          mobius_rescale_max(mr);
+        }
+      }
+    } else {
+      for (int64_t q = 0; q < n; ++q) {
+        bk::mobius_step(m, Cx<V>{tA[q], aim}, tK[q]);
+        if ((q & kRescaleMask<T>) == kRescaleMask<T>) mobius_rescale_max(m);
+      }
+      for (int64_t q = nb - 1; q >= 0; --q) {
+        bk::mobius_step(mr, Cx<V>{tAB[q], aim}, tKB[q + 1]);
+        if ((q & kRescaleMask<T>) == kRescaleMask<T>) mobius_rescale_max(mr);
+      }
     }
   }
   store_mobius<T>(m, li, blk, mf);
-  if (!backward_too) return;
-  m = bk::mobius_identity<V>();
-  for (int64_t p0 = ((pl.Lc - 1) / kTile) * kTile; p0 >= 0; p0 -= kTile) {
-    const int64_t n = std::min(kTile, pl.Lc - p0);
-    in.A.tile(p0, n, reinterpret_cast<T*>(tA), NL);
-    in.k_tile(p0, n, tK);
-    for (int64_t q = n - 1; q >= 0; --q) {
-      bk::mobius_step(m, Cx<V>{tA[q], aim}, tK[q + 1]);
-      if ((q & kRescaleMask<T>) == kRescaleMask<T>) mobius_rescale_max(m);
-    }
-  }
-  store_mobius<T>(m, li, blk, mb);
+  store_mobius<T>(mr, li, blk, mb);
 }
 
 template <class F>
@@ -763,7 +792,7 @@ static void two_sided_sweep(const BlockIn<T>& in, const LaneInfo* li, const Prob
 }
 
 template <class T>
-static void forward_block(const Problem<T>& pr, const Plan<T>& pl, int64_t blk, const Carries<T>& car, T* out,
+static void two_sided_forward_block(const Problem<T>& pr, const Plan<T>& pl, int64_t blk, const Carries<T>& car, T* out,
                           bool stream) {
   typedef typename VecOf<T>::type V;
   constexpr int NL = Plan<T>::NL;
@@ -775,28 +804,68 @@ static void forward_block(const Problem<T>& pr, const Plan<T>& pl, int64_t blk, 
   in.init(pr, pl, li);
   const int64_t Lc = pl.Lc;
   Cx<V> dprev = load_carry(car.d_in, blk, li);
-  if (pr.causal) {
-    alignas(128) V tM[kTile];
+  Cx<V> eprev = load_carry(car.e_in, blk, li);
+  two_sided_sweep<T>(in, li, pr, Lc, dprev, eprev, s.D.p, s.SA.p, out, stream);
+}
+
+// Causal forward (y = 1 / d) of NB blocks at once: the d chain is the only recursion, so the
+// chains of two blocks run in one loop to hide each other's latency (a block is one register).
+// The reciprocal of d_p falls out of step p + 1's division.
+template <class T, int NB>
+static void causal_forward_blocks(const Problem<T>& pr, const Plan<T>& pl, int64_t blk0, const Carries<T>& car,
+                                  T* out, bool stream) {
+  typedef typename VecOf<T>::type V;
+  constexpr int NL = Plan<T>::NL;
+  Scratch<T>& s = thread_scratch<T>();
+  const int64_t Lc = pl.Lc;
+  s.D.alloc(NB * Lc);
+  LaneInfo li[NB][NL];
+  BlockIn<T> in[NB];
+  Cx<V> dprev[NB];
+  Cx<V>* Y[NB];
+  for (int b = 0; b < NB; ++b) {
+    lane_info(pl, blk0 + b, li[b]);
+    in[b].init(pr, pl, li[b]);
+    dprev[b] = load_carry(car.d_in, blk0 + b, li[b]);
+    Y[b] = s.D.p + b * Lc;
+  }
+  const V aim = V{} - pr.zi;
+  alignas(128) V tA[NB][kTile];
+  alignas(128) V tK[NB][kTile + 1];
+  for (int64_t p0 = 0; p0 < Lc; p0 += kTile) {
+    const int64_t n = std::min(kTile, Lc - p0);
+    for (int b = 0; b < NB; ++b) {
+      in[b].A.tile(p0, n, reinterpret_cast<T*>(tA[b]), NL);
+      in[b].k_tile(p0, n, tK[b]);
+    }
+    for (int64_t q = 0; q < n; ++q) {
+      const int64_t p = p0 + q;
+      for (int b = 0; b < NB; ++b) {
+        Cx<V> inv;
+        Cx<V> d = bk::pivot_step(Cx<V>{tA[b][q], aim}, tK[b][q], dprev[b], &inv);
+        if (p > 0) Y[b][p - 1] = inv;
+        dprev[b] = d;
+      }
+    }
+  }
+  alignas(128) V tM[kTile];
+  for (int b = 0; b < NB; ++b) {
+    Y[b][Lc - 1] = bk::recip(dprev[b]);
     LaneOut<T> lo;
-    lo.init(li, out, 2 * pr.N, pr.N, 2);
-    // y = 1 / d: the reciprocal of d_p falls out of step p + 1's division.
-    d_pass<T>(in, Lc, pr.zi, dprev, s.D.p, s.D.p);
+    lo.init(li[b], out, 2 * pr.N, pr.N, 2);
     for (int64_t p0 = 0; p0 < Lc; p0 += kTile) {
       const int64_t n = std::min(kTile, Lc - p0);
-      Cx<V>* y = s.D.p + p0;
-      if (in.has_mask) {
-        in.M.tile(p0, n, reinterpret_cast<T*>(tM), NL);
+      Cx<V>* y = Y[b] + p0;
+      if (in[b].has_mask) {
+        in[b].M.tile(p0, n, reinterpret_cast<T*>(tM), NL);
         for (int64_t q = 0; q < n; ++q) y[q] = masked<T>(y[q], tM[q]);
       }
       scatter_cx_tile<T>(lo, p0, n, y, stream);
     }
-#ifdef BK_AVX512_TRANSPOSE
-    if (stream) _mm_sfence();
-#endif
-    return;
   }
-  Cx<V> eprev = load_carry(car.e_in, blk, li);
-  two_sided_sweep<T>(in, li, pr, Lc, dprev, eprev, s.D.p, s.SA.p, out, stream);
+#ifdef BK_AVX512_TRANSPOSE
+  if (stream) _mm_sfence();
+#endif
 }
 
 template <class T>
@@ -807,7 +876,16 @@ static void forward_impl(const Problem<T>& pr, T* out, const Par& par) {
   compute_carries(pr, pl, par, !pr.causal, car);
   // An output much larger than the cores' L2 goes out with non-temporal stores (see scatter16_cx).
   const bool stream = pr.B * pr.N * 2 * int64_t(sizeof(T)) >= kStreamOutBytes;
-  parallel_blocks(par, pl.blocks, [&](int64_t blk) { forward_block(pr, pl, blk, car, out, stream); });
+  if (pr.causal) {
+    parallel_blocks(par, (pl.blocks + 1) / 2, [&](int64_t i) {
+      if (2 * i + 1 < pl.blocks)
+        causal_forward_blocks<T, 2>(pr, pl, 2 * i, car, out, stream);
+      else
+        causal_forward_blocks<T, 1>(pr, pl, 2 * i, car, out, stream);
+    });
+    return;
+  }
+  parallel_blocks(par, pl.blocks, [&](int64_t blk) { two_sided_forward_block(pr, pl, blk, car, out, stream); });
 }
 
 // ---------------------------------------------------------------------------------------------
