@@ -55,6 +55,19 @@ def test_bk_core_module_call_fast_path(dtype, learnable, monkeypatch):
         ops.bk_core(a, off, off, mkz().to(torch.complex128 if cdt == torch.complex64 else torch.complex64))
 
 
+def test_bk_core_forced_cpp_takes_the_fast_path(monkeypatch):
+    """backend="cpp" forces the backend the fast path runs: same result, no dispatch; other forced
+    backends still go through dispatch."""
+    a = torch.randn(4, 33, dtype=torch.float64)
+    off = torch.ones(32, dtype=torch.float64)
+    general = ops.bk_core(a, off, off, 0.5 + 1j, backend="reference")
+    monkeypatch.setattr(_dispatch, "select", lambda *a, **k: (_ for _ in ()).throw(AssertionError("general path")))
+    fast = ops.bk_core(a, off, off, 0.5 + 1j, backend="cpp")
+    torch.testing.assert_close(fast, general, rtol=1e-10, atol=1e-12)
+    with pytest.raises(AssertionError, match="general path"):
+        ops.bk_core(a, off, off, 0.5 + 1j, backend="reference")
+
+
 def test_bk_core_fast_path_keeps_the_general_errors():
     a = torch.randn(7)
     with pytest.raises(ValueError, match="super_diag"):  # (1, N-1) off-diagonal for an unbatched diag

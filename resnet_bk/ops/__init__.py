@@ -82,7 +82,7 @@ def bk_core(diag: Tensor, super_diag: Tensor, sub_diag: Tensor, z: Union[Number,
         (..., N) complex64 (complex128 for float64 input). Exact gradients (O(N)) for diag,
         super_diag, sub_diag and z.
     """
-    if backend is None:
+    if backend is None or backend == "cpp":  # a forced "cpp" is the backend the fast path runs
         out = _fast_cpu_bk_core(diag, super_diag, sub_diag, z, causal)
         if out is not None:
             return out
