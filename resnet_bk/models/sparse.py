@@ -7,7 +7,7 @@ What differs from the original prototype (ORIGINAL_DESIGN.md 1.4 / 3.5):
   returns ``mask * G`` of the true H (the original dropped couplings, which changed every G_ii,
   and applied a position's mask to the whole batch). The kernel still runs the O(N) pivot
   recurrences over every position (G_ii depends on all of H) and skips the combine/output work
-  where the mask is 0 (in whole 32-lane blocks), so skipping G_ii alone saves at most that share of
+  where the mask is 0 (in whole 16-lane blocks), so skipping G_ii alone saves at most that share of
   the op, and the BK-Core is itself a few percent of a layer next to the MoE FFN.
 * The real saving therefore comes from around the BK-Core: in ``SparseMoEResNetBKLayer`` (with
   ``skip_ffn=True``, the default) a masked position also skips the MoE FFN, which is most of the

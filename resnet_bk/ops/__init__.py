@@ -149,7 +149,7 @@ def bk_core_masked(diag: Tensor, super_diag: Tensor, sub_diag: Tensor, z: Union[
     The pivots run over every position (the recursion couples them all); a position whose mask is
     0 is not computed: its output is exactly 0 (even where G would not be finite) and it sends no
     gradient to diag, super_diag, sub_diag or z. The C++ kernel skips the combine for a position
-    whose mask is 0 in all the sequences of a SIMD block (32 float / 16 double lanes), so the
+    whose mask is 0 in all the sequences of a SIMD block (16 float / 8 double lanes), so the
     saving depends on how masks line up across the batch (see the benchmark)."""
     args = canon_bk(diag, super_diag, sub_diag, z, mask)
     return _run_bk("bk_core", args, causal, backend)
