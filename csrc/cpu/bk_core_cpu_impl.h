@@ -461,12 +461,10 @@ struct BlockIn {
 template <class T>
 struct Scratch {
   typedef typename VecOf<T>::type V;
-  Buf<Cx<V>> D;      // forward pivots (causal forward: 1/d)
-  Buf<Cx<V>> ID;     // 1 / d
-  Buf<Cx<V>> IE;     // 1 / e, with IE[Lc] = 1 / (e just right of the chunk)
-  Buf<Cx<V>> P;      // w G^2 (causal: q_j = -w_j / d_j^2)
-  Buf<Cx<V>> R;      // R recurrence, R[Lc] = value just right of the chunk (causal: mu coefficients)
-  Buf<Cx<V>> CR;     // R coefficients k_j / d_j^2 (chunked only)
+  Buf<Cx<V>> D;      // two-sided forward: the pivots each chain stores on its half; causal forward: 1/d
+  Buf<Cx<V>> ID;     // causal backward: 1 / d
+  Buf<Cx<V>> P;      // causal backward: q_j = -w'_j / d_j^2
+  Buf<Cx<V>> R;      // causal backward: the mu coefficients k_j / d_j^2
   Buf<V> SA;         // two-sided: Re alpha, lane-major (gathered once, read by both halves)
   Buf<Cx<V>> SI;     // two-sided backward: the inverse pivot each chain stores on its half
   Buf<Cx<V>> SU;     // two-sided backward: the accumulator (U or Rt) each chain stores on its half
@@ -477,9 +475,9 @@ struct Scratch {
     SA.alloc(Lc);
   }
   void alloc_bwd_causal(int64_t Lc) {
-    ID.alloc(Lc + 1);
+    ID.alloc(Lc);
     P.alloc(Lc);
-    R.alloc(Lc + 1);
+    R.alloc(Lc);
   }
   void alloc_bwd_two_sided(int64_t Lc, bool mask) {
     SA.alloc(Lc);
@@ -490,31 +488,34 @@ struct Scratch {
   }
 };
 
-// Forward pivots over the chunk, tile by tile. Stores D[p]; when ID is given also 1/d (the
-// division of the next step yields it for free, the last one costs one more).
-template <class T>
-static Cx<typename VecOf<T>::type> d_pass(const BlockIn<T>& in, int64_t Lc, T zi, Cx<typename VecOf<T>::type> prev,
-                                          Cx<typename VecOf<T>::type>* D, Cx<typename VecOf<T>::type>* ID) {
+// The d chains of NB blocks over the chunk, run in one loop so that they hide each other's
+// latency (a block is one register, and this chain is the causal kernels' only recursion).
+// Keeps ID[b][p] = 1 / d_p: the division of step p + 1 yields it, the last one costs one more.
+template <class T, int NB>
+static void inv_d_chains(const BlockIn<T>* in, int64_t Lc, T zi, Cx<typename VecOf<T>::type>* dprev,
+                         Cx<typename VecOf<T>::type>* const* ID) {
   typedef typename VecOf<T>::type V;
   constexpr int NL = Plan<T>::NL;
   const V aim = V{} - zi;
-  alignas(128) V tA[kTile];
-  alignas(128) V tK[kTile + 1];
+  alignas(128) V tA[NB][kTile];
+  alignas(128) V tK[NB][kTile + 1];
   for (int64_t p0 = 0; p0 < Lc; p0 += kTile) {
     const int64_t n = std::min(kTile, Lc - p0);
-    in.A.tile(p0, n, reinterpret_cast<T*>(tA), NL);
-    in.k_tile(p0, n, tK);
+    for (int b = 0; b < NB; ++b) {
+      in[b].A.tile(p0, n, reinterpret_cast<T*>(tA[b]), NL);
+      in[b].k_tile(p0, n, tK[b]);
+    }
     for (int64_t q = 0; q < n; ++q) {
       const int64_t p = p0 + q;
-      Cx<V> inv;
-      Cx<V> d = bk::pivot_step(Cx<V>{tA[q], aim}, tK[q], prev, &inv);
-      if (ID && p > 0) ID[p - 1] = inv;
-      if (D) D[p] = d;
-      prev = d;
+      for (int b = 0; b < NB; ++b) {
+        Cx<V> inv;
+        Cx<V> d = bk::pivot_step(Cx<V>{tA[b][q], aim}, tK[b][q], dprev[b], &inv);
+        if (p > 0) ID[b][p - 1] = inv;
+        dprev[b] = d;
+      }
     }
   }
-  if (ID) ID[Lc - 1] = bk::recip(prev);
-  return prev;
+  for (int b = 0; b < NB; ++b) ID[b][Lc - 1] = bk::recip(dprev[b]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -557,26 +558,20 @@ static void mobius_block(const Problem<T>& pr, const Plan<T>& pl, int64_t blk, b
   const V aim = V{} - pr.zi;
   alignas(128) V tA[kTile];
   alignas(128) V tK[kTile + 1];
-  Mobius<V> m = bk::mobius_identity<V>();
-  if (!backward_too) {
-    for (int64_t p0 = 0; p0 < pl.Lc; p0 += kTile) {
-      const int64_t n = std::min(kTile, pl.Lc - p0);
-      in.A.tile(p0, n, reinterpret_cast<T*>(tA), NL);
-      in.k_tile(p0, n, tK);
-      for (int64_t q = 0; q < n; ++q) {
-        bk::mobius_step(m, Cx<V>{tA[q], aim}, tK[q]);
-        if ((q & kRescaleMask<T>) == kRescaleMask<T>) mobius_rescale_max(m);
-      }
-    }
-    store_mobius<T>(m, li, blk, mf);
-    return;
-  }
-  // Both transfer matrices in one pass: the forward product from the left end and the backward
-  // one from the right end advance together (independent chains, so each hides the other's
-  // latency), tile k from the left beside tile k from the right.
-  Mobius<V> mr = bk::mobius_identity<V>();
+  // With backward_too both transfer matrices come from one pass: the forward product from the
+  // left end and the backward one from the right end advance together (independent chains, so
+  // each hides the other's latency), tile k from the left beside tile k from the right.
+  Mobius<V> m = bk::mobius_identity<V>(), mr = bk::mobius_identity<V>();
   alignas(128) V tAB[kTile];
   alignas(128) V tKB[kTile + 1];
+  auto fstep = [&](int64_t q) BK_AI_LAMBDA {
+    bk::mobius_step(m, Cx<V>{tA[q], aim}, tK[q]);
+    if ((q & kRescaleMask<T>) == kRescaleMask<T>) mobius_rescale_max(m);
+  };
+  auto bstep = [&](int64_t q) BK_AI_LAMBDA {
+    bk::mobius_step(mr, Cx<V>{tAB[q], aim}, tKB[q + 1]);
+    if ((q & kRescaleMask<T>) == kRescaleMask<T>) mobius_rescale_max(mr);
+  };
   const int64_t last = ((pl.Lc - 1) / kTile) * kTile;
   for (int64_t p0 = 0; p0 <= last; p0 += kTile) {
     const int64_t n = std::min(kTile, pl.Lc - p0);
@@ -584,31 +579,23 @@ static void mobius_block(const Problem<T>& pr, const Plan<T>& pl, int64_t blk, b
     const int64_t nb = std::min(kTile, pl.Lc - pb);
     in.A.tile(p0, n, reinterpret_cast<T*>(tA), NL);
     in.k_tile(p0, n, tK);
-    in.A.tile(pb, nb, reinterpret_cast<T*>(tAB), NL);
-    in.k_tile(pb, nb, tKB);
-    if (n == kTile && nb == kTile) {
+    if (backward_too) {
+      in.A.tile(pb, nb, reinterpret_cast<T*>(tAB), NL);
+      in.k_tile(pb, nb, tKB);
+    }
+    if (backward_too && n == kTile && nb == kTile) {
       for (int64_t q = 0; q < kTile; ++q) {
-        const int64_t qb = kTile - 1 - q;
-        bk::mobius_step(m, Cx<V>{tA[q], aim}, tK[q]);
-        bk::mobius_step(mr, Cx<V>{tAB[qb], aim}, tKB[qb + 1]);
-        if ((q & kRescaleMask<T>) == kRescaleMask<T>) {
-          mobius_rescale_max(m);
-          mobius_rescale_max(mr);
-        }
+        fstep(q);
+        bstep(kTile - 1 - q);
       }
     } else {
-      for (int64_t q = 0; q < n; ++q) {
-        bk::mobius_step(m, Cx<V>{tA[q], aim}, tK[q]);
-        if ((q & kRescaleMask<T>) == kRescaleMask<T>) mobius_rescale_max(m);
-      }
-      for (int64_t q = nb - 1; q >= 0; --q) {
-        bk::mobius_step(mr, Cx<V>{tAB[q], aim}, tKB[q + 1]);
-        if ((q & kRescaleMask<T>) == kRescaleMask<T>) mobius_rescale_max(mr);
-      }
+      for (int64_t q = 0; q < n; ++q) fstep(q);
+      if (backward_too)
+        for (int64_t q = nb - 1; q >= 0; --q) bstep(q);
     }
   }
   store_mobius<T>(m, li, blk, mf);
-  store_mobius<T>(mr, li, blk, mb);
+  if (backward_too) store_mobius<T>(mr, li, blk, mb);
 }
 
 template <class F>
@@ -808,9 +795,7 @@ static void two_sided_forward_block(const Problem<T>& pr, const Plan<T>& pl, int
   two_sided_sweep<T>(in, li, pr, Lc, dprev, eprev, s.D.p, s.SA.p, out, stream);
 }
 
-// Causal forward (y = 1 / d) of NB blocks at once: the d chain is the only recursion, so the
-// chains of two blocks run in one loop to hide each other's latency (a block is one register).
-// The reciprocal of d_p falls out of step p + 1's division.
+// Causal forward (y = 1 / d) of NB blocks at once (see inv_d_chains).
 template <class T, int NB>
 static void causal_forward_blocks(const Problem<T>& pr, const Plan<T>& pl, int64_t blk0, const Carries<T>& car,
                                   T* out, bool stream) {
@@ -829,28 +814,9 @@ static void causal_forward_blocks(const Problem<T>& pr, const Plan<T>& pl, int64
     dprev[b] = load_carry(car.d_in, blk0 + b, li[b]);
     Y[b] = s.D.p + b * Lc;
   }
-  const V aim = V{} - pr.zi;
-  alignas(128) V tA[NB][kTile];
-  alignas(128) V tK[NB][kTile + 1];
-  for (int64_t p0 = 0; p0 < Lc; p0 += kTile) {
-    const int64_t n = std::min(kTile, Lc - p0);
-    for (int b = 0; b < NB; ++b) {
-      in[b].A.tile(p0, n, reinterpret_cast<T*>(tA[b]), NL);
-      in[b].k_tile(p0, n, tK[b]);
-    }
-    for (int64_t q = 0; q < n; ++q) {
-      const int64_t p = p0 + q;
-      for (int b = 0; b < NB; ++b) {
-        Cx<V> inv;
-        Cx<V> d = bk::pivot_step(Cx<V>{tA[b][q], aim}, tK[b][q], dprev[b], &inv);
-        if (p > 0) Y[b][p - 1] = inv;
-        dprev[b] = d;
-      }
-    }
-  }
+  inv_d_chains<T, NB>(in, Lc, pr.zi, dprev, Y);
   alignas(128) V tM[kTile];
   for (int b = 0; b < NB; ++b) {
-    Y[b][Lc - 1] = bk::recip(dprev[b]);
     LaneOut<T> lo;
     lo.init(li[b], out, 2 * pr.N, pr.N, 2);
     for (int64_t p0 = 0; p0 < Lc; p0 += kTile) {
@@ -1267,7 +1233,8 @@ static void causal_bwd_phase1(BwdShared<T>& sh, int64_t blk, Scratch<T>& s) {
   io.init(sh, li);
   const BlockIn<T>& in = io.in;
   Cx<V> dprev = load_carry(sh.car.d_in, blk, li);
-  d_pass<T>(in, Lc, pr.zi, dprev, nullptr, s.ID.p);
+  Cx<V>* ID = s.ID.p;
+  inv_d_chains<T, 1>(&in, Lc, pr.zi, &dprev, &ID);
   alignas(128) V tK[kTile + 1];
   alignas(128) V tM[kTile];
   alignas(128) V tGM[kTile];
