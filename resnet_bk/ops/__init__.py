@@ -12,7 +12,6 @@ call would use and why; ``available_backends()`` lists what loaded. ``verify()``
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Union
 
 import torch
@@ -82,31 +81,27 @@ def bk_core(diag: Tensor, super_diag: Tensor, sub_diag: Tensor, z: Union[Number,
         (..., N) complex64 (complex128 for float64 input). Exact gradients (O(N)) for diag,
         super_diag, sub_diag and z.
     """
-    if backend is None or backend == "cpp":  # a forced "cpp" is the backend the fast path runs
-        out = _fast_cpu_bk_core(diag, super_diag, sub_diag, z, causal)
-        if out is not None:
-            return out
+    out = _fast_cpu_bk_core(diag, super_diag, sub_diag, z, causal, backend)
+    if out is not None:
+        return out
     args = canon_bk(diag, super_diag, sub_diag, z)
     return _run_bk("bk_core", args, causal, backend)
 
 
-_FAST_DTYPES = (torch.float32, torch.float64)
-
-
-def _fast_cpu_bk_core(diag, super_diag, sub_diag, z, causal) -> Optional[Tensor]:
+def _fast_cpu_bk_core(diag, super_diag, sub_diag, z, causal, backend=None) -> Optional[Tensor]:
     """The call a model makes every step (float32/float64 CPU ``diag``, one shared off-diagonal
     pair of its dtype, (N-1,) or (1, N-1), and either a Python ``z`` seen before or a 0-dim complex
     tensor ``z`` of the matching complex dtype on the same device, e.g. a module's buffer or its
-    learnable shift; automatic backend choice resolving to cpp), recognised in a few attribute
-    reads and sent straight to the compiled op: the same op and arguments the general path would
-    build (``canon_z`` of a complex tensor of that dtype is ``view_as_real(z)``, differentiable in
-    z). Anything else returns None and takes the general path (which validates, raises on bad
-    input, dispatches, warns and verifies)."""
+    learnable shift; the backend automatic or "cpp": ``_dispatch.fast_cpu_path_ok``), recognised
+    in a few attribute reads and sent straight to the compiled op: the same op and arguments the
+    general path would build (``canon_z`` of a complex tensor of that dtype is
+    ``view_as_real(z)``, differentiable in z). Anything else returns None and takes the general
+    path (which validates, raises on bad input, dispatches, warns and verifies)."""
     if not (_cpp.HAS_C and type(causal) is bool and isinstance(diag, Tensor) and isinstance(super_diag, Tensor)
             and isinstance(sub_diag, Tensor)):
         return None
     dt = diag.dtype
-    if dt not in _FAST_DTYPES or diag.device.type != "cpu" or diag.dim() < 1:
+    if dt not in _dispatch.FAST_CPU_DTYPES or diag.device.type != "cpu" or diag.dim() < 1:
         return None
     N = diag.shape[-1]
     sd, bd = super_diag.dim(), sub_diag.dim()
@@ -125,12 +120,7 @@ def _fast_cpu_bk_core(diag, super_diag, sub_diag, z, causal) -> Optional[Tensor]
         zri = torch.view_as_real(z)
     else:
         return None
-    if os.environ.get(_dispatch.ENV_BACKEND) or _dispatch.verify_enabled():
-        return None
-    be = _dispatch._registry["cpp"]  # what automatic dispatch would pick for CPU tensors, unchanged
-    if be.impls.get("bk_core", (None,))[0] is not _cpp.bk_core_compiled or not be.available()[0]:
-        return None
-    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
+    if not _dispatch.fast_cpu_path_ok("bk_core", _cpp.bk_core_compiled, backend):
         return None
     a = diag if diag.dim() == 2 else diag.reshape(-1, N)
     k = (super_diag * sub_diag).reshape(1, N - 1)

@@ -168,6 +168,25 @@ def verify_enabled() -> bool:
     return os.environ.get(ENV_VERIFY, "0") not in ("", "0", "false", "False")
 
 
+
+# dtypes the compiled CPU kernels take as they are (the fast paths' first test)
+FAST_CPU_DTYPES = (torch.float32, torch.float64)
+
+
+def fast_cpu_path_ok(op: str, compiled: Callable, backend: Optional[str]) -> bool:
+    """Whether a CPU call of ``op`` may go straight to its compiled kernel ``compiled``: the backend
+    is automatic or forced to "cpp" (the one automatic dispatch picks for CPU tensors), no backend
+    is forced by the environment, verify mode is off, the cpp backend is available with this
+    kernel registered, and neither torch.compile nor a torch function mode is tracing (the
+    conditions under which the general path adds nothing but checks). The caller checks the
+    arguments' dtypes, devices and shapes."""
+    if backend not in (None, "cpp") or os.environ.get(ENV_BACKEND) or verify_enabled():
+        return False
+    be = _registry.get("cpp")
+    if be is None or be.impls.get(op, (None,))[0] is not compiled or not be.available()[0]:
+        return False
+    return not (torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled())
+
 @contextlib.contextmanager
 def verify(enabled: bool = True):
     """Within this context every op also runs the reference and raises VerificationError on a

@@ -17,7 +17,6 @@ T is float32, float64, bfloat16 or float16; A is float64 for float64 activations
 from __future__ import annotations
 
 import numbers
-import os
 from typing import Optional, Tuple, Union
 
 import torch
@@ -146,48 +145,34 @@ def _canon_down(x, logits) -> Tuple[Tensor, Tensor, Tuple[int, ...], int, int, i
     return x.reshape(B, N, D), logits.to(_acc(x.dtype)), lead, M, r, D
 
 
-_FAST_DTYPES = (torch.float32, torch.float64)
-
-
-def _fast_cpu_ok(op: str, compiled) -> bool:
-    """Automatic dispatch would pick the compiled CPU kernel of ``op`` as registered here, with no
-    backend forced by the environment, no verify mode, not under torch.compile and no torch
-    function mode (the conditions under which the general path adds nothing but checks)."""
-    if os.environ.get(_dispatch.ENV_BACKEND) or _dispatch.verify_enabled():
-        return False
-    be = _dispatch._registry["cpp"]
-    if be.impls.get(op, (None,))[0] is not compiled or not be.available()[0]:
-        return False
-    return not (torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled())
-
-
-def _fast_cpu_downsample(x, logits, causal) -> Optional[Tensor]:
+def _fast_cpu_downsample(x, logits, causal, backend) -> Optional[Tensor]:
     """The call a multi-scale model makes every step (x (B, N, D) float32/float64 on the CPU with
-    B >= 1, logits (N // r, r) of x's dtype, a bool ``causal``, automatic backend resolving to the
-    compiled kernel), recognised in a few attribute reads and sent straight to the compiled op:
-    the same op and arguments the general path would build. Anything else returns None and takes
-    the general path (which validates, raises on bad input, dispatches and verifies)."""
+    B >= 1, logits (N // r, r) of x's dtype, a bool ``causal``, the backend automatic or "cpp":
+    ``_dispatch.fast_cpu_path_ok``), recognised in a few attribute reads and sent straight to the
+    compiled op: the same op and arguments the general path would build. Anything else returns
+    None and takes the general path (which validates, raises on bad input, dispatches and
+    verifies)."""
     if not (HAS_POOL_OPS and type(causal) is bool and isinstance(x, Tensor) and isinstance(logits, Tensor)):
         return None
-    if (x.dtype not in _FAST_DTYPES or x.device.type != "cpu" or x.dim() != 3 or logits.dim() != 2
+    if (x.dtype not in _dispatch.FAST_CPU_DTYPES or x.device.type != "cpu" or x.dim() != 3 or logits.dim() != 2
             or logits.dtype != x.dtype or logits.device != x.device):
         return None
     B, N, D = x.shape
     M, r = logits.shape
     if B == 0 or D == 0 or r == 0 or M == 0 or M * r != N:
         return None
-    if not _fast_cpu_ok("learned_downsample", learned_downsample_compiled):
+    if not _dispatch.fast_cpu_path_ok("learned_downsample", learned_downsample_compiled, backend):
         return None
     return torch.ops.resnet_bk.learned_downsample_fwd(x, logits, causal)
 
 
-def _fast_cpu_upsample(y, bias, residual, scale) -> Optional[Tensor]:
+def _fast_cpu_upsample(y, bias, residual, scale, backend) -> Optional[Tensor]:
     """As ``_fast_cpu_downsample`` for the upsample: y (B, M, r*D) float32/float64 on the CPU with
     B, M >= 1, a 3-dim ``position_bias`` (1 | M, r, 1 | D) of y's dtype, ``residual`` None or
     (B, M*r, D) of y's dtype, ``scale`` None."""
     if not (HAS_POOL_OPS and scale is None and isinstance(y, Tensor) and isinstance(bias, Tensor)):
         return None
-    if (y.dtype not in _FAST_DTYPES or y.device.type != "cpu" or y.dim() != 3 or bias.dim() != 3
+    if (y.dtype not in _dispatch.FAST_CPU_DTYPES or y.device.type != "cpu" or y.dim() != 3 or bias.dim() != 3
             or bias.dtype != y.dtype or bias.device != y.device):
         return None
     B, M, RD = y.shape
@@ -201,7 +186,7 @@ def _fast_cpu_upsample(y, bias, residual, scale) -> Optional[Tensor]:
         if not (isinstance(residual, Tensor) and residual.dtype == y.dtype and residual.device == y.device
                 and residual.shape == (B, M * r, D)):
             return None
-    if not _fast_cpu_ok("learned_upsample", learned_upsample_compiled):
+    if not _dispatch.fast_cpu_path_ok("learned_upsample", learned_upsample_compiled, backend):
         return None
     return torch.ops.resnet_bk.learned_upsample_fwd(y, bias, residual, None)
 
@@ -237,10 +222,9 @@ def learned_downsample(x: Tensor, logits: Tensor, *, causal: bool = False, backe
     the last r - 1 positions never enter the low-resolution stream (no position of this sequence may
     use them through it) and get a zero gradient from it. With r = 1 both forms are the identity times 1.
     """
-    if backend is None:
-        out = _fast_cpu_downsample(x, logits, causal)
-        if out is not None:
-            return out
+    out = _fast_cpu_downsample(x, logits, causal, backend)
+    if out is not None:
+        return out
     xc, lc, lead, M, r, D = _canon_down(x, logits)
     causal = bool(causal)
     if xc.shape[0] == 0:
@@ -336,10 +320,9 @@ def learned_upsample(y: Tensor, position_bias: Tensor, residual: Optional[Tensor
     Causality: output position m*r + k reads only low-resolution entry m; pair it with
     ``learned_downsample(..., causal=True)`` (see its docstring) for a leak-free round trip.
     """
-    if backend is None:
-        out = _fast_cpu_upsample(y, position_bias, residual, scale)
-        if out is not None:
-            return out
+    out = _fast_cpu_upsample(y, position_bias, residual, scale, backend)
+    if out is not None:
+        return out
     yc, bc, rc, sc, out_shape = _canon_up(y, position_bias, residual, scale)
     if yc.shape[0] == 0:
         return y.new_empty(out_shape)
