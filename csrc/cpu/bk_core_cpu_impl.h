@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "../bk_math.h"
@@ -168,12 +169,6 @@ struct Plan {
   bool chunked() const { return C > 1; }
 };
 
-template <class T>
-static BK_AI VPack<T> vabs(const VPack<T>& x) {
-  VPack<T> r;
-  for (int u = 0; u < VPack<T>::U; ++u) r.v[u] = x.v[u] < 0 ? -x.v[u] : x.v[u];
-  return r;
-}
 // mask * x where mask != 0, exactly 0 where mask == 0 (a masked-out position is not computed,
 // so it is 0 even if the resolvent there is not finite)
 template <class T>
@@ -189,12 +184,6 @@ template <class T>
 static BK_AI VPack<T> mul_or_zero(const VPack<T>& x, const VPack<T>& s) {
   VPack<T> r;
   for (int u = 0; u < VPack<T>::U; ++u) r.v[u] = s.v[u] == 0 ? s.v[u] * 0 : x.v[u] * s.v[u];
-  return r;
-}
-template <class T>
-static BK_AI VPack<T> vmax(const VPack<T>& x, const VPack<T>& y) {
-  VPack<T> r;
-  for (int u = 0; u < VPack<T>::U; ++u) r.v[u] = x.v[u] > y.v[u] ? x.v[u] : y.v[u];
   return r;
 }
 
@@ -267,6 +256,7 @@ struct LaneSrc {
   // group of G lanes the tile range [glo, ghi) in which every lane of the group reads in-range.
   uintptr_t at0[NL];
   int64_t glo[NG], ghi[NG];
+  int64_t ilo[NL], ihi[NL];  // lane l reads in-range at chunk positions [ilo, ihi) (empty: no row)
 
   // src rows of length `hi` (in elements of stride es), chunk-relative shift `shift` (-1 for k)
   void init(const LaneInfo* li, const T* base, int64_t row_stride, int64_t hi_, int64_t es_, int64_t shift, T sub_,
@@ -280,6 +270,8 @@ struct LaneSrc {
       rows[l] = li[l].row >= 0 ? base + li[l].row * row_stride : nullptr;
       off[l] = li[l].start + shift;
       at0[l] = reinterpret_cast<uintptr_t>(rows[l]) + uintptr_t(off[l] * es * int64_t(sizeof(T)));
+      ilo[l] = rows[l] ? -off[l] : kNoFast;
+      ihi[l] = rows[l] ? hi - off[l] : -kNoFast;
     }
     for (int g = 0; g < NG; ++g) {
       glo[g] = -kNoFast;
@@ -318,6 +310,35 @@ struct LaneSrc {
       __builtin_prefetch(rows[l] + i0 * es);
       __builtin_prefetch(rows[l] + i1 * es);
     }
+  }
+  // dst[l] = value of lane l at chunk position i: one position of every lane (a tile's extra
+  // coupling), as masked hardware gathers instead of a scalar loop over the lanes, written with
+  // one full-width store (the sweep reloads it as one vector: lane-wise stores would defeat the
+  // store-to-load forwarding and stall that load).
+  BK_AI void column(int64_t i, T* dst) const {
+#ifdef BK_AVX512_TRANSPOSE
+    const __m512i vi = _mm512_set1_epi64(i), step = _mm512_set1_epi64(i * es * int64_t(sizeof(T)));
+    auto in_range = [&](int g) BK_AI_LAMBDA {
+      return __mmask8(_mm512_cmp_epi64_mask(vi, _mm512_loadu_si512(ilo + g), _MM_CMPINT_NLT) &
+                      _mm512_cmp_epi64_mask(vi, _mm512_loadu_si512(ihi + g), _MM_CMPINT_LT));
+    };
+    auto addr = [&](int g) BK_AI_LAMBDA { return _mm512_add_epi64(_mm512_loadu_si512(at0 + g), step); };
+    if constexpr (sizeof(T) == 4) {
+      const __mmask8 m0 = in_range(0), m1 = in_range(8);
+      const __m256 x0 = _mm512_mask_i64gather_ps(_mm256_setzero_ps(), m0, addr(0), nullptr, 1);
+      const __m256 x1 = _mm512_mask_i64gather_ps(_mm256_setzero_ps(), m1, addr(8), nullptr, 1);
+      __m512 x = _mm512_insertf32x8(_mm512_castps256_ps512(x0), x1, 1);
+      x = _mm512_mul_ps(_mm512_sub_ps(x, _mm512_set1_ps(sub)), _mm512_set1_ps(mul));
+      _mm512_storeu_ps(dst, _mm512_mask_blend_ps(__mmask16(m0 | (unsigned(m1) << 8)), _mm512_set1_ps(pad), x));
+    } else {
+      const __mmask8 m = in_range(0);
+      __m512d x = _mm512_mask_i64gather_pd(_mm512_setzero_pd(), m, addr(0), nullptr, 1);
+      x = _mm512_mul_pd(_mm512_sub_pd(x, _mm512_set1_pd(sub)), _mm512_set1_pd(mul));
+      _mm512_storeu_pd(dst, _mm512_mask_blend_pd(m, _mm512_set1_pd(pad), x));
+    }
+#else
+    for (int l = 0; l < NL; ++l) tile_lane(l, i, 1, dst, NL);
+#endif
   }
   // True when every lane of the group starting at lane g0 reads n in-range elements from p0 on.
   BK_AI bool full_group(int g0, int64_t p0, int64_t n) const { return p0 >= glo[g0 / G] && p0 + n <= ghi[g0 / G]; }
@@ -452,7 +473,7 @@ struct BlockIn {
       }
     } else {
       K.tile(p0, n, reinterpret_cast<T*>(tK), NL);  // full tiles take the transpose path
-      K.tile(p0 + n, 1, reinterpret_cast<T*>(tK + n), NL);
+      K.column(p0 + n, reinterpret_cast<T*>(tK + n));
     }
   }
 };
@@ -539,11 +560,30 @@ static void store_mobius(const Mobius<typename VecOf<T>::type>& m, const LaneInf
     }
 }
 
-template <class V>
-static BK_AI void mobius_rescale_max(Mobius<V>& m) {
-  V mx = vmax(vmax(vmax(vabs(m.x0.re), vabs(m.x0.im)), vmax(vabs(m.y0.re), vabs(m.y0.im))),
-              vmax(vmax(vabs(m.x1.re), vabs(m.x1.im)), vmax(vabs(m.y1.re), vabs(m.y1.im))));
-  bk::mobius_rescale(m, bk::bk_one<V>() / mx);
+// Rescales the product by 2^-E, E the exponent of its largest entry: a power of two, so every
+// entry is scaled exactly (no rounding), and cheaper than a division. The largest exponent is the
+// integer maximum of the entries' exponent fields (IEEE bit patterns order as their magnitudes).
+template <class T>
+static BK_AI void mobius_rescale_max(Mobius<VPack<T>>& m) {
+  typedef VPack<T> P;
+  typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> I;
+  typedef I IV __attribute__((vector_size(BK_VEC_BYTES)));
+  constexpr int MB = sizeof(T) == 4 ? 23 : 52;                     // mantissa bits
+  constexpr I EXP = sizeof(T) == 4 ? I(0xFF) << MB : I(0x7FF) << MB;  // exponent field
+  constexpr I TWO_BIAS = sizeof(T) == 4 ? I(254) << MB : I(2046) << MB;
+  const P* e[8] = {&m.x0.re, &m.x0.im, &m.y0.re, &m.y0.im, &m.x1.re, &m.x1.im, &m.y1.re, &m.y1.im};
+  P s;
+  for (int u = 0; u < P::U; ++u) {
+    // (a cast between GCC vector types of one size reinterprets the bits)
+    IV mx = (IV)e[0]->v[u] & EXP;
+    for (int i = 1; i < 8; ++i) {
+      IV x = (IV)e[i]->v[u] & EXP;
+      mx = mx > x ? mx : x;
+    }
+    IV sb = TWO_BIAS - mx;  // bits of 2^-E (E = exponent of the largest entry)
+    s.v[u] = (typename P::N)sb;
+  }
+  bk::mobius_rescale(m, s);
 }
 
 template <class T>
@@ -564,14 +604,6 @@ static void mobius_block(const Problem<T>& pr, const Plan<T>& pl, int64_t blk, b
   Mobius<V> m = bk::mobius_identity<V>(), mr = bk::mobius_identity<V>();
   alignas(128) V tAB[kTile];
   alignas(128) V tKB[kTile + 1];
-  auto fstep = [&](int64_t q) BK_AI_LAMBDA {
-    bk::mobius_step(m, Cx<V>{tA[q], aim}, tK[q]);
-    if ((q & kRescaleMask<T>) == kRescaleMask<T>) mobius_rescale_max(m);
-  };
-  auto bstep = [&](int64_t q) BK_AI_LAMBDA {
-    bk::mobius_step(mr, Cx<V>{tAB[q], aim}, tKB[q + 1]);
-    if ((q & kRescaleMask<T>) == kRescaleMask<T>) mobius_rescale_max(mr);
-  };
   const int64_t last = ((pl.Lc - 1) / kTile) * kTile;
   for (int64_t p0 = 0; p0 <= last; p0 += kTile) {
     const int64_t n = std::min(kTile, pl.Lc - p0);
@@ -583,16 +615,31 @@ static void mobius_block(const Problem<T>& pr, const Plan<T>& pl, int64_t blk, b
       in.A.tile(pb, nb, reinterpret_cast<T*>(tAB), NL);
       in.k_tile(pb, nb, tKB);
     }
+    // the state is copied into locals for the tile so that it stays in registers
+    Mobius<V> a = m, b = mr;
     if (backward_too && n == kTile && nb == kTile) {
       for (int64_t q = 0; q < kTile; ++q) {
-        fstep(q);
-        bstep(kTile - 1 - q);
+        const int64_t qb = kTile - 1 - q;
+        bk::mobius_step(a, Cx<V>{tA[q], aim}, tK[q]);
+        bk::mobius_step(b, Cx<V>{tAB[qb], aim}, tKB[qb + 1]);
+        if ((q & kRescaleMask<T>) == kRescaleMask<T>) {
+          mobius_rescale_max(a);
+          mobius_rescale_max(b);
+        }
       }
     } else {
-      for (int64_t q = 0; q < n; ++q) fstep(q);
+      for (int64_t q = 0; q < n; ++q) {
+        bk::mobius_step(a, Cx<V>{tA[q], aim}, tK[q]);
+        if ((q & kRescaleMask<T>) == kRescaleMask<T>) mobius_rescale_max(a);
+      }
       if (backward_too)
-        for (int64_t q = nb - 1; q >= 0; --q) bstep(q);
+        for (int64_t q = nb - 1; q >= 0; --q) {
+          bk::mobius_step(b, Cx<V>{tAB[q], aim}, tKB[q + 1]);
+          if ((q & kRescaleMask<T>) == kRescaleMask<T>) mobius_rescale_max(b);
+        }
     }
+    m = a;
+    mr = b;
   }
   store_mobius<T>(m, li, blk, mf);
   if (backward_too) store_mobius<T>(mr, li, blk, mb);
