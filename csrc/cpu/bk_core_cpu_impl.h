@@ -167,6 +167,9 @@ struct Plan {
     blocks = (lanes + NL - 1) / NL;
   }
   bool chunked() const { return C > 1; }
+  // Lanes are chunk-major: lane (b, ch) = ch * B + b, so with B a multiple of NL every block holds
+  // one chunk of NL sequences, and a shared coupling row is uniform across the block's lanes.
+  int64_t lane(int64_t b, int64_t ch) const { return ch * B + b; }
 };
 
 // mask * x where mask != 0, exactly 0 where mask == 0 (a masked-out position is not computed,
@@ -232,8 +235,8 @@ static void lane_info(const Plan<T>& pl, int64_t blk, LaneInfo* li) {
   for (int l = 0; l < Plan<T>::NL; ++l) {
     int64_t v = blk * Plan<T>::NL + l;
     if (v < pl.lanes) {
-      li[l].row = v / pl.C;
-      li[l].chunk = v % pl.C;
+      li[l].row = v % pl.B;
+      li[l].chunk = v / pl.B;
       li[l].start = li[l].chunk * pl.Lc;
       li[l].len = std::min(pl.Lc, pl.N - li[l].start);
     } else {
@@ -448,6 +451,7 @@ struct BlockIn {
   static constexpr int NL = Plan<T>::NL;
   LaneSrc<T> A, K, M;
   const T* kuni;  // shared k row when uniform, else nullptr
+  int64_t kstart;  // with kuni: the chunk start of every real lane
   int64_t N;
   bool has_mask;
 
@@ -455,7 +459,12 @@ struct BlockIn {
     N = pr.N;
     // Padding positions get alpha = 1 - i Im z (never a zero pivot) and k = 0 (decoupled).
     A.init(li, pr.a, pr.N, pr.N, 1, 0, pr.zr, T(1), T(1));
-    kuni = (pr.k_row_stride == 0 && !pl.chunked()) ? pr.k : nullptr;
+    // one shared k row read at one chunk offset by every real lane: broadcast, no transpose
+    // (lane 0 of a block is always a real lane)
+    kuni = pr.k_row_stride == 0 ? pr.k : nullptr;
+    kstart = li[0].start;
+    for (int l = 0; l < NL; ++l)
+      if (li[l].row >= 0 && li[l].start != kstart) kuni = nullptr;
     K.init(li, pr.k, pr.k_row_stride, pr.N - 1, 1, -1, T(0), T(1), T(0));
     has_mask = pr.mask != nullptr;
     if (has_mask) M.init(li, pr.mask, pr.N, pr.N, 1, 0, T(0), T(1), T(0));
@@ -467,7 +476,7 @@ struct BlockIn {
       // lowered by GCC to per-lane extracts, so write the lanes as scalars instead.
       T* dst = reinterpret_cast<T*>(tK);
       for (int64_t q = 0; q <= n; ++q) {
-        int64_t i = p0 + q - 1;
+        int64_t i = kstart + p0 + q - 1;
         const T v = (i >= 0 && i < N - 1) ? kuni[i] : T(0);
         for (int l = 0; l < NL; ++l) dst[q * NL + l] = v;
       }
@@ -674,12 +683,15 @@ static void compute_carries(const Problem<T>& pr, const Plan<T>& pl, const Par& 
   std::vector<Mobius<T>> mf(pl.blocks * Plan<T>::NL), mb(two_sided ? pl.blocks * Plan<T>::NL : 0);
   parallel_blocks(par, pl.blocks, [&](int64_t blk) { mobius_block(pr, pl, blk, two_sided, mf.data(), mb.data()); });
   for (int64_t b = 0; b < pl.B; ++b) {
-    int64_t v0 = b * pl.C;
-    for (int64_t ch = 1; ch < pl.C; ++ch)
-      c.d_in[v0 + ch] = bk::mobius_apply(mf[v0 + ch - 1], c.d_in[v0 + ch - 1]);
+    for (int64_t ch = 1; ch < pl.C; ++ch) {
+      const int64_t v = pl.lane(b, ch), vp = pl.lane(b, ch - 1);
+      c.d_in[v] = bk::mobius_apply(mf[vp], c.d_in[vp]);
+    }
     if (two_sided)
-      for (int64_t ch = pl.C - 2; ch >= 0; --ch)
-        c.e_in[v0 + ch] = bk::mobius_apply(mb[v0 + ch + 1], c.e_in[v0 + ch + 1]);
+      for (int64_t ch = pl.C - 2; ch >= 0; --ch) {
+        const int64_t v = pl.lane(b, ch), vn = pl.lane(b, ch + 1);
+        c.e_in[v] = bk::mobius_apply(mb[vn], c.e_in[vn]);
+      }
   }
 }
 
@@ -1376,19 +1388,21 @@ static void backward_impl(const Problem<T>& pr, Grads<T>& g, const Par& par) {
     if (chunked) {
       parallel_blocks(par, pl.blocks, [&](int64_t blk) { bwd_summary_block(sh, blk); });
       for (int64_t b = 0; b < pl.B; ++b) {
-        const int64_t v0 = b * pl.C;
-        for (int64_t ch = 1; ch < pl.C; ++ch)  // U at the position before the chunk
-          sh.r_in[v0 + ch] = sh.r_start[v0 + ch - 1] + sh.r_prod[v0 + ch - 1] * sh.r_in[v0 + ch - 1];
-        for (int64_t ch = pl.C - 2; ch >= 0; --ch)  // Rt at the position after the chunk
-          sh.l_in[v0 + ch] = sh.l_end[v0 + ch + 1] + sh.l_prod[v0 + ch + 1] * sh.l_in[v0 + ch + 1];
+        for (int64_t ch = 1; ch < pl.C; ++ch) {  // U at the position before the chunk
+          const int64_t v = pl.lane(b, ch), vp = pl.lane(b, ch - 1);
+          sh.r_in[v] = sh.r_start[vp] + sh.r_prod[vp] * sh.r_in[vp];
+        }
+        for (int64_t ch = pl.C - 2; ch >= 0; --ch) {  // Rt at the position after the chunk
+          const int64_t v = pl.lane(b, ch), vn = pl.lane(b, ch + 1);
+          sh.l_in[v] = sh.l_end[vn] + sh.l_prod[vn] * sh.l_in[vn];
+        }
       }
     }
     parallel_blocks(par, pl.blocks, [&](int64_t blk) { bwd_two_sided_block(sh, blk); });
     if (chunked && pr.N > 1)
       for (int64_t b = 0; b < pl.B; ++b)
         for (int64_t ch = 0; ch + 1 < pl.C; ++ch) {
-          const int64_t v = b * pl.C + ch;
-          g.grad_k[b * (pr.N - 1) + (ch + 1) * pl.Lc - 1] = sh.gk_left[v] + sh.gk_right[v + 1];
+          g.grad_k[b * (pr.N - 1) + (ch + 1) * pl.Lc - 1] = sh.gk_left[pl.lane(b, ch)] + sh.gk_right[pl.lane(b, ch + 1)];
         }
   } else if (!chunked) {
     parallel_blocks(par, pl.blocks, [&](int64_t blk) {
@@ -1406,9 +1420,10 @@ static void backward_impl(const Problem<T>& pr, Grads<T>& g, const Par& par) {
     if (int64_t(keep.size()) < pl.blocks) keep.resize(pl.blocks);
     parallel_blocks(par, pl.blocks, [&](int64_t blk) { causal_bwd_phase1(sh, blk, keep[blk]); });
     for (int64_t b = 0; b < pl.B; ++b) {
-      const int64_t v0 = b * pl.C;
-      for (int64_t ch = pl.C - 2; ch >= 0; --ch)  // carry from the right: value at the next chunk's start
-        sh.r_in[v0 + ch] = sh.r_start[v0 + ch + 1] + sh.r_prod[v0 + ch + 1] * sh.r_in[v0 + ch + 1];
+      for (int64_t ch = pl.C - 2; ch >= 0; --ch) {  // carry from the right: value at the next chunk's start
+        const int64_t v = pl.lane(b, ch), vn = pl.lane(b, ch + 1);
+        sh.r_in[v] = sh.r_start[vn] + sh.r_prod[vn] * sh.r_in[vn];
+      }
     }
     parallel_blocks(par, pl.blocks, [&](int64_t blk) { causal_bwd_phase2(sh, blk, keep[blk]); });
   }
