@@ -70,6 +70,40 @@ def test_batched_and_chunked_paths(backend, B, N, causal):
     assert rel_err(out, ref) < 1e-12
 
 
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="compiled extension not built")
+@pytest.mark.parametrize("shared", [False, True], ids=["perrow", "shared"])
+@pytest.mark.parametrize("masked", [False, True], ids=["plain", "masked"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_sequential_subchunk_plan(shared, masked, dtype):
+    """A batch that fills every thread's SIMD lanes with sequences longer than the kernel's chunk
+    (4096) runs each sequence as sub-chunks in order, their right-to-left carries from one
+    boundary pass (two-sided forward and backward; blocks in pairs and singly): forward and every
+    gradient (z and the mask included) against the reference."""
+    B, N = 70, 4500
+    a, b, c = make((B,), N, torch.float64, shared=shared, seed=11)
+    g = torch.Generator().manual_seed(12)
+    mask = (torch.rand(B, N, generator=g, dtype=torch.float64) > 0.2).double() if masked else None
+    z = torch.tensor(0.2 + 0.9j, dtype=torch.complex128)
+    w = torch.randn(B, N, 2, generator=g, dtype=torch.float64)
+
+    def run(backend, dt):
+        ins = [t.to(dt).requires_grad_() for t in (a, b, c)] + [z.clone().requires_grad_()]
+        m = mask.to(dt).requires_grad_() if masked else None
+        if masked:
+            out = ops.bk_core_masked(*ins, m, backend=backend)
+        else:
+            out = ops.bk_core(*ins, backend=backend)
+        leaves = ins + ([m] if masked else [])
+        grads = torch.autograd.grad(out, leaves, torch.view_as_complex(w.to(dt)).to(out.dtype))
+        return [out] + list(grads)
+
+    got = run("cpp", dtype)
+    ref = run("reference", torch.float64)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    for i, (x, y) in enumerate(zip(got, ref)):
+        assert rel_err(x, y) < tol, (i, rel_err(x, y))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_broadcast_and_noncontiguous(backend):
     B, H, N = 2, 3, 33
@@ -417,7 +451,7 @@ def test_every_cpu_isa_path(isa, tmp_path):
     code = (
         "import torch\nfrom resnet_bk import ops\nfrom resnet_bk.ops import _cpp\n"
         "torch.manual_seed(0)\n"
-        "for B, N in ((3, 700), (70, 50)):\n"
+        "for B, N in ((3, 700), (70, 50), (70, 4200)):\n"
         "  a = torch.randn(B, N, dtype=torch.float64) * 2; b = torch.rand(B, N - 1, dtype=torch.float64) + .5\n"
         "  for causal in (False, True):\n"
         "    r = ops.bk_core(a, b, b, .3+.9j, causal=causal, backend='reference')\n"

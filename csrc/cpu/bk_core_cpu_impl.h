@@ -151,18 +151,29 @@ struct Plan {
   typedef typename VecOf<T>::type V;
   static constexpr int NL = BK_PACK_BYTES / sizeof(T);
   int64_t B, N, C, Lc, lanes, blocks;
+  // Sequential sub-chunks (S > 1 only when C == 1): each lane is a whole sequence, run by its
+  // block as S sub-chunks of Ls positions (a multiple of kTile), one after the other.
+  int64_t S = 1, Ls = 0;
 
-  // max_chunk bounds a chunk so that the block's per-position scratch stays in L2.
-  Plan(int64_t B_, int64_t N_, int threads, int64_t max_chunk) : B(B_), N(N_) {
+  // max_chunk bounds a chunk so that the block's per-position scratch stays in L2. sequential:
+  // when the batch fills every thread's lanes without cutting sequences, a sequence longer than
+  // max_chunk is cut into sequential sub-chunks instead of parallel chunks (no carries phase).
+  Plan(int64_t B_, int64_t N_, int threads, int64_t max_chunk, bool sequential = false) : B(B_), N(N_) {
     int64_t want = int64_t(NL) * std::max(1, threads);
     C = 1;
     if (B < want) {
       C = (want + B - 1) / B;
       C = std::min<int64_t>(C, std::max<int64_t>(1, N / kMinChunk));
     }
-    C = std::max<int64_t>(C, (N + max_chunk - 1) / max_chunk);
+    if (sequential && C == 1 && N > max_chunk) {
+      S = (N + max_chunk - 1) / max_chunk;
+      Ls = ((N + S - 1) / S + kTile - 1) / kTile * kTile;
+      S = (N + Ls - 1) / Ls;
+    }
+    if (S == 1) C = std::max<int64_t>(C, (N + max_chunk - 1) / max_chunk);
     Lc = (N + C - 1) / C;
     C = (N + Lc - 1) / Lc;  // no empty chunk
+    if (S == 1) Ls = Lc;
     lanes = B * C;
     blocks = (lanes + NL - 1) / NL;
   }
@@ -243,6 +254,15 @@ static void lane_info(const Plan<T>& pl, int64_t blk, LaneInfo* li) {
       li[l] = LaneInfo{-1, 0, 0, 0};
     }
   }
+}
+
+// The lanes of a sequential plan (whole sequences) restricted to sub-chunk s.
+template <class T>
+static int64_t sub_chunk(const Plan<T>& pl, const LaneInfo* li, int64_t s, LaneInfo* out) {
+  const int64_t start = s * pl.Ls, len = std::min(pl.Ls, pl.N - start);
+  for (int l = 0; l < Plan<T>::NL; ++l)
+    out[l] = li[l].row >= 0 ? LaneInfo{li[l].row, start, len, s} : LaneInfo{-1, 0, 0, 0};
+  return len;
 }
 
 // One strided source seen through a block's lanes: lane l reads element index i (position i of
@@ -762,8 +782,9 @@ static BK_AI Cx<typename VecOf<T>::type> combine_out(const Cx<typename VecOf<T>:
 // first half each stores its pivots in S (d on the left half, e on the right half); in the
 // second half each meets the other's stored pivot and writes G there (one combine each).
 // Same arithmetic, in the same order per chain, as running the two passes one after the other.
+// Returns the d pivot at L - 1 (the carry into a sequential plan's next sub-chunk).
 template <class T>
-static void two_sided_sweep(const BlockIn<T>& in, const LaneInfo* li, const Problem<T>& pr, int64_t L,
+static Cx<typename VecOf<T>::type> two_sided_sweep(const BlockIn<T>& in, const LaneInfo* li, const Problem<T>& pr, int64_t L,
                             Cx<typename VecOf<T>::type> dprev, Cx<typename VecOf<T>::type> eprev,
                             Cx<typename VecOf<T>::type>* S, typename VecOf<T>::type* SA, T* out, bool stream) {
   typedef typename VecOf<T>::type V;
@@ -835,6 +856,7 @@ static void two_sided_sweep(const BlockIn<T>& in, const LaneInfo* li, const Prob
 #ifdef BK_AVX512_TRANSPOSE
   if (stream) _mm_sfence();  // order the non-temporal stores before the block is reported done
 #endif
+  return dprev;
 }
 
 template <class T>
@@ -852,6 +874,89 @@ static void two_sided_forward_block(const Problem<T>& pr, const Plan<T>& pl, int
   Cx<V> dprev = load_carry(car.d_in, blk, li);
   Cx<V> eprev = load_carry(car.e_in, blk, li);
   two_sided_sweep<T>(in, li, pr, Lc, dprev, eprev, s.D.p, s.SA.p, out, stream);
+}
+
+template <class T>
+struct BwdIO;
+
+// Sequential plan: the e chain right to left over the whole sequences of NB blocks (run in one
+// loop, independent chains that hide each other's latency), its value entering each sub-chunk
+// from the right recorded in e_in[b][c] (e at sub-chunk c + 1's first position; 1 past the
+// end); with io, also Rt, the gradient's accumulator that runs beside it (w' = m w), in
+// rt_in[b][c]. The same steps as the sweeps' own e chain, so the carries are exact.
+template <class T, int NB>
+static void e_boundaries(const Plan<T>& pl, T zi, const BlockIn<T>* const* in, const BwdIO<T>* const* io,
+                         Cx<typename VecOf<T>::type>* const* e_in, Cx<typename VecOf<T>::type>* const* rt_in) {
+  typedef typename VecOf<T>::type V;
+  constexpr int NL = Plan<T>::NL;
+  const V aim = V{} - zi;
+  alignas(128) V tA[NB][kTile], tK[NB][kTile + 1], tM[kTile];
+  alignas(128) Cx<V> tW[kTile], tWm[NB][kTile];
+  Cx<V> e[NB], Rt[NB];
+  for (int b = 0; b < NB; ++b) {
+    e[b] = e_in[b][pl.S - 1] = Cx<V>{V{} + 1, V{}};
+    Rt[b] = Cx<V>{V{}, V{}};
+    if (io) rt_in[b][pl.S - 1] = Rt[b];
+  }
+  for (int64_t t0 = ((pl.N - 1) / kTile) * kTile; t0 > 0; t0 -= kTile) {
+    const int64_t n = std::min(kTile, pl.N - t0);
+    for (int b = 0; b < NB; ++b) {
+      in[b]->A.tile(t0, n, reinterpret_cast<T*>(tA[b]), NL);
+      in[b]->k_tile(t0, n, tK[b]);
+      if (io) io[b]->w_tiles(t0, n, tW, tWm[b], tM);
+    }
+    for (int64_t q = n - 1; q >= 0; --q)
+      for (int b = 0; b < NB; ++b) {
+        Cx<V> inv;
+        e[b] = bk::pivot_step(Cx<V>{tA[b][q], aim}, tK[b][q + 1], e[b], &inv);
+        if (io) Rt[b] = bk::lin_step(bk::k_over_sq(tK[b][q + 1], inv), Rt[b], tWm[b][q]);
+      }
+    if (t0 % pl.Ls == 0)  // t0 starts sub-chunk t0 / Ls
+      for (int b = 0; b < NB; ++b) {
+        e_in[b][t0 / pl.Ls - 1] = e[b];
+        if (io) rt_in[b][t0 / pl.Ls - 1] = Rt[b];
+      }
+  }
+}
+
+// Runs f(blk0, nb) over the blocks in groups of nb = 2 when there are enough to give every thread
+// at least one group (the sequential plans' boundary chains run two blocks at once), else singly.
+template <class T, class F>
+static void parallel_block_groups(const Par& par, const Plan<T>& pl, F&& f) {
+  if (pl.blocks >= 2 * int64_t(std::max(1, par.num_threads)))
+    parallel_blocks(par, (pl.blocks + 1) / 2, [&](int64_t i) { f(2 * i, std::min<int64_t>(2, pl.blocks - 2 * i)); });
+  else
+    parallel_blocks(par, pl.blocks, [&](int64_t blk) { f(blk, 1); });
+}
+
+// Two-sided forward of NB blocks of a sequential plan: the boundary chains of all NB at once,
+// then each block's sub-chunks in order, the d pivot carried from each into the next.
+template <class T, int NB>
+static void two_sided_forward_seq(const Problem<T>& pr, const Plan<T>& pl, int64_t blk0, T* out, bool stream) {
+  typedef typename VecOf<T>::type V;
+  constexpr int NL = Plan<T>::NL;
+  Scratch<T>& s = thread_scratch<T>();
+  s.alloc_fwd(pl.Ls);
+  LaneInfo li[NB][NL], ls[NL];
+  BlockIn<T> in[NB];
+  std::vector<Cx<V>> eb(NB * pl.S);
+  Cx<V>* e_in[NB];
+  const BlockIn<T>* inp[NB];
+  for (int b = 0; b < NB; ++b) {
+    lane_info(pl, blk0 + b, li[b]);
+    in[b].init(pr, pl, li[b]);
+    inp[b] = &in[b];
+    e_in[b] = eb.data() + b * pl.S;
+  }
+  e_boundaries<T, NB>(pl, pr.zi, inp, nullptr, e_in, nullptr);
+  for (int b = 0; b < NB; ++b) {
+    Cx<V> dprev{V{} + 1, V{}};
+    for (int64_t c = 0; c < pl.S; ++c) {
+      const int64_t len = sub_chunk(pl, li[b], c, ls);
+      in[b].init(pr, pl, ls);
+      dprev = two_sided_sweep<T>(in[b], ls, pr, len, dprev, e_in[b][c], s.D.p, s.SA.p, out, stream);
+    }
+  }
 }
 
 // Causal forward (y = 1 / d) of NB blocks at once (see inv_d_chains).
@@ -896,11 +1001,20 @@ static void causal_forward_blocks(const Problem<T>& pr, const Plan<T>& pl, int64
 template <class T>
 static void forward_impl(const Problem<T>& pr, T* out, const Par& par) {
   if (pr.B == 0) return;
-  Plan<T> pl(pr.B, pr.N, par.num_threads, kMaxChunkFwd);
-  Carries<T> car;
-  compute_carries(pr, pl, par, !pr.causal, car);
+  Plan<T> pl(pr.B, pr.N, par.num_threads, kMaxChunkFwd, !pr.causal);
   // An output much larger than the cores' L2 goes out with non-temporal stores (see scatter16_cx).
   const bool stream = pr.B * pr.N * 2 * int64_t(sizeof(T)) >= kStreamOutBytes;
+  if (pl.S > 1) {
+    parallel_block_groups(par, pl, [&](int64_t blk0, int64_t nb) {
+      if (nb == 2)
+        two_sided_forward_seq<T, 2>(pr, pl, blk0, out, stream);
+      else
+        two_sided_forward_seq<T, 1>(pr, pl, blk0, out, stream);
+    });
+    return;
+  }
+  Carries<T> car;
+  compute_carries(pr, pl, par, !pr.causal, car);
   if (pr.causal) {
     parallel_blocks(par, (pl.blocks + 1) / 2, [&](int64_t i) {
       if (2 * i + 1 < pl.blocks)
@@ -1043,7 +1157,8 @@ template <class T>
 static void bwd_sweep(const BwdIO<T>& io, const Problem<T>& pr, int64_t L, Cx<typename VecOf<T>::type> dprev,
                       Cx<typename VecOf<T>::type> eprev, Cx<typename VecOf<T>::type> U,
                       Cx<typename VecOf<T>::type> Rt, Scratch<T>& s, double* zacc,
-                      typename VecOf<T>::type* gk_left, typename VecOf<T>::type* gk_right) {
+                      typename VecOf<T>::type* gk_left, typename VecOf<T>::type* gk_right,
+                      Cx<typename VecOf<T>::type>* carry_out = nullptr) {
   typedef typename VecOf<T>::type V;
   constexpr int NL = Plan<T>::NL;
   const BlockIn<T>& in = io.in;
@@ -1191,6 +1306,10 @@ static void bwd_sweep(const BwdIO<T>& io, const Problem<T>& pr, int64_t L, Cx<ty
   flush_zsum<T>(zs, zacc);
   *gk_left = gk_pend;
   *gk_right = gkb_pend;
+  if (carry_out) {  // d and U at L - 1: the carries into a sequential plan's next sub-chunk
+    carry_out[0] = dprev;
+    carry_out[1] = U;
+  }
 }
 
 // Two-sided chunked: (local value, product) summaries of U and Rt over the chunk, from the true
@@ -1270,6 +1389,52 @@ static void bwd_two_sided_block(BwdShared<T>& sh, int64_t blk) {
         sh.gk_left[blk * NL + l] = lane<T>(gkl, l);
         sh.gk_right[blk * NL + l] = lane<T>(gkr, l);
       }
+}
+
+// Two-sided backward of NB blocks of a sequential plan: the boundary chains (e with Rt) of all
+// NB at once, then each block's sub-chunks in order, d and U carried from each into the next;
+// grad k at a boundary joins the halves of the two sub-chunks beside it.
+template <class T, int NB>
+static void bwd_two_sided_seq(BwdShared<T>& sh, int64_t blk0) {
+  typedef typename VecOf<T>::type V;
+  constexpr int NL = Plan<T>::NL;
+  const Plan<T>& pl = sh.pl;
+  const Problem<T>& pr = sh.pr;
+  Scratch<T>& s = thread_scratch<T>();
+  s.alloc_bwd_two_sided(pl.Ls, pr.mask != nullptr);
+  LaneInfo li[NB][NL], ls[NL];
+  BwdIO<T> io[NB];
+  std::vector<Cx<V>> eb(NB * pl.S), rb(NB * pl.S);
+  Cx<V>*e_in[NB], *rt_in[NB];
+  const BlockIn<T>* inp[NB];
+  const BwdIO<T>* iop[NB];
+  for (int b = 0; b < NB; ++b) {
+    lane_info(pl, blk0 + b, li[b]);
+    io[b].init(sh, li[b]);
+    inp[b] = &io[b].in;
+    iop[b] = &io[b];
+    e_in[b] = eb.data() + b * pl.S;
+    rt_in[b] = rb.data() + b * pl.S;
+  }
+  e_boundaries<T, NB>(pl, pr.zi, inp, iop, e_in, rt_in);
+  for (int b = 0; b < NB; ++b) {
+    double zacc[2 * NL];
+    std::memset(zacc, 0, sizeof(zacc));
+    Cx<V> carry[2] = {{V{} + 1, V{}}, {V{}, V{}}};  // d, U
+    V gkl_prev{};
+    for (int64_t c = 0; c < pl.S; ++c) {
+      const int64_t len = sub_chunk(pl, li[b], c, ls);
+      io[b].init(sh, ls);
+      V gkl, gkr;
+      bwd_sweep<T>(io[b], pr, len, carry[0], e_in[b][c], carry[1], rt_in[b][c], s, zacc, &gkl, &gkr, carry);
+      if (c > 0)  // the coupling (c * Ls - 1, c * Ls)
+        for (int l = 0; l < NL; ++l)
+          if (li[b][l].row >= 0)
+            sh.g.grad_k[li[b][l].row * (pr.N - 1) + c * pl.Ls - 1] = lane<T>(gkl_prev, l) + lane<T>(gkr, l);
+      gkl_prev = gkl;
+    }
+    store_zsum<T>(sh, blk0 + b, li[b], zacc);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1365,11 +1530,19 @@ template <class T>
 static void backward_impl(const Problem<T>& pr, Grads<T>& g, const Par& par) {
   g.grad_z[0] = g.grad_z[1] = 0.0;
   if (pr.B == 0) return;
-  Plan<T> pl(pr.B, pr.N, par.num_threads, kMaxChunkBwd);
+  Plan<T> pl(pr.B, pr.N, par.num_threads, kMaxChunkBwd, !pr.causal);
   BwdShared<T> sh{pr, pl, g, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}};
-  compute_carries(pr, pl, par, !pr.causal, sh.car);
   const int64_t nl = pl.blocks * Plan<T>::NL;
   sh.zsum.assign(2 * nl, 0.0);
+  if (pl.S > 1)
+    parallel_block_groups(par, pl, [&](int64_t blk0, int64_t nb) {
+      if (nb == 2)
+        bwd_two_sided_seq<T, 2>(sh, blk0);
+      else
+        bwd_two_sided_seq<T, 1>(sh, blk0);
+    });
+  else
+    compute_carries(pr, pl, par, !pr.causal, sh.car);
   const bool chunked = pl.chunked();
   if (chunked) {
     Cx<T> zero{T(0), T(0)};
@@ -1384,7 +1557,9 @@ static void backward_impl(const Problem<T>& pr, Grads<T>& g, const Par& par) {
       sh.gk_right.assign(nl, T(0));
     }
   }
-  if (!pr.causal) {
+  if (pl.S > 1) {
+    // done above
+  } else if (!pr.causal) {
     if (chunked) {
       parallel_blocks(par, pl.blocks, [&](int64_t blk) { bwd_summary_block(sh, blk); });
       for (int64_t b = 0; b < pl.B; ++b) {
