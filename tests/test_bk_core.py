@@ -74,11 +74,12 @@ def test_batched_and_chunked_paths(backend, B, N, causal):
 @pytest.mark.parametrize("shared", [False, True], ids=["perrow", "shared"])
 @pytest.mark.parametrize("masked", [False, True], ids=["plain", "masked"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-def test_sequential_subchunk_plan(shared, masked, dtype):
+@pytest.mark.parametrize("causal", [False, True], ids=["twosided", "causal"])
+def test_sequential_subchunk_plan(shared, masked, dtype, causal):
     """A batch that fills every thread's SIMD lanes with sequences longer than the kernel's chunk
-    (4096) runs each sequence as sub-chunks in order, their right-to-left carries from one
-    boundary pass (two-sided forward and backward; blocks in pairs and singly): forward and every
-    gradient (z and the mask included) against the reference."""
+    (4096) runs each sequence as sub-chunks in order (two-sided forward and backward, causal
+    forward; the two-sided ones' right-to-left carries from one boundary pass, blocks in pairs and
+    singly): forward and every gradient (z and the mask included) against the reference."""
     B, N = 70, 4500
     a, b, c = make((B,), N, torch.float64, shared=shared, seed=11)
     g = torch.Generator().manual_seed(12)
@@ -90,9 +91,9 @@ def test_sequential_subchunk_plan(shared, masked, dtype):
         ins = [t.to(dt).requires_grad_() for t in (a, b, c)] + [z.clone().requires_grad_()]
         m = mask.to(dt).requires_grad_() if masked else None
         if masked:
-            out = ops.bk_core_masked(*ins, m, backend=backend)
+            out = ops.bk_core_masked(*ins, m, causal=causal, backend=backend)
         else:
-            out = ops.bk_core(*ins, backend=backend)
+            out = ops.bk_core(*ins, causal=causal, backend=backend)
         leaves = ins + ([m] if masked else [])
         grads = torch.autograd.grad(out, leaves, torch.view_as_complex(w.to(dt)).to(out.dtype))
         return [out] + list(grads)

@@ -959,32 +959,24 @@ static void two_sided_forward_seq(const Problem<T>& pr, const Plan<T>& pl, int64
   }
 }
 
-// Causal forward (y = 1 / d) of NB blocks at once (see inv_d_chains).
+// Causal forward (y = 1 / d) of NB blocks at once over a chunk of length L (see inv_d_chains);
+// dprev: the pivots entering the chunk, left at the chunk's last pivot.
 template <class T, int NB>
-static void causal_forward_blocks(const Problem<T>& pr, const Plan<T>& pl, int64_t blk0, const Carries<T>& car,
-                                  T* out, bool stream) {
+static void causal_forward_run(const Problem<T>& pr, const LaneInfo (*li)[Plan<T>::NL], const BlockIn<T>* in,
+                               int64_t L, Cx<typename VecOf<T>::type>* dprev, T* out, bool stream) {
   typedef typename VecOf<T>::type V;
   constexpr int NL = Plan<T>::NL;
   Scratch<T>& s = thread_scratch<T>();
-  const int64_t Lc = pl.Lc;
-  s.D.alloc(NB * Lc);
-  LaneInfo li[NB][NL];
-  BlockIn<T> in[NB];
-  Cx<V> dprev[NB];
+  s.D.alloc(NB * L);
   Cx<V>* Y[NB];
-  for (int b = 0; b < NB; ++b) {
-    lane_info(pl, blk0 + b, li[b]);
-    in[b].init(pr, pl, li[b]);
-    dprev[b] = load_carry(car.d_in, blk0 + b, li[b]);
-    Y[b] = s.D.p + b * Lc;
-  }
-  inv_d_chains<T, NB>(in, Lc, pr.zi, dprev, Y);
+  for (int b = 0; b < NB; ++b) Y[b] = s.D.p + b * L;
+  inv_d_chains<T, NB>(in, L, pr.zi, dprev, Y);
   alignas(128) V tM[kTile];
   for (int b = 0; b < NB; ++b) {
     LaneOut<T> lo;
     lo.init(li[b], out, 2 * pr.N, pr.N, 2);
-    for (int64_t p0 = 0; p0 < Lc; p0 += kTile) {
-      const int64_t n = std::min(kTile, Lc - p0);
+    for (int64_t p0 = 0; p0 < L; p0 += kTile) {
+      const int64_t n = std::min(kTile, L - p0);
       Cx<V>* y = Y[b] + p0;
       if (in[b].has_mask) {
         in[b].M.tile(p0, n, reinterpret_cast<T*>(tM), NL);
@@ -998,13 +990,38 @@ static void causal_forward_blocks(const Problem<T>& pr, const Plan<T>& pl, int64
 #endif
 }
 
+// Causal forward of NB blocks: of a parallel plan (one chunk each, pivots entering it from the
+// carries), or of a sequential plan (the sub-chunks in order, the d pivot carried: nothing to
+// compute beforehand).
+template <class T, int NB>
+static void causal_forward_blocks(const Problem<T>& pr, const Plan<T>& pl, int64_t blk0, const Carries<T>& car,
+                                  T* out, bool stream) {
+  typedef typename VecOf<T>::type V;
+  constexpr int NL = Plan<T>::NL;
+  LaneInfo li[NB][NL], ls[NB][NL];
+  BlockIn<T> in[NB];
+  Cx<V> dprev[NB];
+  for (int b = 0; b < NB; ++b) {
+    lane_info(pl, blk0 + b, li[b]);
+    dprev[b] = pl.S > 1 ? Cx<V>{V{} + 1, V{}} : load_carry(car.d_in, blk0 + b, li[b]);
+  }
+  for (int64_t c = 0; c < pl.S; ++c) {
+    int64_t len = pl.Lc;
+    for (int b = 0; b < NB; ++b) {
+      if (pl.S > 1) len = sub_chunk(pl, li[b], c, ls[b]);
+      in[b].init(pr, pl, pl.S > 1 ? ls[b] : li[b]);
+    }
+    causal_forward_run<T, NB>(pr, pl.S > 1 ? ls : li, in, len, dprev, out, stream);
+  }
+}
+
 template <class T>
 static void forward_impl(const Problem<T>& pr, T* out, const Par& par) {
   if (pr.B == 0) return;
-  Plan<T> pl(pr.B, pr.N, par.num_threads, kMaxChunkFwd, !pr.causal);
+  Plan<T> pl(pr.B, pr.N, par.num_threads, kMaxChunkFwd, true);
   // An output much larger than the cores' L2 goes out with non-temporal stores (see scatter16_cx).
   const bool stream = pr.B * pr.N * 2 * int64_t(sizeof(T)) >= kStreamOutBytes;
-  if (pl.S > 1) {
+  if (pl.S > 1 && !pr.causal) {
     parallel_block_groups(par, pl, [&](int64_t blk0, int64_t nb) {
       if (nb == 2)
         two_sided_forward_seq<T, 2>(pr, pl, blk0, out, stream);
