@@ -12,10 +12,15 @@
 // fits L2 at N = 4096, twice the row streams per tile, and register spills in the sweeps.)
 //
 // Chunking. When the batch is too small to fill every thread with a block, each sequence is cut
-// into C chunks. The pivots cross chunk boundaries through 2x2 Moebius transfer matrices
-// (shared/BK_CORE_MATH.md, "Parallel form"), the gradient's linear recurrences through
-// (product, local sum) pairs; a short sequential scan per sequence joins them. With C = 1 those
-// phases are skipped.
+// into C parallel chunks (lanes of their own; lanes are chunk-major). The pivots cross chunk
+// boundaries through 2x2 Moebius transfer matrices (shared/BK_CORE_MATH.md, "Parallel form"), the
+// gradient's linear recurrences through (product, local sum) pairs; a short sequential scan per
+// sequence joins them. With C = 1 those phases are skipped. When the batch does fill the threads
+// and a sequence is longer than the scratch allows (kMaxChunk*), it is cut into sequential
+// sub-chunks that its block runs in order instead: the left-to-right recurrences carry from one
+// sub-chunk into the next as in one sweep, and the right-to-left ones (two-sided) start from the
+// values one boundary pass recorded, the same steps as the sweep's own, so the result equals an
+// unchunked sweep's.
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -1459,21 +1464,19 @@ static void bwd_two_sided_seq(BwdShared<T>& sh, int64_t blk0) {
 // right to left against the d chain, so two passes: the d chain keeps 1/d (ID), then the phase
 // below keeps q in P and c in R and, when chunked, the (product, local sum) summary of mu; phase 2
 // runs mu with its true carry.
+// Phase 1 over a chunk of length Lc: dprev enters as the pivot before the chunk and leaves as its
+// last; with summary_lane >= 0 (parallel chunks) the chunk's mu summary goes to the lanes from there.
 template <class T>
-static void causal_bwd_phase1(BwdShared<T>& sh, int64_t blk, Scratch<T>& s) {
+static void causal_bwd_phase1(BwdShared<T>& sh, const LaneInfo* li, int64_t Lc, Cx<typename VecOf<T>::type>& dprev,
+                              Scratch<T>& s, int64_t summary_lane) {
   typedef typename VecOf<T>::type V;
   constexpr int NL = Plan<T>::NL;
   const Problem<T>& pr = sh.pr;
-  const Plan<T>& pl = sh.pl;
-  const int64_t Lc = pl.Lc;
-  const bool chunked = pl.chunked();
+  const bool chunked = summary_lane >= 0;
   s.alloc_bwd_causal(Lc);
-  LaneInfo li[NL];
-  lane_info(pl, blk, li);
   BwdIO<T> io;
   io.init(sh, li);
   const BlockIn<T>& in = io.in;
-  Cx<V> dprev = load_carry(sh.car.d_in, blk, li);
   Cx<V>* ID = s.ID.p;
   inv_d_chains<T, 1>(&in, Lc, pr.zi, &dprev, &ID);
   alignas(128) V tK[kTile + 1];
@@ -1505,27 +1508,22 @@ static void causal_bwd_phase1(BwdShared<T>& sh, int64_t blk, Scratch<T>& s) {
   if (chunked)
     for (int l = 0; l < NL; ++l)
       if (li[l].row >= 0) {
-        sh.r_start[blk * NL + l] = lane_cx<T>(S, l);
-        sh.r_prod[blk * NL + l] = lane_cx<T>(Pi, l);
+        sh.r_start[summary_lane + l] = lane_cx<T>(S, l);
+        sh.r_prod[summary_lane + l] = lane_cx<T>(Pi, l);
       }
 }
 
+// Phase 2 over a chunk of length Lc: mu enters as its value after the chunk and leaves as its
+// value at the chunk's first position.
 template <class T>
-static void causal_bwd_phase2(BwdShared<T>& sh, int64_t blk, Scratch<T>& s) {
+static void causal_bwd_phase2(BwdShared<T>& sh, const LaneInfo* li, int64_t Lc, Scratch<T>& s,
+                              Cx<typename VecOf<T>::type>& mu, double* zacc) {
   typedef typename VecOf<T>::type V;
   constexpr int NL = Plan<T>::NL;
-  const Plan<T>& pl = sh.pl;
-  const int64_t Lc = pl.Lc;
-  LaneInfo li[NL];
-  lane_info(pl, blk, li);
   BwdIO<T> io;
   io.init(sh, li);
   alignas(128) V tGA[kTile];
   alignas(128) V tGK[kTile];
-  Cx<V> mu{V{}, V{}};
-  if (pl.chunked()) mu = load_carry(sh.r_in, blk, li);
-  double zacc[2 * NL];
-  std::memset(zacc, 0, sizeof(zacc));
   for (int64_t p0 = ((Lc - 1) / kTile) * kTile; p0 >= 0; p0 -= kTile) {
     const int64_t n = std::min(kTile, Lc - p0);
     Cx<V> tile{V{}, V{}};
@@ -1540,6 +1538,55 @@ static void causal_bwd_phase2(BwdShared<T>& sh, int64_t blk, Scratch<T>& s) {
     scatter_tile<T>(io.oga, p0, n, reinterpret_cast<T*>(tGA), NL);
     if (io.has_gk) scatter_tile<T>(io.ogk, p0, n, reinterpret_cast<T*>(tGK), NL);
   }
+}
+
+// Causal backward of one block of a parallel plan: phase 1 (summaries when chunked) and, given
+// keep, phase 2 later; without keep, both at once with the thread's scratch.
+template <class T>
+static void causal_bwd_block(BwdShared<T>& sh, int64_t blk, int phase, Scratch<T>& s) {
+  typedef typename VecOf<T>::type V;
+  constexpr int NL = Plan<T>::NL;
+  const Plan<T>& pl = sh.pl;
+  LaneInfo li[NL];
+  lane_info(pl, blk, li);
+  if (phase & 1) {
+    Cx<V> dprev = load_carry(sh.car.d_in, blk, li);
+    causal_bwd_phase1(sh, li, pl.Lc, dprev, s, pl.chunked() ? blk * NL : -1);
+  }
+  if (phase & 2) {
+    Cx<V> mu{V{}, V{}};
+    if (pl.chunked()) mu = load_carry(sh.r_in, blk, li);
+    double zacc[2 * NL];
+    std::memset(zacc, 0, sizeof(zacc));
+    causal_bwd_phase2(sh, li, pl.Lc, s, mu, zacc);
+    store_zsum<T>(sh, blk, li, zacc);
+  }
+}
+
+// Causal backward of one block of a sequential plan: phase 1 over the sub-chunks in order (d
+// carried), then phase 2 over them in reverse (mu carried), each sub-chunk's scratch kept
+// between the two (the worker thread's own, reused across blocks and calls).
+template <class T>
+static void causal_bwd_seq(BwdShared<T>& sh, int64_t blk) {
+  typedef typename VecOf<T>::type V;
+  constexpr int NL = Plan<T>::NL;
+  const Plan<T>& pl = sh.pl;
+  static thread_local std::vector<Scratch<T>> keep;
+  if (int64_t(keep.size()) < pl.S) keep.resize(pl.S);
+  LaneInfo li[NL], ls[NL];
+  lane_info(pl, blk, li);
+  Cx<V> dprev{V{} + 1, V{}};
+  for (int64_t c = 0; c < pl.S; ++c) {
+    const int64_t len = sub_chunk(pl, li, c, ls);
+    causal_bwd_phase1(sh, ls, len, dprev, keep[c], -1);
+  }
+  Cx<V> mu{V{}, V{}};
+  double zacc[2 * NL];
+  std::memset(zacc, 0, sizeof(zacc));
+  for (int64_t c = pl.S - 1; c >= 0; --c) {
+    const int64_t len = sub_chunk(pl, li, c, ls);
+    causal_bwd_phase2(sh, ls, len, keep[c], mu, zacc);
+  }
   store_zsum<T>(sh, blk, li, zacc);
 }
 
@@ -1547,20 +1594,24 @@ template <class T>
 static void backward_impl(const Problem<T>& pr, Grads<T>& g, const Par& par) {
   g.grad_z[0] = g.grad_z[1] = 0.0;
   if (pr.B == 0) return;
-  Plan<T> pl(pr.B, pr.N, par.num_threads, kMaxChunkBwd, !pr.causal);
+  Plan<T> pl(pr.B, pr.N, par.num_threads, kMaxChunkBwd, true);
   BwdShared<T> sh{pr, pl, g, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}};
   const int64_t nl = pl.blocks * Plan<T>::NL;
   sh.zsum.assign(2 * nl, 0.0);
-  if (pl.S > 1)
-    parallel_block_groups(par, pl, [&](int64_t blk0, int64_t nb) {
-      if (nb == 2)
-        bwd_two_sided_seq<T, 2>(sh, blk0);
-      else
-        bwd_two_sided_seq<T, 1>(sh, blk0);
-    });
-  else
-    compute_carries(pr, pl, par, !pr.causal, sh.car);
   const bool chunked = pl.chunked();
+  if (pl.S > 1) {
+    if (pr.causal)
+      parallel_blocks(par, pl.blocks, [&](int64_t blk) { causal_bwd_seq(sh, blk); });
+    else
+      parallel_block_groups(par, pl, [&](int64_t blk0, int64_t nb) {
+        if (nb == 2)
+          bwd_two_sided_seq<T, 2>(sh, blk0);
+        else
+          bwd_two_sided_seq<T, 1>(sh, blk0);
+      });
+  } else {
+    compute_carries(pr, pl, par, !pr.causal, sh.car);
+  }
   if (chunked) {
     Cx<T> zero{T(0), T(0)};
     sh.r_start.assign(nl, zero);
@@ -1575,7 +1626,7 @@ static void backward_impl(const Problem<T>& pr, Grads<T>& g, const Par& par) {
     }
   }
   if (pl.S > 1) {
-    // done above
+    // (run above)
   } else if (!pr.causal) {
     if (chunked) {
       parallel_blocks(par, pl.blocks, [&](int64_t blk) { bwd_summary_block(sh, blk); });
@@ -1597,11 +1648,7 @@ static void backward_impl(const Problem<T>& pr, Grads<T>& g, const Par& par) {
           g.grad_k[b * (pr.N - 1) + (ch + 1) * pl.Lc - 1] = sh.gk_left[pl.lane(b, ch)] + sh.gk_right[pl.lane(b, ch + 1)];
         }
   } else if (!chunked) {
-    parallel_blocks(par, pl.blocks, [&](int64_t blk) {
-      Scratch<T>& s = thread_scratch<T>();
-      causal_bwd_phase1(sh, blk, s);
-      causal_bwd_phase2(sh, blk, s);
-    });
+    parallel_blocks(par, pl.blocks, [&](int64_t blk) { causal_bwd_block(sh, blk, 3, thread_scratch<T>()); });
   } else {
     // Per-block scratch lives across the two phases; it is cached per calling thread so repeated
     // calls do not pay fresh page faults.
@@ -1610,14 +1657,14 @@ static void backward_impl(const Problem<T>& pr, Grads<T>& g, const Par& par) {
     static thread_local std::vector<Scratch<T>> keep_tls;
     std::vector<Scratch<T>>& keep = keep_tls;
     if (int64_t(keep.size()) < pl.blocks) keep.resize(pl.blocks);
-    parallel_blocks(par, pl.blocks, [&](int64_t blk) { causal_bwd_phase1(sh, blk, keep[blk]); });
+    parallel_blocks(par, pl.blocks, [&](int64_t blk) { causal_bwd_block(sh, blk, 1, keep[blk]); });
     for (int64_t b = 0; b < pl.B; ++b) {
       for (int64_t ch = pl.C - 2; ch >= 0; --ch) {  // carry from the right: value at the next chunk's start
         const int64_t v = pl.lane(b, ch), vn = pl.lane(b, ch + 1);
         sh.r_in[v] = sh.r_start[vn] + sh.r_prod[vn] * sh.r_in[vn];
       }
     }
-    parallel_blocks(par, pl.blocks, [&](int64_t blk) { causal_bwd_phase2(sh, blk, keep[blk]); });
+    parallel_blocks(par, pl.blocks, [&](int64_t blk) { causal_bwd_block(sh, blk, 2, keep[blk]); });
   }
   double zr = 0, zi = 0;
   for (int64_t v = 0; v < nl; ++v) {
