@@ -468,6 +468,24 @@ static BK_AI void scatter_tile(const LaneOut<T>& o, int64_t p0, int64_t n, const
   for (int l = 0; l < NL; ++l) o.lane(l, p0, n, src, sstride);
 }
 
+// A pack whose first half of lanes is a and second half b, built in registers (one full-width
+// store then feeds the full-width load that reads it back).
+template <class T>
+static BK_AI VPack<T> halves(T a, T b) {
+  typedef VPack<T> P;
+  P r;
+  if constexpr (P::U >= 2) {
+    for (int u = 0; u < P::U; ++u) r.v[u] = typename P::N{} + (u < P::U / 2 ? a : b);
+  } else {
+    typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> I;
+    typedef I IV __attribute__((vector_size(BK_VEC_BYTES)));
+    IV idx;
+    for (int i = 0; i < P::W; ++i) idx[i] = i;
+    r.v[0] = idx < P::W / 2 ? typename P::N{} + a : typename P::N{} + b;
+  }
+  return r;
+}
+
 // Inputs of one block: alpha's real part, the couplings (uniform across lanes when one k row is
 // shared and sequences are not chunked: then no transpose at all) and the mask.
 template <class T>
@@ -475,8 +493,8 @@ struct BlockIn {
   typedef typename VecOf<T>::type V;
   static constexpr int NL = Plan<T>::NL;
   LaneSrc<T> A, K, M;
-  const T* kuni;  // shared k row when uniform, else nullptr
-  int64_t kstart;  // with kuni: the chunk start of every real lane
+  const T* kuni;            // shared k row when each half of the lanes reads it at one offset, else nullptr
+  int64_t kstart, kstart2;  // with kuni: the chunk start of the real lanes of the first / second half
   int64_t N;
   bool has_mask;
 
@@ -484,19 +502,26 @@ struct BlockIn {
     N = pr.N;
     // Padding positions get alpha = 1 - i Im z (never a zero pivot) and k = 0 (decoupled).
     A.init(li, pr.a, pr.N, pr.N, 1, 0, pr.zr, T(1), T(1));
-    // one shared k row read at one chunk offset by every real lane: broadcast, no transpose
-    // (lane 0 of a block is always a real lane)
+    // One shared k row read at one chunk offset by every real lane of each half of the block
+    // (the chunk-major lanes of a batch of NL / 2 sequences: two chunks per block): broadcast,
+    // no transpose. (Lane 0 of a block is always a real lane.)
     kuni = pr.k_row_stride == 0 ? pr.k : nullptr;
     kstart = li[0].start;
+    kstart2 = li[NL / 2].row >= 0 ? li[NL / 2].start : kstart;
     for (int l = 0; l < NL; ++l)
-      if (li[l].row >= 0 && li[l].start != kstart) kuni = nullptr;
+      if (li[l].row >= 0 && li[l].start != (l < NL / 2 ? kstart : kstart2)) kuni = nullptr;
     K.init(li, pr.k, pr.k_row_stride, pr.N - 1, 1, -1, T(0), T(1), T(0));
     has_mask = pr.mask != nullptr;
     if (has_mask) M.init(li, pr.mask, pr.N, pr.N, 1, 0, T(0), T(1), T(0));
   }
   // tK[q] = coupling into chunk position p0 + q (k at p0 + q - 1), q in [0, n]
   BK_AI void k_tile(int64_t p0, int64_t n, V* tK) const {
-    if (kuni) {
+    if (kuni && kstart2 != kstart) {
+      for (int64_t q = 0; q <= n; ++q) {
+        const int64_t i = kstart + p0 + q - 1, i2 = kstart2 + p0 + q - 1;
+        tK[q] = halves<T>((i >= 0 && i < N - 1) ? kuni[i] : T(0), (i2 >= 0 && i2 < N - 1) ? kuni[i2] : T(0));
+      }
+    } else if (kuni) {
       // Broadcast element-wise through memory: a pack assigned from a scalar is
       // lowered by GCC to per-lane extracts, so write the lanes as scalars instead.
       T* dst = reinterpret_cast<T*>(tK);
