@@ -99,6 +99,13 @@ struct VPack {
   }
 } __attribute__((aligned(BK_PACK_BYTES)));
 
+// The signed integer vector with the lanes of a native vector of T (for bit manipulation).
+template <class T>
+struct IntVec {
+  typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> I;
+  typedef I type __attribute__((vector_size(BK_VEC_BYTES)));
+};
+
 // 1 / x of a pack of complex values, in parts (bk::inv_parts, found by argument-dependent lookup).
 // With AVX-512 the reciprocal of |x|^2 comes from VRCP14 (relative error < 2^-14) refined by
 // Newton steps y <- y + y (1 - |x|^2 y) (one for float, two for double; each squares the error, so
@@ -477,9 +484,7 @@ static BK_AI VPack<T> halves(T a, T b) {
   if constexpr (P::U >= 2) {
     for (int u = 0; u < P::U; ++u) r.v[u] = typename P::N{} + (u < P::U / 2 ? a : b);
   } else {
-    typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> I;
-    typedef I IV __attribute__((vector_size(BK_VEC_BYTES)));
-    IV idx;
+    typename IntVec<T>::type idx;
     for (int i = 0; i < P::W; ++i) idx[i] = i;
     r.v[0] = idx < P::W / 2 ? typename P::N{} + a : typename P::N{} + b;
   }
@@ -625,8 +630,8 @@ static void store_mobius(const Mobius<typename VecOf<T>::type>& m, const LaneInf
 template <class T>
 static BK_AI void mobius_rescale_max(Mobius<VPack<T>>& m) {
   typedef VPack<T> P;
-  typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> I;
-  typedef I IV __attribute__((vector_size(BK_VEC_BYTES)));
+  typedef typename IntVec<T>::I I;
+  typedef typename IntVec<T>::type IV;
   constexpr int MB = sizeof(T) == 4 ? 23 : 52;                     // mantissa bits
   constexpr I EXP = sizeof(T) == 4 ? I(0xFF) << MB : I(0x7FF) << MB;  // exponent field
   constexpr I TWO_BIAS = sizeof(T) == 4 ? I(254) << MB : I(2046) << MB;
