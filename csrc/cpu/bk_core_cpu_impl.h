@@ -1620,28 +1620,32 @@ static void causal_bwd_seq(BwdShared<T>& sh, int64_t blk) {
   store_zsum<T>(sh, blk, li, zacc);
 }
 
+// Backward of a sequential plan: each block runs its sub-chunks in order (see bwd_two_sided_seq,
+// causal_bwd_seq); no carries phase.
 template <class T>
-static void backward_impl(const Problem<T>& pr, Grads<T>& g, const Par& par) {
-  g.grad_z[0] = g.grad_z[1] = 0.0;
-  if (pr.B == 0) return;
-  Plan<T> pl(pr.B, pr.N, par.num_threads, kMaxChunkBwd, true);
-  BwdShared<T> sh{pr, pl, g, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}};
-  const int64_t nl = pl.blocks * Plan<T>::NL;
-  sh.zsum.assign(2 * nl, 0.0);
-  const bool chunked = pl.chunked();
-  if (pl.S > 1) {
-    if (pr.causal)
-      parallel_blocks(par, pl.blocks, [&](int64_t blk) { causal_bwd_seq(sh, blk); });
-    else
-      parallel_block_groups(par, pl, [&](int64_t blk0, int64_t nb) {
-        if (nb == 2)
-          bwd_two_sided_seq<T, 2>(sh, blk0);
-        else
-          bwd_two_sided_seq<T, 1>(sh, blk0);
-      });
-  } else {
-    compute_carries(pr, pl, par, !pr.causal, sh.car);
+static void backward_sequential(BwdShared<T>& sh, const Par& par) {
+  const Plan<T>& pl = sh.pl;
+  if (sh.pr.causal) {
+    parallel_blocks(par, pl.blocks, [&](int64_t blk) { causal_bwd_seq(sh, blk); });
+    return;
   }
+  parallel_block_groups(par, pl, [&](int64_t blk0, int64_t nb) {
+    if (nb == 2)
+      bwd_two_sided_seq<T, 2>(sh, blk0);
+    else
+      bwd_two_sided_seq<T, 1>(sh, blk0);
+  });
+}
+
+// Backward of a parallel plan: the pivot carries and, when chunked, the accumulators' summaries and
+// their scan, then the blocks.
+template <class T>
+static void backward_parallel(BwdShared<T>& sh, const Par& par) {
+  const Problem<T>& pr = sh.pr;
+  const Plan<T>& pl = sh.pl;
+  compute_carries(pr, pl, par, !pr.causal, sh.car);
+  const int64_t nl = pl.blocks * Plan<T>::NL;
+  const bool chunked = pl.chunked();
   if (chunked) {
     Cx<T> zero{T(0), T(0)};
     sh.r_start.assign(nl, zero);
@@ -1655,9 +1659,7 @@ static void backward_impl(const Problem<T>& pr, Grads<T>& g, const Par& par) {
       sh.gk_right.assign(nl, T(0));
     }
   }
-  if (pl.S > 1) {
-    // (run above)
-  } else if (!pr.causal) {
+  if (!pr.causal) {
     if (chunked) {
       parallel_blocks(par, pl.blocks, [&](int64_t blk) { bwd_summary_block(sh, blk); });
       for (int64_t b = 0; b < pl.B; ++b) {
@@ -1674,9 +1676,9 @@ static void backward_impl(const Problem<T>& pr, Grads<T>& g, const Par& par) {
     parallel_blocks(par, pl.blocks, [&](int64_t blk) { bwd_two_sided_block(sh, blk); });
     if (chunked && pr.N > 1)
       for (int64_t b = 0; b < pl.B; ++b)
-        for (int64_t ch = 0; ch + 1 < pl.C; ++ch) {
-          g.grad_k[b * (pr.N - 1) + (ch + 1) * pl.Lc - 1] = sh.gk_left[pl.lane(b, ch)] + sh.gk_right[pl.lane(b, ch + 1)];
-        }
+        for (int64_t ch = 0; ch + 1 < pl.C; ++ch)
+          sh.g.grad_k[b * (pr.N - 1) + (ch + 1) * pl.Lc - 1] =
+              sh.gk_left[pl.lane(b, ch)] + sh.gk_right[pl.lane(b, ch + 1)];
   } else if (!chunked) {
     parallel_blocks(par, pl.blocks, [&](int64_t blk) { causal_bwd_block(sh, blk, 3, thread_scratch<T>()); });
   } else {
@@ -1696,6 +1698,20 @@ static void backward_impl(const Problem<T>& pr, Grads<T>& g, const Par& par) {
     }
     parallel_blocks(par, pl.blocks, [&](int64_t blk) { causal_bwd_block(sh, blk, 2, keep[blk]); });
   }
+}
+
+template <class T>
+static void backward_impl(const Problem<T>& pr, Grads<T>& g, const Par& par) {
+  g.grad_z[0] = g.grad_z[1] = 0.0;
+  if (pr.B == 0) return;
+  Plan<T> pl(pr.B, pr.N, par.num_threads, kMaxChunkBwd, true);
+  BwdShared<T> sh{pr, pl, g, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}};
+  const int64_t nl = pl.blocks * Plan<T>::NL;
+  sh.zsum.assign(2 * nl, 0.0);
+  if (pl.S > 1)
+    backward_sequential(sh, par);
+  else
+    backward_parallel(sh, par);
   double zr = 0, zi = 0;
   for (int64_t v = 0; v < nl; ++v) {
     zr += sh.zsum[2 * v];
