@@ -386,6 +386,27 @@ def test_inf_potential_gives_the_decoupled_limit(backend, causal):
         assert torch.isnan(torch.view_as_real(out[0, j])).any()
 
 
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="compiled extension not built")
+@pytest.mark.parametrize("causal", [False, True], ids=["twosided", "causal"])
+@pytest.mark.parametrize("j", [1000, 3000], ids=["first_subchunk", "second_subchunk"])
+def test_inf_potential_sequential_subchunks(causal, j):
+    """A batch that fills the SIMD lanes with sequences longer than the C++ kernel's chunk runs
+    sub-chunks in order with the pivots carried exactly (and the two-sided e chain's boundary
+    values from the same steps), so an infinite potential on either side of a sub-chunk boundary
+    gives the decoupled limit there too."""
+    B, N = 70, 4500
+    a, b, c, _, _ = _problem(B, N)
+    a[0, j] = float("inf")
+    out = ops.bk_core(a, b, c, 1j, causal=causal, backend="cpp")
+    left = ops.bk_core(a[:1, :j], b[:1, : j - 1], c[:1, : j - 1], 1j, causal=causal, backend="reference")
+    right = ops.bk_core(a[:1, j + 1:], b[:1, j + 1:], c[:1, j + 1:], 1j, causal=causal, backend="reference")
+    torch.testing.assert_close(out[0, :j], left[0], rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(out[0, j + 1:], right[0], rtol=1e-10, atol=1e-14)
+    if causal:
+        assert out[0, j] == 0
+    assert torch.isfinite(torch.view_as_real(out[1:])).all()
+
+
 @pytest.mark.xfail(strict=True, reason="known limitation: the C++ kernel's chunked path (small batch, N >= 512) "
                                        "carries pivots through 2x2 Moebius products, and an infinite potential "
                                        "makes those products NaN (inf * 0); see docs/BAD_INPUT.md")
