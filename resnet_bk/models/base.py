@@ -75,12 +75,12 @@ def _is_plain_expert(expert: nn.Module) -> bool:
             and _plain_module(expert[3], nn.Linear))
 
 
-def _expert_forward(expert: nn.Module, x: Tensor) -> Tensor:
+def _expert_forward(expert: nn.Module, x: Tensor, plain: Optional[bool] = None) -> Tensor:
     """``expert(x)`` for an expert ``Sequential(Linear, ReLU, Dropout, Linear)``, as two addmm and an
     in-place ReLU when it has exactly that structure and no hooks (skips four module calls per
     expert, and the ReLU's separate output; the result is then a fresh tensor), else as a module
-    call."""
-    if _is_plain_expert(expert):
+    call. ``plain``: ``_is_plain_expert(expert)`` when the caller has it already."""
+    if _is_plain_expert(expert) if plain is None else plain:
         lin1, drop, lin2 = expert[0], expert[2], expert[3]
         # In place on the Linear's fresh output: addmm's backward does not read its output.
         h = F.linear(x, lin1.weight, lin1.bias).relu_()
@@ -181,10 +181,11 @@ class SparseMoELayer(nn.Module):
                     if counts[e] == 0:
                         continue
                     expert = self.experts[e]
-                    y = _expert_forward(expert, chunk)
+                    plain = _is_plain_expert(expert)
+                    y = _expert_forward(expert, chunk, plain)
                     g = g.unsqueeze(-1).to(y.dtype)
                     # In place only on a fresh output (a custom expert may return a view of x).
-                    y = y.mul_(g) if _is_plain_expert(expert) else y * g
+                    y = y.mul_(g) if plain else y * g
                     if out is None:
                         out = y.new_empty(T, y.shape[-1])
                     out.index_copy_(0, tok, y)

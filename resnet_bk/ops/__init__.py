@@ -116,7 +116,7 @@ def _fast_cpu_bk_core(diag, super_diag, sub_diag, z, causal, backend=None) -> Op
         zri = _canon._Z_CACHE.get((complex(z), dt, diag.device))  # present only once validated
         if zri is None:
             return None
-    elif (isinstance(z, Tensor) and z.dim() == 0 and z.dtype == _FAST_COMPLEX[dt] and z.device == diag.device):
+    elif (isinstance(z, Tensor) and z.dim() == 0 and z.dtype == dt.to_complex() and z.device == diag.device):
         zri = torch.view_as_real(z)
     else:
         return None
@@ -127,8 +127,6 @@ def _fast_cpu_bk_core(diag, super_diag, sub_diag, z, causal, backend=None) -> Op
     out = torch.ops.resnet_bk.bk_core_fwd(a.contiguous(), k, zri, None, causal)
     return out if diag.dim() == 2 else out.view(diag.shape)
 
-
-_FAST_COMPLEX = {torch.float32: torch.complex64, torch.float64: torch.complex128}
 
 
 def bk_core_masked(diag: Tensor, super_diag: Tensor, sub_diag: Tensor, z: Union[Number, Tensor],

@@ -168,7 +168,6 @@ def verify_enabled() -> bool:
     return os.environ.get(ENV_VERIFY, "0") not in ("", "0", "false", "False")
 
 
-
 # dtypes the compiled CPU kernels take as they are (the fast paths' first test)
 FAST_CPU_DTYPES = (torch.float32, torch.float64)
 
@@ -186,6 +185,7 @@ def fast_cpu_path_ok(op: str, compiled: Callable, backend: Optional[str]) -> boo
     if be is None or be.impls.get(op, (None,))[0] is not compiled or not be.available()[0]:
         return False
     return not (torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled())
+
 
 @contextlib.contextmanager
 def verify(enabled: bool = True):
