@@ -503,7 +503,7 @@ struct BlockIn {
   int64_t N;
   bool has_mask;
 
-  void init(const Problem<T>& pr, const Plan<T>& pl, const LaneInfo* li) {
+  void init(const Problem<T>& pr, const LaneInfo* li) {
     N = pr.N;
     // Padding positions get alpha = 1 - i Im z (never a zero pivot) and k = 0 (decoupled).
     A.init(li, pr.a, pr.N, pr.N, 1, 0, pr.zr, T(1), T(1));
@@ -658,7 +658,7 @@ static void mobius_block(const Problem<T>& pr, const Plan<T>& pl, int64_t blk, b
   LaneInfo li[NL];
   lane_info(pl, blk, li);
   BlockIn<T> in;
-  in.init(pr, pl, li);
+  in.init(pr, li);
   const V aim = V{} - pr.zi;
   alignas(128) V tA[kTile];
   alignas(128) V tK[kTile + 1];
@@ -904,7 +904,7 @@ static void two_sided_forward_block(const Problem<T>& pr, const Plan<T>& pl, int
   LaneInfo li[NL];
   lane_info(pl, blk, li);
   BlockIn<T> in;
-  in.init(pr, pl, li);
+  in.init(pr, li);
   const int64_t Lc = pl.Lc;
   Cx<V> dprev = load_carry(car.d_in, blk, li);
   Cx<V> eprev = load_carry(car.e_in, blk, li);
@@ -979,7 +979,7 @@ static void two_sided_forward_seq(const Problem<T>& pr, const Plan<T>& pl, int64
   const BlockIn<T>* inp[NB];
   for (int b = 0; b < NB; ++b) {
     lane_info(pl, blk0 + b, li[b]);
-    in[b].init(pr, pl, li[b]);
+    in[b].init(pr, li[b]);
     inp[b] = &in[b];
     e_in[b] = eb.data() + b * pl.S;
   }
@@ -988,7 +988,7 @@ static void two_sided_forward_seq(const Problem<T>& pr, const Plan<T>& pl, int64
     Cx<V> dprev{V{} + 1, V{}};
     for (int64_t c = 0; c < pl.S; ++c) {
       const int64_t len = sub_chunk(pl, li[b], c, ls);
-      in[b].init(pr, pl, ls);
+      in[b].init(pr, ls);
       dprev = two_sided_sweep<T>(in[b], ls, pr, len, dprev, e_in[b][c], s.D.p, s.SA.p, out, stream);
     }
   }
@@ -1044,7 +1044,7 @@ static void causal_forward_blocks(const Problem<T>& pr, const Plan<T>& pl, int64
     int64_t len = pl.Lc;
     for (int b = 0; b < NB; ++b) {
       if (pl.S > 1) len = sub_chunk(pl, li[b], c, ls[b]);
-      in[b].init(pr, pl, pl.S > 1 ? ls[b] : li[b]);
+      in[b].init(pr, pl.S > 1 ? ls[b] : li[b]);
     }
     causal_forward_run<T, NB>(pr, pl.S > 1 ? ls : li, in, len, dprev, out, stream);
   }
@@ -1147,7 +1147,7 @@ struct BwdIO {
   bool has_gk, has_gm;
   void init(const BwdShared<T>& sh, const LaneInfo* li) {
     const Problem<T>& pr = sh.pr;
-    in.init(pr, sh.pl, li);
+    in.init(pr, li);
     Wre.init(li, sh.g.grad, 2 * pr.N, pr.N, 2, 0, T(0), T(1), T(0));
     Wim.init(li, sh.g.grad + 1, 2 * pr.N, pr.N, 2, 0, T(0), T(-1), T(0));
     oga.init(li, sh.g.grad_a, pr.N, pr.N, 1);
