@@ -62,9 +62,10 @@ struct VPack {
   static constexpr int W = BK_VEC_BYTES / sizeof(T);
   static constexpr int U = BK_PACK_BYTES / BK_VEC_BYTES;
   typedef T N __attribute__((vector_size(BK_VEC_BYTES)));
-  N v[U];
-
-  VPack() : v{} {}
+  // Zero-initialised by the implicit constructor: a user-written one (target-specific, defined
+  // under the ISA pragma) could not be inlined into Cx's implicit constructor and became an
+  // out-of-line call inside the sweeps, spilling every vector register around it.
+  N v[U] = {};
   static BK_AI VPack bcast(T s) {
     VPack r;
     for (int u = 0; u < U; ++u) r.v[u] = N{} + s;
