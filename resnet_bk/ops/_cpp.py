@@ -1,9 +1,10 @@
 """The compiled backends (``cpp`` on CPU tensors, ``cuda`` on CUDA tensors): loading of
 ``resnet_bk._C``, fake kernels and autograd for its ops, and their registration with dispatch.
 
-The schemas and kernels live in C++ (``TORCH_LIBRARY(resnet_bk, ...)``); this file makes them
-first-class PyTorch ops: ``register_fake`` (meta kernels, so torch.compile can trace them) and
-``register_autograd`` (the exact backward is another op, ``bk_core_bwd``).
+The schemas, kernels and the autograd of ``bk_core_fwd`` live in C++ (``TORCH_LIBRARY(resnet_bk, ...)``,
+csrc/bk_autograd.cpp: the exact backward is another op, ``bk_core_bwd``); this file adds
+``register_fake`` (meta kernels, so torch.compile can trace them) and the Python autograd of the
+ops that have none in C++.
 """
 from __future__ import annotations
 
@@ -38,7 +39,10 @@ def cpu_isa() -> str:
 if HAS_C:
     torch.library.register_fake("resnet_bk::bk_core_fwd")(fwd_fake)
     torch.library.register_fake("resnet_bk::bk_core_bwd")(bwd_fake)
-    register_bk_autograd("resnet_bk::bk_core_fwd", torch.ops.resnet_bk.bk_core_bwd)
+    # bk_core_fwd's autograd is C++ (csrc/bk_autograd.cpp: no Python per call); a build without
+    # it gets the same backward registered from Python.
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("resnet_bk::bk_core_fwd", "Autograd"):
+        register_bk_autograd("resnet_bk::bk_core_fwd", torch.ops.resnet_bk.bk_core_bwd)
     register_no_double_backward("resnet_bk::bk_core_bwd")
 
 
