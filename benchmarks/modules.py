@@ -10,9 +10,8 @@ ACT threshold 0.95, act_lambda 0.03, halting bias 0 (p = 0.5 at init; with the d
 act_lambda 0.01 no token ever halted in 150 steps); learned sparsity target 0.5 with an l2 sparsity
 loss of weight 1 (masked positions skip the MoE FFN); learned length with length_penalty 0.5 on
 "mixed" inputs (half short, half long rows, right-padded), where the plain model is trained and
-timed on the same padded data. d_model 128: at 64 the per-call costs of routing, gathers and the
-lm_head are a large share of a layer; at 128 the MoE dominates as it does at real widths. A case whose module is not importable yet is SKIPPED with
-the reason.
+timed on the same padded data. Sizes: see ``MODULE_CONFIG`` (the full grid runs d_model 128 / N 128
+and d_model 256 / N 256). A case whose module is not importable yet is SKIPPED with the reason.
 
 The real data is the English text of CPython's own documentation topics (``pydoc_data.topics``,
 shipped with every Python, about 460 KB), modelled byte by byte (vocabulary 256): no download.
@@ -175,11 +174,23 @@ def module_cases() -> List[ModuleCase]:
     ]
 
 
+# Each grid's module sizes, run in turn (every module row, and its plain model, at each size). The
+# full grid runs two: at d_model 128, N 128 a model call's fixed cost (about 60 small ops per layer,
+# ~1.7 ms per call here at any batch) is a large share of an inference batch and eats most of what
+# the adaptive models save; at d_model 256, N 256 the per-token work dominates, as it does in models
+# people train. Both are reported.
 MODULE_CONFIG = {
-    "full": {"d_model": 128, "n_layers": 4, "n_seq": 128, "B": 16, "train_steps": 150, "val_batches": 8},
-    "quick": {"d_model": 64, "n_layers": 2, "n_seq": 128, "B": 8, "train_steps": 0, "val_batches": 0},
-    "smoke": {"d_model": 16, "n_layers": 1, "n_seq": 32, "B": 2, "train_steps": 0, "val_batches": 0},
+    "full": [{"d_model": 128, "n_layers": 4, "n_seq": 128, "B": 16, "train_steps": 150, "val_batches": 8},
+             {"d_model": 256, "n_layers": 4, "n_seq": 256, "B": 16, "train_steps": 150, "val_batches": 8}],
+    "quick": [{"d_model": 64, "n_layers": 2, "n_seq": 128, "B": 8, "train_steps": 0, "val_batches": 0}],
+    "smoke": [{"d_model": 16, "n_layers": 1, "n_seq": 32, "B": 2, "train_steps": 0, "val_batches": 0}],
 }
+
+
+def size_label(row_or_cfg: dict) -> str:
+    """'d128 N128': the model size of a module row or config."""
+    n = row_or_cfg.get("N", row_or_cfg.get("n_seq"))
+    return f"d{row_or_cfg.get('d_model')} N{n}"
 
 
 def _logits(out) -> Tensor:

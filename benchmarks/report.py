@@ -113,28 +113,34 @@ def _goal_lines(result: dict, impl: str, how: str) -> List[str]:
     return out
 
 
+def _size_key(r: dict) -> tuple:
+    """(device, d_model, N, B): module rows compare with the plain model of the same size."""
+    return r.get("device"), r.get("d_model"), r.get("N"), r.get("B")
+
+
 def module_speedups(module_rows: List[dict]) -> None:
     """Speedup of each module over the plain model, train step and inference: over the plain model
     timed interleaved with it in the same row (``baseline``) when there is one, else over the plain
     row of the same device. Perplexity ratio over the plain model trained on the same data."""
-    plain = {r["device"]: r for r in module_rows if r["module"] == "plain" and r["status"] == "ok"}
+    plain = {_size_key(r): r for r in module_rows if r["module"] == "plain" and r["status"] == "ok"}
     for r in module_rows:
-        p = r.get("baseline") or plain.get(r.get("device"))
+        p = r.get("baseline") or plain.get(_size_key(r))
         if r["status"] != "ok" or p is None:
             continue
         r["speedup_vs_plain"] = {k: p[k]["median"] / r[k]["median"] for k in ("train_step", "inference")}
-        pt = r.get("baseline_training") or (plain.get(r.get("device")) or {}).get("training")
+        pt = r.get("baseline_training") or (plain.get(_size_key(r)) or {}).get("training")
         if "training" in r and pt:
             r["val_ppl_vs_plain"] = r["training"]["val_ppl"] / pt["val_ppl"]
 
 
 def _module_table(result: dict) -> Tuple[List[str], List[List[str]]]:
-    head = ["module", "device", "params", "train step (p10-p90)", "x plain", "inference (p10-p90)", "x plain",
+    head = ["module", "size", "device", "params", "train step (p10-p90)", "x plain", "inference (p10-p90)", "x plain",
             "val ppl", "design claim", "notes"]
     body = []
     for r in result.get("module_rows", []):
+        size = f"d{r.get('d_model')} N{r.get('N')}"
         if r["status"] != "ok":
-            body.append([r["module"], r.get("device", "-"), "-", "-", "-", "-", "-", "-", r.get("claim", ""),
+            body.append([r["module"], size, r.get("device", "-"), "-", "-", "-", "-", "-", "-", r.get("claim", ""),
                          f"{r['status']}: {r.get('reason')}"])
             continue
         ts, inf = r["train_step"], r["inference"]
@@ -147,7 +153,7 @@ def _module_table(result: dict) -> Tuple[List[str], List[List[str]]]:
         if r.get("baseline_training"):
             extra["plain_val_ppl_same_data"] = r["baseline_training"]["val_ppl"]
         notes = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items())
-        body.append([r["module"], r["device"], f"{r['params'] / 1e3:.0f}k",
+        body.append([r["module"], size, r["device"], f"{r['params'] / 1e3:.0f}k",
                      f"{_ms(ts['median'])} ({_ms(ts['p10'])}-{_ms(ts['p90'])})",
                      f"{sp['train_step']:.3g}x" if sp else "-",
                      f"{_ms(inf['median'])} ({_ms(inf['p10'])}-{_ms(inf['p90'])})",
@@ -156,15 +162,21 @@ def _module_table(result: dict) -> Tuple[List[str], List[List[str]]]:
     return head, body
 
 
+def _module_sizes(result: dict) -> str:
+    cfgs = result.get("module_config") or []
+    if isinstance(cfgs, dict):  # results written before the module grid had several sizes
+        cfgs = [cfgs]
+    return "; ".join(f"d_model={c.get('d_model')}, n_layers={c.get('n_layers')}, B={c.get('B')}, N={c.get('n_seq')}, "
+                     f"{c.get('train_steps')} training steps" for c in cfgs)
+
+
 def render_text(result: dict) -> str:
     parts = []
     for (op, variant, dev, dt), rows in _groups(result["rows"]).items():
         parts.append(f"\n== {op} [{variant}] on {dev}, {dt}")
         parts.append(_fmt_table(HEAD, [_row_cells(r) for r in rows]))
     if result.get("module_rows"):
-        cfg = result.get("module_config") or {}
-        parts.append(f"\n== modules vs the plain model (d_model={cfg.get('d_model')}, n_layers={cfg.get('n_layers')}, "
-                     f"B={cfg.get('B')}, N={cfg.get('n_seq')}, {cfg.get('train_steps')} training steps on "
+        parts.append(f"\n== modules vs the plain model of the same size ({_module_sizes(result)}; on "
                      f"{result.get('corpus')})")
         parts.append(_fmt_table(*_module_table(result)))
     if result.get("skipped_cases"):
@@ -203,9 +215,9 @@ def render_markdown(result: dict) -> str:
         out += [f"- note: {n}" for n in notes]
         out += ["", _md_table(HEAD, [_row_cells(r) for r in rows])]
     if result.get("module_rows"):
-        cfg = result.get("module_config") or {}
         out += ["", "## Modules vs the plain model", "",
-                f"Config {cfg}; data: {result.get('corpus')}. 'x plain' = plain model time / module time; "
+                f"Sizes: {_module_sizes(result)}; data: {result.get('corpus')}. 'x plain' = plain model time of "
+                f"the same size / module time; "
                 f"the design claim column quotes the original design documents (claims, not measurements).", "",
                 _md_table(*_module_table(result))]
     if result.get("skipped_cases"):
@@ -276,9 +288,9 @@ def render_compare(old: dict, new: dict) -> str:
         ratio = o["time_s"]["median"] / r["time_s"]["median"]
         body.append([r["op"], r["variant"], r["device"], r["dtype"], str(r["B"]), str(r["N"]), r["mode"], r["impl"],
                      _ms(o["time_s"]["median"]), _ms(r["time_s"]["median"]), f"{ratio:.3g}x"])
-    om = {(r["module"], r.get("device")): r for r in old.get("module_rows", []) if r.get("status") == "ok"}
+    om = {(r["module"], _size_key(r)): r for r in old.get("module_rows", []) if r.get("status") == "ok"}
     for r in new.get("module_rows", []):
-        o = om.get((r["module"], r.get("device")))
+        o = om.get((r["module"], _size_key(r)))
         if o is None or r["status"] != "ok":
             continue
         for k in ("train_step", "inference"):

@@ -384,7 +384,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                 skipped.append({"case": f"module:{mc.name}", "reason": why})
             else:
                 mcases.append(mc)
-    progress = _Progress(len(plan) + len(mcases) * len(devices), enabled=not args.no_progress)
+    n_sizes = 0
+    if mcases:
+        from .modules import MODULE_CONFIG
+        n_sizes = len(MODULE_CONFIG[grid])
+    progress = _Progress(len(plan) + len(mcases) * len(devices) * n_sizes, enabled=not args.no_progress)
     rows: List[dict] = []
     predictor: dict = {}
     for c, s, dt, dev in plan:
@@ -399,31 +403,31 @@ def main(argv: Optional[List[str]] = None) -> int:
     module_rows: List[dict] = []
     corpus = None
     if mcases:
-        from .modules import MODULE_CONFIG, run_module_case, text_corpus
+        from .modules import MODULE_CONFIG, run_layer_rows, run_module_case, size_label, text_corpus
         corpus = text_corpus()
-        cfg = MODULE_CONFIG[grid]
         for dev in devices:
-            for mc in mcases:
-                t0 = time.perf_counter()
-                try:
-                    row = run_module_case(mc, cfg, grid, MODULE_POLICIES[grid], dev, corpus)
-                except Exception as exc:  # noqa: BLE001  (a module that cannot be built is a result)
-                    row = {"suite": "module", "module": mc.name, "label": mc.label, "device": dev.type,
-                           "status": "ERROR", "reason": f"{type(exc).__name__}: {exc}", "claim": mc.claim}
-                    progress.write(f"ERROR module {mc.name}: {row['reason']}")
-                module_rows.append(row)
-                progress.update(f"module {mc.name} {dev.type} ({time.perf_counter() - t0:.1f} s)")
-            if any(mc.name.startswith("multi_scale") for mc in mcases):
-                from .modules import run_layer_rows
-                t0 = time.perf_counter()
-                try:
-                    module_rows += run_layer_rows(cfg, MODULE_POLICIES[grid], dev)
-                except Exception as exc:  # noqa: BLE001
-                    module_rows.append({"suite": "layer", "module": "layer:multi_scale", "label": "per-layer rows",
-                                        "device": dev.type, "status": "ERROR",
-                                        "reason": f"{type(exc).__name__}: {exc}", "claim": ""})
-                    progress.write(f"ERROR layer rows: {module_rows[-1]['reason']}")
-                progress.write(f"layer rows {dev.type} ({time.perf_counter() - t0:.1f} s)")
+            for cfg in MODULE_CONFIG[grid]:
+                size = {"B": cfg["B"], "N": cfg["n_seq"], "d_model": cfg["d_model"], "n_layers": cfg["n_layers"]}
+                for mc in mcases:
+                    t0 = time.perf_counter()
+                    try:
+                        row = run_module_case(mc, cfg, grid, MODULE_POLICIES[grid], dev, corpus)
+                    except Exception as exc:  # noqa: BLE001  (a module that cannot be built is a result)
+                        row = {"suite": "module", "module": mc.name, "label": mc.label, "device": dev.type, **size,
+                               "status": "ERROR", "reason": f"{type(exc).__name__}: {exc}", "claim": mc.claim}
+                        progress.write(f"ERROR module {mc.name}: {row['reason']}")
+                    module_rows.append(row)
+                    progress.update(f"module {mc.name} {size_label(cfg)} {dev.type} ({time.perf_counter() - t0:.1f} s)")
+                if any(mc.name.startswith("multi_scale") for mc in mcases):
+                    t0 = time.perf_counter()
+                    try:
+                        module_rows += run_layer_rows(cfg, MODULE_POLICIES[grid], dev)
+                    except Exception as exc:  # noqa: BLE001
+                        module_rows.append({"suite": "layer", "module": "layer:multi_scale", "label": "per-layer rows",
+                                            "device": dev.type, **size, "n_layers": 1, "status": "ERROR",
+                                            "reason": f"{type(exc).__name__}: {exc}", "claim": ""})
+                        progress.write(f"ERROR layer rows: {module_rows[-1]['reason']}")
+                    progress.write(f"layer rows {size_label(cfg)} {dev.type} ({time.perf_counter() - t0:.1f} s)")
         report.module_speedups(module_rows)
     progress.close()
     elapsed = time.perf_counter() - t_start
@@ -435,7 +439,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         "notes": report.METHOD_NOTES,
     }
     if mcases:
-        from .modules import MODULE_CONFIG
         result["module_config"] = MODULE_CONFIG[grid]
     text = report.render_text(result)
     print(text)

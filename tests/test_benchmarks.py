@@ -116,3 +116,36 @@ def test_row_subset_check_where_reference_is_not_timed(tmp_path, monkeypatch):
     cpp = [r for r in rows if r["impl"] == "cpp"]
     assert cpp and all(r["status"] == "ok" and r["check"] == "ok (first 2 rows vs reference)" for r in cpp)
     assert all(r["speedup"] == {} for r in cpp)  # nothing to compare against: no speedup claimed
+
+
+def test_module_suite_smoke(tmp_path):
+    rc = main(["--smoke", "--ops", "modules", "--out", str(tmp_path), "--name", "m", "--no-progress"])
+    assert rc == 0
+    with open(os.path.join(tmp_path, "m.json")) as f:
+        result = json.load(f)
+    rows = result["module_rows"]
+    names = {r["module"] for r in rows}
+    assert {"plain", "act", "multi_scale", "sparse", "learned_length", "layer:multi_scale"} <= names
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert {"d_model", "N", "B"} <= set(r)
+        if r["module"] != "plain":
+            assert r["speedup_vs_plain"]["inference"] > 0
+    assert isinstance(result["module_config"], list) and result["module_config"]
+
+
+def _mrow(module, d, n, train, infer, ppl=None):
+    r = {"module": module, "device": "cpu", "d_model": d, "N": n, "B": 4, "status": "ok",
+         "train_step": {"median": train}, "inference": {"median": infer}}
+    if ppl is not None:
+        r["training"] = {"val_ppl": ppl}
+    return r
+
+
+def test_module_speedups_pair_rows_with_the_plain_model_of_their_size():
+    rows = [_mrow("plain", 128, 128, 2.0, 1.0, 10.0), _mrow("act", 128, 128, 1.0, 0.5, 11.0),
+            _mrow("plain", 256, 256, 8.0, 4.0, 9.0), _mrow("act", 256, 256, 2.0, 1.0, 9.9)]
+    report.module_speedups(rows)
+    assert rows[1]["speedup_vs_plain"] == {"train_step": 2.0, "inference": 2.0}
+    assert rows[3]["speedup_vs_plain"] == {"train_step": 4.0, "inference": 4.0}
+    assert rows[1]["val_ppl_vs_plain"] == pytest.approx(1.1) and rows[3]["val_ppl_vs_plain"] == pytest.approx(1.1)
