@@ -1,11 +1,16 @@
-// Autograd of the compiled BK-Core op (resnet_bk::bk_core_fwd, every device it has a kernel for),
-// in C++: the exact backward is the op resnet_bk::bk_core_bwd.
+// Autograd of the compiled forward ops (resnet_bk::bk_core_fwd, learned_downsample_fwd,
+// learned_upsample_fwd; every device they have kernels for), in C++: each exact backward is
+// another op (bk_core_bwd, learned_downsample_bwd, learned_upsample_bwd).
 //
 // Registered at the Autograd key, so a call records one C++ node and the backward runs no Python.
 // (A Python torch.library.register_autograd costs about 16 us per forward and 40 us per backward
-// in its wrapper: at B=16, N=128, a layer's size, forward+backward took 90 us against 33 us for the
-// two kernels.) torch.compile traces through it like any C++ autograd kernel, with the fake kernels
-// registered in Python (resnet_bk/ops/_cpp.py).
+// in its wrapper: at B=16, N=128, a layer's size, BK-Core forward+backward took 90 us against 33 us
+// for the two kernels.) torch.compile traces through these like any C++ autograd kernel, with the
+// fake kernels registered in Python (resnet_bk/ops/_cpp.py, pooling.py).
+//
+// With create_graph=True the backward ops are called through their own autograd (bk_core_bwd's,
+// registered in Python, raises a clear "double backward is not implemented" when reached);
+// otherwise below autograd, which skips that Python wrapper.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -17,66 +22,125 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
+using at::Tensor;
+using OptT = std::optional<Tensor>;
 
-at::Tensor fwd_call(const at::Tensor& a, const at::Tensor& k, const at::Tensor& zri,
-                    const std::optional<at::Tensor>& mask, bool causal) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("resnet_bk::bk_core_fwd", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const std::optional<at::Tensor>&, bool)>();
-  return op.call(a, k, zri, mask, causal);
+template <class Sig>
+c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_call(const at::Tensor& grad, const at::Tensor& a,
-                                                                    const at::Tensor& k, const at::Tensor& zri,
-                                                                    const std::optional<at::Tensor>& mask,
-                                                                    bool causal, bool need_mask_grad) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("resnet_bk::bk_core_bwd", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                           const std::optional<at::Tensor>&, bool, bool)>();
-  return op.call(grad, a, k, zri, mask, causal, need_mask_grad);
+// A backward op's call: below autograd unless the caller builds a graph of the gradient.
+template <class Sig, class... Args>
+auto call_bwd(const c10::TypedOperatorHandle<Sig>& op, Args&&... args) {
+  if (at::GradMode::is_enabled()) return op.call(std::forward<Args>(args)...);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(std::forward<Args>(args)...);
 }
+
+Tensor opt_in(const OptT& t) { return t.has_value() ? *t : Tensor(); }
+OptT opt_out(const Tensor& t) { return t.defined() ? OptT(t) : std::nullopt; }
+Tensor if_needed(bool need, const Tensor& t) { return need ? t : Tensor(); }
+
+// ---- BK-Core ----------------------------------------------------------------------------------
+
+using BkFwdSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const OptT&, bool);
+using BkBwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                            const Tensor&, const OptT&, bool, bool);
 
 class BkCoreFunction : public torch::autograd::Function<BkCoreFunction> {
  public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& a, const at::Tensor& k, const at::Tensor& zri,
-                            const std::optional<at::Tensor>& mask, bool causal) {
+  static Tensor forward(AutogradContext* ctx, const Tensor& a, const Tensor& k, const Tensor& zri, const OptT& mask,
+                        bool causal) {
+    static auto op = op_handle<BkFwdSig>("resnet_bk::bk_core_fwd");
     at::AutoDispatchBelowADInplaceOrView guard;
-    at::Tensor out = fwd_call(a, k, zri, mask, causal);
-    ctx->save_for_backward({a, k, zri, mask.has_value() ? *mask : at::Tensor()});
+    Tensor out = op.call(a, k, zri, mask, causal);
+    ctx->save_for_backward({a, k, zri, opt_in(mask)});
     ctx->saved_data["causal"] = causal;
     return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    auto saved = ctx->get_saved_variables();
-    const bool causal = ctx->saved_data["causal"].toBool();
-    std::optional<at::Tensor> mask;
-    if (saved[3].defined()) mask = saved[3];
-    const bool need_mask = mask.has_value() && ctx->needs_input_grad(3);
-    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> g;
-    if (at::GradMode::is_enabled()) {
-      // create_graph=True: through bk_core_bwd's own autograd (registered in Python), whose
-      // backward raises a clear "double backward is not implemented" if it is ever reached.
-      g = bwd_call(grads[0], saved[0], saved[1], saved[2], mask, causal, need_mask);
-    } else {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      g = bwd_call(grads[0], saved[0], saved[1], saved[2], mask, causal, need_mask);
-    }
-    return {std::get<0>(g), std::get<1>(g), std::get<2>(g), need_mask ? std::get<3>(g) : at::Tensor(),
-            at::Tensor()};
+    static auto op = op_handle<BkBwdSig>("resnet_bk::bk_core_bwd");
+    auto s = ctx->get_saved_variables();
+    const OptT mask = opt_out(s[3]);
+    const bool need_mask = mask.has_value() && ctx->needs_input_grad(3);  // mask: the last tensor input
+    auto g = call_bwd(op, grads[0], s[0], s[1], s[2], mask, ctx->saved_data["causal"].toBool(), need_mask);
+    return {std::get<0>(g), std::get<1>(g), std::get<2>(g), if_needed(need_mask, std::get<3>(g)), Tensor()};
   }
 };
 
-at::Tensor bk_core_fwd_autograd(const at::Tensor& a, const at::Tensor& k, const at::Tensor& zri,
-                                const std::optional<at::Tensor>& mask, bool causal) {
+Tensor bk_core_fwd_autograd(const Tensor& a, const Tensor& k, const Tensor& zri, const OptT& mask, bool causal) {
   return BkCoreFunction::apply(a, k, zri, mask, causal);
+}
+
+// ---- learned pooling --------------------------------------------------------------------------
+
+using DownFwdSig = Tensor(const Tensor&, const Tensor&, bool);
+using DownBwdSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, bool, bool, bool);
+using UpFwdSig = Tensor(const Tensor&, const Tensor&, const OptT&, const OptT&);
+using UpBwdSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const OptT&, bool,
+                                                    bool, bool);
+
+class DownsampleFunction : public torch::autograd::Function<DownsampleFunction> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& logits, bool causal) {
+    static auto op = op_handle<DownFwdSig>("resnet_bk::learned_downsample_fwd");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    Tensor out = op.call(x, logits, causal);
+    ctx->save_for_backward({x, logits});
+    ctx->saved_data["causal"] = causal;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto op = op_handle<DownBwdSig>("resnet_bk::learned_downsample_bwd");
+    auto s = ctx->get_saved_variables();
+    const bool nx = ctx->needs_input_grad(0), nl = ctx->needs_input_grad(1);
+    auto g = call_bwd(op, grads[0], s[0], s[1], ctx->saved_data["causal"].toBool(), nx, nl);
+    return {if_needed(nx, std::get<0>(g)), if_needed(nl, std::get<1>(g)), Tensor()};
+  }
+};
+
+class UpsampleFunction : public torch::autograd::Function<UpsampleFunction> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& y, const Tensor& bias, const OptT& residual,
+                        const OptT& scale) {
+    static auto op = op_handle<UpFwdSig>("resnet_bk::learned_upsample_fwd");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    Tensor out = op.call(y, bias, residual, scale);
+    ctx->save_for_backward({y, bias, opt_in(scale)});
+    ctx->saved_data["has_residual"] = residual.has_value();
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto op = op_handle<UpBwdSig>("resnet_bk::learned_upsample_bwd");
+    auto s = ctx->get_saved_variables();
+    const OptT scale = opt_out(s[2]);
+    // needs_input_grad counts the tensor inputs that were given: scale's index moves without residual
+    const bool has_res = ctx->saved_data["has_residual"].toBool();
+    const bool ny = ctx->needs_input_grad(0), nb = ctx->needs_input_grad(1),
+               nr = has_res && ctx->needs_input_grad(2), ns = scale.has_value() && ctx->needs_input_grad(has_res ? 3 : 2);
+    auto g = call_bwd(op, grads[0], s[0], s[1], scale, ny, nb, ns);
+    // d out / d residual is the identity: the upstream gradient itself
+    return {if_needed(ny, std::get<0>(g)), if_needed(nb, std::get<1>(g)), if_needed(nr, grads[0]),
+            if_needed(ns, std::get<2>(g))};
+  }
+};
+
+Tensor downsample_fwd_autograd(const Tensor& x, const Tensor& logits, bool causal) {
+  return DownsampleFunction::apply(x, logits, causal);
+}
+
+Tensor upsample_fwd_autograd(const Tensor& y, const Tensor& bias, const OptT& residual, const OptT& scale) {
+  return UpsampleFunction::apply(y, bias, residual, scale);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(resnet_bk, Autograd, m) {
   m.impl("bk_core_fwd", &bk_core_fwd_autograd);
+  m.impl("learned_downsample_fwd", &downsample_fwd_autograd);
+  m.impl("learned_upsample_fwd", &upsample_fwd_autograd);
 }

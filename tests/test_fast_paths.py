@@ -142,7 +142,7 @@ def test_moe_functional_experts_match_module_calls(top_k):
 
 @pytest.mark.parametrize("masked", [False, True])
 def test_bk_core_autograd_is_the_cpp_node(masked):
-    """The compiled op's autograd is the C++ one (csrc/bk_autograd.cpp, no Python per call), and it
+    """The compiled op's autograd is the C++ one (csrc/autograd.cpp, no Python per call), and it
     computes the mask gradient only when the mask needs one."""
     assert torch._C._dispatch_has_kernel_for_dispatch_key("resnet_bk::bk_core_fwd", "Autograd")
     a = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)
@@ -158,3 +158,51 @@ def test_bk_core_autograd_is_the_cpp_node(masked):
     ref = ops.bk_core_masked(ref_a, off, off, 1j, m, backend="reference") if masked else ops.bk_core(ref_a, off, off, 1j, backend="reference")
     (gr,) = torch.autograd.grad(ref.real.sum(), ref_a)
     torch.testing.assert_close(ga, gr, rtol=1e-10, atol=1e-12)
+
+
+def _has_node(out, name):
+    stack, seen = [out.grad_fn], set()
+    while stack:
+        n = stack.pop()
+        if n is None or id(n) in seen:
+            continue
+        seen.add(id(n))
+        if name in n.name():
+            return True
+        stack += [f for f, _ in n.next_functions]
+    return False
+
+
+def test_pooling_autograd_is_the_cpp_node():
+    """The pooling ops' autograd is the C++ one too, residual and scale gradients included."""
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("resnet_bk::learned_downsample_fwd", "Autograd")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("resnet_bk::learned_upsample_fwd", "Autograd")
+    x = torch.randn(2, 8, 5, dtype=torch.float64, requires_grad=True)
+    logits = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+    d = ops.learned_downsample(x, logits, causal=True)
+    assert _has_node(d, "DownsampleFunction")
+    y = torch.randn(2, 4, 10, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(1, 2, 5, dtype=torch.float64, requires_grad=True)
+    res = torch.randn(2, 8, 5, dtype=torch.float64, requires_grad=True)
+    scale = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    u = ops.learned_upsample(y, bias, residual=res, scale=scale)
+    assert _has_node(u, "UpsampleFunction")
+    cases = [(d, (x, logits), None)]
+    # every residual / scale combination: the C++ node's input indices shift when residual is None
+    for r_, s_ in ((res, scale), (None, scale), (res, None), (None, None)):
+        out = u if (r_ is res and s_ is scale) else ops.learned_upsample(y, bias, residual=r_, scale=s_)
+        cases.append((out, tuple(t for t in (y, bias, r_, s_) if t is not None), (r_ is not None, s_ is not None)))
+    for out, inputs, kinds in cases:
+        w = torch.randn_like(out)
+        got = torch.autograd.grad((out * w).sum(), inputs)
+        ref_in = [t.detach().clone().requires_grad_() for t in inputs]
+        if kinds is None:
+            ref = ops.learned_downsample(ref_in[0], ref_in[1], causal=True, backend="reference")
+        else:
+            it = iter(ref_in[2:])
+            rr = next(it) if kinds[0] else None
+            ss = next(it) if kinds[1] else None
+            ref = ops.learned_upsample(ref_in[0], ref_in[1], residual=rr, scale=ss, backend="reference")
+        want = torch.autograd.grad((ref * w).sum(), ref_in)
+        for g, r in zip(got, want):
+            torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)

@@ -2,7 +2,7 @@
 ``resnet_bk._C``, fake kernels and autograd for its ops, and their registration with dispatch.
 
 The schemas, kernels and the autograd of ``bk_core_fwd`` live in C++ (``TORCH_LIBRARY(resnet_bk, ...)``,
-csrc/bk_autograd.cpp: the exact backward is another op, ``bk_core_bwd``); this file adds
+csrc/autograd.cpp: the exact backward is another op, ``bk_core_bwd``); this file adds
 ``register_fake`` (meta kernels, so torch.compile can trace them) and the Python autograd of the
 ops that have none in C++.
 """
@@ -39,7 +39,7 @@ def cpu_isa() -> str:
 if HAS_C:
     torch.library.register_fake("resnet_bk::bk_core_fwd")(fwd_fake)
     torch.library.register_fake("resnet_bk::bk_core_bwd")(bwd_fake)
-    # bk_core_fwd's autograd is C++ (csrc/bk_autograd.cpp: no Python per call); a build without
+    # bk_core_fwd's autograd is C++ (csrc/autograd.cpp: no Python per call); a build without
     # it gets the same backward registered from Python.
     if not torch._C._dispatch_has_kernel_for_dispatch_key("resnet_bk::bk_core_fwd", "Autograd"):
         register_bk_autograd("resnet_bk::bk_core_fwd", torch.ops.resnet_bk.bk_core_bwd)

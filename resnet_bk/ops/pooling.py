@@ -90,8 +90,11 @@ if HAS_POOL_OPS:
     torch.library.register_fake("resnet_bk::learned_downsample_bwd")(down_bwd_fake)
     torch.library.register_fake("resnet_bk::learned_upsample_fwd")(up_fwd_fake)
     torch.library.register_fake("resnet_bk::learned_upsample_bwd")(up_bwd_fake)
-    register_pool_autograd("resnet_bk::learned_downsample_fwd", torch.ops.resnet_bk.learned_downsample_bwd,
-                           "resnet_bk::learned_upsample_fwd", torch.ops.resnet_bk.learned_upsample_bwd)
+    # The autograd of these ops is C++ (csrc/autograd.cpp: no Python per call); a build without it
+    # gets the same backward registered from Python.
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("resnet_bk::learned_downsample_fwd", "Autograd"):
+        register_pool_autograd("resnet_bk::learned_downsample_fwd", torch.ops.resnet_bk.learned_downsample_bwd,
+                               "resnet_bk::learned_upsample_fwd", torch.ops.resnet_bk.learned_upsample_bwd)
 
 
 def learned_downsample_compiled(x, logits, causal):
