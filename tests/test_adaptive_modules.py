@@ -1,6 +1,8 @@
 """Learned sparsity, learned sequence length, learnable position bucketing, data-efficiency trainers."""
 import copy
 
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -271,6 +273,56 @@ def test_learned_length_learns_to_skip_padding():
     ev = tr.evaluate([(x, y)])
     assert ev["avg_predicted_length"] < 16, ev
     assert ev["avg_speedup"] > 2
+
+
+def test_learned_length_drop_cost_gradient_is_exact(monkeypatch):
+    """The predictor's gradient is that of the expected cost of its choice: sum over bins of
+    p_b * (real targets at or past L_b) * (log V - mean CE) / real targets, plus the length penalty;
+    the added term is zero in value."""
+    base, w = _wrapper(2)
+    w.train()
+    lg = torch.randn(5, 4, requires_grad=True)
+    monkeypatch.setattr(w.length_predictor, "bin_logits", lambda emb: lg)
+    x = torch.randint(0, V, (5, NSEQ))
+    y = torch.randint(0, V, (5, NSEQ))
+    real = torch.tensor([3, 9, 17, 30, 32])
+    y[torch.arange(NSEQ)[None, :] >= real[:, None]] = -100
+    logits, info = w(x)
+    total, ce, cost = w.compute_loss(logits, y, info)
+    torch.testing.assert_close(total.detach(), (ce + cost).detach())
+    (g,) = torch.autograd.grad(total, lg)
+    lg2 = lg.detach().clone().requires_grad_()
+    p = torch.softmax(lg2, -1)
+    bins = w.length_predictor.length_bins                      # 8, 16, 24, 32
+    dropped = torch.stack([((y != -100) & (torch.arange(NSEQ)[None, :] >= L)).sum(1) for L in bins], 1).float()
+    want = (w.length_penalty * (p * bins.float()).sum(1).mean() / NSEQ
+            + (p * dropped).sum() * (math.log(V) - float(ce)) / float((y != -100).sum()))
+    (g_want,) = torch.autograd.grad(want, lg2)
+    torch.testing.assert_close(g, g_want, rtol=1e-5, atol=1e-7)
+
+
+def test_learned_length_learns_short_and_keeps_long():
+    """Mixed inputs, half with content in the first 8 positions and half full: the predictor learns
+    to run the short ones short and keeps the long ones whole (no real target dropped)."""
+    torch.manual_seed(0)
+    base = LanguageModel(V, D, 1, NSEQ, dropout_p=0.0)
+    w = AdaptiveSequenceLengthWrapper(base, NSEQ, 4, length_penalty=1.0)
+    opt = torch.optim.Adam(w.parameters(), lr=0.03)
+    tr = LearnedSequenceLengthTrainer(w, opt)
+    # a learnable text (each token is the previous + 1), so that a dropped token costs log(V) minus
+    # a cross-entropy well below it
+    x = (torch.randint(0, V - 1, (16, 1)) + torch.arange(NSEQ)[None, :]) % (V - 1) + 1
+    y = torch.roll(x, -1, 1)
+    y[:, -1] = -100
+    x[:8, 8:] = 0
+    y[:8, 7:] = -100
+    for _ in range(60):
+        tr.train_step(x, y)
+    w.eval()
+    with torch.no_grad():
+        _, info = w(x)
+    assert (info["predicted_lengths"][:8] <= 8).all(), info["predicted_lengths"]
+    assert (info["predicted_lengths"][8:] == NSEQ).all(), info["predicted_lengths"]
 
 
 # ----------------------------------------------------------------------------------------------
