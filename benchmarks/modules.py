@@ -187,11 +187,6 @@ MODULE_CONFIG = {
 }
 
 
-def size_label(row_or_cfg: dict) -> str:
-    """'d128 N128': the model size of a module row or config."""
-    n = row_or_cfg.get("N", row_or_cfg.get("n_seq"))
-    return f"d{row_or_cfg.get('d_model')} N{n}"
-
 
 def _logits(out) -> Tensor:
     return out[0] if isinstance(out, tuple) else out

@@ -113,6 +113,12 @@ def _goal_lines(result: dict, impl: str, how: str) -> List[str]:
     return out
 
 
+def size_label(row_or_cfg: dict) -> str:
+    """'d128 N128': the model size of a module row or config."""
+    n = row_or_cfg.get("N", row_or_cfg.get("n_seq"))
+    return f"d{row_or_cfg.get('d_model')} N{n}"
+
+
 def _size_key(r: dict) -> tuple:
     """(device, d_model, N, B): module rows compare with the plain model of the same size."""
     return r.get("device"), r.get("d_model"), r.get("N"), r.get("B")
@@ -138,7 +144,7 @@ def _module_table(result: dict) -> Tuple[List[str], List[List[str]]]:
             "val ppl", "design claim", "notes"]
     body = []
     for r in result.get("module_rows", []):
-        size = f"d{r.get('d_model')} N{r.get('N')}"
+        size = size_label(r)
         if r["status"] != "ok":
             body.append([r["module"], size, r.get("device", "-"), "-", "-", "-", "-", "-", "-", r.get("claim", ""),
                          f"{r['status']}: {r.get('reason')}"])

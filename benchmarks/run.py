@@ -403,7 +403,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     module_rows: List[dict] = []
     corpus = None
     if mcases:
-        from .modules import MODULE_CONFIG, run_layer_rows, run_module_case, size_label, text_corpus
+        from .modules import MODULE_CONFIG, run_layer_rows, run_module_case, text_corpus
         corpus = text_corpus()
         for dev in devices:
             for cfg in MODULE_CONFIG[grid]:
@@ -417,7 +417,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                "status": "ERROR", "reason": f"{type(exc).__name__}: {exc}", "claim": mc.claim}
                         progress.write(f"ERROR module {mc.name}: {row['reason']}")
                     module_rows.append(row)
-                    progress.update(f"module {mc.name} {size_label(cfg)} {dev.type} ({time.perf_counter() - t0:.1f} s)")
+                    progress.update(f"module {mc.name} {report.size_label(cfg)} {dev.type} ({time.perf_counter() - t0:.1f} s)")
                 if any(mc.name.startswith("multi_scale") for mc in mcases):
                     t0 = time.perf_counter()
                     try:
@@ -427,7 +427,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                             "device": dev.type, **size, "n_layers": 1, "status": "ERROR",
                                             "reason": f"{type(exc).__name__}: {exc}", "claim": ""})
                         progress.write(f"ERROR layer rows: {module_rows[-1]['reason']}")
-                    progress.write(f"layer rows {size_label(cfg)} {dev.type} ({time.perf_counter() - t0:.1f} s)")
+                    progress.write(f"layer rows {report.size_label(cfg)} {dev.type} ({time.perf_counter() - t0:.1f} s)")
         report.module_speedups(module_rows)
     progress.close()
     elapsed = time.perf_counter() - t_start
