@@ -70,9 +70,11 @@ def _plain_module(m: nn.Module, cls: type) -> bool:
 
 def _is_plain_expert(expert: nn.Module) -> bool:
     """The expert is exactly ``Sequential(Linear, ReLU, Dropout, Linear)`` with no hooks."""
-    return (_plain_module(expert, nn.Sequential) and len(expert) == 4 and _plain_module(expert[0], nn.Linear)
-            and _plain_module(expert[1], nn.ReLU) and _plain_module(expert[2], nn.Dropout)
-            and _plain_module(expert[3], nn.Linear))
+    if not (_plain_module(expert, nn.Sequential) and len(expert) == 4):
+        return False
+    lin1, relu, drop, lin2 = expert
+    return (_plain_module(lin1, nn.Linear) and _plain_module(relu, nn.ReLU) and _plain_module(drop, nn.Dropout)
+            and _plain_module(lin2, nn.Linear))
 
 
 def _expert_forward(expert: nn.Module, x: Tensor, plain: Optional[bool] = None) -> Tensor:
@@ -133,6 +135,25 @@ class SparseMoELayer(nn.Module):
             return torch.addmm(g.bias.unsqueeze(1), g.weight, xf.t())
         return g(xf).t()  # a replaced or hooked router module is called as a module
 
+    def _top1_inference_op(self, xf: Tensor) -> Optional[Tensor]:
+        """The no-grad top-1 forward as one ``ops.moe_top1_inference`` call (routing and grouping in
+        C++: ~8 Python-dispatched ops per expert fewer), when the op takes these tensors and every
+        expert is exactly Linear-ReLU-Dropout-Linear with no hooks and the router a plain Linear;
+        the same values as the path below. Else None."""
+        g = self.gating_network
+        if (torch.is_autocast_enabled(xf.device.type) or not ops.moe_top1_fast_ok(xf) or not xf.is_contiguous()
+                or not _plain_module(g, nn.Linear) or g.bias is None or g.weight.dtype != xf.dtype):
+            return None
+        w1, b1, w2, b2 = [], [], [], []
+        for e in self.experts:
+            if not _is_plain_expert(e):
+                return None
+            lin1, _, drop, lin2 = e  # (iterating a Sequential is cheaper than indexing it)
+            if (drop.training and drop.p > 0) or lin1.bias is None or lin2.bias is None or lin1.weight.dtype != xf.dtype:
+                return None
+            w1.append(lin1.weight), b1.append(lin1.bias), w2.append(lin2.weight), b2.append(lin2.bias)
+        return ops.moe_top1_inference(xf, g.weight, g.bias, w1, b1, w2, b2)
+
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.d_model:
             raise ValueError(f"x: expected last dimension d_model={self.d_model}, got shape {tuple(x.shape)}")
@@ -144,6 +165,11 @@ class SparseMoELayer(nn.Module):
             self.aux_loss = None
             return x.new_zeros(shape)
         E = self.num_experts
+        if self.top_k == 1 and E > 1 and not torch.is_grad_enabled():
+            out = self._top1_inference_op(xf)
+            if out is not None:
+                self.aux_loss = None
+                return out.reshape(shape)
         # Router in float32 so the softmax is not computed in bf16 under autocast. The router runs
         # transposed, logits (E, T) = W x^T + b: a (T, D) x (D, E) GEMM with E ~ 4 output columns is
         # 2-3x slower on CPU than the (E, D) x (D, T) one, and the softmax over the E experts then

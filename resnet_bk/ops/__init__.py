@@ -24,6 +24,7 @@ from ._dispatch import (BackendUnavailableError, Choice, VerificationError, avai
                         backend_status, verify, verify_enabled)
 from .reference import bk_core_ref
 from .pooling import learned_downsample, learned_downsample_ref, learned_upsample, learned_upsample_ref
+from .moe import moe_top1_fast_ok, moe_top1_inference, moe_top1_ref
 
 try:  # Triton backend (optional dependency)
     from . import _triton  # noqa: F401
@@ -33,6 +34,7 @@ except ImportError:  # the module itself registers an "unavailable" reason when 
 __all__ = [
     "bk_core", "bk_core_features", "bk_core_masked", "bk_core_ref",
     "learned_downsample", "learned_upsample", "learned_downsample_ref", "learned_upsample_ref",
+    "moe_top1_inference", "moe_top1_ref", "moe_top1_fast_ok",
     "available_backends", "backend_status", "explain", "verify", "verify_enabled",
     "BackendUnavailableError", "VerificationError", "Choice",
 ]
