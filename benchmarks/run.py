@@ -386,7 +386,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 mcases.append(mc)
     n_sizes = 0
     if mcases:
-        from .modules import MODULE_CONFIG
+        from .modules import MODULE_CONFIG, run_layer_rows, run_module_case, text_corpus
         n_sizes = len(MODULE_CONFIG[grid])
     progress = _Progress(len(plan) + len(mcases) * len(devices) * n_sizes, enabled=not args.no_progress)
     rows: List[dict] = []
@@ -403,7 +403,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     module_rows: List[dict] = []
     corpus = None
     if mcases:
-        from .modules import MODULE_CONFIG, run_layer_rows, run_module_case, text_corpus
         corpus = text_corpus()
         for dev in devices:
             for cfg in MODULE_CONFIG[grid]:

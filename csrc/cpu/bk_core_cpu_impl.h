@@ -168,17 +168,17 @@ struct Plan {
   // block as S sub-chunks of Ls positions (a multiple of kTile), one after the other.
   int64_t S = 1, Ls = 0;
 
-  // max_chunk bounds a chunk so that the block's per-position scratch stays in L2. sequential:
-  // when the batch fills every thread's lanes without cutting sequences, a sequence longer than
-  // max_chunk is cut into sequential sub-chunks instead of parallel chunks (no carries phase).
-  Plan(int64_t B_, int64_t N_, int threads, int64_t max_chunk, bool sequential = false) : B(B_), N(N_) {
+  // max_chunk bounds a chunk so that the block's per-position scratch stays in L2. When the batch
+  // fills every thread's lanes without cutting sequences, a sequence longer than max_chunk is cut
+  // into sequential sub-chunks instead of parallel chunks (no carries phase).
+  Plan(int64_t B_, int64_t N_, int threads, int64_t max_chunk) : B(B_), N(N_) {
     int64_t want = int64_t(NL) * std::max(1, threads);
     C = 1;
     if (B < want) {
       C = (want + B - 1) / B;
       C = std::min<int64_t>(C, std::max<int64_t>(1, N / kMinChunk));
     }
-    if (sequential && C == 1 && N > max_chunk) {
+    if (C == 1 && N > max_chunk) {
       S = (N + max_chunk - 1) / max_chunk;
       Ls = ((N + S - 1) / S + kTile - 1) / kTile * kTile;
       S = (N + Ls - 1) / Ls;
@@ -1054,7 +1054,7 @@ static void causal_forward_blocks(const Problem<T>& pr, const Plan<T>& pl, int64
 template <class T>
 static void forward_impl(const Problem<T>& pr, T* out, const Par& par) {
   if (pr.B == 0) return;
-  Plan<T> pl(pr.B, pr.N, par.num_threads, kMaxChunkFwd, true);
+  Plan<T> pl(pr.B, pr.N, par.num_threads, kMaxChunkFwd);
   // An output much larger than the cores' L2 goes out with non-temporal stores (see scatter16_cx).
   const bool stream = pr.B * pr.N * 2 * int64_t(sizeof(T)) >= kStreamOutBytes;
   if (pl.S > 1 && !pr.causal) {
@@ -1705,7 +1705,7 @@ template <class T>
 static void backward_impl(const Problem<T>& pr, Grads<T>& g, const Par& par) {
   g.grad_z[0] = g.grad_z[1] = 0.0;
   if (pr.B == 0) return;
-  Plan<T> pl(pr.B, pr.N, par.num_threads, kMaxChunkBwd, true);
+  Plan<T> pl(pr.B, pr.N, par.num_threads, kMaxChunkBwd);
   BwdShared<T> sh{pr, pl, g, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}};
   const int64_t nl = pl.blocks * Plan<T>::NL;
   sh.zsum.assign(2 * nl, 0.0);

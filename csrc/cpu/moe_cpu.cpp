@@ -1,12 +1,14 @@
-// Top-1 mixture-of-experts FFN for inference, as one op: the router, the softmax gate and the
-// grouping of tokens by expert in C++, each expert's two GEMMs through ATen.
+// Top-1 mixture-of-experts FFN for inference, as one op called from C++: the router, the gate and
+// the experts' GEMMs through ATen, the grouping of tokens by expert, the gather and the gated
+// scatter as plain loops.
 //
 // The same computation, bit for bit, as SparseMoELayer's no-grad path (resnet_bk/models/base.py)
 // and the reference resnet_bk.ops.moe.moe_top1_ref: logits (E, T) = W_r x^T + b_r, softmax over
 // the E experts in float32, each token to its arg-max expert, its output scaled by that expert's
-// probability. What it saves is the ~8 Python-dispatched ops per expert and ~15 per
-// call that the module's path costs (about 200 us per layer at 8 tokens on this CPU): the fixed
-// cost of a call, which at small batches is most of a layer's time. No autograd: inference only.
+// probability. What it saves is most of the ~8 Python-dispatched ops per expert and ~15 per call
+// of the module's path (at 8 tokens, d_model 128: 197 us for the layer's path, 71 us for this op
+// here): the fixed cost of a call, which at small batches is most of a layer's time. No autograd:
+// inference only.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

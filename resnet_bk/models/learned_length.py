@@ -219,13 +219,14 @@ class AdaptiveSequenceLengthWrapper(nn.Module):
             logits[idx_t, :L] = out
             processed += L * idx_t.numel()
         predicted = int(sum(L * c for L, c in zip(uniq_host, counts_host)))
-        expected = (log_probs.exp() * bins_n.to(log_probs.dtype)).sum(-1)     # (B,) with grad
+        probs = log_probs.exp()
+        expected = (probs * bins_n.to(probs.dtype)).sum(-1)                     # (B,) with grad
         self._bin_counts += torch.bincount(choice.cpu(), minlength=pred.num_length_bins)
         self._sum_lengths += predicted
         self._num_predictions += B
         self._tokens_processed += processed
         self._tokens_total += B * N
-        info = {"predicted_lengths": lengths, "length_probs": log_probs.exp().detach(),
+        info = {"predicted_lengths": lengths, "length_probs": probs.detach(),
                 "log_prob": log_probs.gather(1, choice[:, None]).squeeze(1), "bin_log_probs": log_probs,
                 "bin_lengths": bins_n, "expected_length": expected,
                 "avg_predicted_length": predicted / B, "max_predicted_length": max(uniq_host),
