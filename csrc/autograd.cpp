@@ -46,7 +46,7 @@ Tensor if_needed(bool need, const Tensor& t) { return need ? t : Tensor(); }
 
 using BkFwdSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const OptT&, bool);
 using BkBwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                            const Tensor&, const OptT&, bool, bool);
+                                                            const Tensor&, const OptT&, bool, bool, bool, bool);
 
 class BkCoreFunction : public torch::autograd::Function<BkCoreFunction> {
  public:
@@ -65,8 +65,12 @@ class BkCoreFunction : public torch::autograd::Function<BkCoreFunction> {
     auto s = ctx->get_saved_variables();
     const OptT mask = opt_out(s[3]);
     const bool need_mask = mask.has_value() && ctx->needs_input_grad(3);  // mask: the last tensor input
-    auto g = call_bwd(op, grads[0], s[0], s[1], s[2], mask, ctx->saved_data["causal"].toBool(), need_mask);
-    return {std::get<0>(g), std::get<1>(g), std::get<2>(g), if_needed(need_mask, std::get<3>(g)), Tensor()};
+    const bool need_k = ctx->needs_input_grad(1), need_z = ctx->needs_input_grad(2);
+    // (grad a is always formed: the sweeps produce it on the way to the others)
+    auto g = call_bwd(op, grads[0], s[0], s[1], s[2], mask, ctx->saved_data["causal"].toBool(), need_mask, need_k,
+                      need_z);
+    return {std::get<0>(g), if_needed(need_k, std::get<1>(g)), if_needed(need_z, std::get<2>(g)),
+            if_needed(need_mask, std::get<3>(g)), Tensor()};
   }
 };
 

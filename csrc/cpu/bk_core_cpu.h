@@ -28,9 +28,10 @@ template <class T>
 struct Grads {
   const T* grad;       // (B, N, 2) upstream gradient of the complex output, contiguous
   T* grad_a;           // (B, N)
-  T* grad_k;           // (B, N - 1), per row (the caller reduces a shared k)
+  T* grad_k;           // (B, N - 1), per row (the caller reduces a shared k), or nullptr: not wanted
   T* grad_mask;        // (B, N) or nullptr
-  double grad_z[2];    // [Re, Im] of the gradient for z, summed
+  double grad_z[2];    // [Re, Im] of the gradient for z, summed (0 when need_z is false)
+  bool need_z = true;  // false: grad_z is not wanted (with no grad_k, the sweeps skip their work)
 };
 
 #define BK_CPU_DECLARE(NS)                                                  \

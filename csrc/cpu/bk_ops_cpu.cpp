@@ -132,7 +132,7 @@ at::Tensor bk_core_fwd_cpu(const at::Tensor& a_, const at::Tensor& k_, const at:
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bk_core_bwd_cpu(
     const at::Tensor& grad_, const at::Tensor& a_, const at::Tensor& k_, const at::Tensor& zri_,
-    const c10::optional<at::Tensor>& mask_, bool causal, bool need_mask_grad) {
+    const c10::optional<at::Tensor>& mask_, bool causal, bool need_mask_grad, bool need_k_grad, bool need_z_grad) {
   check_args(a_, k_, zri_, mask_);
   auto cdt = a_.scalar_type() == at::kDouble ? at::kComplexDouble : at::kComplexFloat;
   TORCH_CHECK(grad_.sizes() == a_.sizes() && grad_.scalar_type() == cdt,
@@ -145,21 +145,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bk_core_bwd_cpu(
   if (mask_.has_value()) mask = mask_->contiguous();
   const int64_t B = a.size(0), N = a.size(1);
   at::Tensor grad_a = at::empty_like(a);
-  at::Tensor grad_k_rows = at::empty({B, N - 1}, a.options());
+  // Gradients not asked for are not computed (an empty tensor in their place): with neither
+  // grad k nor grad z the sweeps form only grad a (see bwd_sweep's kLean).
+  at::Tensor grad_k_rows = need_k_grad ? at::empty({B, N - 1}, a.options()) : at::empty({0}, a.options());
   at::Tensor grad_mask = need_mask_grad ? at::empty_like(a) : at::empty({0}, a.options());
-  at::Tensor grad_z = at::empty({2}, a.options());
+  at::Tensor grad_z = at::empty({need_z_grad ? 2 : 0}, a.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "bk_core_bwd_cpu", [&] {
     auto p = make_problem<scalar_t>(a, k, zri, mask, causal);
     bk_cpu::Grads<scalar_t> g;
     g.grad = gradr.data_ptr<scalar_t>();
     g.grad_a = grad_a.data_ptr<scalar_t>();
-    g.grad_k = grad_k_rows.data_ptr<scalar_t>();
+    g.grad_k = need_k_grad ? grad_k_rows.data_ptr<scalar_t>() : nullptr;
     g.grad_mask = need_mask_grad ? grad_mask.data_ptr<scalar_t>() : nullptr;
+    g.need_z = need_z_grad;
     run_backward<scalar_t>(p, g);
-    grad_z.data_ptr<scalar_t>()[0] = static_cast<scalar_t>(g.grad_z[0]);
-    grad_z.data_ptr<scalar_t>()[1] = static_cast<scalar_t>(g.grad_z[1]);
+    if (need_z_grad) {
+      grad_z.data_ptr<scalar_t>()[0] = static_cast<scalar_t>(g.grad_z[0]);
+      grad_z.data_ptr<scalar_t>()[1] = static_cast<scalar_t>(g.grad_z[1]);
+    }
   });
-  at::Tensor grad_k = (k.size(0) == 1 && B != 1) ? grad_k_rows.sum(0, true) : grad_k_rows;
+  at::Tensor grad_k = (need_k_grad && k.size(0) == 1 && B != 1) ? grad_k_rows.sum(0, true) : grad_k_rows;
   return {grad_a, grad_k, grad_z, grad_mask};
 }
 
@@ -170,8 +175,8 @@ int64_t cpu_isa() { return static_cast<int64_t>(isa()); }
 TORCH_LIBRARY(resnet_bk, m) {
   m.def("bk_core_fwd(Tensor a, Tensor k, Tensor zri, Tensor? mask, bool causal) -> Tensor");
   m.def(
-      "bk_core_bwd(Tensor grad, Tensor a, Tensor k, Tensor zri, Tensor? mask, bool causal, bool need_mask_grad) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "bk_core_bwd(Tensor grad, Tensor a, Tensor k, Tensor zri, Tensor? mask, bool causal, bool need_mask_grad, "
+      "bool need_k_grad=True, bool need_z_grad=True) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("cpu_isa() -> int");
   m.impl("cpu_isa", &cpu_isa);
 }

@@ -139,7 +139,7 @@ at::Tensor bk_core_fwd_cuda(const at::Tensor& a_, const at::Tensor& k_, const at
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bk_core_bwd_cuda(
     const at::Tensor& grad_, const at::Tensor& a_, const at::Tensor& k_, const at::Tensor& zri_,
-    const c10::optional<at::Tensor>& mask_, bool causal, bool need_mask_grad) {
+    const c10::optional<at::Tensor>& mask_, bool causal, bool need_mask_grad, bool need_k_grad, bool need_z_grad) {
   check_args(a_, k_, zri_, mask_);
   const auto cdt = a_.scalar_type() == at::kDouble ? at::kComplexDouble : at::kComplexFloat;
   TORCH_CHECK(grad_.sizes() == a_.sizes() && grad_.scalar_type() == cdt, "grad: expected a ", cdt,
@@ -171,8 +171,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bk_core_bwd_cuda(
     check_status(bk_cuda::backward(p, g, plan, ws.data_ptr(), stream));
   });
   // A shared k (one row for the whole batch) gets the sum of the per-row gradients.
+  // (grad k and grad z are always computed here; one not asked for is returned empty, as on CPU)
+  if (!need_k_grad) return {grad_a, at::empty({0}, a.options()), need_z_grad ? grad_z : at::empty({0}, a.options()), grad_mask};
   at::Tensor grad_k = (k.size(0) == 1 && B != 1) ? grad_k_rows.sum(0, true) : grad_k_rows;
-  return {grad_a, grad_k, grad_z, grad_mask};
+  return {grad_a, grad_k, need_z_grad ? grad_z : at::empty({0}, a.options()), grad_mask};
 }
 
 }  // namespace

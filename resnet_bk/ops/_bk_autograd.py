@@ -15,13 +15,15 @@ def fwd_fake(a, k, zri, mask, causal):
     return a.new_empty(a.shape, dtype=complex_dtype_for(a.dtype))
 
 
-def bwd_fake(grad, a, k, zri, mask, causal, need_mask_grad):
+def bwd_fake(grad, a, k, zri, mask, causal, need_mask_grad, need_k_grad=True, need_z_grad=True):
     gm = a.new_empty(a.shape) if (mask is not None and need_mask_grad) else a.new_empty((0,))
-    return a.new_empty(a.shape), k.new_empty(k.shape), zri.new_empty((2,)), gm
+    gk = k.new_empty(k.shape) if need_k_grad else k.new_empty((0,))
+    return a.new_empty(a.shape), gk, zri.new_empty((2,) if need_z_grad else (0,)), gm
 
 
-def register_bk_autograd(fwd_qualname: str, bwd_op: Callable) -> None:
-    """Registers the exact backward of ``fwd_qualname`` as a call of ``bwd_op``."""
+def register_bk_autograd(fwd_qualname: str, bwd_op: Callable, grad_flags: bool = False) -> None:
+    """Registers the exact backward of ``fwd_qualname`` as a call of ``bwd_op``; with
+    ``grad_flags`` the op also takes (need_k_grad, need_z_grad) and skips what is not needed."""
 
     def setup_context(ctx, inputs, output):
         a, k, zri, mask, causal = inputs
@@ -31,8 +33,12 @@ def register_bk_autograd(fwd_qualname: str, bwd_op: Callable) -> None:
     def backward(ctx, grad):
         a, k, zri, mask = ctx.saved_tensors
         need_mask = mask is not None and ctx.needs_input_grad[3]
-        ga, gk, gz, gm = bwd_op(grad, a, k, zri, mask, ctx.causal, need_mask)
-        return ga, gk, gz, (gm if need_mask else None), None
+        need_k, need_z = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        if grad_flags:
+            ga, gk, gz, gm = bwd_op(grad, a, k, zri, mask, ctx.causal, need_mask, need_k, need_z)
+        else:
+            ga, gk, gz, gm = bwd_op(grad, a, k, zri, mask, ctx.causal, need_mask)
+        return ga, (gk if need_k else None), (gz if need_z else None), (gm if need_mask else None), None
 
     torch.library.register_autograd(fwd_qualname, backward, setup_context=setup_context)
 

@@ -42,7 +42,7 @@ if HAS_C:
     # bk_core_fwd's autograd is C++ (csrc/autograd.cpp: no Python per call); a build without
     # it gets the same backward registered from Python.
     if not torch._C._dispatch_has_kernel_for_dispatch_key("resnet_bk::bk_core_fwd", "Autograd"):
-        register_bk_autograd("resnet_bk::bk_core_fwd", torch.ops.resnet_bk.bk_core_bwd)
+        register_bk_autograd("resnet_bk::bk_core_fwd", torch.ops.resnet_bk.bk_core_bwd, grad_flags=True)
     register_no_double_backward("resnet_bk::bk_core_bwd")
 
 
