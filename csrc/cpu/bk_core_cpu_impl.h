@@ -567,7 +567,7 @@ struct Scratch {
   }
   void alloc_bwd_two_sided(int64_t Lc, bool mask) {
     SA.alloc(Lc);
-    SI.alloc(Lc);
+    D.alloc(Lc);
     SU.alloc(Lc);
     SW.alloc(Lc);
     if (mask) SM.alloc(Lc);
@@ -1231,7 +1231,7 @@ static void bwd_sweep(const BwdIO<T>& io, const Problem<T>& pr, int64_t L, Cx<ty
   const BlockIn<T>& in = io.in;
   const V aim = V{} - pr.zi;
   const int64_t h = L / 2, h2 = L - h;
-  Cx<V>* SI = s.SI.p;
+  Cx<V>* SI = s.D.p;
   Cx<V>* SU = s.SU.p;
   V* SA = s.SA.p;
   Cx<V>* SW = s.SW.p;
