@@ -458,15 +458,18 @@ struct LaneOut {
   }
 };
 
+// stream: non-temporal stores where the rows allow (see scatter_cx_tile)
 template <class T>
-static BK_AI void scatter_tile(const LaneOut<T>& o, int64_t p0, int64_t n, const T* src, int64_t sstride) {
+static BK_AI void scatter_tile(const LaneOut<T>& o, int64_t p0, int64_t n, const T* src, int64_t sstride,
+                               bool stream = false) {
   constexpr int NL = Plan<T>::NL;
 #ifdef BK_AVX512_TRANSPOSE
   constexpr int G = 64 / sizeof(T);
   if (n == kTile && o.es == 1) {
     for (int g0 = 0; g0 < NL; g0 += G) {
       if (o.full_group(g0, p0, n))
-        bk_avx512::scatter16(src + g0, sstride, o.group_rows(g0, p0));
+        bk_avx512::scatter16(src + g0, sstride, o.group_rows(g0, p0),
+                             stream && o.aligned[g0 / G] && (p0 % G) == 0);
       else
         for (int l = g0; l < g0 + G; ++l) o.lane(l, p0, n, src, sstride);
     }
@@ -1156,6 +1159,8 @@ struct BwdIO {
   bool has_gk, has_gm;
   // lean: neither grad k nor grad z is wanted, so the sweep forms only Re A_j (see bwd_sweep)
   bool lean;
+  // grad a with non-temporal stores (a large output written once; see scatter16_cx)
+  bool stream;
   void init(const BwdShared<T>& sh, const LaneInfo* li) {
     const Problem<T>& pr = sh.pr;
     in.init(pr, li);
@@ -1165,6 +1170,7 @@ struct BwdIO {
     has_gk = pr.N > 1 && sh.g.grad_k != nullptr;
     if (has_gk) ogk.init(li, sh.g.grad_k, pr.N - 1, pr.N - 1, 1);
     lean = !has_gk && !sh.g.need_z;
+    stream = pr.B * pr.N * int64_t(sizeof(T)) >= kStreamOutBytes;
     has_gm = sh.g.grad_mask != nullptr;
     if (has_gm) ogm.init(li, sh.g.grad_mask, pr.N, pr.N, 1);
   }
@@ -1366,8 +1372,8 @@ static void bwd_sweep(const BwdIO<T>& io, const Problem<T>& pr, int64_t L, Cx<ty
         }
       }
     }
-    scatter_tile<T>(io.oga, pa, n, reinterpret_cast<T*>(tGA), NL);
-    scatter_tile<T>(io.oga, pb, n, reinterpret_cast<T*>(tGAB), NL);
+    scatter_tile<T>(io.oga, pa, n, reinterpret_cast<T*>(tGA), NL, io.stream);
+    scatter_tile<T>(io.oga, pb, n, reinterpret_cast<T*>(tGAB), NL, io.stream);
     if (io.has_gm) {
       scatter_tile<T>(io.ogm, pa, n, reinterpret_cast<T*>(tGM), NL);
       scatter_tile<T>(io.ogm, pb, n, reinterpret_cast<T*>(tGMB), NL);
@@ -1383,6 +1389,9 @@ static void bwd_sweep(const BwdIO<T>& io, const Problem<T>& pr, int64_t L, Cx<ty
     if (!kLean) flush_zsum<T>(zs, zacc);
   }
   if (!kLean) flush_zsum<T>(zs, zacc);
+#ifdef BK_AVX512_TRANSPOSE
+  if (io.stream) _mm_sfence();  // order the non-temporal stores before the block is reported done
+#endif
   *gk_left = gk_pend;
   *gk_right = gkb_pend;
   if (carry_out) {  // d and U at L - 1: the carries into a sequential plan's next sub-chunk

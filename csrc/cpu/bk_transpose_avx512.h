@@ -134,21 +134,30 @@ BK_TR_INLINE void gather16_cx(const P& src, double mul_im, double* dre, double* 
 
 // ---- lane-major -> rows: dst[i] points at 16 consecutive positions of lane i's row ----
 
+// stream: non-temporal stores (every dst[i] 64-byte aligned), as in scatter16_cx below
 template <class P>
-BK_TR_INLINE void scatter16(const float* src, int64_t sstride, const P& dst) {
+BK_TR_INLINE void scatter16(const float* src, int64_t sstride, const P& dst, bool stream = false) {
   __m512 r[16];
   for (int q = 0; q < 16; ++q) r[q] = _mm512_load_ps(src + q * sstride);
   tr16(r);
-  for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst[i], r[i]);
+  if (stream) {
+    for (int i = 0; i < 16; ++i) _mm512_stream_ps(dst[i], r[i]);
+  } else {
+    for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst[i], r[i]);
+  }
 }
 
 template <class P>
-BK_TR_INLINE void scatter16(const double* src, int64_t sstride, const P& dst) {
+BK_TR_INLINE void scatter16(const double* src, int64_t sstride, const P& dst, bool stream = false) {
   for (int h = 0; h < 2; ++h) {
     __m512d r[8];
     for (int q = 0; q < 8; ++q) r[q] = _mm512_load_pd(src + (8 * h + q) * sstride);
     tr8(r);
-    for (int i = 0; i < 8; ++i) _mm512_storeu_pd(dst[i] + 8 * h, r[i]);
+    if (stream) {
+      for (int i = 0; i < 8; ++i) _mm512_stream_pd(dst[i] + 8 * h, r[i]);
+    } else {
+      for (int i = 0; i < 8; ++i) _mm512_storeu_pd(dst[i] + 8 * h, r[i]);
+    }
   }
 }
 
