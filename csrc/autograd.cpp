@@ -46,7 +46,8 @@ Tensor if_needed(bool need, const Tensor& t) { return need ? t : Tensor(); }
 
 using BkFwdSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const OptT&, bool);
 using BkBwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                            const Tensor&, const OptT&, bool, bool, bool, bool);
+                                                            const Tensor&, const OptT&, bool, bool, bool, bool,
+                                                            const OptT&);
 
 class BkCoreFunction : public torch::autograd::Function<BkCoreFunction> {
  public:
@@ -55,7 +56,11 @@ class BkCoreFunction : public torch::autograd::Function<BkCoreFunction> {
     static auto op = op_handle<BkFwdSig>("resnet_bk::bk_core_fwd");
     at::AutoDispatchBelowADInplaceOrView guard;
     Tensor out = op.call(a, k, zri, mask, causal);
-    ctx->save_for_backward({a, k, zri, opt_in(mask)});
+    // The causal output without a mask is 1 / d, every pivot the backward needs: saved (no copy;
+    // an in-place change of it before backward raises the usual version-counter error), the CPU
+    // kernel's backward is then one pass with no pivot chain.
+    const bool keep_out = causal && !mask.has_value();
+    ctx->save_for_backward({a, k, zri, opt_in(mask), keep_out ? out : Tensor()});
     ctx->saved_data["causal"] = causal;
     return out;
   }
@@ -68,7 +73,7 @@ class BkCoreFunction : public torch::autograd::Function<BkCoreFunction> {
     const bool need_k = ctx->needs_input_grad(1), need_z = ctx->needs_input_grad(2);
     // (grad a is always formed: the sweeps produce it on the way to the others)
     auto g = call_bwd(op, grads[0], s[0], s[1], s[2], mask, ctx->saved_data["causal"].toBool(), need_mask, need_k,
-                      need_z);
+                      need_z, opt_out(s[4]));
     return {std::get<0>(g), if_needed(need_k, std::get<1>(g)), if_needed(need_z, std::get<2>(g)),
             if_needed(need_mask, std::get<3>(g)), Tensor()};
   }

@@ -510,6 +510,34 @@ def test_gradient_subsets(B, N, dtype, masked, causal):
 
 
 @pytest.mark.skipif("cpp" not in BACKENDS, reason="compiled extension not built")
+@pytest.mark.parametrize("B,N", [(40, 333), (3, 700), (70, 4500)], ids=["whole", "chunked", "long"])
+def test_causal_backward_reads_the_saved_output(B, N):
+    """The causal op without a mask saves its output y = 1/d, and the CPU backward reads its pivots
+    from it (one pass, no pivot chain): given the true output, every gradient equals the one
+    recomputed without it; given a wrong one, the gradients change (so it is really read); the
+    two-sided and masked backwards do not use it. Modifying the output in place before backward
+    raises autograd's version-counter error instead of giving a wrong gradient."""
+    a, b, c = make((B,), N, torch.float64, shared=True, seed=N)
+    args = ops._canon.canon_bk(a, b, c, 0.2 + 0.9j)
+    g = torch.Generator().manual_seed(9)
+    w = torch.view_as_complex(torch.randn(B, N, 2, generator=g, dtype=torch.float64))
+    bwd = torch.ops.resnet_bk.bk_core_bwd
+    for causal in (True, False):
+        y = torch.ops.resnet_bk.bk_core_fwd(args.a, args.k, args.zri, None, causal)
+        plain = bwd(w, args.a, args.k, args.zri, None, causal, False)
+        given = bwd(w, args.a, args.k, args.zri, None, causal, False, True, True, y)
+        for x, r in zip(given[:3], plain[:3]):
+            assert rel_err(x, r) < 1e-12
+        wrong = bwd(w, args.a, args.k, args.zri, None, causal, False, True, True, y * 1.5)
+        assert (rel_err(wrong[0], plain[0]) > 1e-3) == causal
+    ar = a.clone().requires_grad_()
+    out = ops.bk_core(ar, b, c, 0.2 + 0.9j, causal=True)
+    out.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.abs().sum().backward()
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="compiled extension not built")
 @pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
 def test_every_cpu_isa_path(isa, tmp_path):
     """Each compiled instruction-set variant gives the reference's answer (subprocess: the choice

@@ -32,6 +32,9 @@ struct Grads {
   T* grad_mask;        // (B, N) or nullptr
   double grad_z[2];    // [Re, Im] of the gradient for z, summed (0 when need_z is false)
   bool need_z = true;  // false: grad_z is not wanted (with no grad_k, the sweeps skip their work)
+  // (B, N, 2) the forward's output, or nullptr. Used by the causal backward without a mask, where
+  // the output y = 1 / d is every pivot the gradient needs: no pivot chain is recomputed.
+  const T* out = nullptr;
 };
 
 #define BK_CPU_DECLARE(NS)                                                  \

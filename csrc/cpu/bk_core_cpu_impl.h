@@ -1120,7 +1120,7 @@ static BK_AI void w_tile(const LaneSrc<T>& Wre, const LaneSrc<T>& Wim, int64_t p
   if (n == kTile) {
     for (int g0 = 0; g0 < NL; g0 += G) {
       if (Wre.full_group(g0, p0, n)) {
-        bk_avx512::gather16_cx(Wre.group_rows(g0, p0), T(-1), dre + g0, dim + g0, 2 * NL);
+        bk_avx512::gather16_cx(Wre.group_rows(g0, p0), Wim.mul, dre + g0, dim + g0, 2 * NL);
       } else {
         for (int l = g0; l < g0 + G; ++l) {
           Wre.tile_lane(l, p0, n, dre, 2 * NL);
@@ -1631,6 +1631,94 @@ static void causal_bwd_block(BwdShared<T>& sh, int64_t blk, int phase, Scratch<T
   }
 }
 
+// Causal backward from the forward's output y = 1 / d (no mask; Grads::out): the pivots are read,
+// not recomputed, so the whole gradient is the one right-to-left recurrence
+//   mu_j = y_j^2 (k_j mu_{j+1} - w_j),  grad a_j = Re mu_j,  grad k_j = -Re(mu_{j+1} y_j)
+// over each lane's chunk in a single pass with nothing stored. summary: the chunk's (local value,
+// product) summary of mu for the carries' scan (parallel chunks), no outputs.
+template <class T>
+static void causal_bwd_saved_block(BwdShared<T>& sh, int64_t blk, bool summary) {
+  typedef typename VecOf<T>::type V;
+  constexpr int NL = Plan<T>::NL;
+  const Problem<T>& pr = sh.pr;
+  const Plan<T>& pl = sh.pl;
+  const int64_t Lc = pl.Lc;
+  LaneInfo li[NL];
+  lane_info(pl, blk, li);
+  BwdIO<T> io;
+  io.init(sh, li);
+  LaneSrc<T> Yre, Yim;
+  Yre.init(li, sh.g.out, 2 * pr.N, pr.N, 2, 0, T(0), T(1), T(0));
+  Yim.init(li, sh.g.out + 1, 2 * pr.N, pr.N, 2, 0, T(0), T(1), T(0));
+  alignas(128) V tK[kTile + 1], tGA[kTile], tGK[kTile];
+  alignas(128) Cx<V> tY[kTile], tW[kTile];
+  Cx<V> mu{V{}, V{}}, prod{V{} + 1, V{}}, zs{V{}, V{}};
+  if (!summary && pl.chunked()) mu = load_carry(sh.r_in, blk, li);
+  double zacc[2 * NL];
+  std::memset(zacc, 0, sizeof(zacc));
+  for (int64_t p0 = ((Lc - 1) / kTile) * kTile; p0 >= 0; p0 -= kTile) {
+    const int64_t n = std::min(kTile, Lc - p0);
+    io.Wre.prefetch(p0 - kTile);
+    Yre.prefetch(p0 - kTile);
+    io.in.k_tile(p0, n, tK);
+    w_tile<T>(io.Wre, io.Wim, p0, n, tW);
+    w_tile<T>(Yre, Yim, p0, n, tY);
+    for (int64_t q = n - 1; q >= 0; --q) {
+      const Cx<V> y = tY[q];
+      const Cx<V> y2 = y * y;
+      const V k = tK[q + 1];
+      if (summary) {
+        prod = bk::scale(y2, k) * prod;
+      } else if (io.has_gk) {
+        tGK[q] = -re_prod(mu, y);
+      }
+      mu = y2 * Cx<V>{k * mu.re - tW[q].re, k * mu.im - tW[q].im};
+      if (!summary) {
+        tGA[q] = mu.re;
+        zs = zs + mu;
+      }
+    }
+    if (!summary) {
+      flush_zsum<T>(zs, zacc);
+      scatter_tile<T>(io.oga, p0, n, reinterpret_cast<T*>(tGA), NL, io.stream);
+      if (io.has_gk) scatter_tile<T>(io.ogk, p0, n, reinterpret_cast<T*>(tGK), NL);
+    }
+  }
+#ifdef BK_AVX512_TRANSPOSE
+  if (!summary && io.stream) _mm_sfence();
+#endif
+  if (summary) {
+    for (int l = 0; l < NL; ++l)
+      if (li[l].row >= 0) {
+        sh.r_start[blk * NL + l] = lane_cx<T>(mu, l);
+        sh.r_prod[blk * NL + l] = lane_cx<T>(prod, l);
+      }
+  } else {
+    store_zsum<T>(sh, blk, li, zacc);
+  }
+}
+
+// Causal backward from the saved output: whole sequences per lane (no sub-chunks: nothing is
+// stored), or parallel chunks joined by the scan of their mu summaries.
+template <class T>
+static void backward_causal_saved(BwdShared<T>& sh, const Par& par) {
+  const Plan<T>& pl = sh.pl;
+  if (pl.chunked()) {
+    const int64_t nl = pl.blocks * Plan<T>::NL;
+    Cx<T> zero{T(0), T(0)};
+    sh.r_start.assign(nl, zero);
+    sh.r_prod.assign(nl, zero);
+    sh.r_in.assign(nl, zero);
+    parallel_blocks(par, pl.blocks, [&](int64_t blk) { causal_bwd_saved_block(sh, blk, true); });
+    for (int64_t b = 0; b < pl.B; ++b)
+      for (int64_t ch = pl.C - 2; ch >= 0; --ch) {  // mu at the next chunk's start
+        const int64_t v = pl.lane(b, ch), vn = pl.lane(b, ch + 1);
+        sh.r_in[v] = sh.r_start[vn] + sh.r_prod[vn] * sh.r_in[vn];
+      }
+  }
+  parallel_blocks(par, pl.blocks, [&](int64_t blk) { causal_bwd_saved_block(sh, blk, false); });
+}
+
 // Causal backward of one block of a sequential plan: phase 1 over the sub-chunks in order (d
 // carried), then phase 2 over them in reverse (mu carried), each sub-chunk's scratch kept
 // between the two (the worker thread's own, reused across blocks and calls).
@@ -1742,11 +1830,15 @@ template <class T>
 static void backward_impl(const Problem<T>& pr, Grads<T>& g, const Par& par) {
   g.grad_z[0] = g.grad_z[1] = 0.0;
   if (pr.B == 0) return;
-  Plan<T> pl(pr.B, pr.N, par.num_threads, kMaxChunkBwd);
+  // causal from the saved output: one pass that keeps nothing per position, so no chunk limit
+  const bool saved = pr.causal && g.out != nullptr && pr.mask == nullptr;
+  Plan<T> pl(pr.B, pr.N, par.num_threads, saved ? pr.N : kMaxChunkBwd);
   BwdShared<T> sh{pr, pl, g, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}};
   const int64_t nl = pl.blocks * Plan<T>::NL;
   sh.zsum.assign(2 * nl, 0.0);
-  if (pl.S > 1)
+  if (saved)
+    backward_causal_saved(sh, par);
+  else if (pl.S > 1)
     backward_sequential(sh, par);
   else
     backward_parallel(sh, par);

@@ -132,7 +132,8 @@ at::Tensor bk_core_fwd_cpu(const at::Tensor& a_, const at::Tensor& k_, const at:
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bk_core_bwd_cpu(
     const at::Tensor& grad_, const at::Tensor& a_, const at::Tensor& k_, const at::Tensor& zri_,
-    const c10::optional<at::Tensor>& mask_, bool causal, bool need_mask_grad, bool need_k_grad, bool need_z_grad) {
+    const c10::optional<at::Tensor>& mask_, bool causal, bool need_mask_grad, bool need_k_grad, bool need_z_grad,
+    const c10::optional<at::Tensor>& out_) {
   check_args(a_, k_, zri_, mask_);
   auto cdt = a_.scalar_type() == at::kDouble ? at::kComplexDouble : at::kComplexFloat;
   TORCH_CHECK(grad_.sizes() == a_.sizes() && grad_.scalar_type() == cdt,
@@ -144,6 +145,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bk_core_bwd_cpu(
   c10::optional<at::Tensor> mask;
   if (mask_.has_value()) mask = mask_->contiguous();
   const int64_t B = a.size(0), N = a.size(1);
+  // the forward's output (optional): the causal kernel without a mask reads its pivots from it
+  at::Tensor outr;
+  if (out_.has_value()) {
+    TORCH_CHECK(out_->sizes() == a_.sizes() && out_->scalar_type() == cdt && out_->device().is_cpu(),
+                "out: expected the forward's output, a CPU ", cdt, " tensor of shape ", a_.sizes(), ", got ",
+                out_->scalar_type(), " ", out_->sizes());
+    if (causal && !mask.has_value()) outr = at::view_as_real(out_->resolve_conj().contiguous()).contiguous();
+  }
   at::Tensor grad_a = at::empty_like(a);
   // Gradients not asked for are not computed (an empty tensor in their place): with neither
   // grad k nor grad z the sweeps form only grad a (see bwd_sweep's kLean).
@@ -158,6 +167,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bk_core_bwd_cpu(
     g.grad_k = need_k_grad ? grad_k_rows.data_ptr<scalar_t>() : nullptr;
     g.grad_mask = need_mask_grad ? grad_mask.data_ptr<scalar_t>() : nullptr;
     g.need_z = need_z_grad;
+    g.out = outr.defined() ? outr.data_ptr<scalar_t>() : nullptr;
     run_backward<scalar_t>(p, g);
     if (need_z_grad) {
       grad_z.data_ptr<scalar_t>()[0] = static_cast<scalar_t>(g.grad_z[0]);
@@ -176,7 +186,7 @@ TORCH_LIBRARY(resnet_bk, m) {
   m.def("bk_core_fwd(Tensor a, Tensor k, Tensor zri, Tensor? mask, bool causal) -> Tensor");
   m.def(
       "bk_core_bwd(Tensor grad, Tensor a, Tensor k, Tensor zri, Tensor? mask, bool causal, bool need_mask_grad, "
-      "bool need_k_grad=True, bool need_z_grad=True) -> (Tensor, Tensor, Tensor, Tensor)");
+      "bool need_k_grad=True, bool need_z_grad=True, Tensor? out=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("cpu_isa() -> int");
   m.impl("cpu_isa", &cpu_isa);
 }

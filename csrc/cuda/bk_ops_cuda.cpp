@@ -139,7 +139,8 @@ at::Tensor bk_core_fwd_cuda(const at::Tensor& a_, const at::Tensor& k_, const at
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bk_core_bwd_cuda(
     const at::Tensor& grad_, const at::Tensor& a_, const at::Tensor& k_, const at::Tensor& zri_,
-    const c10::optional<at::Tensor>& mask_, bool causal, bool need_mask_grad, bool need_k_grad, bool need_z_grad) {
+    const c10::optional<at::Tensor>& mask_, bool causal, bool need_mask_grad, bool need_k_grad, bool need_z_grad,
+    const c10::optional<at::Tensor>& /*out: the forward's output, used by the CPU kernel only*/) {
   check_args(a_, k_, zri_, mask_);
   const auto cdt = a_.scalar_type() == at::kDouble ? at::kComplexDouble : at::kComplexFloat;
   TORCH_CHECK(grad_.sizes() == a_.sizes() && grad_.scalar_type() == cdt, "grad: expected a ", cdt,

@@ -15,7 +15,7 @@ def fwd_fake(a, k, zri, mask, causal):
     return a.new_empty(a.shape, dtype=complex_dtype_for(a.dtype))
 
 
-def bwd_fake(grad, a, k, zri, mask, causal, need_mask_grad, need_k_grad=True, need_z_grad=True):
+def bwd_fake(grad, a, k, zri, mask, causal, need_mask_grad, need_k_grad=True, need_z_grad=True, out=None):
     gm = a.new_empty(a.shape) if (mask is not None and need_mask_grad) else a.new_empty((0,))
     gk = k.new_empty(k.shape) if need_k_grad else k.new_empty((0,))
     return a.new_empty(a.shape), gk, zri.new_empty((2,) if need_z_grad else (0,)), gm
@@ -23,19 +23,22 @@ def bwd_fake(grad, a, k, zri, mask, causal, need_mask_grad, need_k_grad=True, ne
 
 def register_bk_autograd(fwd_qualname: str, bwd_op: Callable, grad_flags: bool = False) -> None:
     """Registers the exact backward of ``fwd_qualname`` as a call of ``bwd_op``; with
-    ``grad_flags`` the op also takes (need_k_grad, need_z_grad) and skips what is not needed."""
+    ``grad_flags`` the op also takes (need_k_grad, need_z_grad, out): it skips what is not
+    needed, and gets the forward's output back."""
 
     def setup_context(ctx, inputs, output):
         a, k, zri, mask, causal = inputs
-        ctx.save_for_backward(a, k, zri, mask)
+        # the causal output without a mask (1 / d) is given back to an op that reads its pivots from it
+        keep = grad_flags and causal and mask is None
+        ctx.save_for_backward(a, k, zri, mask, output if keep else None)
         ctx.causal = causal
 
     def backward(ctx, grad):
-        a, k, zri, mask = ctx.saved_tensors
+        a, k, zri, mask, out = ctx.saved_tensors
         need_mask = mask is not None and ctx.needs_input_grad[3]
         need_k, need_z = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         if grad_flags:
-            ga, gk, gz, gm = bwd_op(grad, a, k, zri, mask, ctx.causal, need_mask, need_k, need_z)
+            ga, gk, gz, gm = bwd_op(grad, a, k, zri, mask, ctx.causal, need_mask, need_k, need_z, out)
         else:
             ga, gk, gz, gm = bwd_op(grad, a, k, zri, mask, ctx.causal, need_mask)
         return ga, (gk if need_k else None), (gz if need_z else None), (gm if need_mask else None), None
