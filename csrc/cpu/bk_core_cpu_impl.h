@@ -158,6 +158,14 @@ constexpr int64_t kRescaleMask = sizeof(T) == 4 ? 3 : 15;
 constexpr int64_t kMaxChunkFwd = 4096;  // forward keeps 1 complex per position and lane
 constexpr int64_t kMaxChunkBwd = 4096;  // backward keeps 2 (two-sided) or 3 (causal)
 constexpr int64_t kStreamOutBytes = int64_t(1) << 20;
+#ifndef BK_SKEW_GROUPS
+#define BK_SKEW_GROUPS 8
+#endif
+#ifndef BK_SKEW_MIN_BYTES
+#define BK_SKEW_MIN_BYTES 4096
+#endif
+constexpr int64_t kSkewGroups = BK_SKEW_GROUPS;  // distinct lane offsets of a skewed plan
+constexpr int64_t kSkewMinN = BK_SKEW_MIN_BYTES;  // shortest row (bytes) worth skewing
 
 template <class T>
 struct Plan {
@@ -191,6 +199,27 @@ struct Plan {
     blocks = (lanes + NL - 1) / NL;
   }
   bool chunked() const { return C > 1; }
+  // Skewed lanes (see skew_lanes): lane l of a block starts its sweep sk * (l % kSkewGroups)
+  // positions before its row, so the rows a tile touches sit at different offsets.
+  int64_t sk = 0;
+  // Rows of N elements of T whose starts are (almost) a multiple of 4 KiB apart put every lane's
+  // tile in the same L1 sets: a tile's 16 row loads and 32 output lines then evict each other
+  // (measured 30% of the two-sided forward at B = 64, N = 4096 float32). Whole-sequence plans
+  // (C = S = 1) of such rows run with skewed lanes instead: lane l is shifted by sk * (l % G)
+  // positions, sk = 64 bytes of T and G = kSkewGroups, so its rows spread over G line offsets. The lanes' first
+  // and last positions are padding (alpha = 1 - i Im z, k = 0: decoupled, never written), the
+  // sweep is (G - 1) * sk positions longer. The forward's output is bit-for-bit that of an
+  // unskewed sweep (a pivot chain entering a row through k = 0 starts at d = alpha exactly); the
+  // backward's two halves meet at another position, so its gradients agree to rounding.
+  void skew_lanes() {
+    if (C != 1 || S != 1 || N * int64_t(sizeof(T)) < kSkewMinN) return;
+    const int64_t r = (N * int64_t(sizeof(T))) % 4096, d = std::min(r, 4096 - r);
+    if (d * kSkewGroups >= 2048) return;  // the rows already fall on different sets
+    sk = 64 / int64_t(sizeof(T));
+    Lc = N + sk * (kSkewGroups - 1);
+    Ls = Lc;
+  }
+  int64_t shift(int l) const { return sk * (l % kSkewGroups); }
   // Lanes are chunk-major: lane (b, ch) = ch * B + b, so with B a multiple of NL every block holds
   // one chunk of NL sequences, and a shared coupling row is uniform across the block's lanes.
   int64_t lane(int64_t b, int64_t ch) const { return ch * B + b; }
@@ -263,6 +292,10 @@ static void lane_info(const Plan<T>& pl, int64_t blk, LaneInfo* li) {
       li[l].chunk = v / pl.B;
       li[l].start = li[l].chunk * pl.Lc;
       li[l].len = std::min(pl.Lc, pl.N - li[l].start);
+      if (pl.sk) {  // skewed: chunk positions [shift, shift + N) hold the row
+        li[l].start = -pl.shift(l);
+        li[l].len = pl.N + pl.shift(l);
+      }
     } else {
       li[l] = LaneInfo{-1, 0, 0, 0};
     }
@@ -276,6 +309,13 @@ static int64_t sub_chunk(const Plan<T>& pl, const LaneInfo* li, int64_t s, LaneI
   for (int l = 0; l < Plan<T>::NL; ++l)
     out[l] = li[l].row >= 0 ? LaneInfo{li[l].row, start, len, s} : LaneInfo{-1, 0, 0, 0};
   return len;
+}
+
+// Bit q set for the tile positions q in [lo, hi) (q < kTile): the masks of the masked transposes.
+static BK_AI uint32_t tile_bits(int64_t lo, int64_t hi) {
+  lo = std::max<int64_t>(0, std::min<int64_t>(kTile, lo));
+  hi = std::max<int64_t>(0, std::min<int64_t>(kTile, hi));
+  return hi <= lo ? 0u : ((1u << hi) - 1u) & ~((1u << lo) - 1u);
 }
 
 // One strided source seen through a block's lanes: lane l reads element index i (position i of
@@ -378,6 +418,10 @@ struct LaneSrc {
   }
   // True when every lane of the group starting at lane g0 reads n in-range elements from p0 on.
   BK_AI bool full_group(int g0, int64_t p0, int64_t n) const { return p0 >= glo[g0 / G] && p0 + n <= ghi[g0 / G]; }
+  // m[i]: the in-range positions of lane g0 + i in the tile at p0 (the masked transposes)
+  BK_AI void group_masks(int g0, int64_t p0, uint32_t* m) const {
+    for (int i = 0; i < G; ++i) m[i] = tile_bits(ilo[g0 + i] - p0, ihi[g0 + i] - p0);
+  }
 #ifdef BK_AVX512_TRANSPOSE
   // The group's row addresses at chunk position p0 (for the transposes).
   BK_AI bk_avx512::Rows<const T> group_rows(int g0, int64_t p0) const {
@@ -392,10 +436,13 @@ struct LaneSrc {
     constexpr int G = 64 / sizeof(T);
     if (n == kTile && es == 1) {
       for (int g0 = 0; g0 < NL; g0 += G) {
-        if (full_group(g0, p0, n))
+        if (full_group(g0, p0, n)) {
           bk_avx512::gather16(group_rows(g0, p0), sub, mul, dst + g0, dstride);
-        else
-          for (int l = g0; l < g0 + G; ++l) tile_lane(l, p0, n, dst, dstride);
+        } else {
+          uint32_t m[G];
+          group_masks(g0, p0, m);
+          bk_avx512::gather16(group_rows(g0, p0), sub, mul, dst + g0, dstride, m, pad);
+        }
       }
       return;
     }
@@ -410,9 +457,9 @@ template <class T>
 static BK_AI void scatter_lane(const LaneInfo& L, int l, T* base, int64_t row_stride, int64_t hi, int64_t es,
                                 int64_t p0, int64_t n, const T* src, int64_t sstride) {
   if (L.row < 0) return;
-  int64_t qe = std::min(n, std::min(L.len, hi - L.start) - p0);
+  const int64_t qe = std::min(n, std::min(L.len, hi - L.start) - p0);
   T* o = base + L.row * row_stride + (L.start + p0) * es;
-  for (int64_t q = 0; q < qe; ++q) o[q * es] = src[q * sstride + l];
+  for (int64_t q = std::max<int64_t>(0, -L.start - p0); q < qe; ++q) o[q * es] = src[q * sstride + l];
 }
 
 // One destination seen through a block's lanes: lane l writes chunk position q to
@@ -426,7 +473,8 @@ struct LaneOut {
   T* base;
   int64_t row_stride, hi, es;
   uintptr_t at0[NL];
-  int64_t lim[NG];
+  int64_t lim[NG], first[NG];  // per group: every lane writes chunk positions [first, lim)
+  int64_t qlo[NL], qhi[NL];     // per lane: the chunk positions it writes, [qlo, qhi)
   bool aligned[NG];  // every lane's chunk start 64-byte aligned (non-temporal stores need it)
   void init(const LaneInfo* li_, T* base_, int64_t row_stride_, int64_t hi_, int64_t es_) {
     li = li_;
@@ -434,19 +482,30 @@ struct LaneOut {
     row_stride = row_stride_;
     hi = hi_;
     es = es_;
+    for (int l = 0; l < NL; ++l) {
+      qlo[l] = li[l].row >= 0 ? std::max<int64_t>(0, -li[l].start) : 0;
+      qhi[l] = li[l].row >= 0 ? std::min(li[l].len, hi - li[l].start) : 0;
+    }
     for (int l = 0; l < NL; ++l)
-      at0[l] = li[l].row >= 0 ? reinterpret_cast<uintptr_t>(base + li[l].row * row_stride + li[l].start * es) : 0;
+      at0[l] = li[l].row >= 0 ? reinterpret_cast<uintptr_t>(base) +
+                                    uintptr_t((li[l].row * row_stride + li[l].start * es) * int64_t(sizeof(T)))
+                              : 0;
     for (int g = 0; g < NG; ++g) {
       lim[g] = kNoFast;
+      first[g] = 0;
       uintptr_t bits = 0;
       for (int l = g * G; l < (g + 1) * G; ++l) {
         lim[g] = li[l].row < 0 ? -1 : std::min(lim[g], std::min(li[l].len, hi - li[l].start));
+        first[g] = std::max(first[g], -li[l].start);  // a skewed lane's row starts later
         bits |= at0[l];
       }
       aligned[g] = (bits & 63) == 0;
     }
   }
-  BK_AI bool full_group(int g0, int64_t p0, int64_t n) const { return p0 + n <= lim[g0 / G]; }
+  BK_AI bool full_group(int g0, int64_t p0, int64_t n) const { return p0 >= first[g0 / G] && p0 + n <= lim[g0 / G]; }
+  BK_AI void group_masks(int g0, int64_t p0, uint32_t* m) const {
+    for (int i = 0; i < G; ++i) m[i] = tile_bits(qlo[g0 + i] - p0, qhi[g0 + i] - p0);
+  }
 #ifdef BK_AVX512_TRANSPOSE
   BK_AI bk_avx512::Rows<T> group_rows(int g0, int64_t p0) const {
     return {at0 + g0, intptr_t(p0 * es * int64_t(sizeof(T)))};
@@ -467,11 +526,14 @@ static BK_AI void scatter_tile(const LaneOut<T>& o, int64_t p0, int64_t n, const
   constexpr int G = 64 / sizeof(T);
   if (n == kTile && o.es == 1) {
     for (int g0 = 0; g0 < NL; g0 += G) {
-      if (o.full_group(g0, p0, n))
+      if (o.full_group(g0, p0, n)) {
         bk_avx512::scatter16(src + g0, sstride, o.group_rows(g0, p0),
                              stream && o.aligned[g0 / G] && (p0 % G) == 0);
-      else
-        for (int l = g0; l < g0 + G; ++l) o.lane(l, p0, n, src, sstride);
+      } else {
+        uint32_t m[G];
+        o.group_masks(g0, p0, m);
+        bk_avx512::scatter16(src + g0, sstride, o.group_rows(g0, p0), false, m);
+      }
     }
     return;
   }
@@ -504,6 +566,11 @@ struct BlockIn {
   LaneSrc<T> A, K, M;
   const T* kuni;            // shared k row when each half of the lanes reads it at one offset, else nullptr
   int64_t kstart, kstart2;  // with kuni: the chunk start of the real lanes of the first / second half
+  // Skewed lanes (Plan::skew_lanes) read one shared k row at different offsets; when every entry
+  // of that row is kc (a Laplacian's 1), the tiles in [kclo, kchi) are kc in every lane.
+  bool kconst = false;
+  T kc = T(0);
+  int64_t kclo = 0, kchi = 0;
   int64_t N;
   bool has_mask;
 
@@ -520,6 +587,28 @@ struct BlockIn {
     for (int l = 0; l < NL; ++l)
       if (li[l].row >= 0 && li[l].start != (l < NL / 2 ? kstart : kstart2)) kuni = nullptr;
     K.init(li, pr.k, pr.k_row_stride, pr.N - 1, 1, -1, T(0), T(1), T(0));
+    kconst = false;
+    if (!kuni && pr.k_row_stride == 0 && pr.N > 1) {
+      int64_t smin = 0, smax = 0;
+      bool full = true;
+      for (int l = 0; l < NL; ++l) {
+        full = full && li[l].row >= 0;
+        smin = std::min(smin, li[l].start);
+        smax = std::max(smax, li[l].start);
+      }
+      if (full && smax == 0) {
+        T x = pr.k[0];
+        bool same = true;
+        for (int64_t i = 1; i < pr.N - 1; ++i) same &= std::memcmp(pr.k + i, &x, sizeof(T)) == 0;
+        // a tile [p0, p0 + n] reads k at p0 + q - 1 - shift for q <= n: in range for every lane
+        if (same) {
+          kconst = true;
+          kc = x;
+          kclo = 1 - smin;
+          kchi = pr.N - 1;
+        }
+      }
+    }
     has_mask = pr.mask != nullptr;
     if (has_mask) M.init(li, pr.mask, pr.N, pr.N, 1, 0, T(0), T(1), T(0));
   }
@@ -530,6 +619,10 @@ struct BlockIn {
         const int64_t i = kstart + p0 + q - 1, i2 = kstart2 + p0 + q - 1;
         tK[q] = halves<T>((i >= 0 && i < N - 1) ? kuni[i] : T(0), (i2 >= 0 && i2 < N - 1) ? kuni[i2] : T(0));
       }
+    } else if (kconst && p0 >= kclo && p0 + n <= kchi) {
+      T* dst = reinterpret_cast<T*>(tK);
+      for (int64_t q = 0; q <= n; ++q)
+        for (int l = 0; l < NL; ++l) dst[q * NL + l] = kc;
     } else if (kuni) {
       // Broadcast element-wise through memory: a pack assigned from a scalar is
       // lowered by GCC to per-lane extracts, so write the lanes as scalars instead.
@@ -782,10 +875,9 @@ static BK_AI void scatter_cx_tile(const LaneOut<T>& o, int64_t p0, int64_t n, co
         const bool nt = stream && o.aligned[g0 / G] && (p0 & 7) == 0;
         bk_avx512::scatter16_cx(s + g0, s + NL + g0, 2 * NL, o.group_rows(g0, p0), nt);
       } else {
-        for (int l = g0; l < g0 + G; ++l) {
-          o.lane(l, p0, n, s, 2 * NL);
-          o.lane(l, p0, n, s + NL, 2 * NL, 1);
-        }
+        uint32_t m[G];
+        o.group_masks(g0, p0, m);
+        bk_avx512::scatter16_cx(s + g0, s + NL + g0, 2 * NL, o.group_rows(g0, p0), false, m);
       }
     }
     return;
@@ -1058,6 +1150,7 @@ template <class T>
 static void forward_impl(const Problem<T>& pr, T* out, const Par& par) {
   if (pr.B == 0) return;
   Plan<T> pl(pr.B, pr.N, par.num_threads, kMaxChunkFwd);
+  pl.skew_lanes();
   // An output much larger than the cores' L2 goes out with non-temporal stores (see scatter16_cx).
   const bool stream = pr.B * pr.N * 2 * int64_t(sizeof(T)) >= kStreamOutBytes;
   if (pl.S > 1 && !pr.causal) {
@@ -1121,6 +1214,10 @@ static BK_AI void w_tile(const LaneSrc<T>& Wre, const LaneSrc<T>& Wim, int64_t p
     for (int g0 = 0; g0 < NL; g0 += G) {
       if (Wre.full_group(g0, p0, n)) {
         bk_avx512::gather16_cx(Wre.group_rows(g0, p0), Wim.mul, dre + g0, dim + g0, 2 * NL);
+      } else if (Wre.pad == T(0) && Wim.pad == T(0) && Wre.sub == T(0) && Wim.sub == T(0) && Wre.mul == T(1)) {
+        uint32_t m[G];  // out-of-range positions read as 0, the pad
+        Wre.group_masks(g0, p0, m);
+        bk_avx512::gather16_cx(Wre.group_rows(g0, p0), Wim.mul, dre + g0, dim + g0, 2 * NL, m);
       } else {
         for (int l = g0; l < g0 + G; ++l) {
           Wre.tile_lane(l, p0, n, dre, 2 * NL);
@@ -1833,6 +1930,7 @@ static void backward_impl(const Problem<T>& pr, Grads<T>& g, const Par& par) {
   // causal from the saved output: one pass that keeps nothing per position, so no chunk limit
   const bool saved = pr.causal && g.out != nullptr && pr.mask == nullptr;
   Plan<T> pl(pr.B, pr.N, par.num_threads, saved ? pr.N : kMaxChunkBwd);
+  pl.skew_lanes();
   BwdShared<T> sh{pr, pl, g, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}};
   const int64_t nl = pl.blocks * Plan<T>::NL;
   sh.zsum.assign(2 * nl, 0.0);
