@@ -23,8 +23,21 @@ def dense_oracle(a, b, c, z, causal=False):
     zt = z if isinstance(z, torch.Tensor) else torch.tensor(z, dtype=c128)
     T = H - zt.to(c128) * torch.eye(N, dtype=c128)
     if not causal:
-        return torch.linalg.inv(T).diagonal(dim1=-2, dim2=-1)
-    return torch.stack([torch.linalg.inv(T[..., : i + 1, : i + 1])[..., i, i] for i in range(N)], -1)
+        return _inv(T).diagonal(dim1=-2, dim2=-1)
+    return torch.stack([_inv(T[..., : i + 1, : i + 1])[..., i, i] for i in range(N)], -1)
+
+
+def _inv(T):
+    """torch.linalg.inv one matrix at a time.
+
+    A batched inverse runs MKL's LU inside at::parallel_for. Once any test has called
+    torch.set_num_threads (which also turns MKL's dynamic threading off), the nested complex LU can
+    spin for ever or fail with "Parameter 6 was incorrect on entry to ZLASWP". This was seen with
+    torch 2.13.0+cpu on a 2-core AMD EPYC. One matrix per call is never nested."""
+    if T.dim() == 2:
+        return torch.linalg.inv(T)
+    flat = T.reshape(-1, *T.shape[-2:])
+    return torch.stack([torch.linalg.inv(m) for m in flat.unbind(0)]).reshape(T.shape)
 
 
 def cpu_backends():

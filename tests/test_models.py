@@ -122,8 +122,14 @@ def test_lm_causality_no_future_leak(kind):
         x2 = x.clone()
         x2[:, j] = (x2[:, j] + 7) % V
         out = _logits(m, x2)
-        assert torch.equal(out[:, :j], base[:, :j]), f"{kind}: changing token {j} changed earlier logits"
-        assert (out[:, j:] - base[:, j:]).abs().max() > 0, f"{kind}: token {j} has no effect at all"
+        # Not bitwise: the MoE groups tokens by expert, so a token's expert GEMM has as many rows as
+        # its expert got tokens, and a changed later token can change that count. MKL's sgemm on
+        # some CPUs (seen on AMD EPYC) rounds a row differently for different row counts: a few
+        # float32 ulps. A real leak moves earlier logits by orders of magnitude more than that.
+        early = (out[:, :j] - base[:, :j]).abs().max().item() if j else 0.0
+        later = (out[:, j:] - base[:, j:]).abs().max().item()
+        assert early <= 1e-5, f"{kind}: changing token {j} changed earlier logits by {early:.3g}"
+        assert later > 1e-3, f"{kind}: token {j} has (almost) no effect: {later:.3g}"
 
 
 def test_noncausal_lm_does_see_future():
