@@ -34,8 +34,6 @@ def _inv(T):
     torch.set_num_threads (which also turns MKL's dynamic threading off), the nested complex LU can
     spin for ever or fail with "Parameter 6 was incorrect on entry to ZLASWP". This was seen with
     torch 2.13.0+cpu on a 2-core AMD EPYC. One matrix per call is never nested."""
-    if T.dim() == 2:
-        return torch.linalg.inv(T)
     flat = T.reshape(-1, *T.shape[-2:])
     return torch.stack([torch.linalg.inv(m) for m in flat.unbind(0)]).reshape(T.shape)
 

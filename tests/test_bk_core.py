@@ -608,8 +608,7 @@ def test_skewed_lane_plans(B, N, dtype, coupling, causal, masked):
     Output and every gradient equal the reference's, for each kind of coupling row (a shared
     constant row takes a broadcast path), a partly filled last block, a mask and both variants."""
     # (skewed when the batch fills every thread's lanes: B >= 16 float / 8 double lanes x threads;
-    # the thread count is left as it is: torch.set_num_threads here would also set MKL's, and the
-    # dense oracles of later tests would then nest MKL teams inside at::parallel_for)
+    # the thread count is left as the run set it)
     g = torch.Generator().manual_seed(N + B)
     a = (torch.rand(B, N, generator=g, dtype=torch.float64) * 6 - 5).to(dtype)
     if coupling == "shared-constant":
