@@ -230,6 +230,9 @@ def machine_info() -> dict:
     cuda = torch.cuda.is_available()
     return {
         "cpu_model": ci.get("model name", platform.processor() or "unknown"),
+        "cpu_vendor": ci.get("vendor_id"),
+        "cpu_family": int(ci["cpu family"]) if ci.get("cpu family", "").isdigit() else None,
+        "cpu_model_number": int(ci["model"]) if ci.get("model", "").isdigit() else None,
         "cpu_cores": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "torch_threads": torch.get_num_threads(),
@@ -259,7 +262,26 @@ def machine_kind(info: dict) -> str:
         if key in model:
             family = key
             break
+    gen = _amd_generation(info)
+    if gen:
+        # A VM often reports only "AMD EPYC": the generation keeps Zen 4 and Zen 5 results apart.
+        family = f"{family}-{gen}"
     return f"cpu-{info.get('cpu_cores')}core-{family}-{_slug(str(info.get('cpu_isa_used_by_kernels')))}"
+
+
+def _amd_generation(info: dict) -> Optional[str]:
+    """``zen4``/``zen5``/... from an AMD CPU's family and model numbers (None elsewhere or if unknown)."""
+    if info.get("cpu_vendor") != "AuthenticAMD" or info.get("cpu_family") is None:
+        return None
+    fam, model = info["cpu_family"], info.get("cpu_model_number") or 0
+    if fam == 0x17:
+        return "zen2" if model >= 0x30 else "zen1"
+    if fam == 0x19:
+        # Zen 3 and Zen 4 share family 19h; Zen 4 is models 10h-1Fh, 60h-7Fh, A0h-AFh (and has AVX-512)
+        return "zen4" if (0x10 <= model <= 0x1F or 0x60 <= model <= 0x7F or 0xA0 <= model <= 0xAF) else "zen3"
+    if fam == 0x1A:
+        return "zen5"
+    return f"fam{fam:x}h"
 
 
 def _slug(s: str) -> str:

@@ -149,3 +149,20 @@ def test_module_speedups_pair_rows_with_the_plain_model_of_their_size():
     assert rows[1]["speedup_vs_plain"] == {"train_step": 2.0, "inference": 2.0}
     assert rows[3]["speedup_vs_plain"] == {"train_step": 4.0, "inference": 4.0}
     assert rows[1]["val_ppl_vs_plain"] == pytest.approx(1.1) and rows[3]["val_ppl_vs_plain"] == pytest.approx(1.1)
+
+
+@pytest.mark.parametrize("vendor,family,model,gen", [
+    ("AuthenticAMD", 0x19, 0x11, "zen4"),   # EPYC Genoa
+    ("AuthenticAMD", 0x19, 0x01, "zen3"),   # EPYC Milan
+    ("AuthenticAMD", 0x1A, 0x02, "zen5"),   # EPYC Turin
+    ("AuthenticAMD", 0x17, 0x31, "zen2"),   # EPYC Rome
+    ("GenuineIntel", 6, 143, None),
+])
+def test_machine_kind_tells_amd_generations_apart(vendor, family, model, gen):
+    """A VM often reports its CPU only as "AMD EPYC": Zen 4 and Zen 5 results must not share a file."""
+    from benchmarks.timing import machine_kind
+    name = "AMD EPYC" if vendor == "AuthenticAMD" else "Intel(R) Xeon(R) Platinum 8480+"
+    info = {"cpu_model": name, "cpu_vendor": vendor, "cpu_family": family, "cpu_model_number": model,
+            "cpu_cores": 2, "cpu_isa_used_by_kernels": "avx512"}
+    expected = f"cpu-2core-epyc-{gen}-avx512" if gen else "cpu-2core-xeon-avx512"
+    assert machine_kind(info) == expected
