@@ -13,6 +13,7 @@
 #include <string>
 
 #include "bk_core_cpu.h"
+#include "huge_pages.h"
 
 namespace {
 
@@ -122,6 +123,7 @@ at::Tensor bk_core_fwd_cpu(const at::Tensor& a_, const at::Tensor& k_, const at:
   if (mask_.has_value()) mask = mask_->contiguous();
   auto cdt = a.scalar_type() == at::kDouble ? at::kComplexDouble : at::kComplexFloat;
   at::Tensor out = at::empty({a.size(0), a.size(1)}, a.options().dtype(cdt));
+  resnet_bk::advise_huge_pages(out);
   at::Tensor outr = at::view_as_real(out);
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "bk_core_fwd_cpu", [&] {
     auto p = make_problem<scalar_t>(a, k, zri, mask, causal);
@@ -159,6 +161,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bk_core_bwd_cpu(
   at::Tensor grad_k_rows = need_k_grad ? at::empty({B, N - 1}, a.options()) : at::empty({0}, a.options());
   at::Tensor grad_mask = need_mask_grad ? at::empty_like(a) : at::empty({0}, a.options());
   at::Tensor grad_z = at::empty({need_z_grad ? 2 : 0}, a.options());
+  resnet_bk::advise_huge_pages(grad_a);
+  if (need_k_grad) resnet_bk::advise_huge_pages(grad_k_rows);
+  if (need_mask_grad) resnet_bk::advise_huge_pages(grad_mask);
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "bk_core_bwd_cpu", [&] {
     auto p = make_problem<scalar_t>(a, k, zri, mask, causal);
     bk_cpu::Grads<scalar_t> g;

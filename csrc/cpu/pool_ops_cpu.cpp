@@ -54,6 +54,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "huge_pages.h"
+
 namespace {
 
 template <class T>
@@ -189,6 +191,7 @@ at::Tensor learned_downsample_fwd_cpu(const at::Tensor& x_, const at::Tensor& lo
   (void)N;
   at::Tensor out = at::empty({B, M, D}, x.options());
   if (B == 0) return out;
+  resnet_bk::advise_huge_pages(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "learned_downsample_fwd_cpu", [&] {
     using A = typename Acc<scalar_t>::type;
     std::vector<A> w(M * r);
@@ -214,6 +217,7 @@ std::tuple<at::Tensor, at::Tensor> learned_downsample_bwd_cpu(const at::Tensor& 
   at::Tensor grad_x = need_x_grad ? at::empty({B, N, D}, x.options()) : at::empty({0}, x.options());
   at::Tensor grad_logits = need_logits_grad ? at::empty({M, r}, logits.options()) : at::empty({0}, logits.options());
   if (!need_x_grad && !need_logits_grad) return {grad_x, grad_logits};
+  if (need_x_grad) resnet_bk::advise_huge_pages(grad_x);
   if (B == 0) {
     if (need_logits_grad) grad_logits.zero_();
     return {grad_x, grad_logits};
@@ -344,6 +348,7 @@ at::Tensor learned_upsample_fwd_cpu(const at::Tensor& y_, const at::Tensor& bias
   at::Tensor res = residual_.has_value() ? residual_->contiguous() : at::Tensor();
   at::Tensor out = at::empty({u.B, u.M * u.r, u.D}, y.options());
   if (u.B == 0) return out;
+  resnet_bk::advise_huge_pages(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "learned_upsample_fwd_cpu", [&] {
     using A = typename Acc<scalar_t>::type;
     const A sc = scale_.has_value() ? scale_->item<A>() : A(1);
@@ -369,6 +374,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> learned_upsample_bwd_cpu(
   at::Tensor grad_bias = need_bias_grad ? at::empty(bias.sizes(), aopt) : at::empty({0}, aopt);
   at::Tensor grad_scale = need_scale_grad ? at::empty({}, aopt) : at::empty({0}, aopt);
   if (!need_y_grad && !need_bias_grad && !need_scale_grad) return {grad_y, grad_bias, grad_scale};
+  if (need_y_grad) resnet_bk::advise_huge_pages(grad_y);
   if (u.B == 0) {
     if (need_bias_grad) grad_bias.zero_();
     if (need_scale_grad) grad_scale.zero_();
