@@ -11,8 +11,9 @@ respect to the diagonal (the learned potential) and, for the masked variant, the
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, ContextManager, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -36,6 +37,7 @@ class Impl:
     fn: Optional[Callable[[Inputs], Tensor]]
     skip: Optional[str] = None      # reason it is not run at this size (row is SKIPPED)
     split: bool = False             # time forward and backward inside one fwd+bwd call (see run.py)
+    context: Optional[Callable[[], ContextManager]] = None  # entered around all of its timing
 
 
 @dataclass
@@ -79,6 +81,30 @@ def _backend_impls(op: str, device: torch.device, canon_args: tuple, call: Calla
         except ops.BackendUnavailableError as exc:
             out.append(Impl(name, "backend", f"{name} backend", None, skip=str(exc)))
     return out
+
+
+HUGE_ADVICE_MIN_BYTES = 8 << 20  # the C++ CPU ops advise huge pages on outputs of this size and more
+
+
+@contextlib.contextmanager
+def _huge_pages_off():
+    prev = ops.cpu_huge_pages(False)
+    try:
+        yield
+    finally:
+        ops.cpu_huge_pages(prev)
+
+
+def _small_pages_impl(impls: List[Impl], device: torch.device, largest_output_bytes: int,
+                      call: Callable[[str], Callable[[Inputs], Tensor]]) -> List[Impl]:
+    """``cpp-4k``: the cpp backend with its huge-page advice switched off (``ops.cpu_huge_pages(False)``
+    around all of its timing), as a baseline, where an output or gradient is large enough for the
+    advice to apply; so the rows show what the advice saves in the same run."""
+    cpp = [i for i in impls if i.name == "cpp" and i.fn is not None]
+    if device.type != "cpu" or not cpp or largest_output_bytes < HUGE_ADVICE_MIN_BYTES:
+        return []
+    return [Impl("cpp-4k", "baseline", "cpp backend with the huge-page advice off (ops.cpu_huge_pages(False)): "
+                 "fresh outputs fault in 4 KiB pages", call("cpp"), context=_huge_pages_off)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,6 +207,7 @@ def _bk_case(variant: str) -> OpCase:
         out += _backend_impls("bk_core", device, canon, call)
         if device.type == "cpu" and not masked:
             out.append(_cpp_op_impl(causal, args))
+        out += _small_pages_impl(out, device, 2 * size["B"] * N * _dsize(dtype), call)
 
         def naive(x):
             y = _naive_continuants(x["diag"], x["super"], x["sub"], x["z"], causal)
@@ -279,6 +306,7 @@ def _down_case() -> OpCase:
         out = [Impl("reference", "baseline",
                     "reference backend (= the unfused softmax/pad/view/mul/sum a user would write)", call("reference"))]
         out += _backend_impls("learned_downsample", device, (inp["x"], inp["logits"], True), call)
+        out += _small_pages_impl(out, device, inp["x"].numel() * _dsize(dtype), call)  # grad_x
         return out
 
     def bytes_moved(size, dtype, mode):
@@ -316,6 +344,7 @@ def _up_case() -> OpCase:
         out = [Impl("reference", "baseline",
                     "reference backend (= the unfused view/add/mul/add a user would write)", call("reference"))]
         out += _backend_impls("learned_upsample", device, (inp["y"], inp["bias"], inp["residual"], inp["scale"]), call)
+        out += _small_pages_impl(out, device, inp["residual"].numel() * _dsize(dtype), call)  # out
         return out
 
     def bytes_moved(size, dtype, mode):

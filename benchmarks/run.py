@@ -20,6 +20,7 @@ run's speedup over an earlier one row by row.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -232,48 +233,49 @@ def run_op_config(case: OpCase, size: dict, dtype: torch.dtype, device: torch.de
                 r["status"], r["reason"] = "skipped", skip
             rows += mode_rows.values()
             continue
-        pkey = (case.key, impl.name, str(dtype), size.get("B"), device.type)
-        predicted = None
-        if pkey in predictor:
-            n0, t0 = predictor[pkey]
-            predicted = t0 * size["N"] / n0
-        stash: dict = {}
-        fwd, bwd, both = runner.steps(impl.fn, impl.split, stash)
-        try:
-            stats, notes = measure(both, policy, predicted)
-            predictor[pkey] = (size["N"], stats["forward+backward"].median)
-            if not impl.split:
-                s2, n2 = measure(fwd, policy, predicted)
-                s3, n3 = measure(bwd, policy, predicted)
-                stats.update(s2)
-                stats.update(s3)
-                notes += n2 + n3
-            else:
-                notes.append("forward and backward timed as the two halves of each forward+backward call")
-        except Exception as exc:  # noqa: BLE001  (a crashing backend is a result, not the end of the run)
-            for r in mode_rows.values():
-                r["status"], r["reason"] = "ERROR", f"{type(exc).__name__}: {exc}"
+        with (impl.context() if impl.context is not None else contextlib.nullcontext()):
+            pkey = (case.key, impl.name, str(dtype), size.get("B"), device.type)
+            predicted = None
+            if pkey in predictor:
+                n0, t0 = predictor[pkey]
+                predicted = t0 * size["N"] / n0
+            stash: dict = {}
+            fwd, bwd, both = runner.steps(impl.fn, impl.split, stash)
+            try:
+                stats, notes = measure(both, policy, predicted)
+                predictor[pkey] = (size["N"], stats["forward+backward"].median)
+                if not impl.split:
+                    s2, n2 = measure(fwd, policy, predicted)
+                    s3, n3 = measure(bwd, policy, predicted)
+                    stats.update(s2)
+                    stats.update(s3)
+                    notes += n2 + n3
+                else:
+                    notes.append("forward and backward timed as the two halves of each forward+backward call")
+            except Exception as exc:  # noqa: BLE001  (a crashing backend is a result, not the end of the run)
+                for r in mode_rows.values():
+                    r["status"], r["reason"] = "ERROR", f"{type(exc).__name__}: {exc}"
+                rows += mode_rows.values()
+                continue
+            stashes[impl.name] = stash
+            for m, r in mode_rows.items():
+                st = stats[m]
+                r["time_s"] = st.to_dict()
+                r["ns_per_element"] = st.median / r["elements"] * 1e9
+                r["gbps"] = r["bytes_moved"] / st.median / 1e9
+                r["bw_fraction"] = r["gbps"] / copy_gbps if copy_gbps else None
+                r["notes"] = list(dict.fromkeys(notes))
+                if device.type == "cpu" and impl.kind != "backend":
+                    r["notes"].append("memory measured for the backends only on CPU (the profiler's per-op overhead "
+                                      "on a Python loop over N would dominate)")
+                elif device.type == "cuda" or st.median < MEM_MAX_CALL_S:
+                    try:
+                        r["peak_mem_bytes"] = runner.memory(impl.fn, m)
+                    except Exception as exc:  # noqa: BLE001
+                        r["notes"].append(f"memory not measured ({type(exc).__name__}: {exc})")
+                else:
+                    r["notes"].append("memory not measured (slow call; the profiler would dominate)")
             rows += mode_rows.values()
-            continue
-        stashes[impl.name] = stash
-        for m, r in mode_rows.items():
-            st = stats[m]
-            r["time_s"] = st.to_dict()
-            r["ns_per_element"] = st.median / r["elements"] * 1e9
-            r["gbps"] = r["bytes_moved"] / st.median / 1e9
-            r["bw_fraction"] = r["gbps"] / copy_gbps if copy_gbps else None
-            r["notes"] = list(dict.fromkeys(notes))
-            if device.type == "cpu" and impl.kind != "backend":
-                r["notes"].append("memory measured for the backends only on CPU (the profiler's per-op overhead "
-                                  "on a Python loop over N would dominate)")
-            elif device.type == "cuda" or st.median < MEM_MAX_CALL_S:
-                try:
-                    r["peak_mem_bytes"] = runner.memory(impl.fn, m)
-                except Exception as exc:  # noqa: BLE001
-                    r["notes"].append(f"memory not measured ({type(exc).__name__}: {exc})")
-            else:
-                r["notes"].append("memory not measured (slow call; the profiler would dominate)")
-        rows += mode_rows.values()
     # correctness of every timed implementation against the reference
     ref = stashes.get("reference")
     ref_rows = None

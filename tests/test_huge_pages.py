@@ -44,6 +44,9 @@ _PROBE = textwrap.dedent('''
         return hit
 
     B, N = int(sys.argv[1]), int(sys.argv[2])
+    if sys.argv[3] == "off":
+        assert ops.cpu_huge_pages(False) is True      # the previous setting: on by default
+        assert ops.cpu_huge_pages() is False
     a = torch.randn(B, N).requires_grad_()
     h = torch.ones(N - 1)
     y = ops.bk_core(a, h, h, 1j)
@@ -57,8 +60,8 @@ _PROBE = textwrap.dedent('''
 ''')
 
 
-def _probe(B, N, **env):
-    res = subprocess.run([sys.executable, "-c", _PROBE, str(B), str(N)], capture_output=True, text=True,
+def _probe(B, N, switch="keep", **env):
+    res = subprocess.run([sys.executable, "-c", _PROBE, str(B), str(N), switch], capture_output=True, text=True,
                          env={**os.environ, **env}, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     out = {}
@@ -80,3 +83,17 @@ def test_small_outputs_and_opt_out_are_not_advised():
     assert not any(hg for _, hg in got.values()), got
     got = _probe(16, 65536, RESNET_BK_NO_HUGEPAGE="1")
     assert not any(hg for _, hg in got.values()), got
+    got = _probe(16, 65536, switch="off")         # ops.cpu_huge_pages(False) at run time
+    assert not any(hg for _, hg in got.values()), got
+
+
+def test_cpu_huge_pages_switch():
+    prev = ops.cpu_huge_pages()
+    try:
+        assert ops.cpu_huge_pages(not prev) is prev
+        assert ops.cpu_huge_pages() is (not prev)
+    finally:
+        ops.cpu_huge_pages(prev)
+    assert ops.cpu_huge_pages() is prev
+    with pytest.raises(TypeError, match="enabled: expected a bool"):
+        ops.cpu_huge_pages(1)

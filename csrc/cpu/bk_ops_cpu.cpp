@@ -185,6 +185,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bk_core_bwd_cpu(
 
 int64_t cpu_isa() { return static_cast<int64_t>(isa()); }
 
+// mode -1: query; 0: off; 1: on. Returns the setting before the call.
+bool cpu_huge_pages(int64_t mode) {
+  TORCH_CHECK(mode >= -1 && mode <= 1, "mode: expected -1 (query), 0 (off) or 1 (on), got ", mode);
+  auto& on = resnet_bk::huge_pages_enabled();
+  return mode < 0 ? on.load() : on.exchange(mode == 1);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(resnet_bk, m) {
@@ -194,6 +201,8 @@ TORCH_LIBRARY(resnet_bk, m) {
       "bool need_k_grad=True, bool need_z_grad=True, Tensor? out=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("cpu_isa() -> int");
   m.impl("cpu_isa", &cpu_isa);
+  m.def("cpu_huge_pages(int mode) -> bool");
+  m.impl("cpu_huge_pages", &cpu_huge_pages);
 }
 
 TORCH_LIBRARY_IMPL(resnet_bk, CPU, m) {

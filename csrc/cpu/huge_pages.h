@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 
@@ -19,16 +20,21 @@ namespace resnet_bk {
 // transparent huge pages on its 2 MiB-aligned interior (MADV_HUGEPAGE; 512x fewer faults where THP
 // is enabled in "madvise" or "always" mode, a no-op under "never" or on memory already touched).
 // Advice only: the contents and the allocation are PyTorch's; errors are ignored.
-// RESNET_BK_NO_HUGEPAGE=1 turns it off.
+// RESNET_BK_NO_HUGEPAGE=1 turns it off at start-up; torch.ops.resnet_bk.cpu_huge_pages (Python:
+// resnet_bk.ops.cpu_huge_pages) switches it at run time.
+inline std::atomic<bool>& huge_pages_enabled() {
+  static std::atomic<bool> on{[] {
+    const char* e = std::getenv("RESNET_BK_NO_HUGEPAGE");
+    return !(e != nullptr && e[0] != '\0' && e[0] != '0');
+  }()};
+  return on;
+}
+
 inline void advise_huge_pages(const at::Tensor& t) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  static const bool off = [] {
-    const char* e = std::getenv("RESNET_BK_NO_HUGEPAGE");
-    return e != nullptr && e[0] != '\0' && e[0] != '0';
-  }();
   const uintptr_t nbytes = static_cast<uintptr_t>(t.numel()) * t.element_size();
-  if (off || nbytes < 4 * kHuge) return;
+  if (nbytes < 4 * kHuge || !huge_pages_enabled().load(std::memory_order_relaxed)) return;
   const uintptr_t b = reinterpret_cast<uintptr_t>(t.data_ptr());
   const uintptr_t lo = (b + kHuge - 1) & ~(kHuge - 1), hi = (b + nbytes) & ~(kHuge - 1);
   if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);

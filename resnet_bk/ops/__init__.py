@@ -20,6 +20,7 @@ from torch import Tensor
 from . import _dispatch, _ref_backend  # noqa: F401  (registers the reference backend)
 from . import _canon, _cpp  # noqa: F401  (_cpp registers cpp / cuda when resnet_bk._C loaded)
 from ._canon import BKArgs, canon_bk
+from ._cpp import cpu_huge_pages
 from ._dispatch import (BackendUnavailableError, Choice, VerificationError, available_backends,
                         backend_status, verify, verify_enabled)
 from .reference import bk_core_ref
@@ -35,7 +36,7 @@ __all__ = [
     "bk_core", "bk_core_features", "bk_core_masked", "bk_core_ref",
     "learned_downsample", "learned_upsample", "learned_downsample_ref", "learned_upsample_ref",
     "moe_top1_inference", "moe_top1_ref", "moe_top1_fast_ok",
-    "available_backends", "backend_status", "explain", "verify", "verify_enabled",
+    "available_backends", "backend_status", "explain", "verify", "verify_enabled", "cpu_huge_pages",
     "BackendUnavailableError", "VerificationError", "Choice",
 ]
 

@@ -36,6 +36,18 @@ def cpu_isa() -> str:
     return _CPU_ISA
 
 
+def cpu_huge_pages(enabled: Optional[bool] = None) -> bool:
+    """Whether the C++ CPU ops advise transparent huge pages on their outputs of 8 MiB or more
+    (``madvise(MADV_HUGEPAGE)`` before the kernel first writes them; on by default,
+    ``RESNET_BK_NO_HUGEPAGE=1`` turns it off at start-up). With ``enabled`` given, sets it for the
+    whole process and returns the previous setting; else returns the current one."""
+    if enabled is not None and not isinstance(enabled, bool):
+        raise TypeError(f"enabled: expected a bool or None, got {type(enabled).__name__}")
+    if not HAS_C:
+        raise RuntimeError(f"cpu_huge_pages: {_LOAD_ERROR}")
+    return bool(torch.ops.resnet_bk.cpu_huge_pages(-1 if enabled is None else int(enabled)))
+
+
 if HAS_C:
     torch.library.register_fake("resnet_bk::bk_core_fwd")(fwd_fake)
     torch.library.register_fake("resnet_bk::bk_core_bwd")(bwd_fake)
