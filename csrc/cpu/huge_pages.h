@@ -19,7 +19,8 @@ namespace resnet_bk {
 // output) about 8 ms, twice the kernel itself. Before the kernel first writes such a tensor, ask the kernel for
 // transparent huge pages on its 2 MiB-aligned interior (MADV_HUGEPAGE; 512x fewer faults where THP
 // is enabled in "madvise" or "always" mode, a no-op under "never" or on memory already touched).
-// Advice only: the contents and the allocation are PyTorch's; errors are ignored.
+// Memory already backed (a block reused from malloc's heap) is left alone. Advice only: the
+// contents and the allocation are PyTorch's; errors are ignored.
 // RESNET_BK_NO_HUGEPAGE=1 turns it off at start-up; torch.ops.resnet_bk.cpu_huge_pages (Python:
 // resnet_bk.ops.cpu_huge_pages) switches it at run time.
 inline std::atomic<bool>& huge_pages_enabled() {
@@ -37,7 +38,12 @@ inline void advise_huge_pages(const at::Tensor& t) {
   if (nbytes < 4 * kHuge || !huge_pages_enabled().load(std::memory_order_relaxed)) return;
   const uintptr_t b = reinterpret_cast<uintptr_t>(t.data_ptr());
   const uintptr_t lo = (b + kHuge - 1) & ~(kHuge - 1), hi = (b + nbytes) & ~(kHuge - 1);
-  if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+  if (hi <= lo) return;
+  // Only fresh memory: a block reused from malloc's heap is already backed by pages (its first
+  // page is resident), and advising it would only split the heap's memory area for nothing.
+  unsigned char resident = 0;
+  if (mincore(reinterpret_cast<void*>(lo), 4096, &resident) == 0 && (resident & 1)) return;
+  (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
 #else
   (void)t;
 #endif
