@@ -210,6 +210,8 @@ def _base_row(case: OpCase, impl: Impl, size: dict, dtype: torch.dtype, device: 
            "status": "ok", "reason": None, "time_s": None, "ns_per_element": None, "gbps": None,
            "bw_fraction": None, "bytes_moved": case.bytes_moved(size, dtype, mode), "peak_mem_bytes": None,
            "check": None, "speedup": {}, "notes": []}
+    if impl.versus:
+        row["versus"] = impl.versus
     return row
 
 
@@ -307,7 +309,8 @@ def run_op_config(case: OpCase, size: dict, dtype: torch.dtype, device: torch.de
             if r["status"] != "ok":
                 continue
             for bname, b in by.items():
-                if bname == r["impl"] or b["impl_kind"] != "baseline" or b["status"] != "ok":
+                if bname == r["impl"] or b["status"] != "ok" or not (b["impl_kind"] == "baseline"
+                                                                     or bname == r.get("versus")):
                     continue
                 r["speedup"][bname] = b["time_s"]["median"] / r["time_s"]["median"]
     return rows

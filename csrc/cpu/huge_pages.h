@@ -16,17 +16,19 @@ namespace resnet_bk {
 // A large output is usually fresh memory from mmap (glibc maps every block above its mmap
 // threshold, at most 32 MiB, anew and unmaps it on free; PyTorch's CPU allocator does not cache),
 // so writing it costs one page fault per 4 KiB page: at B = 64, N = 65536 float32 (a 32 MiB
-// output) about 8 ms, twice the kernel itself. Before the kernel first writes such a tensor, ask the kernel for
-// transparent huge pages on its 2 MiB-aligned interior (MADV_HUGEPAGE; 512x fewer faults where THP
-// is enabled in "madvise" or "always" mode, a no-op under "never" or on memory already touched).
-// Memory already backed (a block reused from malloc's heap) is left alone. Advice only: the
-// contents and the allocation are PyTorch's; errors are ignored.
-// RESNET_BK_NO_HUGEPAGE=1 turns it off at start-up; torch.ops.resnet_bk.cpu_huge_pages (Python:
-// resnet_bk.ops.cpu_huge_pages) switches it at run time.
+// output) about 8 ms, twice the kernel itself. When enabled, ask for transparent huge pages on the
+// 2 MiB-aligned interior of such a tensor before the kernel first writes it (MADV_HUGEPAGE; 512x
+// fewer faults where THP is in "madvise" or "always" mode, a no-op under "never"). Memory already
+// backed (a block reused from malloc's heap) is left alone. Advice only: the contents and the
+// allocation are PyTorch's; errors are ignored.
+// Off by default (on a VM whose host takes back freed guest memory, a fresh huge page can cost
+// more than the small-page faults it saves, see README): RESNET_BK_HUGEPAGE=1 turns it on at
+// start-up; torch.ops.resnet_bk.cpu_huge_pages (Python: resnet_bk.ops.cpu_huge_pages) switches it
+// at run time.
 inline std::atomic<bool>& huge_pages_enabled() {
   static std::atomic<bool> on{[] {
-    const char* e = std::getenv("RESNET_BK_NO_HUGEPAGE");
-    return !(e != nullptr && e[0] != '\0' && e[0] != '0');
+    const char* e = std::getenv("RESNET_BK_HUGEPAGE");
+    return e != nullptr && e[0] != '\0' && e[0] != '0';
   }()};
   return on;
 }
