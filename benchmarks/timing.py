@@ -205,13 +205,25 @@ def _git_commit() -> Optional[str]:
     return sha + ("+dirty" if dirty else "")
 
 
+def _thp_mode() -> Optional[str]:
+    """The bracketed choice in /sys/kernel/mm/transparent_hugepage/enabled (None if not Linux)."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            m = re.search(r"\[(\w+)\]", f.read())
+        return m.group(1) if m else None
+    except OSError:
+        return None
+
+
 def machine_info() -> dict:
     """What ran the benchmark: CPU model and ISA, cores, GPU, library versions, git commit."""
     ci = _cpuinfo()
     flags = set(ci.get("flags", "").split())
+    huge = None
     try:
         from resnet_bk.ops import _cpp
         isa = _cpp.cpu_isa()
+        huge = _cpp.cpu_huge_pages()
     except Exception as exc:  # noqa: BLE001  (the suite still runs the reference without the extension)
         isa = f"unavailable ({type(exc).__name__})"
     try:
@@ -233,6 +245,8 @@ def machine_info() -> dict:
         "cpu_vendor": ci.get("vendor_id"),
         "cpu_family": int(ci["cpu family"]) if ci.get("cpu family", "").isdigit() else None,
         "cpu_model_number": int(ci["model"]) if ci.get("model", "").isdigit() else None,
+        "thp_mode": _thp_mode(),   # transparent huge pages: what ops.cpu_huge_pages(True) can use
+        "cpu_huge_pages": huge,    # the cpp rows' setting (cpp-huge rows switch it on)
         "cpu_cores": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "torch_threads": torch.get_num_threads(),
