@@ -19,6 +19,9 @@ METHOD_NOTES = [
     "GB/s: the minimum bytes the op must move (inputs read + outputs written, see cases.py) / median time; "
     "%bw: that over the copy_ bandwidth measured at the start of the run",
     "ns/el: median time per element (bk_core: per B*N; pooling: per B*N*D)",
+    "faults/call (CPU): median minor page faults inside the timed region (getrusage); a fresh large output pays "
+    "one per 4 KiB page (one per 2 MiB with huge pages), memory reused from the allocator's heap none, and which "
+    "a call gets depends on what the process allocated before",
 ]
 
 GOAL = {"op": "bk_core", "variant": "two-sided", "impl": "cpp", "B": 64, "N": 4096, "dtype": "float32", "device": "cpu"}
@@ -57,11 +60,13 @@ def _row_cells(r: dict) -> List[str]:
             f"{r['ns_per_element']:.3g}" if r.get("ns_per_element") is not None else "-",
             f"{r['gbps']:.3g}" if r.get("gbps") is not None else "-",
             f"{100 * r['bw_fraction']:.2g}%" if r.get("bw_fraction") is not None else "-",
-            _mib(r.get("peak_mem_bytes")), _speedups(r), _status(r)]
+            _mib(r.get("peak_mem_bytes")),
+            str(r["minor_faults_per_call"]) if r.get("minor_faults_per_call") is not None else "-",
+            _speedups(r), _status(r)]
 
 
-HEAD = ["B", "N", "mode", "impl", "median", "p10-p90", "n", "ns/el", "GB/s", "%bw", "peak MiB", "speedup vs baselines",
-        "status"]
+HEAD = ["B", "N", "mode", "impl", "median", "p10-p90", "n", "ns/el", "GB/s", "%bw", "peak MiB", "faults/call",
+        "speedup vs baselines", "status"]
 
 
 def _groups(rows: List[dict]) -> Dict[Tuple[str, str, str, str], List[dict]]:

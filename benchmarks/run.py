@@ -23,8 +23,14 @@ import argparse
 import contextlib
 import json
 import os
+import statistics
 import sys
 import time
+
+try:
+    import resource  # POSIX: minor page faults per timed call
+except ImportError:  # pragma: no cover
+    resource = None
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -107,6 +113,17 @@ class _Runner:
     def __init__(self, case: OpCase, pool: List[dict], device: torch.device):
         self.case, self.pool, self.device = case, pool, device
         self.gouts: Dict[int, torch.Tensor] = {}
+        # minor page faults inside each timed region, per mode (CPU): a fresh large output pays one
+        # per 4 KiB page, and whether a call gets fresh memory depends on the allocator's state
+        self.faults: Dict[str, List[int]] = {}
+
+    def _faults_now(self) -> int:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if self.device.type == "cpu" and resource else 0
+
+    def _log_faults(self, mode: str, f0: int, f1: Optional[int] = None) -> None:
+        """Faults from f0 to f1 (default: now) under ``mode``."""
+        if self.device.type == "cpu" and resource:
+            self.faults.setdefault(mode, []).append((self._faults_now() if f1 is None else f1) - f0)
 
     def gout(self, i: int, out: torch.Tensor) -> torch.Tensor:
         j = i % len(self.pool)
@@ -123,33 +140,45 @@ class _Runner:
         def fwd(i):
             x = pool[i % len(pool)]
             sync(dev)
+            f0 = self._faults_now()
             t0 = time.perf_counter()
             with torch.no_grad():
                 fn(x)
             sync(dev)
-            return {"forward": time.perf_counter() - t0}
+            t1 = time.perf_counter()
+            self._log_faults("forward", f0)
+            return {"forward": t1 - t0}
 
         def bwd(i):
             x = pool[i % len(pool)]
             out = fn(x)
             g = self.gout(i, out)
             sync(dev)
+            f0 = self._faults_now()
             t0 = time.perf_counter()
             torch.autograd.grad(out, _leaves(case, x), g)
             sync(dev)
-            return {"backward": time.perf_counter() - t0}
+            t1 = time.perf_counter()
+            self._log_faults("backward", f0)
+            return {"backward": t1 - t0}
 
         def both(i):
             x = pool[i % len(pool)]
             sync(dev)
+            f0 = self._faults_now()
             t0 = time.perf_counter()
             out = fn(x)
             if split:
                 sync(dev)
             t1 = time.perf_counter()
+            f1 = self._faults_now() if split else 0
             grads = torch.autograd.grad(out, _leaves(case, x), self.gout(i, out))
             sync(dev)
             t2 = time.perf_counter()
+            self._log_faults("forward+backward", f0)
+            if split:
+                self._log_faults("forward", f0, f1)
+                self._log_faults("backward", f1)
             if i % len(pool) == 0 and "out" not in stash:
                 stash["out"] = out.detach()
                 stash["grads"] = [g.detach() for g in grads]
@@ -242,6 +271,7 @@ def run_op_config(case: OpCase, size: dict, dtype: torch.dtype, device: torch.de
                 n0, t0 = predictor[pkey]
                 predicted = t0 * size["N"] / n0
             stash: dict = {}
+            runner.faults = {}
             fwd, bwd, both = runner.steps(impl.fn, impl.split, stash)
             try:
                 stats, notes = measure(both, policy, predicted)
@@ -267,6 +297,8 @@ def run_op_config(case: OpCase, size: dict, dtype: torch.dtype, device: torch.de
                 r["gbps"] = r["bytes_moved"] / st.median / 1e9
                 r["bw_fraction"] = r["gbps"] / copy_gbps if copy_gbps else None
                 r["notes"] = list(dict.fromkeys(notes))
+                if runner.faults.get(m):
+                    r["minor_faults_per_call"] = int(statistics.median(runner.faults[m]))
                 if device.type == "cpu" and impl.kind != "backend":
                     r["notes"].append("memory measured for the backends only on CPU (the profiler's per-op overhead "
                                       "on a Python loop over N would dominate)")

@@ -54,12 +54,14 @@ def test_smoke_run_structure(tmp_path, capsys):
         t = r["time_s"]
         assert t["p10"] <= t["median"] <= t["p90"] and t["n"] >= 1
         assert r["ns_per_element"] == pytest.approx(t["median"] / (r["B"] * r["N"]) * 1e9)
+        assert isinstance(r["minor_faults_per_call"], int) and r["minor_faults_per_call"] >= 0
         if r["impl"] == "cpp":
             assert r["check"].startswith("ok")
             assert r["speedup"]["reference"] == pytest.approx(
                 next(x for x in rows if x["impl"] == "reference" and x["mode"] == r["mode"]
                      and x["variant"] == r["variant"])["time_s"]["median"] / t["median"])
     assert "## bk_core [two-sided] on cpu, float32" in md and "| B | N | mode | impl |" in md
+    assert "faults/call" in md
     out = capsys.readouterr().out
     assert "all correctness checks passed" in out
     # comparing a run with itself matches every ok row
