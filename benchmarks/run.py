@@ -26,12 +26,12 @@ import os
 import statistics
 import sys
 import time
+from typing import Dict, List, Optional, Tuple
 
 try:
     import resource  # POSIX: minor page faults per timed call
 except ImportError:  # pragma: no cover
     resource = None
-from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -116,13 +116,14 @@ class _Runner:
         # minor page faults inside each timed region, per mode (CPU): a fresh large output pays one
         # per 4 KiB page, and whether a call gets fresh memory depends on the allocator's state
         self.faults: Dict[str, List[int]] = {}
+        self.count_faults = device.type == "cpu" and resource is not None
 
     def _faults_now(self) -> int:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if self.device.type == "cpu" and resource else 0
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if self.count_faults else 0
 
     def _log_faults(self, mode: str, f0: int, f1: Optional[int] = None) -> None:
         """Faults from f0 to f1 (default: now) under ``mode``."""
-        if self.device.type == "cpu" and resource:
+        if self.count_faults:
             self.faults.setdefault(mode, []).append((self._faults_now() if f1 is None else f1) - f0)
 
     def gout(self, i: int, out: torch.Tensor) -> torch.Tensor:
