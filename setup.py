@@ -31,11 +31,8 @@ def _log(msg):
 
 
 def _packages():
-    pkgs = ["resnet_bk", "resnet_bk.ops", "resnet_bk.triton_kernels"]
-    for sub in ("models", "training", "utils"):
-        if os.path.isdir(os.path.join(ROOT, "resnet_bk", sub)):
-            pkgs.append(f"resnet_bk.{sub}")
-    return pkgs
+    return ["resnet_bk", "resnet_bk.ops", "resnet_bk.ops.bk_core", "resnet_bk.ops.pooling", "resnet_bk.ops.moe",
+            "resnet_bk.models", "resnet_bk.training", "resnet_bk.triton_kernels"]
 
 
 def _ext_modules():

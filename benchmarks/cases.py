@@ -68,16 +68,16 @@ def _dsize(dtype: torch.dtype) -> int:
     return torch.tensor([], dtype=dtype).element_size()
 
 
-def _backend_impls(op: str, device: torch.device, canon_args: tuple, call: Callable[[str], Callable[[Inputs], Tensor]],
+def _backend_impls(op_fn: Callable, call_args: tuple, call_kwargs: dict, call: Callable[[str], Callable[[Inputs], Tensor]],
                    ) -> List[Impl]:
-    """Every backend other than the reference that is registered for ``op``, with the reason a
-    backend cannot take these inputs (it is then a SKIPPED row) from the dispatch registry."""
+    """Every backend other than the reference, with the reason a backend cannot take these inputs
+    (it is then a SKIPPED row) from ``ops.explain`` of the public op ``op_fn`` on these arguments."""
     out = []
     for name in ops.available_backends():
         if name == "reference":
             continue
         try:
-            ops._dispatch.choose(op, device, canon_args, name)
+            ops.explain(op_fn, *call_args, backend=name, **call_kwargs)
             out.append(Impl(name, "backend", f"{name} backend", call(name)))
         except ops.BackendUnavailableError as exc:
             out.append(Impl(name, "backend", f"{name} backend", None, skip=str(exc)))
@@ -171,16 +171,14 @@ def _dense_diag(a: Tensor, b: Tensor, c: Tensor, z: complex) -> Tensor:
     return torch.linalg.inv(T).diagonal(dim1=-2, dim2=-1)
 
 
-def _cpp_op_impl(causal: bool, args) -> Impl:
+def _cpp_op_impl(causal: bool, zri: Tensor) -> Impl:
     """The compiled CPU op called directly on the public [B, N] tensors: the C++ kernel and the
     dispatcher (with the registered autograd), without the Python argument checks, canonicalisation
     and backend dispatch of ``ops.bk_core``; the off-diagonal product is still formed per call, so
     gradients reach super and sub as through the public op."""
-    from resnet_bk.ops import _cpp
-    if not _cpp.HAS_C:
-        return Impl("cpp-op", "backend", "C++ op called directly", None, skip="resnet_bk._C did not load")
+    if "cpp" not in ops.available_backends():
+        return Impl("cpp-op", "backend", "C++ op called directly", None, skip=ops.backend_status()["cpp"])
     op = torch.ops.resnet_bk.bk_core_fwd
-    zri = args.zri
 
     def fn(x):
         k = (x["super"] * x["sub"]).view(1, -1)
@@ -202,13 +200,18 @@ def _bk_case(variant: str) -> OpCase:
 
     def impls(size, dtype, device, inp) -> List[Impl]:
         N = size["N"]
-        args = ops._canon.canon_bk(inp["diag"], inp["super"], inp["sub"], inp["z"], inp.get("mask"))
-        canon = (args.a, args.k, args.zri, args.mask, causal)
         out = [Impl("reference", "baseline", "reference backend (= the plain-PyTorch pivot loop)", call("reference"),
                     split=True)]
-        out += _backend_impls("bk_core", device, canon, call)
+        if masked:
+            out += _backend_impls(ops.bk_core_masked, (inp["diag"], inp["super"], inp["sub"], inp["z"], inp["mask"]),
+                                  {"causal": causal}, call)
+        else:
+            out += _backend_impls(ops.bk_core, (inp["diag"], inp["super"], inp["sub"], inp["z"]), {"causal": causal},
+                                  call)
         if device.type == "cpu" and not masked:
-            out.append(_cpp_op_impl(causal, args))
+            z = inp["z"]
+            zri = torch.tensor([complex(z).real, complex(z).imag], dtype=dtype, device=device)
+            out.append(_cpp_op_impl(causal, zri))
         out += _huge_pages_impl(out, device, 2 * size["B"] * N * _dsize(dtype), call)
 
         def naive(x):
@@ -278,14 +281,6 @@ POOL_R = 2
 POOL_D = 64
 
 
-def _pool_unavailable(name: str) -> Callable[[], Optional[str]]:
-    def why():
-        if not hasattr(ops, name):
-            return f"resnet_bk.ops.{name} does not exist yet (pooling ops not merged)"
-        return None
-    return why
-
-
 def _pool_sizes(grid: str) -> List[Dict[str, int]]:
     if grid == "smoke":
         return [{"B": 2, "N": 64, "D": 16}]
@@ -307,7 +302,7 @@ def _down_case() -> OpCase:
     def impls(size, dtype, device, inp):
         out = [Impl("reference", "baseline",
                     "reference backend (= the unfused softmax/pad/view/mul/sum a user would write)", call("reference"))]
-        out += _backend_impls("learned_downsample", device, (inp["x"], inp["logits"], True), call)
+        out += _backend_impls(ops.learned_downsample, (inp["x"], inp["logits"]), {"causal": True}, call)
         out += _huge_pages_impl(out, device, inp["x"].numel() * _dsize(dtype), call)  # grad_x
         return out
 
@@ -322,7 +317,7 @@ def _down_case() -> OpCase:
 
     return OpCase(
         name="learned_downsample", variant=f"causal,r={POOL_R}", group="learned_downsample",
-        unavailable=_pool_unavailable("learned_downsample"), sizes=_pool_sizes,
+        unavailable=lambda: None, sizes=_pool_sizes,
         dtypes=lambda g: [torch.float32] if g in ("smoke", "quick") else [torch.float32, torch.float64],
         make_inputs=make, impls=impls, elements=lambda s: s["B"] * s["N"] * s["D"], bytes_moved=bytes_moved,
         leaves=("x", "logits"),
@@ -345,7 +340,7 @@ def _up_case() -> OpCase:
     def impls(size, dtype, device, inp):
         out = [Impl("reference", "baseline",
                     "reference backend (= the unfused view/add/mul/add a user would write)", call("reference"))]
-        out += _backend_impls("learned_upsample", device, (inp["y"], inp["bias"], inp["residual"], inp["scale"]), call)
+        out += _backend_impls(ops.learned_upsample, (inp["y"], inp["bias"], inp["residual"], inp["scale"]), {}, call)
         out += _huge_pages_impl(out, device, inp["residual"].numel() * _dsize(dtype), call)  # out
         return out
 
@@ -360,7 +355,7 @@ def _up_case() -> OpCase:
 
     return OpCase(
         name="learned_upsample", variant=f"residual+scale,r={POOL_R}", group="learned_upsample",
-        unavailable=_pool_unavailable("learned_upsample"), sizes=_pool_sizes,
+        unavailable=lambda: None, sizes=_pool_sizes,
         dtypes=lambda g: [torch.float32] if g in ("smoke", "quick") else [torch.float32, torch.float64],
         make_inputs=make, impls=impls, elements=lambda s: s["B"] * s["N"] * s["D"], bytes_moved=bytes_moved,
         leaves=("y", "bias", "residual", "scale"),

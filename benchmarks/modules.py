@@ -19,7 +19,6 @@ shipped with every Python, about 460 KB), modelled byte by byte (vocabulary 256)
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import math
 import time
 from dataclasses import dataclass, field
@@ -81,7 +80,7 @@ def pad_mixed(x: Tensor, y: Tensor, gen: torch.Generator) -> Tuple[Tensor, Tenso
 @dataclass
 class ModuleCase:
     name: str
-    module: str                           # import path checked with importlib.util.find_spec
+    module: str                           # import path of the module
     attr: str                             # class or function that must exist in it
     build: Callable[[dict], nn.Module]    # config -> language model (B, N) -> logits
     label: str
@@ -91,12 +90,6 @@ class ModuleCase:
     cumulative_metrics: bool = False      # metrics() already accumulates over the validation batches
 
     def unavailable(self) -> Optional[str]:
-        try:
-            spec = importlib.util.find_spec(self.module)
-        except ModuleNotFoundError:
-            spec = None
-        if spec is None:
-            return f"{self.module} is not importable yet (module not merged)"
         mod = importlib.import_module(self.module)
         if not hasattr(mod, self.attr):
             return f"{self.module} has no {self.attr}"

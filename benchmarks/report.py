@@ -13,7 +13,7 @@ METHOD_NOTES = [
     "forward+backward: both in one timed segment. For the reference (split timing) forward and backward are the "
     "two halves of each forward+backward call",
     "correctness: every timed implementation's forward output and gradients on input set 0 are compared with the "
-    "reference's in the same run (resnet_bk.ops._dispatch.assert_close, float32 1e-5 / float64 1e-10 relative to "
+    "reference's in the same run (resnet_bk.ops.assert_close, float32 1e-5 / float64 1e-10 relative to "
     "|ref| + max|ref|); a FAILED row gets no speedup",
     "speedup x: median time of the named baseline / median time of this row (same size, dtype, mode, device)",
     "GB/s: the minimum bytes the op must move (inputs read + outputs written, see cases.py) / median time; "

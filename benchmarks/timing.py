@@ -221,9 +221,9 @@ def machine_info() -> dict:
     flags = set(ci.get("flags", "").split())
     huge = None
     try:
-        from resnet_bk.ops import _cpp
-        isa = _cpp.cpu_isa()
-        huge = _cpp.cpu_huge_pages()
+        from resnet_bk import ops
+        isa = ops.cpu_isa()
+        huge = ops.cpu_huge_pages()
     except Exception as exc:  # noqa: BLE001  (the suite still runs the reference without the extension)
         isa = f"unavailable ({type(exc).__name__})"
     try:

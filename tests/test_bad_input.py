@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from resnet_bk import ops
-from resnet_bk.ops import _dispatch
+from resnet_bk.ops import _registry
 
 from conftest import cpu_backends, dense_oracle
 
@@ -81,14 +81,14 @@ CASES = {
 def test_invalid_input_raises_before_dispatch(case, monkeypatch):
     exc, words, call = CASES[case]
 
-    forced = _dispatch._forced
+    forced = _registry.forced
 
     def no_dispatch(op, device, args, backend=None):
         forced(backend)  # validating the backend *name* is part of validation
         raise AssertionError("a backend was selected before the arguments were validated")
 
-    monkeypatch.setattr(_dispatch, "select", no_dispatch)
-    monkeypatch.setattr(_dispatch, "choose", no_dispatch)
+    monkeypatch.setattr(_registry, "select", no_dispatch)
+    monkeypatch.setattr(_registry, "choose", no_dispatch)
     a, b, c = _ok()
     with pytest.raises(exc) as info:
         call(a, b, c)

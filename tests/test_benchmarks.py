@@ -40,7 +40,7 @@ def test_smoke_run_structure(tmp_path, capsys):
     for k in ("cpu_model", "cpu_cores", "torch", "triton", "git_commit", "cpu_isa_used_by_kernels", "gpu"):
         assert k in m
     assert "hostname" not in json.dumps(m).lower()
-    assert m["cpu_isa_used_by_kernels"] == ops._cpp.cpu_isa()
+    assert m["cpu_isa_used_by_kernels"] == ops.cpu_isa()
     assert result["copy_bandwidth"]["cpu"]["gbps"] > 0
     rows = result["rows"]
     assert rows and all(ROW_KEYS <= set(r) for r in rows)
@@ -70,7 +70,7 @@ def test_smoke_run_structure(tmp_path, capsys):
 
 
 def test_broken_backend_is_marked_failed(tmp_path, monkeypatch, capsys):
-    registry = ops._dispatch._registry["cpp"].impls
+    registry = ops._registry._registry["cpp"].impls
     good, check = registry["bk_core"]
 
     def broken(a, k, zri, mask, causal):

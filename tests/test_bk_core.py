@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from resnet_bk import ops
-from resnet_bk.ops import _dispatch
+from resnet_bk.ops import _registry
+from resnet_bk.ops.bk_core.canon import canon_bk
+from resnet_bk.ops.bk_core.reference import complex_dtype_for
 
 from conftest import cpu_backends, dense_oracle
 
@@ -257,7 +259,7 @@ def test_learnable_z_gets_gradient():
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
 def test_opcheck(causal, masked):
     a, b, c = make((3,), 20, torch.float64)
-    from resnet_bk.ops._canon import canon_bk
+    from resnet_bk.ops.bk_core.canon import canon_bk
     m = (torch.rand(3, 20) > 0.5).double() if masked else None
     args = canon_bk(a.requires_grad_(), b, c.requires_grad_(), 0.2 + 1j, m)
     zri = args.zri.clone().requires_grad_()
@@ -422,9 +424,9 @@ def test_forced_unavailable_backend_raises():
 
 def test_automatic_fallback_warns_once(monkeypatch):
     a, b, c = _ok()
-    be = _dispatch._registry["cpp"]
+    be = _registry._registry["cpp"]
     monkeypatch.setattr(be, "available", lambda: (False, "pretend the extension did not build"))
-    _dispatch._warned.clear()
+    _registry._warned.clear()
     with pytest.warns(RuntimeWarning, match="pretend the extension did not build"):
         out = ops.bk_core(a, b, c, 1j)
     import warnings
@@ -441,25 +443,25 @@ def test_verify_mode_passes_and_catches(monkeypatch):
     with ops.verify():
         out = ops.bk_core(a, b, c, 1j, backend="cpp")
         out.abs().sum().backward()
-    from resnet_bk.ops import _cpp
+    from resnet_bk.ops.bk_core.compiled import bk_core_compiled
 
     def broken(a, k, zri, mask, causal):
-        return _cpp.bk_core_compiled(a, k, zri, mask, causal) * 1.001
+        return bk_core_compiled(a, k, zri, mask, causal) * 1.001
 
-    monkeypatch.setitem(_dispatch._registry["cpp"].impls, "bk_core", (broken, None))
+    monkeypatch.setitem(_registry._registry["cpp"].impls, "bk_core", (broken, None))
     with ops.verify(), pytest.raises(ops.VerificationError, match="forward output"):
         ops.bk_core(a.detach(), b, c, 1j, backend="cpp")
 
     class BadGrad(torch.autograd.Function):
         @staticmethod
         def forward(ctx, a, k, zri):
-            return _cpp.bk_core_compiled(a, k, zri, None, False)
+            return bk_core_compiled(a, k, zri, None, False)
 
         @staticmethod
         def backward(ctx, g):
             return torch.zeros(ctx.needs_input_grad[0] and (2, 40) or (0,)), None, None
 
-    monkeypatch.setitem(_dispatch._registry["cpp"].impls, "bk_core",
+    monkeypatch.setitem(_registry._registry["cpp"].impls, "bk_core",
                         (lambda a, k, zri, mask, causal: BadGrad.apply(a, k, zri), None))
     monkeypatch.setenv("RESNET_BK_VERIFY", "1")
     out = ops.bk_core(a, b, c, 1j, backend="cpp")
@@ -502,9 +504,9 @@ def test_gradient_subsets(B, N, dtype, masked, causal):
         for name in want:
             assert rel_err(got[name], ref[name]) < tol, (want, name, rel_err(got[name], ref[name]))
     # the op itself: grad k and grad z not asked for come back empty
-    args = ops._canon.canon_bk(a.to(dtype), b.to(dtype), c.to(dtype), 0.2 + 0.9j,
+    args = canon_bk(a.to(dtype), b.to(dtype), c.to(dtype), 0.2 + 0.9j,
                                mask.to(dtype) if masked else None)
-    ga, gk, gz, gm = torch.ops.resnet_bk.bk_core_bwd(w.to(ops.reference.complex_dtype_for(dtype)), args.a, args.k,
+    ga, gk, gz, gm = torch.ops.resnet_bk.bk_core_bwd(w.to(complex_dtype_for(dtype)), args.a, args.k,
                                                      args.zri, args.mask, causal, False, False, False)
     assert gk.numel() == 0 and gz.numel() == 0 and gm.numel() == 0 and ga.shape == (B, N)
 
@@ -518,7 +520,7 @@ def test_causal_backward_reads_the_saved_output(B, N):
     two-sided and masked backwards do not use it. Modifying the output in place before backward
     raises autograd's version-counter error instead of giving a wrong gradient."""
     a, b, c = make((B,), N, torch.float64, shared=True, seed=N)
-    args = ops._canon.canon_bk(a, b, c, 0.2 + 0.9j)
+    args = canon_bk(a, b, c, 0.2 + 0.9j)
     g = torch.Generator().manual_seed(9)
     w = torch.view_as_complex(torch.randn(B, N, 2, generator=g, dtype=torch.float64))
     bwd = torch.ops.resnet_bk.bk_core_bwd
@@ -545,7 +547,7 @@ def test_every_cpu_isa_path(isa, tmp_path):
     import subprocess
     import sys
     code = (
-        "import torch\nfrom resnet_bk import ops\nfrom resnet_bk.ops import _cpp\n"
+        "import torch\nfrom resnet_bk import ops\nfrom resnet_bk import ops\n"
         "torch.manual_seed(0)\n"
         "for B, N in ((3, 700), (70, 50), (70, 4200), (64, 1024)):\n"
         "  a = torch.randn(B, N, dtype=torch.float64) * 2; b = torch.rand(B, N - 1, dtype=torch.float64) + .5\n"
@@ -559,7 +561,7 @@ def test_every_cpu_isa_path(isa, tmp_path):
         "    ga = [torch.autograd.grad(ops.bk_core(x, b, b, .3+.9j, causal=causal, backend=be), x, w)[0]\n"
         "          for be in ('reference', 'cpp') for x in [a.clone().requires_grad_()]]\n"
         "    assert ((ga[1] - ga[0]).abs().max() / ga[0].abs().max()) < 1e-12, (B, N, causal, 'grad a alone')\n"
-        "print(_cpp.cpu_isa())\n")
+        "print(ops.cpu_isa())\n")
     env = dict(__import__("os").environ, RESNET_BK_CPU_ISA=isa)
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr

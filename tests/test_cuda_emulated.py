@@ -22,7 +22,7 @@ import subprocess
 import pytest
 import torch
 
-from resnet_bk.ops.reference import bk_core_bwd_ref, bk_core_fwd_ref
+from resnet_bk.ops.bk_core.reference import bk_core_bwd_ref, bk_core_fwd_ref
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMU = os.path.join(ROOT, "tests", "cuda_emu")

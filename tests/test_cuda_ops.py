@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from resnet_bk import ops
-from resnet_bk.ops import _cpp
-from resnet_bk.ops.reference import bk_core_bwd_ref, bk_core_fwd_ref
+from resnet_bk.ops import _extension
+from resnet_bk.ops.bk_core.reference import bk_core_bwd_ref, bk_core_fwd_ref
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
-    pytest.mark.skipif(not _cpp.HAS_CUDA_KERNELS,
+    pytest.mark.skipif(not _extension.HAS_CUDA_KERNELS,
                        reason="resnet_bk._C was built without CUDA kernels (torch without CUDA or no nvcc)"),
 ]
 

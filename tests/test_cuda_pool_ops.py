@@ -4,7 +4,7 @@ without CUDA kernels in resnet_bk._C, or when the pooling ops are not registered
 import pytest
 import torch
 
-from resnet_bk.ops import _cpp
+from resnet_bk.ops import _extension
 
 
 def _has_ops():
@@ -18,7 +18,7 @@ def _has_ops():
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
-    pytest.mark.skipif(not _cpp.HAS_CUDA_KERNELS, reason="resnet_bk._C was built without CUDA kernels"),
+    pytest.mark.skipif(not _extension.HAS_CUDA_KERNELS, reason="resnet_bk._C was built without CUDA kernels"),
     pytest.mark.skipif(not _has_ops(), reason="pooling ops are not registered in this build"),
 ]
 

@@ -5,10 +5,12 @@ import pytest
 import torch
 
 from resnet_bk import ops
-from resnet_bk.ops import _dispatch, pooling
+from resnet_bk.ops import _registry
+from resnet_bk.ops.bk_core import api as bk_api
+from resnet_bk.ops.pooling import compiled as pooling_compiled, reference as pooling_ref
 from resnet_bk.models.base import SparseMoELayer
 
-pytestmark = pytest.mark.skipif("cpp" not in ops.available_backends() or not pooling.HAS_POOL_OPS,
+pytestmark = pytest.mark.skipif("cpp" not in ops.available_backends() or not pooling_compiled.HAS_POOL_OPS,
                                 reason="compiled extension not built")
 
 
@@ -17,7 +19,7 @@ def no_dispatch(monkeypatch):
     """Makes the general path raise, so a test sees that the fast path was taken."""
     def boom(*a, **k):
         raise AssertionError("general dispatch path taken")
-    monkeypatch.setattr(_dispatch, "select", boom)
+    monkeypatch.setattr(_registry, "select", boom)
 
 
 def _grads(out, inputs, g):
@@ -43,13 +45,13 @@ def test_bk_core_module_call_fast_path(dtype, learnable, monkeypatch):
     inputs = (a, zr) if learnable else (a,)
     fast = ops.bk_core(a, off, off, mkz(), causal=True)
     with monkeypatch.context() as m:
-        m.setattr(ops, "_fast_cpu_bk_core", lambda *args: None)
+        m.setattr(bk_api, "_compiled_cpu_call", lambda *args: None)
         general = ops.bk_core(a, off, off, mkz(), causal=True)
     assert torch.equal(fast, general)
     for gf, gg in zip(_grads(fast, inputs, torch.Generator().manual_seed(1)),
                       _grads(general, inputs, torch.Generator().manual_seed(1))):
         assert torch.equal(gf, gg)
-    monkeypatch.setattr(_dispatch, "select", lambda *a, **k: (_ for _ in ()).throw(AssertionError("general path")))
+    monkeypatch.setattr(_registry, "select", lambda *a, **k: (_ for _ in ()).throw(AssertionError("general path")))
     ops.bk_core(a, off, off, mkz(), causal=True)  # taken: no dispatch
     with pytest.raises(AssertionError, match="general path"):  # a wrong z dtype is not taken
         ops.bk_core(a, off, off, mkz().to(torch.complex128 if cdt == torch.complex64 else torch.complex64))
@@ -61,7 +63,7 @@ def test_bk_core_forced_cpp_takes_the_fast_path(monkeypatch):
     a = torch.randn(4, 33, dtype=torch.float64)
     off = torch.ones(32, dtype=torch.float64)
     general = ops.bk_core(a, off, off, 0.5 + 1j, backend="reference")
-    monkeypatch.setattr(_dispatch, "select", lambda *a, **k: (_ for _ in ()).throw(AssertionError("general path")))
+    monkeypatch.setattr(_registry, "select", lambda *a, **k: (_ for _ in ()).throw(AssertionError("general path")))
     fast = ops.bk_core(a, off, off, 0.5 + 1j, backend="cpp")
     torch.testing.assert_close(fast, general, rtol=1e-10, atol=1e-12)
     with pytest.raises(AssertionError, match="general path"):
@@ -81,7 +83,7 @@ def test_pooling_fast_paths_match_general(dtype, causal, no_dispatch):
     x = torch.randn(2, 12, 5, dtype=dtype, generator=g, requires_grad=True)
     lg = torch.randn(4, 3, dtype=dtype, generator=g, requires_grad=True)
     fast = ops.learned_downsample(x, lg, causal=causal)
-    ref = pooling.learned_downsample_ref(x, lg, causal)
+    ref = pooling_ref.learned_downsample_ref(x, lg, causal)
     torch.testing.assert_close(fast, ref)
     for a, b in zip(_grads(fast, (x, lg), torch.Generator().manual_seed(3)),
                     _grads(ref, (x, lg), torch.Generator().manual_seed(3))):
@@ -91,7 +93,7 @@ def test_pooling_fast_paths_match_general(dtype, causal, no_dispatch):
         bias = torch.randn(bshape, dtype=dtype, generator=g, requires_grad=True)
         for res in (None, torch.randn(2, 12, 5, dtype=dtype, generator=g, requires_grad=True)):
             fast = ops.learned_upsample(y, bias, residual=res)
-            ref = pooling.learned_upsample_ref(y, bias, res, None)
+            ref = pooling_ref.learned_upsample_ref(y, bias, res, None)
             torch.testing.assert_close(fast, ref)
             ins = (y, bias) if res is None else (y, bias, res)
             for a, b in zip(_grads(fast, ins, torch.Generator().manual_seed(4)),

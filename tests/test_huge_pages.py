@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from resnet_bk import ops
-from resnet_bk.ops import pooling
+from resnet_bk.ops.pooling import compiled as pooling_compiled
 
 pytestmark = [
-    pytest.mark.skipif("cpp" not in ops.available_backends() or not pooling.HAS_POOL_OPS,
+    pytest.mark.skipif("cpp" not in ops.available_backends() or not pooling_compiled.HAS_POOL_OPS,
                        reason="compiled extension not built"),
     pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc/self/smaps"),
 ]

@@ -203,7 +203,7 @@ def test_gradcheck_with_mask(backend, causal):
 @pytest.mark.parametrize("causal", [False, True], ids=["twosided", "causal"])
 @pytest.mark.parametrize("kind", ["zeros", "random"])
 def test_opcheck_with_mask(causal, kind):
-    from resnet_bk.ops._canon import canon_bk
+    from resnet_bk.ops.bk_core.canon import canon_bk
     a, b, c = make((3,), 16, seed=51)
     args = canon_bk(a, b, c, 0.2 + 1j, make_mask(kind, (3, 16), seed=52))
     ins = (args.a.clone().requires_grad_(), args.k.clone().requires_grad_(), args.zri.clone().requires_grad_(),

@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from resnet_bk import ops
-from resnet_bk.ops import _dispatch, pooling
+from resnet_bk.ops import _registry
+from resnet_bk.ops.pooling import compiled as pooling_compiled
 
 from conftest import cpu_backends
 
 BACKENDS = cpu_backends()
-HAS_CPP = "cpp" in BACKENDS and pooling.HAS_POOL_OPS
+HAS_CPP = "cpp" in BACKENDS and pooling_compiled.HAS_POOL_OPS
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 DT_IDS = ["f64", "f32", "bf16"]
 
@@ -405,9 +406,9 @@ def test_verify_mode_passes_and_catches(dtype, monkeypatch):
     assert x.grad is not None and logits.grad is not None and s.grad is not None
 
     def broken(x, logits, causal):
-        return pooling.learned_downsample_compiled(x, logits, causal) * 1.001
+        return pooling_compiled.learned_downsample_compiled(x, logits, causal) * 1.001
 
-    monkeypatch.setitem(_dispatch._registry["cpp"].impls, "learned_downsample", (broken, None))
+    monkeypatch.setitem(_registry._registry["cpp"].impls, "learned_downsample", (broken, None))
     with ops.verify(), pytest.raises(ops.VerificationError, match="forward output"):
         ops.learned_downsample(x.detach(), logits.detach(), backend="cpp")
 
@@ -415,9 +416,9 @@ def test_verify_mode_passes_and_catches(dtype, monkeypatch):
 @pytest.mark.skipif(not HAS_CPP, reason="compiled pooling kernels not built")
 def test_automatic_choice_is_cpp_on_cpu():
     x, logits = rnd(1, 4, 2), rnd(2, 2)
-    ch = _dispatch.choose("learned_downsample", x.device, (x, logits, False))
+    ch = _registry.choose("learned_downsample", x.device, (x, logits, False))
     assert ch.backend == "cpp"
-    ch = _dispatch.choose("learned_upsample", x.device, (rnd(1, 2, 4), rnd(2, 2, 2), None, None))
+    ch = _registry.choose("learned_upsample", x.device, (rnd(1, 2, 4), rnd(2, 2, 2), None, None))
     assert ch.backend == "cpp"
 
 

@@ -39,9 +39,9 @@ finally:
         os.environ["TRITON_INTERPRET"] = _PREV_INTERPRET
 
 from resnet_bk import ops  # noqa: E402
-from resnet_bk.ops import _dispatch, _triton  # noqa: E402
-from resnet_bk.ops._canon import canon_bk  # noqa: E402
-from resnet_bk.ops.reference import bk_core_bwd_ref, bk_core_fwd_ref  # noqa: E402
+from resnet_bk.ops import _registry, _triton  # noqa: E402
+from resnet_bk.ops.bk_core.canon import canon_bk  # noqa: E402
+from resnet_bk.ops.bk_core.reference import bk_core_bwd_ref, bk_core_fwd_ref  # noqa: E402
 
 if not ON_GPU and (not (K.INTERPRETED and P.INTERPRETED) or K.INTERPRETER_PROBLEM):
     pytest.skip("Triton's interpreter cannot run here: triton was imported before TRITON_INTERPRET=1 was "
@@ -161,14 +161,18 @@ def test_strategy_selection(monkeypatch):
     assert K.chunk_size(1 << 16) == 256 and K.chunk_size(10) == 16 and K.chunk_size(1 << 30) == 4096
     assert K._resolve(2, 15, None, None) == ("lanes", 1, 15)
     assert K._resolve(2, 15, "chunked", 4) == ("chunked", 4, 4)
+    # the environment is read once, at import: a later change has no effect ...
     monkeypatch.setenv(K.ENV_STRATEGY, "chunked")
-    monkeypatch.setenv(K.ENV_CHUNK, "6")
+    assert K._resolve(2, 15, None, None) == ("lanes", 1, 15)
+    # ... the values read then decide (set here as an import would have read them)
+    monkeypatch.setattr(K, "_ENV_STRATEGY_VALUE", "chunked")
+    monkeypatch.setattr(K, "_ENV_CHUNK_VALUE", "6")
     assert K._resolve(2, 15, None, None) == ("chunked", 3, 6)
     assert K._resolve(2, 15, "lanes", None) == ("lanes", 1, 15)  # the keyword wins over the env
-    monkeypatch.setenv(K.ENV_CHUNK, "six")
+    monkeypatch.setattr(K, "_ENV_CHUNK_VALUE", "six")
     with pytest.raises(ValueError, match=K.ENV_CHUNK):
         K._resolve(2, 15, None, None)
-    monkeypatch.setenv(K.ENV_STRATEGY, "fast")
+    monkeypatch.setattr(K, "_ENV_STRATEGY_VALUE", "fast")
     with pytest.raises(ValueError, match=K.ENV_STRATEGY):
         K._resolve(2, 15, None, None)
 
@@ -222,7 +226,7 @@ def test_backend_registered_and_explained(monkeypatch):
             ops.bk_core(a, b, c, 1j, backend="triton")
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         # any other device is rejected with the reason
-        assert "takes CUDA tensors, got meta" in _triton._check(torch.empty(2, 3, device="meta"))
+        assert "takes CUDA tensors, got meta" in _triton.check(torch.empty(2, 3, device="meta"))
 
 
 def test_verify_mode_passes():

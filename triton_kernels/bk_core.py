@@ -46,6 +46,9 @@ __all__ = ["choose_strategy", "chunk_size", "bk_core_fwd", "bk_core_bwd", "STRAT
 STRATEGIES = ("lanes", "chunked")
 ENV_STRATEGY = "RESNET_BK_TRITON_STRATEGY"
 ENV_CHUNK = "RESNET_BK_TRITON_CHUNK"
+# read once, when this module is first imported (a value is validated at the first call that uses it)
+_ENV_STRATEGY_VALUE = os.environ.get(ENV_STRATEGY) or None
+_ENV_CHUNK_VALUE = os.environ.get(ENV_CHUNK) or None
 
 # "chunked" pays three extra launches and a carry pass; it wins when the batch alone cannot fill
 # the GPU (few rows) and each row is long enough that N sequential steps dominate.
@@ -632,7 +635,7 @@ def chunk_size(N: int) -> int:
 def _resolve(B: int, N: int, strategy: Optional[str], chunk: Optional[int]) -> Tuple[str, int, int]:
     src = "strategy="
     if strategy is None:
-        strategy = os.environ.get(ENV_STRATEGY) or None
+        strategy = _ENV_STRATEGY_VALUE
         src = ENV_STRATEGY
     if strategy is None:
         strategy = choose_strategy(B, N)
@@ -641,12 +644,12 @@ def _resolve(B: int, N: int, strategy: Optional[str], chunk: Optional[int]) -> T
     if strategy == "lanes":
         return strategy, 1, N
     src = "chunk="
-    if chunk is None and os.environ.get(ENV_CHUNK):
+    if chunk is None and _ENV_CHUNK_VALUE:
         src = ENV_CHUNK
         try:
-            chunk = int(os.environ[ENV_CHUNK])
+            chunk = int(_ENV_CHUNK_VALUE)
         except ValueError:
-            raise ValueError(f"{ENV_CHUNK}: expected a positive integer, got {os.environ[ENV_CHUNK]!r}") from None
+            raise ValueError(f"{ENV_CHUNK}: expected a positive integer, got {_ENV_CHUNK_VALUE!r}") from None
     if chunk is None:
         chunk = chunk_size(N)
     if not isinstance(chunk, int) or chunk < 1:

@@ -1,5 +1,5 @@
 """resnet_bk.ops: the functional core. Every op dispatches to a backend (reference, cpp, cuda,
-triton) through the registry in ``_dispatch``; modules call only these functions.
+triton) through the registry; models call only these functions.
 
     G = bk_core(diag, super_diag, sub_diag, z)             # (..., N) complex
     y = bk_core(diag, super_diag, sub_diag, z, causal=True)
@@ -8,155 +8,67 @@ triton) through the registry in ``_dispatch``; modules call only these functions
 Choosing a backend: ``backend=`` on any op, else ``RESNET_BK_BACKEND``, else automatic (CUDA
 tensors: cuda, triton, reference; CPU tensors: cpp, reference). ``explain(...)`` says which backend a
 call would use and why; ``available_backends()`` lists what loaded. ``verify()`` (or
-``RESNET_BK_VERIFY=1``) checks every call against the reference.
+``RESNET_BK_VERIFY=1``) checks every call against the reference under the policy ``tolerance(dtype)``.
+
+Layout: one package per op family (``bk_core/``, ``pooling/``, ``moe/``), each with the same file
+roles: ``api.py`` (the public functions), ``canon.py`` (argument checks and canonical form),
+``reference.py`` (the reference twins and the reference backend), ``compiled.py`` (the compiled
+ops' Python side: fake kernels, registration) and ``triton.py`` (the Triton ops). Shared:
+``_registry.py`` (backends, choice, explain, fast-path decision), ``_verify.py`` (verify mode,
+tolerance policy), ``_extension.py`` (loading ``resnet_bk._C``; ``cpu_isa``, ``cpu_huge_pages``),
+``_triton.py`` (where Triton kernels may run), ``_checks.py`` (argument checks).
+Note: ``resnet_bk.ops.bk_core`` is the function; its package is reached as
+``from resnet_bk.ops.bk_core import api`` (or ``sys.modules["resnet_bk.ops.bk_core"]``).
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+import torch as _torch
 
-import torch
-from torch import Tensor
-
-from . import _dispatch, _ref_backend  # noqa: F401  (registers the reference backend)
-from . import _canon, _cpp  # noqa: F401  (_cpp registers cpp / cuda when resnet_bk._C loaded)
-from ._canon import BKArgs, canon_bk
-from ._cpp import cpu_huge_pages
-from ._dispatch import (BackendUnavailableError, Choice, VerificationError, available_backends,
-                        backend_status, verify, verify_enabled)
-from .reference import bk_core_ref
+from . import _registry, _verify, _extension, _triton  # noqa: F401  (backends registered before the ops)
+from ._extension import cpu_huge_pages, cpu_isa
+from ._registry import BackendUnavailableError, Choice, available_backends, backend_status
+from ._verify import VerificationError, assert_close, tolerance, verify, verify_enabled
+from .bk_core import bk_core, bk_core_features, bk_core_masked, bk_core_masked_ref, bk_core_ref
 from .pooling import learned_downsample, learned_downsample_ref, learned_upsample, learned_upsample_ref
 from .moe import moe_top1_fast_ok, moe_top1_inference, moe_top1_ref
+from .bk_core import api as _bk_api
+from .pooling import api as _pool_api
+from .moe import api as _moe_api
 
-try:  # Triton backend (optional dependency)
-    from . import _triton  # noqa: F401
-except ImportError:  # the module itself registers an "unavailable" reason when triton is missing
-    pass
+# public op -> (registry op name, the function giving (device, canonical arguments) of a call)
+_CANONICAL = {
+    bk_core: ("bk_core", _bk_api.canonical_call),
+    bk_core_masked: ("bk_core", _bk_api.canonical_call),
+    bk_core_features: ("bk_core", _bk_api.canonical_call),
+    learned_downsample: ("learned_downsample", _pool_api.canonical_downsample_call),
+    learned_upsample: ("learned_upsample", _pool_api.canonical_upsample_call),
+    moe_top1_inference: ("moe_top1_inference", _moe_api.canonical_call),
+}
+
+
+def explain(*args, backend=None, **kwargs) -> Choice:
+    """Which backend a call would use, and why the ones before it in the preference order were
+    skipped; ``str(explain(...))`` reads as a sentence. A forced backend that cannot run raises
+    ``BackendUnavailableError`` with the reason. Two forms:
+
+        explain(diag, super_diag, sub_diag, z, mask=None, causal=False, backend=None)   # bk_core
+        explain(ops.learned_downsample, x, logits, causal=True, backend=None)          # any public op
+    """
+    if args and callable(args[0]) and not isinstance(args[0], _torch.Tensor):
+        fn, args = args[0], args[1:]
+        if fn not in _CANONICAL:
+            raise ValueError(f"op: expected one of the public ops {[f.__name__ for f in _CANONICAL]}, got {fn!r}")
+        op, canonical = _CANONICAL[fn]
+    else:
+        op, canonical = "bk_core", _bk_api.canonical_call
+        kwargs.pop("op", None)  # the old keyword (always "bk_core")
+    device, canon = canonical(*args, **kwargs)
+    return _registry.choose(op, device, canon, backend)
 
 __all__ = [
-    "bk_core", "bk_core_features", "bk_core_masked", "bk_core_ref",
+    "bk_core", "bk_core_features", "bk_core_masked", "bk_core_ref", "bk_core_masked_ref",
     "learned_downsample", "learned_upsample", "learned_downsample_ref", "learned_upsample_ref",
     "moe_top1_inference", "moe_top1_ref", "moe_top1_fast_ok",
-    "available_backends", "backend_status", "explain", "verify", "verify_enabled", "cpu_huge_pages",
-    "BackendUnavailableError", "VerificationError", "Choice",
+    "available_backends", "backend_status", "explain", "verify", "verify_enabled", "tolerance", "assert_close",
+    "cpu_isa", "cpu_huge_pages", "BackendUnavailableError", "VerificationError", "Choice",
 ]
-
-Number = Union[int, float, complex]
-try:
-    from numpy import bool_ as np_bool
-except ImportError:  # numpy is optional
-    np_bool = bool
-
-
-def _check_causal(causal) -> bool:
-    # bool(...) would turn causal="no" or causal=None into a silent choice of variant
-    if not isinstance(causal, (bool, np_bool)):
-        raise TypeError(f"causal: expected a bool, got {type(causal).__name__} {causal!r}")
-    return bool(causal)
-
-
-def _run_bk(op: str, args: BKArgs, causal, backend: Optional[str]) -> Tensor:
-    causal = _check_causal(causal)
-    if args.B == 0:
-        # An empty batch runs no kernel, but stays in the autograd graph (backward through it gives
-        # zero-size gradients and a zero grad for z): the reference handles B = 0 without a loop.
-        _dispatch._forced(backend)  # a bad backend name still raises
-        out = _ref_backend.bk_core_reference(args.a, args.k, args.zri, args.mask, causal)
-        return out.reshape(args.batch_shape + (args.N,))
-    fn = _dispatch.select(op, args.a.device, (args.a, args.k, args.zri, args.mask, causal), backend)
-    out = fn(args.a, args.k, args.zri, args.mask, causal)
-    return out.reshape(args.batch_shape + (args.N,))
-
-
-def bk_core(diag: Tensor, super_diag: Tensor, sub_diag: Tensor, z: Union[Number, Tensor], *,
-            causal: bool = False, backend: Optional[str] = None) -> Tensor:
-    """Diagonal of the resolvent of a tridiagonal H: ``G_ii = ((H - zI)^-1)_ii``.
-
-    Args:
-        diag: (..., N) real; float32/float64 (bfloat16/float16 are computed in float32).
-        super_diag, sub_diag: real, broadcastable to (..., N-1); a shared (N-1,) off-diagonal is
-            never materialised per batch row.
-        z: Python number or 0-dim complex tensor (may require grad: a learnable shift).
-        causal: return the causal variant ``1 / d_i`` (the resolvent of the leading i x i block),
-            which never sees positions after i.
-        backend: force a backend ("reference", "cpp", "cuda", "triton"); raises if it cannot run.
-
-    Returns:
-        (..., N) complex64 (complex128 for float64 input). Exact gradients (O(N)) for diag,
-        super_diag, sub_diag and z.
-    """
-    out = _fast_cpu_bk_core(diag, super_diag, sub_diag, z, causal, backend)
-    if out is not None:
-        return out
-    args = canon_bk(diag, super_diag, sub_diag, z)
-    return _run_bk("bk_core", args, causal, backend)
-
-
-def _fast_cpu_bk_core(diag, super_diag, sub_diag, z, causal, backend=None) -> Optional[Tensor]:
-    """The call a model makes every step (float32/float64 CPU ``diag``, one shared off-diagonal
-    pair of its dtype, (N-1,) or (1, N-1), and either a Python ``z`` seen before or a 0-dim complex
-    tensor ``z`` of the matching complex dtype on the same device, e.g. a module's buffer or its
-    learnable shift; the backend automatic or "cpp": ``_dispatch.fast_cpu_path_ok``), recognised
-    in a few attribute reads and sent straight to the compiled op: the same op and arguments the
-    general path would build (``canon_z`` of a complex tensor of that dtype is
-    ``view_as_real(z)``, differentiable in z). Anything else returns None and takes the general
-    path (which validates, raises on bad input, dispatches, warns and verifies)."""
-    if not (_cpp.HAS_C and type(causal) is bool and isinstance(diag, Tensor) and isinstance(super_diag, Tensor)
-            and isinstance(sub_diag, Tensor)):
-        return None
-    dt = diag.dtype
-    if dt not in _dispatch.FAST_CPU_DTYPES or diag.device.type != "cpu" or diag.dim() < 1:
-        return None
-    N = diag.shape[-1]
-    sd, bd = super_diag.dim(), sub_diag.dim()
-    if (N < 2 or diag.numel() == 0 or not 1 <= sd <= 2 or not 1 <= bd <= 2
-            or super_diag.shape[-1] != N - 1 or sub_diag.shape[-1] != N - 1
-            or (sd == 2 and (super_diag.shape[0] != 1 or diag.dim() < 2))
-            or (bd == 2 and (sub_diag.shape[0] != 1 or diag.dim() < 2))
-            or super_diag.dtype != dt or sub_diag.dtype != dt
-            or super_diag.device != diag.device or sub_diag.device != diag.device):
-        return None
-    if type(z) in (complex, float, int):
-        zri = _canon._Z_CACHE.get((complex(z), dt, diag.device))  # present only once validated
-        if zri is None:
-            return None
-    elif (isinstance(z, Tensor) and z.dim() == 0 and z.dtype == dt.to_complex() and z.device == diag.device):
-        zri = torch.view_as_real(z)
-    else:
-        return None
-    if not _dispatch.fast_cpu_path_ok("bk_core", _cpp.bk_core_compiled, backend):
-        return None
-    a = diag if diag.dim() == 2 else diag.reshape(-1, N)
-    k = (super_diag * sub_diag).reshape(1, N - 1)
-    out = torch.ops.resnet_bk.bk_core_fwd(a.contiguous(), k, zri, None, causal)
-    return out if diag.dim() == 2 else out.view(diag.shape)
-
-
-
-def bk_core_masked(diag: Tensor, super_diag: Tensor, sub_diag: Tensor, z: Union[Number, Tensor],
-                   mask: Tensor, *, causal: bool = False, backend: Optional[str] = None) -> Tensor:
-    """``mask * bk_core(...)``: mask (..., N) bool or float 0/1 (a straight-through Gumbel mask
-    receives the gradient ``Re(conj(G) g)``).
-
-    The pivots run over every position (the recursion couples them all); a position whose mask is
-    0 is not computed: its output is exactly 0 (even where G would not be finite) and it sends no
-    gradient to diag, super_diag, sub_diag or z. The C++ kernel skips the combine for a position
-    whose mask is 0 in all the sequences of a SIMD block (16 float / 8 double lanes), so the
-    saving depends on how masks line up across the batch (see the benchmark)."""
-    args = canon_bk(diag, super_diag, sub_diag, z, mask)
-    return _run_bk("bk_core", args, causal, backend)
-
-
-def bk_core_features(he_diag: Tensor, h0_super: Tensor, h0_sub: Tensor, z: Union[Number, Tensor], *,
-                     causal: bool = False, backend: Optional[str] = None) -> Tensor:
-    """Drop-in for the original ResNet-BK ``BKCoreFunction.apply(he_diag, h0_super, h0_sub, z)``:
-    returns (..., N, 2) float32 ``[Re G, Im G]``, with the exact gradient."""
-    G = bk_core(he_diag, h0_super, h0_sub, z, causal=causal, backend=backend)
-    return torch.view_as_real(G).to(torch.float32)
-
-
-def explain(diag: Tensor, super_diag: Tensor, sub_diag: Tensor, z: Union[Number, Tensor], mask: Optional[Tensor] = None,
-            *, causal: bool = False, backend: Optional[str] = None, op: str = "bk_core") -> Choice:
-    """Which backend a ``bk_core`` call with these arguments would use, and why the ones before it
-    in the preference order were skipped. ``str(explain(...))`` reads as a sentence."""
-    args = canon_bk(diag, super_diag, sub_diag, z, mask)
-    return _dispatch.choose(op, args.a.device, (args.a, args.k, args.zri, args.mask, _check_causal(causal)), backend)

@@ -16,59 +16,14 @@ would need gradients raises).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from . import _dispatch
-
-HAS_MOE_OP = False
-try:
-    torch.ops.resnet_bk.moe_top1_infer
-    HAS_MOE_OP = True
-except (AttributeError, RuntimeError):
-    pass
-
-
-def moe_top1_ref(x: Tensor, router_weight: Tensor, router_bias: Tensor, w1: Sequence[Tensor], b1: Sequence[Tensor],
-                 w2: Sequence[Tensor], b2: Sequence[Tensor]) -> Tensor:
-    T = x.shape[0]
-    if T == 0:
-        return x.new_zeros(0, w2[0].shape[0])
-    logits = torch.addmm(router_bias.unsqueeze(1), router_weight, x.t()).float()   # (E, T)
-    ex = (logits - logits.amax(dim=0, keepdim=True)).exp()
-    gate, expert = (ex / ex.sum(dim=0, keepdim=True)).max(dim=0)
-    order = torch.argsort(expert, stable=True)
-    counts: List[int] = torch.bincount(expert, minlength=len(w1)).tolist()
-    xs, gs = x.index_select(0, order), gate.index_select(0, order).to(x.dtype)
-    out = x.new_empty(T, w2[0].shape[0])
-    start = 0
-    for e, n in enumerate(counts):
-        if n:
-            h = torch.addmm(b1[e], xs[start:start + n], w1[e].t()).relu_()
-            y = torch.addmm(b2[e], h, w2[e].t()).mul_(gs[start:start + n].unsqueeze(1))
-            out.index_copy_(0, order[start:start + n], y)
-        start += n
-    return out
-
-
-def _moe_compiled(x, router_weight, router_bias, w1, b1, w2, b2):
-    return torch.ops.resnet_bk.moe_top1_infer(x, router_weight, router_bias, list(w1), list(b1), list(w2), list(b2))
-
-
-def _cpp_check(*args) -> Optional[str]:
-    if not HAS_MOE_OP:
-        return "resnet_bk._C was built without the MoE kernel (csrc/cpu/moe_cpu.cpp): rebuild with `pip install --no-build-isolation .`"
-    if args[0].device.type != "cpu":
-        return f"takes cpu tensors, got {args[0].device.type}"
-    if args[0].dtype not in _dispatch.FAST_CPU_DTYPES:
-        return f"takes float32/float64, got {args[0].dtype}"
-    return None
-
-
-_dispatch.register_impl("moe_top1_inference", "reference", moe_top1_ref)
-_dispatch.register_impl("moe_top1_inference", "cpp", _moe_compiled, _cpp_check)
+from .. import _registry
+from .compiled import HAS_MOE_OP, moe_compiled
+from .reference import moe_top1_ref
 
 
 def _check(x, router_weight, router_bias, w1, b1, w2, b2) -> None:
@@ -106,11 +61,11 @@ def _check(x, router_weight, router_bias, w1, b1, w2, b2) -> None:
 def moe_top1_fast_ok(x: Tensor, backend: Optional[str] = None) -> bool:
     """Whether a call on x may go straight to the compiled op: grad mode off, x a 2-dim
     float32/float64 CPU tensor, the kernel built, the backend automatic or "cpp" and the conditions
-    of ``_dispatch.fast_cpu_path_ok`` (no backend forced by the environment, no verify mode, no
+    of ``_registry.compiled_cpu_takes`` (no backend forced by the environment, no verify mode, no
     tracing). ``SparseMoELayer`` asks this before using the op, and otherwise keeps its own path."""
     return (HAS_MOE_OP and not torch.is_grad_enabled() and isinstance(x, Tensor) and x.device.type == "cpu"
-            and x.dim() == 2 and x.dtype in _dispatch.FAST_CPU_DTYPES
-            and _dispatch.fast_cpu_path_ok("moe_top1_inference", _moe_compiled, backend))
+            and x.dim() == 2 and x.dtype in _registry.FAST_CPU_DTYPES
+            and _registry.compiled_cpu_takes("moe_top1_inference", moe_compiled, backend))
 
 
 def moe_top1_inference(x: Tensor, router_weight: Tensor, router_bias: Tensor, w1: Sequence[Tensor],
@@ -124,6 +79,12 @@ def moe_top1_inference(x: Tensor, router_weight: Tensor, router_bias: Tensor, w1
     _check(x, router_weight, router_bias, w1, b1, w2, b2)
     args = (x.contiguous(), router_weight, router_bias, list(w1), list(b1), list(w2), list(b2))
     if x.shape[0] == 0:
-        _dispatch._forced(backend)  # a bad backend name still raises
+        _registry.forced(backend)  # a bad backend name still raises
         return moe_top1_ref(*args)
-    return _dispatch.select("moe_top1_inference", x.device, args, backend)(*args)
+    return _registry.select("moe_top1_inference", x.device, args, backend)(*args)
+
+
+def canonical_call(x, router_weight, router_bias, w1, b1, w2, b2):
+    """(device, canonical arguments) of a ``moe_top1_inference`` call (for ``explain``)."""
+    _check(x, router_weight, router_bias, w1, b1, w2, b2)
+    return x.device, (x.contiguous(), router_weight, router_bias, list(w1), list(b1), list(w2), list(b2))

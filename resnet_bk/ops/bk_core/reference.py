@@ -1,7 +1,7 @@
-"""Pure-PyTorch reference twins of every op: the specification in code.
+"""The BK-Core reference: pure PyTorch, the specification in code, and the "reference" backend.
 
-Every function here works on the *canonical* arguments that the dispatch layer produces
-(see ``resnet_bk.ops._canon``):
+``bk_core_ref`` / ``bk_core_masked_ref`` are the twins of the public ops (same signatures). The
+canonical functions below work on the arguments every backend receives (``canon.py``):
 
 * ``a``    (B, N) float32/float64, contiguous: the diagonal of H.
 * ``k``    (Bk, N-1) same dtype, Bk in {1, B}: the products ``b_i * c_i`` of the off-diagonals
@@ -9,7 +9,7 @@ Every function here works on the *canonical* arguments that the dispatch layer p
 * ``zri``  (2,) same dtype: ``[Re z, Im z]``.
 * ``mask`` (B, N) same dtype or None.
 
-The math is shared/BK_CORE_MATH.md: stable Schur pivots d (left to right) and e (right to left),
+The math is docs/BK_CORE_MATH.md: stable Schur pivots d (left to right) and e (right to left),
 ``G_ii = 1 / (d_i + e_i - alpha_i)``, causal ``y_i = 1 / d_i``, and the exact O(N) gradient
 recurrences. The loops over N are plain Python over columns (vectorised over the batch): this
 backend is for reading and for checking, not for speed.
@@ -21,7 +21,11 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["bk_core_fwd_ref", "bk_core_bwd_ref", "bk_core_ref", "complex_dtype_for"]
+from .. import _registry
+from .._checks import check_bool
+from .canon import canon_bk
+
+__all__ = ["bk_core_fwd_ref", "bk_core_bwd_ref", "bk_core_ref", "bk_core_masked_ref", "complex_dtype_for"]
 
 
 def complex_dtype_for(dtype: torch.dtype) -> torch.dtype:
@@ -148,8 +152,41 @@ def bk_core_bwd_ref(grad: Tensor, a: Tensor, k: Tensor, zri: Tensor, mask: Optio
     return grad_a.to(rdt).contiguous(), grad_k.contiguous(), grad_zri, grad_mask
 
 
-def bk_core_ref(diag: Tensor, super_diag: Tensor, sub_diag: Tensor, z, *, causal: bool = False) -> Tensor:
-    """Reference twin of :func:`resnet_bk.ops.bk_core` (same signature, reference backend)."""
-    from . import bk_core
+class _BKCoreRef(torch.autograd.Function):
+    """The canonical forward with its exact (spec) backward, so the reference backend gives the
+    same gradients as every other backend."""
 
-    return bk_core(diag, super_diag, sub_diag, z, causal=causal, backend="reference")
+    @staticmethod
+    def forward(ctx, a, k, zri, mask, causal):
+        ctx.save_for_backward(a, k, zri, mask)
+        ctx.causal = causal
+        return bk_core_fwd_ref(a, k, zri, mask, causal)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, k, zri, mask = ctx.saved_tensors
+        ga, gk, gz, gm = bk_core_bwd_ref(grad, a, k, zri, mask, ctx.causal)
+        return ga, gk, gz, gm, None
+
+
+def bk_core_reference(a: Tensor, k: Tensor, zri: Tensor, mask: Optional[Tensor], causal: bool) -> Tensor:
+    """The reference backend's implementation (canonical arguments, with autograd)."""
+    return _BKCoreRef.apply(a, k, zri, mask, causal)
+
+
+def bk_core_ref(diag: Tensor, super_diag: Tensor, sub_diag: Tensor, z, *, causal: bool = False) -> Tensor:
+    """Reference twin of :func:`resnet_bk.ops.bk_core` (same signature and checks, pure PyTorch)."""
+    args = canon_bk(diag, super_diag, sub_diag, z)
+    out = bk_core_reference(args.a, args.k, args.zri, None, check_bool("causal", causal))
+    return out.reshape(args.batch_shape + (args.N,))
+
+
+def bk_core_masked_ref(diag: Tensor, super_diag: Tensor, sub_diag: Tensor, z, mask: Tensor, *,
+                       causal: bool = False) -> Tensor:
+    """Reference twin of :func:`resnet_bk.ops.bk_core_masked` (same signature and checks, pure PyTorch)."""
+    args = canon_bk(diag, super_diag, sub_diag, z, mask)
+    out = bk_core_reference(args.a, args.k, args.zri, args.mask, check_bool("causal", causal))
+    return out.reshape(args.batch_shape + (args.N,))
+
+
+_registry.register_impl("bk_core", "reference", bk_core_reference)

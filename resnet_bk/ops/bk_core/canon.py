@@ -1,9 +1,6 @@
-"""Argument checking and canonicalisation for the BK-Core family of ops.
-
-Every public op validates its arguments here, in Python, before any kernel runs, and raises an
-error that names the argument and says what was expected and what was got. The canonical form
-(see ``reference.py``) is what every backend receives.
-"""
+"""Argument checking and canonicalisation of the BK-Core ops: every public BK-Core op validates its
+arguments here, before any kernel runs, and every backend receives the canonical form
+(``BKArgs``; see ``reference.py``)."""
 from __future__ import annotations
 
 import math
@@ -14,46 +11,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _describe(x) -> str:
-    if isinstance(x, Tensor):
-        return f"Tensor(shape={tuple(x.shape)}, dtype={x.dtype}, device={x.device})"
-    return f"{type(x).__name__} {x!r}"
-
-
-def check_tensor(name: str, x, *, floating: bool = True, allow_bool: bool = False) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {_describe(x)}")
-    if floating:
-        ok = x.dtype in _FLOATS or (allow_bool and x.dtype == torch.bool)
-        if not ok:
-            want = "a real floating tensor (float16, bfloat16, float32 or float64)"
-            if allow_bool:
-                want = "a bool or real floating tensor"
-            raise TypeError(f"{name}: expected {want}, got dtype {x.dtype}")
-    return x
-
-
-def check_same_device(ref_name: str, ref: Tensor, name: str, x: Tensor) -> None:
-    if x.device != ref.device:
-        raise RuntimeError(
-            f"{name}: expected a tensor on {ref.device} (the device of {ref_name}), got one on {x.device}; "
-            f"move it with .to({str(ref.device)!r})")
-
-
-def compute_dtype(name: str, x: Tensor) -> torch.dtype:
-    """float64 stays float64; float32, bfloat16 and float16 are computed in float32."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def check_precision_class(ref_name: str, ref: Tensor, name: str, x: Tensor) -> None:
-    if (ref.dtype == torch.float64) != (x.dtype == torch.float64):
-        raise TypeError(
-            f"{name}: dtype {x.dtype} mixes float64 with {ref_name}'s {ref.dtype}; expected "
-            f"{'float64' if ref.dtype == torch.float64 else 'float32, bfloat16 or float16'} "
-            f"(cast both to the same precision)")
+from .._checks import check_precision_class, check_same_device, check_tensor, compute_dtype, describe, numel_of
 
 
 def canon_z(z, rdt: torch.dtype, device: torch.device, ref_name: str = "diag") -> Tensor:
@@ -73,7 +31,7 @@ def canon_z(z, rdt: torch.dtype, device: torch.device, ref_name: str = "diag") -
         zr = z.to(rdt)
         return torch.stack([zr, torch.zeros_like(zr)])
     if isinstance(z, bool) or not isinstance(z, numbers.Number):
-        raise TypeError(f"z: expected a Python number or a 0-dim complex tensor, got {_describe(z)}")
+        raise TypeError(f"z: expected a Python number or a 0-dim complex tensor, got {describe(z)}")
     zc = complex(z)
     if not (math.isfinite(zc.real) and math.isfinite(zc.imag)):
         raise ValueError(f"z: expected a finite spectral shift, got {zc!r}")
@@ -124,7 +82,7 @@ def canon_bk(diag, super_diag, sub_diag, z, mask=None, *, mask_name: str = "mask
     if N == 0:
         raise ValueError(f"diag: expected a sequence length N >= 1, got shape {tuple(diag.shape)} (N = 0)")
     batch_shape = tuple(diag.shape[:-1])
-    rdt = compute_dtype("diag", diag)
+    rdt = compute_dtype(diag)
     want = batch_shape + (N - 1,)
     offs = []
     for name, t in (("super_diag", super_diag), ("sub_diag", sub_diag)):
@@ -139,9 +97,7 @@ def canon_bk(diag, super_diag, sub_diag, z, mask=None, *, mask_name: str = "mask
                              f"entries for diag of shape {tuple(diag.shape)}), got {tuple(t.shape)}")
         offs.append(t)
     zri = canon_z(z, rdt, diag.device)
-    B = 1
-    for s in batch_shape:
-        B *= s
+    B = numel_of(batch_shape)
     a = diag.to(rdt).reshape(B, N).contiguous()
     kb = offs[0].to(rdt) * offs[1].to(rdt)
     lead = kb.shape[:-1]
