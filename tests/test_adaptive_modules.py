@@ -11,12 +11,12 @@ from torch.utils.data import TensorDataset
 import resnet_bk.ops as ops
 from resnet_bk.models.base import LanguageModel
 from resnet_bk.models.bucketing import LearnableBucketLandmark, attach_bucket_landmark
-from resnet_bk.models.learned_length import (AdaptiveSequenceLengthWrapper, LearnedSequenceLengthTrainer,
-                                             SequenceLengthPredictor)
-from resnet_bk.models.sparse import (AdaptiveSparsityScheduler, SparseBKCore, SparseLanguageModel,
-                                     SparseMoEResNetBKLayer, sparsity_loss)
+from resnet_bk.models.learned_length import AdaptiveSequenceLengthWrapper, SequenceLengthPredictor
+from resnet_bk.models.sparse import SparseBKCore, SparseLanguageModel, SparseMoEResNetBKLayer, sparsity_loss
 from resnet_bk.training.data_efficiency import (ActiveLearningSelector, CurriculumLearningScheduler,
                                                 GradientCachingTrainer, model_logits)
+from resnet_bk.training.learned_length import LearnedSequenceLengthTrainer
+from resnet_bk.training.sparsity import AdaptiveSparsityScheduler
 
 V, D, NSEQ = 64, 16, 32
 

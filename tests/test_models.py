@@ -8,12 +8,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from resnet_bk.models import (ACTLanguageModel, ACTTrainer, AdaptiveResNetBKBlock, ConfigurableResNetBK,
+from resnet_bk.models import (ACTLanguageModel, AdaptiveResNetBKBlock, ConfigurableResNetBK,
                               HierarchicalMultiScaleLayer, LanguageModel, LearnedDownsampling,
                               LearnedUpsampling, MoEResNetBKLayer, MultiScaleResNetBKBlock,
                               MultiScaleResNetBKLayer, ResNetBKBlock, ResNetBKConfig, SparseMoELayer,
                               count_flops_multi_scale)
 from resnet_bk.models.base import BKMixer
+from resnet_bk.models.sparse import SparseMoEResNetBKLayer
+from resnet_bk.training import ACTTrainer
 
 V, D, L, NS = 64, 16, 2, 24
 
@@ -349,12 +351,6 @@ def test_configurable_unhonoured_flags_raise(flag):
 
 def test_configurable_learned_sparsity_flag():
     cfg = ResNetBKConfig(vocab_size=V, d_model=D, n_layers=1, n_seq=NS, use_learned_sparsity=True)
-    try:
-        from resnet_bk.models.sparse import SparseMoEResNetBKLayer
-    except ImportError:
-        with pytest.raises(NotImplementedError, match="sparse"):
-            ConfigurableResNetBK(cfg)
-        return
     m = ConfigurableResNetBK(cfg)
     assert isinstance(m.model.blocks[0].bk_layer, SparseMoEResNetBKLayer)
 

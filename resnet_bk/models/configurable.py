@@ -6,8 +6,8 @@ at construction saying why it cannot be honoured. Nothing is global: two models 
 configs coexist.
 
 Honoured: ``use_adaptive_computation`` (ACT blocks and a ponder cost), ``use_multi_scale`` (+
-``multi_scale_hierarchical``), ``use_learned_sparsity`` (``resnet_bk.models.sparse.SparseMoEResNetBKLayer``
-when that module exists), ``use_custom_kernels`` (False forces the pure-PyTorch "reference" BK backend),
+``multi_scale_hierarchical``), ``use_learned_sparsity`` (``resnet_bk.models.sparse.SparseMoEResNetBKLayer``),
+``use_custom_kernels`` (False forces the pure-PyTorch "reference" BK backend),
 ``use_gradient_checkpointing`` (torch.utils.checkpoint per block), ``use_mixed_precision`` (bfloat16
 autocast in forward), ``use_analytic_gradient`` (always true: the BK-Core backward is the exact
 gradient; False cannot be honoured), ``causal``, ``learnable_z``.
@@ -15,7 +15,6 @@ gradient; False cannot be honoured), ``causal``, ``learnable_z``.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -28,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from .act import ACTLanguageModel
 from .base import LanguageModel, ResNetBKBlock, moe_aux_loss
 from .multi_scale import MultiScaleResNetBKBlock
+from .sparse import SparseMoEResNetBKLayer
 
 __all__ = ["ResNetBKConfig", "ConfigurableResNetBK", "PRESETS"]
 
@@ -136,16 +136,6 @@ PRESETS: Dict[str, ResNetBKConfig] = {
 }
 
 
-def _sparse_layer_cls():
-    try:
-        from .sparse import SparseMoEResNetBKLayer  # provided by the learned-sparsity module
-    except ImportError as e:
-        raise NotImplementedError(
-            "use_learned_sparsity=True needs resnet_bk.models.sparse.SparseMoEResNetBKLayer, which is not "
-            f"available in this installation ({e})") from e
-    return SparseMoEResNetBKLayer
-
-
 class _Checkpointed(nn.Module):
     """Runs the wrapped block under torch.utils.checkpoint while training (activations recomputed)."""
 
@@ -190,17 +180,12 @@ class ConfigurableResNetBK(nn.Module):
                     return MultiScaleResNetBKBlock(c.d_model, c.n_seq, c.num_experts, c.multi_scale_hierarchical,
                                                    top_k=c.top_k, dropout_p=c.dropout_p, **common)
             elif c.use_learned_sparsity:
-                cls = _sparse_layer_cls()
-                accepted = inspect.signature(cls).parameters
-                extra = {k: v for k, v in common.items() if k in accepted}
-                if c.causal and "causal" not in accepted:
-                    raise NotImplementedError("use_learned_sparsity with causal=True: SparseMoEResNetBKLayer takes "
-                                              "no causal flag, so causality cannot be guaranteed")
-
                 def make(i: int) -> nn.Module:
-                    layer = cls(c.d_model, c.n_seq, c.num_experts, c.top_k, c.dropout_p,
-                                target_sparsity=c.target_sparsity, sparsity_loss_weight=c.sparsity_loss_weight,
-                                **extra)
+                    # SparseMoEResNetBKLayer takes no learnable_z: the sparse BK-Core keeps a fixed z.
+                    layer = SparseMoEResNetBKLayer(c.d_model, c.n_seq, c.num_experts, c.top_k, c.dropout_p,
+                                                   target_sparsity=c.target_sparsity,
+                                                   sparsity_loss_weight=c.sparsity_loss_weight,
+                                                   causal=c.causal, backend=backend)
                     return ResNetBKBlock(c.d_model, c.n_seq, bk_layer=layer)
             else:
                 def make(i: int) -> nn.Module:

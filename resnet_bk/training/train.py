@@ -9,12 +9,13 @@ read in sorted path order, concatenated up to ``max_bytes``), or every regular f
 (sorted). Bytes are tokens (vocab 256). The first (1 - val_fraction) of the bytes is the training
 split, the rest the validation split (contiguous, so no window straddles both).
 
-Models come from ``MODELS``, a dict name -> factory(vocab_size, d_model, n_layers, n_seq, backend,
-**kwargs) -> nn.Module. Add one with ``register_model(name, factory)``. The trainer uses
-``model.training_loss(x, y) -> (loss, metrics)`` when the model defines it (metrics: tensors or
-floats, e.g. ce_loss, ponder_cost, avg_layers_executed), else cross-entropy on ``model(x)``
-(first element when it returns a tuple). Validation always uses the plain cross-entropy of the
-logits, so perplexities are comparable across models.
+Models come from ``MODELS`` (defined in ``resnet_bk.training.registry``), a dict name ->
+factory(vocab_size, d_model, n_layers, n_seq, backend, **kwargs) -> nn.Module. Add one with
+``register_model(name, factory)``. The trainer uses ``model.training_loss(x, y) -> (loss, metrics)``
+when the model defines it (metrics: tensors or floats, e.g. ce_loss, ponder_cost,
+avg_layers_executed), else cross-entropy on ``model(x)`` (first element when it returns a tuple).
+Validation always uses the plain cross-entropy of the logits, so perplexities are comparable
+across models.
 """
 from __future__ import annotations
 
@@ -27,73 +28,15 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .registry import MODELS, register_model
+
 __all__ = ["MODELS", "register_model", "load_corpus", "train", "main"]
-
-ModelFactory = Callable[..., nn.Module]
-MODELS: Dict[str, ModelFactory] = {}
-
-
-def register_model(name: str, factory: ModelFactory) -> None:
-    """Add (or replace) a model for ``train(name, ...)`` / ``--model name``."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"name: expected a non-empty str, got {name!r}")
-    if not callable(factory):
-        raise TypeError(f"factory: expected a callable, got {type(factory).__name__}")
-    MODELS[name] = factory
-
-
-def _plain(vocab_size, d_model, n_layers, n_seq, backend=None, **kw):
-    from ..models import LanguageModel
-    return LanguageModel(vocab_size, d_model, n_layers, n_seq, backend=backend, **kw)
-
-
-def _act(vocab_size, d_model, n_layers, n_seq, backend=None, **kw):
-    from ..models import ACTLanguageModel
-    kw.setdefault("act_threshold", 0.95)
-    return ACTLanguageModel(vocab_size, d_model, n_layers, n_seq, backend=backend, **kw)
-
-
-def _multiscale(hierarchical: bool):
-    def make(vocab_size, d_model, n_layers, n_seq, backend=None, **kw):
-        from ..models import LanguageModel, MultiScaleResNetBKBlock
-        num_experts, top_k = kw.pop("num_experts", 4), kw.pop("top_k", 1)
-        dropout_p, causal = kw.pop("dropout_p", 0.1), kw.pop("causal", True)
-
-        def block(i):
-            return MultiScaleResNetBKBlock(d_model, n_seq, num_experts, hierarchical, top_k=top_k,
-                                           dropout_p=dropout_p, causal=causal, backend=backend)
-        return LanguageModel(vocab_size, d_model, n_layers, n_seq, num_experts, top_k, dropout_p,
-                             causal=causal, backend=backend, block_factory=block, **kw)
-    return make
-
-
-register_model("plain", _plain)
-register_model("act", _act)
-register_model("multiscale", _multiscale(False))
-register_model("hierarchical", _multiscale(True))
-
-
-def _register_optional() -> None:
-    """Models living in modules that may not be installed (the learned-sparsity / learned-length
-    modules register themselves through ``register_model`` when imported)."""
-    for mod in ("resnet_bk.models.sparse", "resnet_bk.models.learned_length"):
-        try:
-            __import__(mod)
-        except ImportError:
-            pass
-    # Run as `python -m resnet_bk.training.train`, this file is __main__ and the modules above
-    # registered into the importable copy of it: take their entries over.
-    import sys
-    registry = sys.modules.get("resnet_bk.training.train")
-    if registry is not None and registry.MODELS is not MODELS:
-        for name, factory in registry.MODELS.items():
-            MODELS.setdefault(name, factory)
 
 
 def _walk_sorted(root: Path, skip_site_packages: bool):
@@ -204,7 +147,6 @@ def train(model_name: str, *, data_dir: Optional[str] = None, max_bytes: int = 2
     then evaluate on the validation split. Returns a dict with the losses, validation perplexity,
     median ms per training step (forward+backward+update) and per inference batch, parameter count,
     and the model itself under "model"."""
-    _register_optional()
     if model_name not in MODELS:
         raise ValueError(f"model_name: expected one of {sorted(MODELS)}, got {model_name!r}")
     if not (0.0 < val_fraction < 1.0):
@@ -273,7 +215,6 @@ def _train(model_name, data_dir, max_bytes, val_fraction, d_model, n_layers, n_s
 
 
 def main(argv=None) -> dict:
-    _register_optional()
     p = argparse.ArgumentParser(prog="python -m resnet_bk.training.train", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, choices=sorted(MODELS))
     p.add_argument("--data", default=None, help="folder of text files (default: the Python stdlib sources)")
