@@ -19,7 +19,7 @@ import sysconfig
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
 NVCC = shutil.which("nvcc")
 CU_FILES = sorted(glob.glob(os.path.join(CUDA_DIR, "*.cu")))

@@ -14,7 +14,7 @@ from resnet_bk import ops
 from resnet_bk.ops import _registry
 from resnet_bk.ops.pooling import compiled as pooling_compiled
 
-from conftest import cpu_backends
+from helpers import cpu_backends
 
 BACKENDS = cpu_backends()
 HAS_CPP = "cpp" in BACKENDS and pooling_compiled.HAS_POOL_OPS

@@ -1,4 +1,4 @@
-// Test-only stand-in for the CUDA runtime header, used by tests/test_cuda_emulated.py to compile
+// Test-only stand-in for the CUDA runtime header, used by tests/kernels/test_cuda_emulated.py to compile
 // the CUDA kernels as plain C++ and run them on the CPU (see emu.h). Only what the kernels and
 // launchers use is declared.
 #pragma once

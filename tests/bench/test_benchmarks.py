@@ -13,7 +13,7 @@ import torch
 import resnet_bk.ops as ops
 
 # benchmarks/ is a top-level folder of the checkout, not part of the installed package
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from benchmarks import report  # noqa: E402
 from benchmarks.run import main  # noqa: E402
 

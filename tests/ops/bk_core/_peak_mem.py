@@ -1,12 +1,12 @@
 """Run one bk_core forward + backward at length N in this (fresh) process and print the growth of the
-peak resident set size it caused, in bytes. Used by tests/test_long_sequences.py, a fresh process per
+peak resident set size it caused, in bytes. Used by tests/ops/bk_core/test_long_sequences.py, a fresh process per
 size.
 
 The peak is the kernel's high-water mark VmHWM, reset to the current RSS just before the measured
 call (``echo 5 > /proc/self/clear_refs``, Linux >= 4.0): ru_maxrss alone cannot be reset, and the
 transient peak of ``import torch`` can exceed a small run's peak, hiding it.
 
-usage: python tests/_peak_mem.py N causal(0|1) dtype(float32|float64)"""
+usage: python tests/ops/bk_core/_peak_mem.py N causal(0|1) dtype(float32|float64)"""
 import resource
 import sys
 

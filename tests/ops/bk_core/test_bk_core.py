@@ -12,16 +12,12 @@ from resnet_bk.ops import _registry
 from resnet_bk.ops.bk_core.canon import canon_bk
 from resnet_bk.ops.bk_core.reference import complex_dtype_for
 
-from conftest import cpu_backends, dense_oracle
+from helpers import cpu_backends, dense_oracle, rel_err
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}
 BACKENDS = cpu_backends()
 
 
-def rel_err(got, ref):
-    got = got.to(torch.complex128) if got.is_complex() else got.double()
-    ref = ref.to(got.dtype)
-    return ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-300)).item()
 
 
 def make(shape, N, dtype=torch.float64, shared=False, seed=0):
@@ -61,7 +57,7 @@ def test_forward_n4097_vs_dense(backend, causal):
     assert rel_err(out, ref) < 1e-5
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])  # held to the reference
 @pytest.mark.parametrize("B,N", [(3, 700), (40, 333), (70, 300), (1, 2000)])
 @pytest.mark.parametrize("causal", [False, True], ids=["twosided", "causal"])
 def test_batched_and_chunked_paths(backend, B, N, causal):

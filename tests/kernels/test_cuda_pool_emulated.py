@@ -1,5 +1,5 @@
 """The CUDA kernels of learned_downsample / learned_upsample (csrc/cuda/pool_cuda.cu), run on the CPU
-under the CUDA emulation of tests/cuda_emu (see test_cuda_emulated.py), against the schema formulas
+under the CUDA emulation of tests/kernels/cuda_emu (see test_cuda_emulated.py), against the schema formulas
 of csrc/cpu/pool_ops_cpu.cpp written in PyTorch (float64 autograd). All four storage dtypes;
 bf16/fp16 go through emulated conversions bit-compatible with torch's.
 """

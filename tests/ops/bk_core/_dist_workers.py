@@ -1,8 +1,10 @@
-"""Worker processes of tests/test_distributed.py (a module of its own so that torch.multiprocessing's
+"""Worker processes of tests/ops/bk_core/test_distributed.py (a module of its own so that torch.multiprocessing's
 spawn can import it by name). Every worker asserts; a failure in any rank fails the spawn."""
 import os
 
 import torch
+
+from helpers import rel_err
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
@@ -16,10 +18,6 @@ def _init(rank, world, init_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
 
 
-def rel_err(got, ref):
-    got = got.to(torch.complex128) if got.is_complex() else got.double()
-    ref = ref.to(got.dtype)
-    return ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-300)).item()
 
 
 # ---------------------------------------------------------------------------------------------

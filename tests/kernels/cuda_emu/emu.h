@@ -1,5 +1,5 @@
 // Test-only CPU emulation of the CUDA execution model, force-included (g++ -include emu.h) when
-// tests/test_cuda_emulated.py compiles csrc/cuda/*.cu as C++. Every block runs its threads as
+// tests/kernels/test_cuda_emulated.py compiles csrc/cuda/*.cu as C++. Every block runs its threads as
 // real concurrent std::threads with a real barrier for __syncthreads, so the kernels' indexing,
 // tiling, chunk carries and synchronisation are exercised without a GPU. `__shared__` variables
 // become function statics: shared by the threads of a block; blocks run one after another.

@@ -17,7 +17,7 @@ import torch
 
 from resnet_bk import ops
 
-from conftest import cpu_backends
+from helpers import cpu_backends
 
 BACKENDS = cpu_backends()
 

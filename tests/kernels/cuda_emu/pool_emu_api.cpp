@@ -1,5 +1,5 @@
 // Test-only C entry points over the pooling CUDA launchers (pool_cuda.cu), for the CPU emulation
-// build of tests/test_cuda_emulated.py. Workspace is NaN-filled (0xFF bytes).
+// build of tests/kernels/test_cuda_emulated.py. Workspace is NaN-filled (0xFF bytes).
 #include <cstdlib>
 #include <cstring>
 

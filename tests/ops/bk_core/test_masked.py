@@ -9,16 +9,12 @@ import torch
 
 from resnet_bk import ops
 
-from conftest import cpu_backends, dense_oracle
+from helpers import cpu_backends, dense_oracle, rel_err, tol
 
 BACKENDS = cpu_backends()
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+TOL = {dt: tol(dt) for dt in (torch.float64, torch.float32)}  # the op layer's policy
 
 
-def rel_err(got, ref):
-    got = got.to(torch.complex128) if got.is_complex() else got.double()
-    ref = ref.to(got.dtype)
-    return ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-300)).item()
 
 
 def make(shape, N, seed=0):

@@ -2,7 +2,7 @@
 equals the single-process run on the same global batch) and sequence parallelism
 (resnet_bk.distributed.bk_core_sequence_parallel equals the single-process bk_core, forward and
 backward, with 2 and 4 processes, uneven chunks, chunks of one position, shared and per-row
-off-diagonals, two-sided and causal, every CPU backend). Workers: tests/_dist_workers.py."""
+off-diagonals, two-sided and causal, every CPU backend). Workers: tests/ops/bk_core/_dist_workers.py."""
 import os
 import sys
 

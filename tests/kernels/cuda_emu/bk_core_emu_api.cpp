@@ -1,5 +1,5 @@
 // Test-only C entry points over the BK-Core CUDA launchers, compiled after the (rewritten)
-// bk_core_cuda.cu in the emulation build of tests/test_cuda_emulated.py and called through ctypes.
+// bk_core_cuda.cu in the emulation build of tests/kernels/test_cuda_emulated.py and called through ctypes.
 // Workspace is filled with 0xFF bytes (NaN) so that reading a scratch cell that was never written
 // poisons the result.
 #include <cstdlib>

@@ -37,10 +37,11 @@ from hypothesis import strategies as st  # noqa: E402
 
 from resnet_bk import ops  # noqa: E402
 
-from conftest import cpu_backends  # noqa: E402
+from helpers import cpu_backends, rel_err, tol  # noqa: E402
 
 BACKENDS = cpu_backends()
-BASE_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-5}
+# the op layer's policy; bf16 inputs are computed (and returned) in float32
+BASE_TOL = {torch.float64: tol(torch.float64), torch.float32: tol(torch.float32), torch.bfloat16: tol(torch.float32)}
 # bf16 inputs get bf16 gradients (autograd casts each gradient back to its input's dtype): one
 # rounding to 8 significant bits on top of the float32 computation.
 BF16_GRAD_ROUNDING = 2.0 ** -8
@@ -49,13 +50,6 @@ SETTINGS = dict(max_examples=25, deadline=None, derandomize=True, print_blob=Tru
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-def rel_err(got, ref):
-    got = got.to(torch.complex128) if got.is_complex() else got.double()
-    ref = ref.to(got.dtype)
-    scale = ref.abs().max().item() if ref.numel() else 0.0
-    if scale == 0.0:
-        return got.abs().max().item() if got.numel() else 0.0
-    return ((got - ref).abs().max() / scale).item()
 
 
 @st.composite

@@ -270,7 +270,7 @@ def test_kernels_compile_for_gpu():
     ``python -m resnet_bk.triton_kernels.aot_check`` runs every specialisation."""
     import subprocess
     import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     r = subprocess.run([sys.executable, "-W", "ignore", "-m", "resnet_bk.triton_kernels.aot_check",

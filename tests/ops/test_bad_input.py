@@ -1,6 +1,6 @@
 """Bad and edge-case inputs of bk_core / bk_core_masked: every case of docs/BAD_INPUT.md.
 
-Extends tests/test_bk_core.py::test_bad_input (not repeated here). Three kinds of cases:
+Extends tests/ops/bk_core/test_bk_core.py::test_bad_input (not repeated here). Three kinds of cases:
 
 * invalid input: a TypeError / ValueError / RuntimeError naming the argument, raised in Python before
   any backend is selected (the tests make backend selection itself fail to prove it);
@@ -15,15 +15,11 @@ import torch
 from resnet_bk import ops
 from resnet_bk.ops import _registry
 
-from conftest import cpu_backends, dense_oracle
+from helpers import cpu_backends, dense_oracle, rel_err, tol
 
 BACKENDS = cpu_backends()
 
 
-def rel_err(got, ref):
-    got = got.to(torch.complex128) if got.is_complex() else got.double()
-    ref = ref.to(got.dtype)
-    return ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-300)).item()
 
 
 def _ok(B=2, N=8, dtype=torch.float32):
@@ -120,7 +116,7 @@ def test_real_z_off_spectrum_is_exact(backend, dtype, causal):
     out = ops.bk_core(a.to(dtype), b.to(dtype), b.to(dtype), z, causal=causal, backend=backend)
     ref = dense_oracle(a.to(dtype).double(), b.to(dtype).double(), b.to(dtype).double(), z, causal)
     assert ref.imag.abs().max() == 0
-    assert rel_err(out, ref) < (1e-10 if dtype == torch.float64 else 1e-5)
+    assert rel_err(out, ref) < tol(dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

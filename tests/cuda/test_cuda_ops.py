@@ -7,7 +7,7 @@ non-contiguous inputs, a non-default current stream, CUDA-graph capture and repl
 and the binding's argument errors.
 
 Oracle: the pure-PyTorch reference in float64 on the CPU; for N = 70,000 the C++ CPU kernel in
-float64 (itself held to the reference by tests/test_bk_core.py), because the reference's Python
+float64 (itself held to the reference by tests/ops/bk_core/test_bk_core.py), because the reference's Python
 loop over positions is too slow there.
 """
 import pytest
@@ -16,6 +16,7 @@ import torch
 from resnet_bk import ops
 from resnet_bk.ops import _extension
 from resnet_bk.ops.bk_core.reference import bk_core_bwd_ref, bk_core_fwd_ref
+from helpers import tol
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
@@ -25,8 +26,9 @@ pytestmark = [
 
 FWD = lambda *a: torch.ops.resnet_bk.bk_core_fwd(*a)  # noqa: E731
 BWD = lambda *a: torch.ops.resnet_bk.bk_core_bwd(*a)  # noqa: E731
-TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
-TOL_Z = {torch.float64: 1e-10, torch.float32: 1e-4}  # grad_z sums B*N rounded terms
+# the policy, float32 doubled: the GPU reduces grad_k / grad_z in another order than the reference
+TOL = {torch.float64: tol(torch.float64), torch.float32: tol(torch.float32, 2)}
+TOL_Z = {torch.float64: tol(torch.float64), torch.float32: tol(torch.float32, 10)}  # grad_z sums B*N rounded terms
 
 
 @pytest.fixture(params=["lanes", "chunked"])

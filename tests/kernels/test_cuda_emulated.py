@@ -6,7 +6,7 @@ This checks, without a GPU, everything in the kernels that is not GPU hardware: 
 shared-memory tiling and padding, the lane-major scratch layout, both strategies (lanes and
 chunked, with their Moebius and gradient carries), the mask, shared/per-row k, grad_z's
 deterministic reduction and that every scratch cell read was written (the workspace is NaN-filled).
-What it cannot check: the torch binding (tests/test_cuda_ops.py on a GPU), real memory-model
+What it cannot check: the torch binding (tests/cuda/test_cuda_ops.py on a GPU), real memory-model
 races beyond what concurrent threads expose, and speed.
 
 The .cu file is compiled unchanged except that each `kernel<<<grid, block, 0, stream>>>(args)`
@@ -24,8 +24,8 @@ import torch
 
 from resnet_bk.ops.bk_core.reference import bk_core_bwd_ref, bk_core_fwd_ref
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EMU = os.path.join(ROOT, "tests", "cuda_emu")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+EMU = os.path.join(ROOT, "tests", "kernels", "cuda_emu")
 CXX = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
 
 pytestmark = pytest.mark.skipif(CXX is None, reason="no C++ compiler (g++/c++) on PATH")

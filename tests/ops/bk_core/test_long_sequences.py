@@ -3,7 +3,7 @@
 
 The float64 oracle at this length is the cpp backend run in float64: the same pivot recursion
 (shared/BK_CORE_MATH.md) in double precision, which is itself held to 1e-10 of the dense complex128
-inverse (tests/test_bk_core.py::test_forward_vs_dense, test_gradients_vs_dense_autograd, up to
+inverse (tests/ops/bk_core/test_bk_core.py::test_forward_vs_dense, test_gradients_vs_dense_autograd, up to
 N = 4097) and to 1e-12 of the pure-PyTorch reference on the chunked-carry shapes
 (test_batched_and_chunked_paths). Its own float64 rounding (~1e-15 relative, no growth in N: the
 pivots are ratios, never continuants) is ten orders of magnitude below the float32 tolerance under
@@ -18,14 +18,13 @@ import torch
 
 from resnet_bk import ops
 
+from helpers import rel_err
+
 pytestmark = pytest.mark.skipif("cpp" not in ops.available_backends(), reason="compiled extension not built")
 
 N_LONG = 1 << 20
 
 
-def rel_err(got, ref):
-    got = got.to(torch.complex128) if got.is_complex() else got.double()
-    return ((got - ref).abs().max() / ref.abs().max()).item()
 
 
 def _fwd_bwd(a, b, c, z, g, causal):
