@@ -13,12 +13,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 
-# Files that other changes of the same issue create and that this branch does not have yet.
-# Remove this allow-list once they are merged.
-NOT_YET_CREATED = {
-    "csrc/cpu/driver/README.md",
-    "csrc/schemas.cpp",
-}
+# Every linked file must exist: no allow-list.
+NOT_YET_CREATED: set = set()
 
 _BLOCK = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
 _LINK = re.compile(r"\]\(([^)\s]+)\)")
