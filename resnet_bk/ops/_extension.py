@@ -8,17 +8,35 @@ reference backend (the automatic choice warns once with that reason; a forced ba
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import os
 from typing import Optional
 
 import torch
 
-LOAD_ERROR: Optional[str] = None
-try:
-    from .. import _C  # noqa: F401  (registers torch.ops.resnet_bk.*)
-except Exception as exc:  # noqa: BLE001  (a stale build raises OSError / ImportError / RuntimeError)
-    LOAD_ERROR = (f"the compiled extension resnet_bk._C did not load ({type(exc).__name__}: {exc}); "
-                  f"it may be missing (no compiler at install time) or built for another torch than "
-                  f"{torch.__version__}: reinstall with `pip install --no-build-isolation .`")
+_REINSTALL = "reinstall with `pip install --no-build-isolation .` (docs/ENV.md: RESNET_BK_REQUIRE_EXT=1 makes a failed build an error)"
+
+
+def _load() -> Optional[str]:
+    """Imports resnet_bk._C; None when it loaded, else why not (the build's recorded failure when
+    there is no extension at all, rather than Python's ImportError about a partial module)."""
+    if importlib.util.find_spec("resnet_bk._C") is None:
+        why = "it was not built"
+        marker = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_build_error.txt")
+        if os.path.exists(marker):
+            with open(marker) as f:
+                why = f"its build failed: {f.read().strip()}"
+        return f"the compiled extension resnet_bk._C is missing ({why}); {_REINSTALL}"
+    try:
+        importlib.import_module("resnet_bk._C")  # registers torch.ops.resnet_bk.*
+    except Exception as exc:  # noqa: BLE001  (a stale build raises OSError / ImportError / RuntimeError)
+        return (f"the compiled extension resnet_bk._C did not load ({type(exc).__name__}: {exc}); it may "
+                f"have been built for another torch than {torch.__version__}: {_REINSTALL}")
+    return None
+
+
+LOAD_ERROR: Optional[str] = _load()
 
 HAS_C = LOAD_ERROR is None
 CPU_ISA_NAMES = {0: "baseline", 1: "avx2", 2: "avx512"}

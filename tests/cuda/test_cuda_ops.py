@@ -227,6 +227,57 @@ def test_cuda_graph_capture_and_replay(strategy, causal):
         assert torch.equal(x, y)
 
 
+def _model_step(x, v, h, logits, bias, z):
+    """One step of a model that calls every CUDA op through the public API (Python z and scale)."""
+    g = ops.bk_core(v, h, h, z)                                    # two-sided, shared off-diagonal
+    y = ops.bk_core(v, h, h, z, causal=True)
+    m = ops.bk_core_masked(v, h, h, z, v > 0)
+    low = ops.learned_downsample(x, logits, causal=True)
+    up = ops.learned_upsample(low.repeat(1, 1, 2), bias, residual=x, scale=0.5)
+    loss = g.real.sum() + y.imag.sum() + m.abs().sum() + up.square().sum()
+    loss.backward()
+    return loss
+
+
+@pytest.mark.parametrize("new_z_in_capture", [False, True], ids=["z-seen", "z-new"])
+def test_model_step_capture_after_one_warmup(new_z_in_capture):
+    """A training step calling every op (forward and backward, Python z and scale) is captured after
+    one warm-up and replays to the eager result: no host-to-device copy inside capture (a Python z
+    seen for the first time is filled on the device) and no free of a tensor the graph reads."""
+    torch.manual_seed(0)
+    B, N, D = 4, 256, 8
+    x = torch.randn(B, N, D, device="cuda", requires_grad=True)
+    v = (-2.0 + torch.randn(B, N, device="cuda")).requires_grad_()
+    h = torch.ones(N - 1, device="cuda")
+    logits = torch.zeros(N // 2, 2, device="cuda", requires_grad=True)
+    bias = torch.zeros(1, 2, D, device="cuda", requires_grad=True)
+    params = (x, v, logits, bias)
+    z_warm = 0.25 + 1j
+    z_cap = (0.5 + 0.75j) if new_z_in_capture else z_warm
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        _model_step(x, v, h, logits, bias, z_warm)  # the one warm-up
+    torch.cuda.current_stream().wait_stream(s)
+    for p in params:
+        p.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = _model_step(x, v, h, logits, bias, z_cap)
+    new = (torch.randn(B, N, D, device="cuda"), -2.0 + torch.randn(B, N, device="cuda"))
+    with torch.no_grad():
+        x.copy_(new[0])
+        v.copy_(new[1])
+    graph.replay()
+    torch.cuda.synchronize()
+    got = [loss.detach().clone()] + [p.grad.detach().clone() for p in params]
+    eager = [t.detach().clone().requires_grad_() for t in params]
+    want_loss = _model_step(eager[0], eager[1], h, eager[2], eager[3], z_cap)
+    torch.testing.assert_close(got[0], want_loss.detach(), rtol=1e-5, atol=1e-5)
+    for g, e in zip(got[1:], eager):
+        torch.testing.assert_close(g, e.grad, rtol=1e-5, atol=1e-5)
+
+
 def test_binding_errors(monkeypatch):
     dev, _ = canon(2, 10, torch.float32, shared=False, masked=False, seed=0)
     a, k, zri, _, grad = dev

@@ -38,18 +38,31 @@ def canon_z(z, rdt: torch.dtype, device: torch.device, ref_name: str = "diag") -
     if torch.compiler.is_compiling():
         return torch.tensor([zc.real, zc.imag], dtype=rdt, device=device)
     # A model calls the op with the same Python z every step: reuse its (2,) tensor (read-only for
-    # every backend) instead of building one per call (a host-to-device copy on CUDA).
+    # every backend) instead of building one per call. Entries are never evicted (a captured CUDA
+    # graph may still read one); past _Z_CACHE_MAX distinct values a tensor is built per call.
     key = (zc, rdt, device)
     t = _Z_CACHE.get(key)
     if t is None:
-        if len(_Z_CACHE) >= 64:
-            _Z_CACHE.clear()
-        with torch.inference_mode(False):  # a normal tensor: autograd may save it later
-            t = _Z_CACHE[key] = torch.tensor([zc.real, zc.imag], dtype=rdt, device=device)
+        t = _z_tensor(zc, rdt, device)
+        if len(_Z_CACHE) < _Z_CACHE_MAX:
+            _Z_CACHE[key] = t
     return t
 
 
 _Z_CACHE: dict = {}
+_Z_CACHE_MAX = 1024
+
+
+def _z_tensor(zc: complex, rdt: torch.dtype, device: torch.device) -> Tensor:
+    """[Re z, Im z] on ``device``. On a GPU it is filled by two kernel launches, not copied from the
+    host, so that the first call with a new z may happen inside CUDA graph capture."""
+    with torch.inference_mode(False):  # a normal tensor: autograd may save it later
+        if device.type == "cpu":
+            return torch.tensor([zc.real, zc.imag], dtype=rdt)
+        t = torch.empty(2, dtype=rdt, device=device)
+        t[0].fill_(zc.real)
+        t[1].fill_(zc.imag)
+        return t
 
 
 def _broadcastable_to(shape: Tuple[int, ...], want: Tuple[int, ...]) -> bool:

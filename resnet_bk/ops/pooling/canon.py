@@ -100,7 +100,7 @@ def canon_up(y, position_bias, residual, scale):
             check_same_device("y", y, "scale", scale)
             sc = scale.to(acc)
         elif isinstance(scale, numbers.Real) and not isinstance(scale, bool):
-            sc = torch.tensor(float(scale), dtype=acc, device=y.device)
+            sc = torch.full((), float(scale), dtype=acc, device=y.device)  # a fill, no host-to-device copy
         else:
             raise TypeError(f"scale: expected a Python real number or a 0-dim real tensor, got {type(scale).__name__}")
     return y.reshape(B, M, RD), pb.to(acc), res, sc, out_shape
