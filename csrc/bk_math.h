@@ -3,7 +3,7 @@
 // Everything is templated on V, which is either a scalar (float, double: CUDA threads, scalar
 // CPU code) or a GCC vector of scalars (one SIMD lane per sequence on the CPU). Complex numbers
 // are kept as (re, im) pairs so the same code serves both. The formulas are those of
-// shared/BK_CORE_MATH.md; names follow it (alpha = a - z, k = b * c, d/e the Schur pivots).
+// docs/BK_CORE_MATH.md; names follow it (alpha = a - z, k = b * c, d/e the Schur pivots).
 #pragma once
 
 #if defined(__CUDACC__) || defined(__HIPCC__)

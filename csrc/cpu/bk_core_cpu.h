@@ -1,7 +1,7 @@
 // Torch-free interface of the BK-Core CPU kernels. The kernels are compiled once per instruction
 // set (bk_core_cpu_{base,avx2,avx512}.cpp, each including bk_core_cpu_impl.h under a different
 // target) and chosen at run time from what the CPU supports; the torch binding lives in
-// bk_core_cpu_ops.cpp and supplies the thread pool through Par.
+// bk_ops_cpu.cpp and supplies the thread pool through Par.
 #pragma once
 #include <cstdint>
 

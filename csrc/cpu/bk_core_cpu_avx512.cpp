@@ -10,6 +10,6 @@
 #pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")
 #define BK_ISA_NS isa_avx512
 #define BK_VEC_BYTES 64
-#define BK_AVX512_TRANSPOSE 1
+#define BK_ISA_AVX512 1
 #include "bk_core_cpu_impl.h"
 #endif

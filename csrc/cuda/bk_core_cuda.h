@@ -10,7 +10,7 @@
 // Strategies. A "lane" is one (sequence, chunk) pair handled by one thread. "lanes" uses one chunk
 // per sequence (C = 1); "chunked" cuts each sequence into C chunks whose pivots cross the chunk
 // boundaries through 2x2 Moebius transfer matrices, and whose gradient recurrences cross them
-// through (product, local sum) pairs, joined by a small carry kernel (shared/BK_CORE_MATH.md,
+// through (product, local sum) pairs, joined by a small carry kernel (docs/BK_CORE_MATH.md,
 // "Parallel form"). "auto" chunks when the batch alone cannot fill the GPU.
 #pragma once
 #include <cuda_runtime_api.h>
