@@ -57,7 +57,7 @@ def _ext_modules():
     if _env_flag("RESNET_BK_NATIVE"):
         cxx.append("-march=native")
     sources = [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
-    sources += ["csrc/autograd.cpp", "csrc/module.cpp"]
+    sources += ["csrc/schemas.cpp", "csrc/autograd.cpp", "csrc/module.cpp"]
     want_cuda = False
     if not _env_flag("RESNET_BK_SKIP_CUDA"):
         nvcc = shutil.which("nvcc") or (CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")))

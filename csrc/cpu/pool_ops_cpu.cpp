@@ -1,45 +1,7 @@
-// Learned down/upsampling of a multi-scale sequence model: op schemas and CPU kernels.
+// Learned down/upsampling of a multi-scale sequence model: the CPU kernels of learned_downsample_fwd/bwd
+// and learned_upsample_fwd/bwd, whose schemas and semantics are in csrc/schemas.cpp.
 //
-// ============================================================================================
-// SCHEMAS (the contract every backend implements; CUDA is added against exactly these)
-// ============================================================================================
-// Notation: T = dtype of the activations (float32, float64, bfloat16, float16);
-//           A = accumulation dtype = float64 if T is float64 else float32.
-//           Inputs of any strides are accepted (the kernel makes them contiguous).
-//
-// learned_downsample_fwd(Tensor x, Tensor logits, bool causal) -> Tensor out
-//   x      (B, N, D) T,  logits (M, r) A,  N == M * r,  B >= 1, M >= 1, r >= 1, D >= 1
-//   w = softmax(logits, dim=-1)              (computed inside the kernel)
-//   s = causal ? r - 1 : 0                   (causal windows end at j*r instead of j*r + r - 1)
-//   out[b, j, :] = sum_k w[j, k] * x[b, j*r + k - s, :]     (terms with j*r + k - s < 0 are 0)
-//   out (B, M, D) T; accumulated in A, rounded to T once.
-//
-// learned_downsample_bwd(Tensor grad, Tensor x, Tensor logits, bool causal, bool need_x_grad,
-//                        bool need_logits_grad) -> (Tensor grad_x, Tensor grad_logits)
-//   grad (B, M, D) T.
-//   grad_x (B, N, D) T: grad_x[b, j*r + k - s, :] = w[j, k] * grad[b, j, :]; 0 at positions that no
-//          window reads (the last r - 1 positions when causal). (0,) when not needed.
-//   grad_logits (M, r) A: S[j, k] = sum_{b, d} grad[b, j, d] * x[b, j*r + k - s, d],
-//          grad_logits[j, k] = w[j, k] * (S[j, k] - sum_k' w[j, k'] S[j, k']). (0,) when not needed.
-//
-// learned_upsample_fwd(Tensor y, Tensor bias, Tensor? residual, Tensor? scale) -> Tensor out
-//   y (B, M, r*D) T,  bias (Mb, r, Db) A with Mb in {1, M}, Db in {1, D} (broadcast over m / d),
-//   residual (B, M*r, D) T or None,  scale 0-dim A or None (None means 1).
-//   v[b, m*r + k, d] = y[b, m, k*D + d] + bias[Mb == 1 ? 0 : m, k, Db == 1 ? 0 : d]
-//   out = residual + scale * v   (without residual: scale * v);  out (B, M*r, D) T.
-//   r is bias.size(1); D = y.size(2) / r.
-//
-// learned_upsample_bwd(Tensor grad, Tensor y, Tensor bias, Tensor? scale, bool need_y_grad,
-//                      bool need_bias_grad, bool need_scale_grad)
-//     -> (Tensor grad_y, Tensor grad_bias, Tensor grad_scale)
-//   grad (B, M*r, D) T.
-//   grad_y (B, M, r*D) T = scale * grad (the same memory order).
-//   grad_bias (Mb, r, Db) A = scale * (grad summed over b and over the broadcast m / d).
-//   grad_scale () A = sum(grad * v).            Each is (0,) when not needed.
-//   The residual's gradient is grad itself (returned by the Python autograd formula).
-// ============================================================================================
-//
-// Autograd and fake (meta) kernels are registered from Python (resnet_bk/ops/pooling.py).
+// Autograd: csrc/autograd.cpp; fake (meta) kernels: registered from Python (resnet_bk/ops).
 // Parallelism: at::parallel_for over the B*M output rows (forward, downsample backward); the
 // upsample backward reduces over b into per-tile partial sums (deterministic, no atomics), then
 // sums the tiles. Inner loops run over contiguous D (r*D for the upsample) and vectorise.
@@ -465,17 +427,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> learned_upsample_bwd_cpu(
 }
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(resnet_bk, m) {
-  m.def("learned_downsample_fwd(Tensor x, Tensor logits, bool causal) -> Tensor");
-  m.def(
-      "learned_downsample_bwd(Tensor grad, Tensor x, Tensor logits, bool causal, bool need_x_grad, "
-      "bool need_logits_grad) -> (Tensor, Tensor)");
-  m.def("learned_upsample_fwd(Tensor y, Tensor bias, Tensor? residual, Tensor? scale) -> Tensor");
-  m.def(
-      "learned_upsample_bwd(Tensor grad, Tensor y, Tensor bias, Tensor? scale, bool need_y_grad, "
-      "bool need_bias_grad, bool need_scale_grad) -> (Tensor, Tensor, Tensor)");
-}
 
 TORCH_LIBRARY_IMPL(resnet_bk, CPU, m) {
   m.impl("learned_downsample_fwd", &learned_downsample_fwd_cpu);
