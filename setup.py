@@ -96,7 +96,7 @@ def _ext_modules():
     if _env_flag("RESNET_BK_NATIVE"):
         cxx.append("-march=native")
     sources = [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
-    sources += ["csrc/autograd.cpp", "csrc/module.cpp"]
+    sources += ["csrc/schemas.cpp", "csrc/autograd.cpp", "csrc/module.cpp"]
     want_cuda = False
     if want_cuda_env:
         if _env_flag("RESNET_BK_FORCE_CUDA"):

@@ -2,15 +2,16 @@
 // learned_upsample_fwd; every device they have kernels for), in C++: each exact backward is
 // another op (bk_core_bwd, learned_downsample_bwd, learned_upsample_bwd).
 //
-// Registered at the Autograd key, so a call records one C++ node and the backward runs no Python.
-// (A Python torch.library.register_autograd costs about 16 us per forward and 40 us per backward
-// in its wrapper: at B=16, N=128, a layer's size, BK-Core forward+backward took 90 us against 33 us
-// for the two kernels.) torch.compile traces through these like any C++ autograd kernel, with the
-// fake kernels registered in Python (resnet_bk/ops/_cpp.py, pooling.py).
+// This is the only autograd of these ops: there is no Python fallback. Registered at the Autograd
+// key, so a call records one C++ node and the backward runs no Python. (It is C++ because a Python
+// torch.library.register_autograd costs about 16 us per forward and 40 us per backward in its
+// wrapper: at B=16, N=128, a layer's size, BK-Core forward+backward took 90 us against 33 us for
+// the two kernels.) torch.compile traces through these like any C++ autograd kernel, with the fake
+// kernels registered from Python (resnet_bk/ops).
 //
-// With create_graph=True the backward ops are called through their own autograd (bk_core_bwd's,
-// registered in Python, raises a clear "double backward is not implemented" when reached);
-// otherwise below autograd, which skips that Python wrapper.
+// With create_graph=True the backward ops are called through the dispatcher's autograd (where the
+// op layer makes a double backward of bk_core_bwd raise a clear "not implemented"); otherwise
+// below autograd.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>

@@ -31,6 +31,216 @@ namespace {
 // kLean (no grad k and no grad z wanted, the usual case of a fixed Laplacian and shift): only
 // Re A_j = Re(G_jj^2 S_j) with S_j = U_j + Rt_j - w'_j is formed (10 vector ops instead of 27:
 // no X, Y, their grad k products, or the z sum), and no grad k tile is transposed out.
+// bwd_sweep (below) runs the phases; the structs and steps before it are its parts.
+
+// The running values of one bidirectional backward sweep (but the z sum, a separate local of
+// bwd_sweep: flush_zsum takes its address, which would keep this whole struct out of registers).
+template <class T>
+struct BwdChains {
+  typedef typename VecOf<T>::type V;
+  Cx<V> d, e;   // the last pivot of the d chain (left to right) and of the e chain (right to left)
+  Cx<V> U, Rt;  // their accumulators
+  // Pending halves of grad k: gk_pend = Re(X_{j-1} / e_j) for the left chain's next output,
+  // gkb_pend = Re(Y_{j+1} / d_j) for the right chain's next output.
+  V gk_pend, gkb_pend;
+};
+
+// What one sweep reads and where it stores: the block's I/O, the chunk [0, L) and its halves
+// [0, h) and [h2, L), the per-position scratch (SI: inverse pivots, SU: accumulators, SA: Re alpha,
+// SW / SM: w and the mask, lane-major), and one step of each chain.
+template <class T>
+struct BwdSweepCtx {
+  typedef typename VecOf<T>::type V;
+  static constexpr int NL = Plan<T>::NL;
+  const BwdIO<T>& io;
+  const BlockIn<T>& in;
+  V aim;  // Im alpha = -Im z
+  int64_t L, h, h2;
+  Cx<V>* SI;
+  Cx<V>* SU;
+  V* SA;
+  Cx<V>* SW;
+  V* SM;
+  bool has_mask;
+
+  // w and the masked w' = m w at position j (gathered into SW / SM by the chain that passes j first)
+  // (with a software prefetch of the chain's next tile: the lanes' rows are far apart, and the
+  // hardware prefetchers do not follow that many streams)
+  BK_AI void gather(int64_t p0, int64_t n) const {
+    io.Wre.prefetch(p0 < h ? p0 + kTile : p0 - kTile);
+    w_tile<T>(io.Wre, io.Wim, p0, n, SW + p0);
+    if (has_mask) in.M.tile(p0, n, reinterpret_cast<T*>(SM + p0), NL);
+  }
+  BK_AI Cx<V> wm(int64_t j) const { return has_mask ? masked<T>(SW[j], SM[j]) : SW[j]; }
+  // One step of the d chain and U (lstep) or of the e chain and Rt (rstep); inv: 1 / the pivot before.
+  BK_AI Cx<V> lstep(BwdChains<T>& c, V a, V k, const Cx<V>& wm, Cx<V>& inv) const {
+    Cx<V> d = bk::pivot_step(Cx<V>{a, aim}, k, c.d, &inv);
+    c.d = d;
+    c.U = bk::lin_step(bk::k_over_sq(k, inv), c.U, wm);
+    return d;
+  }
+  BK_AI Cx<V> rstep(BwdChains<T>& c, V a, V k, const Cx<V>& wm, Cx<V>& inv) const {
+    Cx<V> e = bk::pivot_step(Cx<V>{a, aim}, k, c.e, &inv);
+    c.e = e;
+    c.Rt = bk::lin_step(bk::k_over_sq(k, inv), c.Rt, wm);
+    return e;
+  }
+};
+
+// The tiles of one tile pair (bwd_sweep's arrays): couplings in (kTile + 1), gradients out
+// (kTile); no suffix: the d chain's tile, B: the e chain's.
+template <class T>
+struct BwdTiles {
+  typedef typename VecOf<T>::type V;
+  V *K, *KB;
+  V *GA, *GAB, *GK, *GKB, *GM, *GMB;
+};
+
+// X = G^2 U, Y = G^2 Rt and A = X + Y - G^2 w' at one position, from G and the two accumulators
+// that meet there.
+template <class V>
+struct GradParts {
+  Cx<V> X, Y, A;
+};
+template <class V>
+static BK_AI GradParts<V> grad_parts(const Cx<V>& G, const Cx<V>& U, const Cx<V>& Rt, const Cx<V>& w1) {
+  Cx<V> G2 = G * G;
+  Cx<V> X = G2 * U, Y = G2 * Rt;
+  Cx<V> A = X + Y - G2 * w1;
+  return {X, Y, A};
+}
+
+// Phase 1, one tile pair: the d chain over [t0, t0 + n), the e chain over the mirror tile
+// [L - t0 - n, L - t0); each stores its inverse pivot and accumulator; alpha is gathered into SA.
+template <class T>
+static BK_AI void bwd_phase1_tiles(const BwdSweepCtx<T>& cx, BwdChains<T>& c, const BwdTiles<T>& t, int64_t t0) {
+  constexpr int NL = Plan<T>::NL;
+  const int64_t n = std::min(kTile, cx.h - t0);
+  const int64_t pb = cx.L - t0 - n;
+  cx.in.A.tile(t0, n, reinterpret_cast<T*>(cx.SA + t0), NL);
+  cx.in.k_tile(t0, n, t.K);
+  cx.gather(t0, n);
+  cx.in.A.tile(pb, n, reinterpret_cast<T*>(cx.SA + pb), NL);
+  cx.in.k_tile(pb, n, t.KB);
+  cx.gather(pb, n);
+  for (int64_t q = 0; q < n; ++q) {
+    const int64_t qb = n - 1 - q;
+    cx.lstep(c, cx.SA[t0 + q], t.K[q], cx.wm(t0 + q), cx.SI[t0 + q]);
+    cx.SU[t0 + q] = c.U;
+    cx.rstep(c, cx.SA[pb + qb], t.KB[qb + 1], cx.wm(pb + qb), cx.SI[pb + qb]);
+    cx.SU[pb + qb] = c.Rt;
+  }
+}
+
+// Odd L: the middle position h, which both chains pass; its gradients at once.
+template <class T, bool kLean>
+static BK_AI void bwd_middle(const BwdSweepCtx<T>& cx, BwdChains<T>& c, Cx<typename VecOf<T>::type>& zs,
+                             const BwdTiles<T>& t) {
+  typedef typename VecOf<T>::type V;
+  constexpr int NL = Plan<T>::NL;
+  const BwdIO<T>& io = cx.io;
+  const int64_t h = cx.h;
+  cx.in.A.tile(h, 1, reinterpret_cast<T*>(cx.SA + h), NL);
+  cx.in.k_tile(h, 1, t.K);
+  cx.gather(h, 1);
+  const V a = cx.SA[h];
+  const Cx<V> w1 = cx.wm(h);
+  Cx<V> idm, iep;
+  Cx<V> d = cx.lstep(c, a, t.K[0], w1, idm);
+  Cx<V> e = cx.rstep(c, a, t.K[1], w1, iep);
+  Cx<V> G = bk::combine(d, e, Cx<V>{a, cx.aim});
+  if constexpr (kLean) {
+    t.GA[0] = neg_re_g2s(G, c.U + c.Rt - w1);
+  } else {
+    const GradParts<V> g = grad_parts(G, c.U, c.Rt, w1);
+    t.GA[0] = -g.A.re;
+    zs = zs + g.A;
+    c.gk_pend = re_prod(g.X, iep);
+    c.gkb_pend = re_prod(g.Y, idm);
+  }
+  scatter_tile<T>(io.oga, h, 1, reinterpret_cast<T*>(t.GA), NL);
+  if (io.has_gm) {
+    t.GM[0] = re_prod(G, cx.SW[h]);
+    scatter_tile<T>(io.ogm, h, 1, reinterpret_cast<T*>(t.GM), NL);
+  }
+}
+
+// Phase 2, the d chain at j = pa + q (q of its tile) meets the stored (1/e_{j+1}, Rt_j): grad a
+// (and grad mask) at j, and grad k one position behind, at j - 1.
+template <class T, bool kLean>
+static BK_AI void bwd_left_meets(const BwdSweepCtx<T>& cx, BwdChains<T>& c, Cx<typename VecOf<T>::type>& zs,
+                                 const BwdTiles<T>& t, int64_t j, int64_t q) {
+  typedef typename VecOf<T>::type V;
+  Cx<V> idp;
+  const Cx<V> w1 = cx.wm(j);
+  Cx<V> d = cx.lstep(c, cx.SA[j], t.K[q], w1, idp);
+  const Cx<V> ie = cx.SI[j];
+  const V k = t.K[q + 1];
+  Cx<V> G = bk::recip(Cx<V>{d.re - k * ie.re, d.im - k * ie.im});
+  if (cx.io.has_gm) t.GM[q] = re_prod(G, cx.SW[j]);
+  if constexpr (kLean) {
+    t.GA[q] = neg_re_g2s(G, c.U + cx.SU[j] - w1);
+  } else {
+    const GradParts<V> g = grad_parts(G, c.U, cx.SU[j], w1);
+    t.GA[q] = -g.A.re;
+    zs = zs + g.A;
+    const V gb = re_prod(g.Y, idp);
+    if (j - 1 >= cx.h)
+      t.GK[q] = c.gk_pend + gb;
+    else
+      c.gkb_pend = gb;  // even L: grad k at h - 1 is the e chain's first output
+    c.gk_pend = re_prod(g.X, ie);
+  }
+}
+
+// Phase 2, the e chain at j = pb + qb (qb of its tile) meets the stored (1/d_{j-1}, U_j): grad a
+// (and grad mask) at j, and grad k at j.
+template <class T, bool kLean>
+static BK_AI void bwd_right_meets(const BwdSweepCtx<T>& cx, BwdChains<T>& c, Cx<typename VecOf<T>::type>& zs,
+                                  const BwdTiles<T>& t, int64_t j, int64_t qb) {
+  typedef typename VecOf<T>::type V;
+  Cx<V> iep;
+  const Cx<V> w1 = cx.wm(j);
+  Cx<V> e = cx.rstep(c, cx.SA[j], t.KB[qb + 1], w1, iep);
+  const Cx<V> id = cx.SI[j];
+  const V k = t.KB[qb];
+  Cx<V> G = bk::recip(Cx<V>{e.re - k * id.re, e.im - k * id.im});
+  if (cx.io.has_gm) t.GMB[qb] = re_prod(G, cx.SW[j]);
+  if constexpr (kLean) {
+    t.GAB[qb] = neg_re_g2s(G, cx.SU[j] + c.Rt - w1);
+  } else {
+    const GradParts<V> g = grad_parts(G, cx.SU[j], c.Rt, w1);
+    t.GAB[qb] = -g.A.re;
+    zs = zs + g.A;
+    t.GKB[qb] = re_prod(g.X, iep) + c.gkb_pend;
+    c.gkb_pend = re_prod(g.Y, id);
+  }
+}
+
+// Phase 2, the gradients of a tile pair out: the d chain's tile at pa, the e chain's at pb.
+template <class T, bool kLean>
+static BK_AI void bwd_phase2_store(const BwdSweepCtx<T>& cx, const BwdTiles<T>& t, int64_t pa, int64_t pb, int64_t n) {
+  constexpr int NL = Plan<T>::NL;
+  const BwdIO<T>& io = cx.io;
+  scatter_tile<T>(io.oga, pa, n, reinterpret_cast<T*>(t.GA), NL, io.stream);
+  scatter_tile<T>(io.oga, pb, n, reinterpret_cast<T*>(t.GAB), NL, io.stream);
+  if (io.has_gm) {
+    scatter_tile<T>(io.ogm, pa, n, reinterpret_cast<T*>(t.GM), NL);
+    scatter_tile<T>(io.ogm, pb, n, reinterpret_cast<T*>(t.GMB), NL);
+  }
+  if (!kLean && io.has_gk) {
+    // the left tile's grad k covers positions [pa - 1, pa - 1 + n), minus h - 1 (see bwd_left_meets)
+    if (pa - 1 >= cx.h)
+      scatter_tile<T>(io.ogk, pa - 1, n, reinterpret_cast<T*>(t.GK), NL);
+    else if (n > 1)
+      scatter_tile<T>(io.ogk, pa, n - 1, reinterpret_cast<T*>(t.GK + 1), NL);
+    scatter_tile<T>(io.ogk, pb, n, reinterpret_cast<T*>(t.GKB), NL);
+  }
+}
+
+// The sweep: phase 1 (each chain over its half, storing), the middle position of an odd L,
+// phase 2 (each chain over the other half, finishing the gradients where it meets the other's
+// stored values; the d chain over [h2, L), the e chain over [0, h)).
 template <class T, bool kLean>
 static void bwd_sweep(const BwdIO<T>& io, const Problem<T>& pr, int64_t L, Cx<typename VecOf<T>::type> dprev,
                       Cx<typename VecOf<T>::type> eprev, Cx<typename VecOf<T>::type> U,
@@ -38,170 +248,38 @@ static void bwd_sweep(const BwdIO<T>& io, const Problem<T>& pr, int64_t L, Cx<ty
                       typename VecOf<T>::type* gk_left, typename VecOf<T>::type* gk_right,
                       Cx<typename VecOf<T>::type>* carry_out = nullptr) {
   typedef typename VecOf<T>::type V;
-  constexpr int NL = Plan<T>::NL;
-  const BlockIn<T>& in = io.in;
-  const V aim = V{} - pr.zi;
-  const int64_t h = L / 2, h2 = L - h;
-  Cx<V>* SI = s.D.p;
-  Cx<V>* SU = s.SU.p;
-  V* SA = s.SA.p;
-  Cx<V>* SW = s.SW.p;
-  V* SM = s.SM.p;
-  const bool has_mask = in.has_mask;
+  const int64_t h = L / 2;
+  const BwdSweepCtx<T> cx{io, io.in, V{} - pr.zi, L, h, L - h, s.D.p, s.SU.p, s.SA.p, s.SW.p, s.SM.p, io.in.has_mask};
+  BwdChains<T> c{dprev, eprev, U, Rt, V{}, V{}};
+  Cx<V> zs{V{}, V{}};  // sum of A_j over the current tile pair (flushed into double per tile)
   alignas(128) V tK[kTile + 1], tKB[kTile + 1];
   alignas(128) V tGA[kTile], tGAB[kTile], tGK[kTile], tGKB[kTile], tGM[kTile], tGMB[kTile];
-  Cx<V> zs{V{}, V{}};
-  // Pending halves of grad k: gk_pend = Re(X_{j-1} / e_j) for the left chain's next output,
-  // gkb_pend = Re(Y_{j+1} / d_j) for the right chain's next output.
-  V gk_pend{}, gkb_pend{};
-  // w and the masked w' = m w at position j (gathered into SW / SM by the chain that passes j first)
-  // (with a software prefetch of the chain's next tile: the lanes' rows are far apart, and the
-  // hardware prefetchers do not follow that many streams)
-  auto gather = [&](int64_t p0, int64_t n) BK_AI_LAMBDA {
-    io.Wre.prefetch(p0 < h ? p0 + kTile : p0 - kTile);
-    w_tile<T>(io.Wre, io.Wim, p0, n, SW + p0);
-    if (has_mask) in.M.tile(p0, n, reinterpret_cast<T*>(SM + p0), NL);
-  };
-  auto wm = [&](int64_t j) BK_AI_LAMBDA { return has_mask ? masked<T>(SW[j], SM[j]) : SW[j]; };
-  auto lstep = [&](V a, V k, const Cx<V>& wm, Cx<V>& inv) BK_AI_LAMBDA {
-    Cx<V> d = bk::pivot_step(Cx<V>{a, aim}, k, dprev, &inv);
-    dprev = d;
-    U = bk::lin_step(bk::k_over_sq(k, inv), U, wm);
-    return d;
-  };
-  auto rstep = [&](V a, V k, const Cx<V>& wm, Cx<V>& inv) BK_AI_LAMBDA {
-    Cx<V> e = bk::pivot_step(Cx<V>{a, aim}, k, eprev, &inv);
-    eprev = e;
-    Rt = bk::lin_step(bk::k_over_sq(k, inv), Rt, wm);
-    return e;
-  };
-  // Phase 1: the d chain over [0, h), the e chain over [h2, L); alpha gathered into SA once.
+  const BwdTiles<T> t{tK, tKB, tGA, tGAB, tGK, tGKB, tGM, tGMB};
+  for (int64_t t0 = 0; t0 < h; t0 += kTile) bwd_phase1_tiles<T>(cx, c, t, t0);
+  if (L & 1) bwd_middle<T, kLean>(cx, c, zs, t);
   for (int64_t t0 = 0; t0 < h; t0 += kTile) {
     const int64_t n = std::min(kTile, h - t0);
-    const int64_t pb = L - t0 - n;
-    in.A.tile(t0, n, reinterpret_cast<T*>(SA + t0), NL);
-    in.k_tile(t0, n, tK);
-    gather(t0, n);
-    in.A.tile(pb, n, reinterpret_cast<T*>(SA + pb), NL);
-    in.k_tile(pb, n, tKB);
-    gather(pb, n);
+    const int64_t pa = cx.h2 + t0;  // d tile [pa, pa + n)
+    const int64_t pb = h - t0 - n;  // e tile [pb, pb + n)
+    io.in.k_tile(pa, n, t.K);
+    io.in.k_tile(pb, n, t.KB);
     for (int64_t q = 0; q < n; ++q) {
       const int64_t qb = n - 1 - q;
-      lstep(SA[t0 + q], tK[q], wm(t0 + q), SI[t0 + q]);
-      SU[t0 + q] = U;
-      rstep(SA[pb + qb], tKB[qb + 1], wm(pb + qb), SI[pb + qb]);
-      SU[pb + qb] = Rt;
+      bwd_left_meets<T, kLean>(cx, c, zs, t, pa + q, q);
+      bwd_right_meets<T, kLean>(cx, c, zs, t, pb + qb, qb);
     }
-  }
-  if (L & 1) {  // the middle position: both chains pass it, its gradients at once
-    in.A.tile(h, 1, reinterpret_cast<T*>(SA + h), NL);
-    in.k_tile(h, 1, tK);
-    gather(h, 1);
-    const V a = SA[h];
-    const Cx<V> w1 = wm(h);
-    Cx<V> idm, iep;
-    Cx<V> d = lstep(a, tK[0], w1, idm);
-    Cx<V> e = rstep(a, tK[1], w1, iep);
-    Cx<V> G = bk::combine(d, e, Cx<V>{a, aim});
-    if constexpr (kLean) {
-      tGA[0] = neg_re_g2s(G, U + Rt - w1);
-    } else {
-      Cx<V> G2 = G * G;
-      Cx<V> X = G2 * U, Y = G2 * Rt;
-      Cx<V> A = X + Y - G2 * w1;
-      tGA[0] = -A.re;
-      zs = zs + A;
-      gk_pend = re_prod(X, iep);
-      gkb_pend = re_prod(Y, idm);
-    }
-    scatter_tile<T>(io.oga, h, 1, reinterpret_cast<T*>(tGA), NL);
-    if (io.has_gm) {
-      tGM[0] = re_prod(G, SW[h]);
-      scatter_tile<T>(io.ogm, h, 1, reinterpret_cast<T*>(tGM), NL);
-    }
-  }
-  // Phase 2: the d chain over [h2, L) meets the stored (1/e_{j+1}, Rt_j); the e chain over
-  // [0, h) meets the stored (1/d_{j-1}, U_j). The left chain emits grad k one position behind.
-  for (int64_t t0 = 0; t0 < h; t0 += kTile) {
-    const int64_t n = std::min(kTile, h - t0);
-    const int64_t pa = h2 + t0;
-    const int64_t pb = h - t0 - n;
-    in.k_tile(pa, n, tK);
-    in.k_tile(pb, n, tKB);
-    for (int64_t q = 0; q < n; ++q) {
-      const int64_t qb = n - 1 - q;
-      {  // d chain at j = pa + q
-        const int64_t j = pa + q;
-        Cx<V> idp;
-        const Cx<V> w1 = wm(j);
-        Cx<V> d = lstep(SA[j], tK[q], w1, idp);
-        const Cx<V> ie = SI[j];
-        const V k = tK[q + 1];
-        Cx<V> G = bk::recip(Cx<V>{d.re - k * ie.re, d.im - k * ie.im});
-        if (io.has_gm) tGM[q] = re_prod(G, SW[j]);
-        if constexpr (kLean) {
-          tGA[q] = neg_re_g2s(G, U + SU[j] - w1);
-        } else {
-          Cx<V> G2 = G * G;
-          Cx<V> X = G2 * U, Y = G2 * SU[j];
-          Cx<V> A = X + Y - G2 * w1;
-          tGA[q] = -A.re;
-          zs = zs + A;
-          const V gb = re_prod(Y, idp);
-          if (j - 1 >= h)
-            tGK[q] = gk_pend + gb;
-          else
-            gkb_pend = gb;  // even L: grad k at h - 1 is the e chain's first output
-          gk_pend = re_prod(X, ie);
-        }
-      }
-      {  // e chain at j = pb + qb
-        const int64_t j = pb + qb;
-        Cx<V> iep;
-        const Cx<V> w1 = wm(j);
-        Cx<V> e = rstep(SA[j], tKB[qb + 1], w1, iep);
-        const Cx<V> id = SI[j];
-        const V k = tKB[qb];
-        Cx<V> G = bk::recip(Cx<V>{e.re - k * id.re, e.im - k * id.im});
-        if (io.has_gm) tGMB[qb] = re_prod(G, SW[j]);
-        if constexpr (kLean) {
-          tGAB[qb] = neg_re_g2s(G, SU[j] + Rt - w1);
-        } else {
-          Cx<V> G2 = G * G;
-          Cx<V> X = G2 * SU[j], Y = G2 * Rt;
-          Cx<V> A = X + Y - G2 * w1;
-          tGAB[qb] = -A.re;
-          zs = zs + A;
-          tGKB[qb] = re_prod(X, iep) + gkb_pend;
-          gkb_pend = re_prod(Y, id);
-        }
-      }
-    }
-    scatter_tile<T>(io.oga, pa, n, reinterpret_cast<T*>(tGA), NL, io.stream);
-    scatter_tile<T>(io.oga, pb, n, reinterpret_cast<T*>(tGAB), NL, io.stream);
-    if (io.has_gm) {
-      scatter_tile<T>(io.ogm, pa, n, reinterpret_cast<T*>(tGM), NL);
-      scatter_tile<T>(io.ogm, pb, n, reinterpret_cast<T*>(tGMB), NL);
-    }
-    if (!kLean && io.has_gk) {
-      // the left tile's grad k covers positions [pa - 1, pa - 1 + n), minus h - 1 (see above)
-      if (pa - 1 >= h)
-        scatter_tile<T>(io.ogk, pa - 1, n, reinterpret_cast<T*>(tGK), NL);
-      else if (n > 1)
-        scatter_tile<T>(io.ogk, pa, n - 1, reinterpret_cast<T*>(tGK + 1), NL);
-      scatter_tile<T>(io.ogk, pb, n, reinterpret_cast<T*>(tGKB), NL);
-    }
+    bwd_phase2_store<T, kLean>(cx, t, pa, pb, n);
     if (!kLean) flush_zsum<T>(zs, zacc);
   }
   if (!kLean) flush_zsum<T>(zs, zacc);
 #ifdef BK_ISA_AVX512
   if (io.stream) _mm_sfence();  // order the non-temporal stores before the block is reported done
 #endif
-  *gk_left = gk_pend;
-  *gk_right = gkb_pend;
+  *gk_left = c.gk_pend;
+  *gk_right = c.gkb_pend;
   if (carry_out) {  // d and U at L - 1: the carries into a sequential plan's next sub-chunk
-    carry_out[0] = dprev;
-    carry_out[1] = U;
+    carry_out[0] = c.d;
+    carry_out[1] = c.U;
   }
 }
 

@@ -1,9 +1,12 @@
-// Torch binding of the CPU kernels: op schemas (TORCH_LIBRARY), CPU implementations
-// (TORCH_LIBRARY_IMPL), argument checks and the run-time choice of instruction set.
+// Torch binding of the BK-Core CPU kernels: the CPU implementations of bk_core_fwd / bk_core_bwd
+// (TORCH_LIBRARY_IMPL; the schemas and the arguments' contract are in csrc/schemas.cpp), argument
+// checks, the run-time choice of instruction set, and the two settings ops cpu_isa and
+// cpu_huge_pages (bk_ops_cpu.h; registered with the schemas).
 //
-// The ops take the canonical arguments produced by resnet_bk/ops/_canon.py:
+// The ops take the canonical arguments the Python op layer builds:
 //   a (B, N) real, k (Bk, N-1) with Bk in {1, B} (the products b_i c_i), zri (2,) = [Re z, Im z],
-//   mask (B, N) or None. Autograd and fake kernels are registered from Python (resnet_bk/ops/_cpp.py).
+//   mask (B, N) or None. Their autograd is C++ (csrc/autograd.cpp); fake kernels are registered
+//   from Python (resnet_bk/ops).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -13,6 +16,7 @@
 #include <string>
 
 #include "bk_core_cpu.h"
+#include "bk_ops_cpu.h"
 #include "huge_pages.h"
 
 namespace {
@@ -183,26 +187,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bk_core_bwd_cpu(
   return {grad_a, grad_k, grad_z, grad_mask};
 }
 
-int64_t cpu_isa() { return static_cast<int64_t>(isa()); }
+}  // namespace
 
-// mode -1: query; 0: off; 1: on. Returns the setting before the call.
-bool cpu_huge_pages(int64_t mode) {
+int64_t resnet_bk::cpu_isa() { return static_cast<int64_t>(isa()); }
+
+bool resnet_bk::cpu_huge_pages(int64_t mode) {
   TORCH_CHECK(mode >= -1 && mode <= 1, "mode: expected -1 (query), 0 (off) or 1 (on), got ", mode);
   auto& on = resnet_bk::huge_pages_enabled();
   return mode < 0 ? on.load() : on.exchange(mode == 1);
-}
-
-}  // namespace
-
-TORCH_LIBRARY(resnet_bk, m) {
-  m.def("bk_core_fwd(Tensor a, Tensor k, Tensor zri, Tensor? mask, bool causal) -> Tensor");
-  m.def(
-      "bk_core_bwd(Tensor grad, Tensor a, Tensor k, Tensor zri, Tensor? mask, bool causal, bool need_mask_grad, "
-      "bool need_k_grad=True, bool need_z_grad=True, Tensor? out=None) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("cpu_isa() -> int");
-  m.impl("cpu_isa", &cpu_isa);
-  m.def("cpu_huge_pages(int mode) -> bool");
-  m.impl("cpu_huge_pages", &cpu_huge_pages);
 }
 
 TORCH_LIBRARY_IMPL(resnet_bk, CPU, m) {

@@ -8,7 +8,7 @@
 // probability. What it saves is most of the ~8 Python-dispatched ops per expert and ~15 per call
 // of the module's path (at 8 tokens, d_model 128: 197 us for the layer's path, 71 us for this op
 // here): the fixed cost of a call, which at small batches is most of a layer's time. No autograd:
-// inference only.
+// inference only. The schema is in csrc/schemas.cpp.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -101,11 +101,6 @@ at::Tensor moe_top1_infer_cpu(const at::Tensor& x, const at::Tensor& router_w, c
 }
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(resnet_bk, m) {
-  m.def("moe_top1_infer(Tensor x, Tensor router_w, Tensor router_b, Tensor[] w1, Tensor[] b1, Tensor[] w2, "
-        "Tensor[] b2) -> Tensor");
-}
 
 TORCH_LIBRARY_IMPL(resnet_bk, CPU, m) {
   m.impl("moe_top1_infer", &moe_top1_infer_cpu);

@@ -1,45 +1,7 @@
-// Learned down/upsampling of a multi-scale sequence model: op schemas and CPU kernels.
+// Learned down/upsampling of a multi-scale sequence model: the CPU kernels of learned_downsample_fwd/bwd
+// and learned_upsample_fwd/bwd, whose schemas and semantics are in csrc/schemas.cpp.
 //
-// ============================================================================================
-// SCHEMAS (the contract every backend implements; CUDA is added against exactly these)
-// ============================================================================================
-// Notation: T = dtype of the activations (float32, float64, bfloat16, float16);
-//           A = accumulation dtype = float64 if T is float64 else float32.
-//           Inputs of any strides are accepted (the kernel makes them contiguous).
-//
-// learned_downsample_fwd(Tensor x, Tensor logits, bool causal) -> Tensor out
-//   x      (B, N, D) T,  logits (M, r) A,  N == M * r,  B >= 1, M >= 1, r >= 1, D >= 1
-//   w = softmax(logits, dim=-1)              (computed inside the kernel)
-//   s = causal ? r - 1 : 0                   (causal windows end at j*r instead of j*r + r - 1)
-//   out[b, j, :] = sum_k w[j, k] * x[b, j*r + k - s, :]     (terms with j*r + k - s < 0 are 0)
-//   out (B, M, D) T; accumulated in A, rounded to T once.
-//
-// learned_downsample_bwd(Tensor grad, Tensor x, Tensor logits, bool causal, bool need_x_grad,
-//                        bool need_logits_grad) -> (Tensor grad_x, Tensor grad_logits)
-//   grad (B, M, D) T.
-//   grad_x (B, N, D) T: grad_x[b, j*r + k - s, :] = w[j, k] * grad[b, j, :]; 0 at positions that no
-//          window reads (the last r - 1 positions when causal). (0,) when not needed.
-//   grad_logits (M, r) A: S[j, k] = sum_{b, d} grad[b, j, d] * x[b, j*r + k - s, d],
-//          grad_logits[j, k] = w[j, k] * (S[j, k] - sum_k' w[j, k'] S[j, k']). (0,) when not needed.
-//
-// learned_upsample_fwd(Tensor y, Tensor bias, Tensor? residual, Tensor? scale) -> Tensor out
-//   y (B, M, r*D) T,  bias (Mb, r, Db) A with Mb in {1, M}, Db in {1, D} (broadcast over m / d),
-//   residual (B, M*r, D) T or None,  scale 0-dim A or None (None means 1).
-//   v[b, m*r + k, d] = y[b, m, k*D + d] + bias[Mb == 1 ? 0 : m, k, Db == 1 ? 0 : d]
-//   out = residual + scale * v   (without residual: scale * v);  out (B, M*r, D) T.
-//   r is bias.size(1); D = y.size(2) / r.
-//
-// learned_upsample_bwd(Tensor grad, Tensor y, Tensor bias, Tensor? scale, bool need_y_grad,
-//                      bool need_bias_grad, bool need_scale_grad)
-//     -> (Tensor grad_y, Tensor grad_bias, Tensor grad_scale)
-//   grad (B, M*r, D) T.
-//   grad_y (B, M, r*D) T = scale * grad (the same memory order).
-//   grad_bias (Mb, r, Db) A = scale * (grad summed over b and over the broadcast m / d).
-//   grad_scale () A = sum(grad * v).            Each is (0,) when not needed.
-//   The residual's gradient is grad itself (returned by the Python autograd formula).
-// ============================================================================================
-//
-// Autograd and fake (meta) kernels are registered from Python (resnet_bk/ops/pooling.py).
+// Autograd: csrc/autograd.cpp; fake (meta) kernels: registered from Python (resnet_bk/ops).
 // Parallelism: at::parallel_for over the B*M output rows (forward, downsample backward); the
 // upsample backward reduces over b into per-tile partial sums (deterministic, no atomics), then
 // sums the tiles. Inner loops run over contiguous D (r*D for the upsample) and vectorise.
@@ -359,6 +321,98 @@ at::Tensor learned_upsample_fwd_cpu(const at::Tensor& y_, const at::Tensor& bias
   return out;
 }
 
+// The upsample backward's work split: tiles of Mt consecutive m by Bt consecutive b. Each tile sums
+// grad over its b (and over its m when the bias is shared over m) into its own slot of `part`; the
+// slots are summed afterwards, so the result does not depend on thread timing.
+struct UpBwdTiles {
+  int64_t Mt, Bt, nM, nB, slotsM;
+  UpBwdTiles(const UpDims& u, int threads) {
+    const int64_t target = 4 * static_cast<int64_t>(threads);
+    if (u.M >= target) {
+      Mt = (u.M + target - 1) / target;
+      Bt = u.B;
+    } else {
+      Mt = 1;
+      Bt = std::max<int64_t>(1, u.B / std::max<int64_t>(1, target / u.M));
+    }
+    nM = (u.M + Mt - 1) / Mt;
+    nB = (u.B + Bt - 1) / Bt;
+    slotsM = u.Mb == 1 ? nM : u.M;
+  }
+};
+
+// The upsample backward's tensors (contiguous) and what it computes.
+template <class T>
+struct UpBwdArgs {
+  using A = typename Acc<T>::type;
+  const T* gd;  // grad
+  const T* yd;  // y
+  const A* bd;  // bias
+  T* gy;        // grad y, or nullptr
+  A* pd;        // the bias gradient's partial sums (nB, slotsM, r, Db), or nullptr
+  A sc;         // scale (1 without one)
+  bool need_bias_grad, need_scale_grad;
+};
+
+// Tile t of the upsample backward: grad y of its rows, its slots of the bias gradient's partial
+// sums, and its partial sum of the scale gradient (returned; the scale gradient sums B*M*r*D
+// terms, so a tile carries its total in double). gsum, brow: the calling thread's buffers.
+template <class T>
+double up_bwd_tile(int64_t t, const UpDims& u, const UpBwdTiles& tl, const UpBwdArgs<T>& a,
+                   std::vector<typename Acc<T>::type>& gsum, std::vector<typename Acc<T>::type>& brow) {
+  using A = typename Acc<T>::type;
+  const int64_t RD = u.r * u.D, RDb = u.r * u.Db;
+  const int64_t Mt = tl.Mt, Bt = tl.Bt, nM = tl.nM, slotsM = tl.slotsM;
+  const bool need_bias_grad = a.need_bias_grad, need_scale_grad = a.need_scale_grad;
+  const A sc = a.sc;
+  const T* gd = a.gd;
+  const T* yd = a.yd;
+  const A* bd = a.bd;
+  T* gy = a.gy;
+  A* pd = a.pd;
+  const int64_t bi = t / nM, mi = t % nM;
+  const int64_t m0 = mi * Mt, m1 = std::min(u.M, m0 + Mt), b0 = bi * Bt, b1 = std::min(u.B, b0 + Bt);
+  double sacc = 0;
+  A* __restrict__ gs = gsum.data();
+  if (need_bias_grad && u.Mb == 1) std::fill(gsum.begin(), gsum.end(), A(0));
+  for (int64_t m = m0; m < m1; ++m) {
+    if (need_bias_grad && u.Mb != 1) std::fill(gsum.begin(), gsum.end(), A(0));
+    const A* __restrict__ bp = bd + (u.Mb == 1 ? 0 : m) * RDb;
+    if (need_scale_grad && u.Db == 1) {
+      for (int64_t k = 0; k < u.r; ++k) std::fill(brow.begin() + k * u.D, brow.begin() + (k + 1) * u.D, bp[k]);
+      bp = brow.data();
+    }
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t i = b * u.M + m;
+      const T* __restrict__ gp = gd + i * RD;
+      if (gy) {
+        T* __restrict__ gyp = gy + i * RD;
+        for (int64_t e = 0; e < RD; ++e) gyp[e] = static_cast<T>(sc * static_cast<A>(gp[e]));
+      }
+      if (need_bias_grad)
+        for (int64_t e = 0; e < RD; ++e) gs[e] += static_cast<A>(gp[e]);
+      if (need_scale_grad) {
+        const T* __restrict__ yp = yd + i * RD;
+        sacc += dot_lanes<A, T>(gp, yp, bp, RD);
+      }
+    }
+    const bool flush = need_bias_grad && (u.Mb != 1 || m == m1 - 1);
+    if (flush) {
+      A* __restrict__ dst = pd + (bi * slotsM + (u.Mb == 1 ? mi : m)) * RDb;
+      if (u.Db == 1) {
+        for (int64_t k = 0; k < u.r; ++k) {
+          A s = 0;
+          for (int64_t d = 0; d < u.D; ++d) s += gs[k * u.D + d];
+          dst[k] = s;
+        }
+      } else {
+        std::copy(gs, gs + RD, dst);
+      }
+    }
+  }
+  return sacc;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> learned_upsample_bwd_cpu(
     const at::Tensor& grad_, const at::Tensor& y_, const at::Tensor& bias_, const c10::optional<at::Tensor>& scale_,
     bool need_y_grad, bool need_bias_grad, bool need_scale_grad) {
@@ -380,78 +434,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> learned_upsample_bwd_cpu(
     if (need_scale_grad) grad_scale.zero_();
     return {grad_y, grad_bias, grad_scale};
   }
-  const int64_t RD = u.r * u.D, RDb = u.r * u.Db;
-  // Tiles: Mt consecutive m by Bt consecutive b. Each tile sums grad over its b (and over its m when
-  // the bias is shared over m) into its own slot of `part`; the slots are summed afterwards, so the
-  // result does not depend on thread timing.
-  const int64_t target = 4 * static_cast<int64_t>(at::get_num_threads());
-  int64_t Mt, Bt;
-  if (u.M >= target) {
-    Mt = (u.M + target - 1) / target;
-    Bt = u.B;
-  } else {
-    Mt = 1;
-    Bt = std::max<int64_t>(1, u.B / std::max<int64_t>(1, target / u.M));
-  }
-  const int64_t nM = (u.M + Mt - 1) / Mt, nB = (u.B + Bt - 1) / Bt;
-  const int64_t slotsM = u.Mb == 1 ? nM : u.M;
-  at::Tensor part = need_bias_grad ? at::empty({nB, slotsM, u.r, u.Db}, aopt) : at::Tensor();
-  at::Tensor part_scale = need_scale_grad ? at::empty({nB * nM}, y.options().dtype(at::kDouble)) : at::Tensor();
+  const UpBwdTiles tl(u, at::get_num_threads());
+  at::Tensor part = need_bias_grad ? at::empty({tl.nB, tl.slotsM, u.r, u.Db}, aopt) : at::Tensor();
+  at::Tensor part_scale = need_scale_grad ? at::empty({tl.nB * tl.nM}, y.options().dtype(at::kDouble)) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "learned_upsample_bwd_cpu", [&] {
     using T = scalar_t;
     using A = typename Acc<T>::type;
     const A sc = scale_.has_value() ? scale_->item<A>() : A(1);
-    const T* gd = grad.data_ptr<T>();
-    const T* yd = y.data_ptr<T>();
-    const A* bd = bias.data_ptr<A>();
-    T* gy = need_y_grad ? grad_y.data_ptr<T>() : nullptr;
-    A* pd = need_bias_grad ? part.data_ptr<A>() : nullptr;
+    UpBwdArgs<T> a;
+    a.gd = grad.data_ptr<T>();
+    a.yd = y.data_ptr<T>();
+    a.bd = bias.data_ptr<A>();
+    a.gy = need_y_grad ? grad_y.data_ptr<T>() : nullptr;
+    a.pd = need_bias_grad ? part.data_ptr<A>() : nullptr;
+    a.sc = sc;
+    a.need_bias_grad = need_bias_grad;
+    a.need_scale_grad = need_scale_grad;
     double* ps = need_scale_grad ? part_scale.data_ptr<double>() : nullptr;
-    at::parallel_for(0, nB * nM, 1, [&](int64_t begin, int64_t end) {
+    const int64_t RD = u.r * u.D;
+    at::parallel_for(0, tl.nB * tl.nM, 1, [&](int64_t begin, int64_t end) {
       std::vector<A> gsum(need_bias_grad ? RD : 0);  // sum over b of grad[b, m*r : m*r + r, :]
       std::vector<A> brow(need_scale_grad && u.Db == 1 ? RD : 0);
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t bi = t / nM, mi = t % nM;
-        const int64_t m0 = mi * Mt, m1 = std::min(u.M, m0 + Mt), b0 = bi * Bt, b1 = std::min(u.B, b0 + Bt);
-        double sacc = 0;  // the scale gradient sums B*M*r*D terms: carry the tile's total in double
-        A* __restrict__ gs = gsum.data();
-        if (need_bias_grad && u.Mb == 1) std::fill(gsum.begin(), gsum.end(), A(0));
-        for (int64_t m = m0; m < m1; ++m) {
-          if (need_bias_grad && u.Mb != 1) std::fill(gsum.begin(), gsum.end(), A(0));
-          const A* __restrict__ bp = bd + (u.Mb == 1 ? 0 : m) * RDb;
-          if (need_scale_grad && u.Db == 1) {
-            for (int64_t k = 0; k < u.r; ++k)
-              std::fill(brow.begin() + k * u.D, brow.begin() + (k + 1) * u.D, bp[k]);
-            bp = brow.data();
-          }
-          for (int64_t b = b0; b < b1; ++b) {
-            const int64_t i = b * u.M + m;
-            const T* __restrict__ gp = gd + i * RD;
-            if (gy) {
-              T* __restrict__ gyp = gy + i * RD;
-              for (int64_t e = 0; e < RD; ++e) gyp[e] = static_cast<T>(sc * static_cast<A>(gp[e]));
-            }
-            if (need_bias_grad)
-              for (int64_t e = 0; e < RD; ++e) gs[e] += static_cast<A>(gp[e]);
-            if (need_scale_grad) {
-              const T* __restrict__ yp = yd + i * RD;
-              sacc += dot_lanes<A, T>(gp, yp, bp, RD);
-            }
-          }
-          const bool flush = need_bias_grad && (u.Mb != 1 || m == m1 - 1);
-          if (flush) {
-            A* __restrict__ dst = pd + (bi * slotsM + (u.Mb == 1 ? mi : m)) * RDb;
-            if (u.Db == 1) {
-              for (int64_t k = 0; k < u.r; ++k) {
-                A s = 0;
-                for (int64_t d = 0; d < u.D; ++d) s += gs[k * u.D + d];
-                dst[k] = s;
-              }
-            } else {
-              std::copy(gs, gs + RD, dst);
-            }
-          }
-        }
+        const double sacc = up_bwd_tile<T>(t, u, tl, a, gsum, brow);
         if (ps) ps[t] = sacc;
       }
     });
@@ -465,17 +470,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> learned_upsample_bwd_cpu(
 }
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(resnet_bk, m) {
-  m.def("learned_downsample_fwd(Tensor x, Tensor logits, bool causal) -> Tensor");
-  m.def(
-      "learned_downsample_bwd(Tensor grad, Tensor x, Tensor logits, bool causal, bool need_x_grad, "
-      "bool need_logits_grad) -> (Tensor, Tensor)");
-  m.def("learned_upsample_fwd(Tensor y, Tensor bias, Tensor? residual, Tensor? scale) -> Tensor");
-  m.def(
-      "learned_upsample_bwd(Tensor grad, Tensor y, Tensor bias, Tensor? scale, bool need_y_grad, "
-      "bool need_bias_grad, bool need_scale_grad) -> (Tensor, Tensor, Tensor)");
-}
 
 TORCH_LIBRARY_IMPL(resnet_bk, CPU, m) {
   m.impl("learned_downsample_fwd", &learned_downsample_fwd_cpu);

@@ -1,12 +1,13 @@
 // Torch binding of the BK-Core CUDA kernels: argument checks, output and workspace allocation
 // (torch's caching allocator, so CUDA-graph capture works), device guard and current stream
 // (c10::cuda::getCurrentCUDAStream, which at::cuda::getCurrentCUDAStream forwards to), and
-// TORCH_LIBRARY_IMPL(resnet_bk, CUDA). The schemas are defined with the CPU kernels
-// (csrc/cpu/bk_ops_cpu.cpp); autograd and fake kernels are registered in resnet_bk/ops/_cpp.py.
+// TORCH_LIBRARY_IMPL(resnet_bk, CUDA). The schemas are in csrc/schemas.cpp; the autograd is C++
+// (csrc/autograd.cpp, every device); fake kernels are registered from Python (resnet_bk/ops).
 //
 // Strategy (see bk_core_cuda.h): RESNET_BK_CUDA_STRATEGY=auto|lanes|chunked (default auto) and
 // RESNET_BK_CUDA_CHUNK=<positions per chunk> (forces the chunked strategy with that chunk length)
-// are read on every call, so tests can exercise every path.
+// are read once per process, at the first CUDA call (set them before it). A bad value raises,
+// naming the variable, at that call and at every later one (a value is kept only once it parsed).
 #ifdef RESNET_BK_WITH_CUDA
 
 #include <ATen/ATen.h>
@@ -24,8 +25,7 @@
 
 namespace {
 
-bk_cuda::Strategy strategy_from_env() {
-  const char* env = std::getenv("RESNET_BK_CUDA_STRATEGY");
+bk_cuda::Strategy parse_strategy(const char* env) {
   if (env == nullptr || env[0] == '\0') return bk_cuda::Strategy::kAuto;
   const std::string s(env);
   if (s == "auto") return bk_cuda::Strategy::kAuto;
@@ -34,14 +34,25 @@ bk_cuda::Strategy strategy_from_env() {
   TORCH_CHECK(false, "RESNET_BK_CUDA_STRATEGY: expected auto, lanes or chunked, got '", s, "'");
 }
 
-int64_t chunk_from_env() {
-  const char* env = std::getenv("RESNET_BK_CUDA_CHUNK");
+int64_t parse_chunk(const char* env) {
   if (env == nullptr || env[0] == '\0') return 0;
   char* end = nullptr;
   const long long v = std::strtoll(env, &end, 10);
   TORCH_CHECK(end != env && *end == '\0' && v >= 1,
               "RESNET_BK_CUDA_CHUNK: expected a positive integer (positions per chunk), got '", env, "'");
   return static_cast<int64_t>(v);
+}
+
+// Read and validated once (a static whose initialiser throws on a bad value stays uninitialised,
+// so the next call reads and raises again).
+bk_cuda::Strategy strategy_from_env() {
+  static const bk_cuda::Strategy v = parse_strategy(std::getenv("RESNET_BK_CUDA_STRATEGY"));
+  return v;
+}
+
+int64_t chunk_from_env() {
+  static const int64_t v = parse_chunk(std::getenv("RESNET_BK_CUDA_CHUNK"));
+  return v;
 }
 
 // Multiprocessor count of a device, queried once per device (sizes the automatic strategy).

@@ -1,7 +1,7 @@
 // Torch binding of the CUDA learned_downsample / learned_upsample kernels (pool_cuda.cu):
 // argument checks (naming the argument, expected vs got), output and workspace allocation, device
-// guard, current stream, TORCH_LIBRARY_IMPL(resnet_bk, CUDA). The schemas are defined with the CPU
-// kernels (csrc/cpu/pool_ops_cpu.cpp), whose comment states the semantics implemented here.
+// guard, current stream, TORCH_LIBRARY_IMPL(resnet_bk, CUDA). The schemas, with the semantics
+// implemented here, are in csrc/schemas.cpp.
 #ifdef RESNET_BK_WITH_CUDA
 
 #include <ATen/ATen.h>
