@@ -1,7 +1,7 @@
 """The compiled extension ``resnet_bk._C``: loading it once, what it holds, and its two process-wide
 settings (public as ``resnet_bk.ops.cpu_isa()`` and ``resnet_bk.ops.cpu_huge_pages()``).
 
-Importing ``_C`` runs the static ``TORCH_LIBRARY`` registrations (schemas in csrc/cpu/*_cpu.cpp,
+Importing ``_C`` runs the static ``TORCH_LIBRARY`` registrations (schemas in csrc/schemas.cpp,
 kernels in csrc/cpu and csrc/cuda, autograd in csrc/autograd.cpp); the ops are then reached as
 ``torch.ops.resnet_bk.*``. When it did not load, ``LOAD_ERROR`` says why and every op runs on the
 reference backend (the automatic choice warns once with that reason; a forced backend raises it).

@@ -2,7 +2,7 @@
 
 Skipped when there is no GPU or resnet_bk._C was built without CUDA kernels. Covers forward and
 backward, two-sided and causal, masked, shared and per-row k, both kernel strategies (forced with
-RESNET_BK_CUDA_STRATEGY), float32 and float64, N in {1, 2, 17, 1000, 70000}, B in {1, 3, 64},
+RESNET_BK_CUDA_STRATEGY, read once per process: one subprocess per strategy), float32 and float64, N in {1, 2, 17, 1000, 70000}, B in {1, 3, 64},
 non-contiguous inputs, a non-default current stream, CUDA-graph capture and replay, determinism,
 and the binding's argument errors.
 
@@ -10,6 +10,10 @@ Oracle: the pure-PyTorch reference in float64 on the CPU; for N = 70,000 the C++
 float64 (itself held to the reference by tests/ops/bk_core/test_bk_core.py), because the reference's Python
 loop over positions is too slow there.
 """
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -31,11 +35,54 @@ TOL = {torch.float64: tol(torch.float64), torch.float32: tol(torch.float32, 2)}
 TOL_Z = {torch.float64: tol(torch.float64), torch.float32: tol(torch.float32, 10)}  # grad_z sums B*N rounded terms
 
 
-@pytest.fixture(params=["lanes", "chunked"])
-def strategy(request, monkeypatch):
-    monkeypatch.setenv("RESNET_BK_CUDA_STRATEGY", request.param)
-    monkeypatch.delenv("RESNET_BK_CUDA_CHUNK", raising=False)
-    return request.param
+# The CUDA binding reads RESNET_BK_CUDA_STRATEGY / RESNET_BK_CUDA_CHUNK once per process: this process
+# runs the strategy its environment names (auto when unset); test_every_strategy_in_its_own_process
+# runs this file again once per forced strategy and chunk length.
+STRATEGY = os.environ.get("RESNET_BK_CUDA_STRATEGY", "auto")
+CHUNK = os.environ.get("RESNET_BK_CUDA_CHUNK")
+IN_SUBPROCESS = os.environ.get("RESNET_BK_TEST_CUDA_SUBPROCESS") == "1"
+
+
+@pytest.fixture
+def strategy():
+    return STRATEGY
+
+
+def _run_self(env_extra, k):
+    env = {k: v for k, v in os.environ.items() if k not in ("RESNET_BK_CUDA_STRATEGY", "RESNET_BK_CUDA_CHUNK")}
+    env.update(env_extra, RESNET_BK_TEST_CUDA_SUBPROCESS="1")
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", k],
+                          env=env, capture_output=True, text=True, timeout=1200)
+
+
+@pytest.mark.skipif(IN_SUBPROCESS, reason="runs in the parent process only")
+@pytest.mark.parametrize("env,k", [
+    ({"RESNET_BK_CUDA_STRATEGY": "lanes"}, "vs_reference or long_sequences or public_api or masked_public or "
+                                           "deterministic or current_stream or graph"),
+    ({"RESNET_BK_CUDA_STRATEGY": "chunked"}, "vs_reference or long_sequences or public_api or masked_public or "
+                                             "deterministic or current_stream or graph"),
+] + [({"RESNET_BK_CUDA_CHUNK": c}, "forced_chunk") for c in ("1", "5", "64", "999")],
+    ids=["lanes", "chunked", "chunk1", "chunk5", "chunk64", "chunk999"])
+def test_every_strategy_in_its_own_process(env, k):
+    r = _run_self(env, k)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout
+
+
+@pytest.mark.skipif(IN_SUBPROCESS, reason="runs in the parent process only")
+@pytest.mark.parametrize("env,match", [
+    ({"RESNET_BK_CUDA_STRATEGY": "fastest"}, "RESNET_BK_CUDA_STRATEGY: expected auto, lanes or chunked"),
+    ({"RESNET_BK_CUDA_STRATEGY": "auto", "RESNET_BK_CUDA_CHUNK": "0"}, "RESNET_BK_CUDA_CHUNK: expected a positive integer"),
+], ids=["bad-strategy", "bad-chunk"])
+def test_bad_strategy_values_raise(env, match):
+    code = ("import torch, resnet_bk\n"
+            "a = torch.zeros(2, 10, device='cuda'); k = torch.ones(1, 9, device='cuda')\n"
+            "zri = torch.tensor([0.0, 1.0], device='cuda')\n"
+            "try:\n    torch.ops.resnet_bk.bk_core_fwd(a, k, zri, None, False)\n"
+            "except RuntimeError as e:\n    print('RAISED', e)\n")
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
+                       timeout=300)
+    assert "RAISED" in r.stdout and match in r.stdout, r.stdout + r.stderr
 
 
 def canon(B, N, dtype, shared, masked, seed, device="cuda"):
@@ -116,11 +163,10 @@ def test_long_sequences(strategy, B, causal, dtype):
     check_all(dev, ref, causal, dtype)
 
 
-@pytest.mark.parametrize("chunk", [1, 5, 64, 999])
-def test_forced_chunk_lengths(monkeypatch, chunk):
-    monkeypatch.setenv("RESNET_BK_CUDA_CHUNK", str(chunk))
+@pytest.mark.skipif(CHUNK is None, reason="runs with RESNET_BK_CUDA_CHUNK set (test_every_strategy_in_its_own_process)")
+def test_forced_chunk_lengths():
     for causal in (False, True):
-        dev, ref = canon(3, 1000, torch.float64, shared=False, masked=True, seed=chunk)
+        dev, ref = canon(3, 1000, torch.float64, shared=False, masked=True, seed=int(CHUNK))
         check_all(dev, ref, causal, torch.float64)
 
 
@@ -278,7 +324,7 @@ def test_model_step_capture_after_one_warmup(new_z_in_capture):
         torch.testing.assert_close(g, e.grad, rtol=1e-5, atol=1e-5)
 
 
-def test_binding_errors(monkeypatch):
+def test_binding_errors():
     dev, _ = canon(2, 10, torch.float32, shared=False, masked=False, seed=0)
     a, k, zri, _, grad = dev
     with pytest.raises(RuntimeError, match="k: expected a CUDA tensor"):
@@ -289,13 +335,6 @@ def test_binding_errors(monkeypatch):
         FWD(a, k, zri.double(), None, False)
     with pytest.raises(RuntimeError, match="grad: expected"):
         BWD(grad.to(torch.complex128), a, k, zri, None, False, False)
-    monkeypatch.setenv("RESNET_BK_CUDA_STRATEGY", "fastest")
-    with pytest.raises(RuntimeError, match="RESNET_BK_CUDA_STRATEGY: expected auto, lanes or chunked"):
-        FWD(a, k, zri, None, False)
-    monkeypatch.setenv("RESNET_BK_CUDA_STRATEGY", "auto")
-    monkeypatch.setenv("RESNET_BK_CUDA_CHUNK", "0")
-    with pytest.raises(RuntimeError, match="RESNET_BK_CUDA_CHUNK: expected a positive integer"):
-        FWD(a, k, zri, None, False)
 
 
 def test_empty_batch():

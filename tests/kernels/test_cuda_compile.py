@@ -25,6 +25,7 @@ NVCC = shutil.which("nvcc")
 CU_FILES = sorted(glob.glob(os.path.join(CUDA_DIR, "*.cu")))
 BIND_FILES = sorted(glob.glob(os.path.join(CUDA_DIR, "*.cpp")))
 ARCHS = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
+# the kernels are built with torch's C++ standard (C++20, see setup.py)
 # torch.utils.cpp_extension passes these to nvcc by default: the kernels must not rely on implicit
 # half/bfloat16 conversions or operators.
 TORCH_NVCC_DEFINES = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
@@ -32,10 +33,19 @@ TORCH_NVCC_DEFINES = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSI
 
 
 def _cuda_include():
+    """The include folder of the toolkit nvcc belongs to, asked from nvcc (``#$ TOP=``), as setup.py
+    finds it: /usr/local/bin/nvcc may be a wrapper script, not a link into the toolkit."""
     if NVCC is None:
         return None
-    inc = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(NVCC))), "include")
-    return inc if os.path.exists(os.path.join(inc, "cuda_runtime_api.h")) else None
+    tops = [os.path.dirname(os.path.dirname(os.path.realpath(NVCC)))]
+    r = subprocess.run([NVCC, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                       capture_output=True, text=True, timeout=120)
+    tops = [ln.split("=", 1)[1].strip() for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("#$ TOP=")] + tops
+    for top in tops:
+        inc = os.path.join(os.path.realpath(top), "include")
+        if os.path.exists(os.path.join(inc, "cuda_runtime_api.h")):
+            return inc
+    return None
 
 
 def _run_all(cmds):
@@ -49,7 +59,7 @@ def test_cuda_sources_compile(tmp_path):
     cmds = []
     for src in CU_FILES:
         obj = tmp_path / (os.path.basename(src) + ".o")
-        cmds.append([NVCC, "-std=c++17", "-O3", "-c", *ARCHS, "-Xptxas", "-v", "-DRESNET_BK_WITH_CUDA",
+        cmds.append([NVCC, "-std=c++20", "-O3", "-c", *ARCHS, "-Xptxas", "-v", "-DRESNET_BK_WITH_CUDA",
                      *TORCH_NVCC_DEFINES,
                      src, "-o", str(obj)])
     bind = []
@@ -60,7 +70,7 @@ def test_cuda_sources_compile(tmp_path):
 
         incs = [f"-I{p}" for p in include_paths()] + [f"-I{inc}", f"-I{sysconfig.get_paths()['include']}"]
         for src in BIND_FILES:
-            bind.append([cxx, "-std=c++17", "-fsyntax-only", "-DRESNET_BK_WITH_CUDA",
+            bind.append([cxx, "-std=c++20", "-fsyntax-only", "-DRESNET_BK_WITH_CUDA",
                          "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", *incs, src])
     results = _run_all(cmds + bind)
     failed = [(c, out) for c, out, rc in results if rc != 0]

@@ -97,7 +97,7 @@ def build_emulated(tmp_path_factory, cu_name, api_name):
     # #line keeps compiler messages pointing at the real files
     unit.write_text(f'#line 1 "{cu}"\n' + src + f'\n#line 1 "{api_path}"\n' + api)
     lib = d / f"{cu_name}_{key}.so"
-    cmd = [CXX, "-std=c++17", "-O1", "-g0", "-shared", "-fPIC", "-pthread", "-Wall", "-Wno-unused-function",
+    cmd = [CXX, "-std=c++20", "-O1", "-g0", "-shared", "-fPIC", "-pthread", "-Wall", "-Wno-unused-function",
            "-I", EMU, "-I", os.path.join(ROOT, "csrc", "cuda"), "-include", os.path.join(EMU, "emu.h"),
            str(unit), "-o", str(lib)]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.join(ROOT, "csrc", "cuda"))

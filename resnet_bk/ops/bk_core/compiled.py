@@ -1,5 +1,5 @@
 """BK-Core's compiled ops (``torch.ops.resnet_bk.bk_core_fwd`` / ``bk_core_bwd``; schemas in
-csrc/cpu/bk_ops_cpu.cpp, CPU and CUDA kernels in csrc/, autograd in csrc/autograd.cpp): their Python side
+csrc/schemas.cpp, CPU and CUDA kernels in csrc/, autograd in csrc/autograd.cpp): their Python side
 (fake kernels for torch.compile and export, the double-backward guard) and their registration as the
 "cpp" and "cuda" backends.
 

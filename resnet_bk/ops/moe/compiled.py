@@ -1,4 +1,4 @@
-"""The top-1 MoE compiled op (``torch.ops.resnet_bk.moe_top1_infer``: schema in csrc/cpu/moe_cpu.cpp,
+"""The top-1 MoE compiled op (``torch.ops.resnet_bk.moe_top1_infer``: schema in csrc/schemas.cpp,
 CPU kernel in csrc/cpu/moe_cpu.cpp; inference only, no autograd) and its registration as the "cpp"
 backend."""
 from __future__ import annotations

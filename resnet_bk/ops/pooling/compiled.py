@@ -1,5 +1,5 @@
 """The learned pooling ops' compiled kernels (``torch.ops.resnet_bk.learned_downsample_fwd/_bwd``,
-``learned_upsample_fwd/_bwd``; schemas in csrc/cpu/pool_ops_cpu.cpp, CPU and CUDA kernels in csrc/, autograd
+``learned_upsample_fwd/_bwd``; schemas in csrc/schemas.cpp, CPU and CUDA kernels in csrc/, autograd
 in csrc/autograd.cpp): their Python side (fake kernels for torch.compile and export) and their
 registration as the "cpp" and "cuda" backends.
 
