@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from resnet_bk.ops.bk_core.reference import bk_core_bwd_ref, bk_core_fwd_ref
+from helpers import tol
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EMU = os.path.join(ROOT, "tests", "kernels", "cuda_emu")
@@ -168,7 +169,9 @@ def rel(got, ref):
     return ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-300)).item()
 
 
-TOL = {torch.float64: 1e-11, torch.float32: 2e-5}
+# the op layer's policy: float64 held 10x tighter (the emulated kernel does the reference's float64
+# arithmetic in another order only), float32 doubled (the GPU kernels' chunked scans round differently)
+TOL = {torch.float64: tol(torch.float64, 0.1), torch.float32: tol(torch.float32, 2)}
 
 # (B, N, strategy, chunk): lanes with partial blocks, auto-chunked, forced chunk lengths that do
 # and do not divide N, chunk length 1, and a chunk length crossing the tile size.

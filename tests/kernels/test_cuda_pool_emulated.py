@@ -8,13 +8,18 @@ import ctypes
 import pytest
 import torch
 
+from helpers import tol
+
 from test_cuda_emulated import CXX, build_emulated
 
 pytestmark = pytest.mark.skipif(CXX is None, reason="no C++ compiler (g++/c++) on PATH")
 
 DT = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 # output rounding of the storage dtype, relative to the largest magnitude
-TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+# the op layer's policy, held tighter: pooling is a short softmax-weighted sum (no recursion), so float64 and
+# float32 stay within a few roundings (0.01x, 0.2x) and 16-bit outputs within one rounding (0.5x)
+TOL = {torch.float64: tol(torch.float64, 0.01), torch.float32: tol(torch.float32, 0.2),
+       torch.bfloat16: tol(torch.bfloat16, 0.5), torch.float16: tol(torch.float16, 0.5)}
 TOL_ACC = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float16: 2e-5}
 
 
