@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .. import _extension, _registry
 from .._checks import check_bool
-from .canon import BKArgs, canon_bk, canon_z
+from .canon import BKArgs, cached_z, canon_bk
 from .compiled import bk_core_compiled
 from .reference import bk_core_reference
 
@@ -81,7 +81,7 @@ def _compiled_cpu_call(diag, super_diag, sub_diag, z, causal, backend) -> Option
             or super_diag.device != diag.device or sub_diag.device != diag.device):
         return None
     if type(z) in (complex, float, int):
-        zri = canon_z(z, dt, diag.device)  # validates z (a non-finite z raises) and reuses its tensor
+        zri = cached_z(z, dt, diag.device)  # validated (a non-finite z raises) and reused
     elif isinstance(z, Tensor) and z.dim() == 0 and z.dtype == dt.to_complex() and z.device == diag.device:
         zri = torch.view_as_real(z)
     else:

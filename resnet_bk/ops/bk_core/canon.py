@@ -53,6 +53,13 @@ _Z_CACHE: dict = {}
 _Z_CACHE_MAX = 1024
 
 
+def cached_z(z, rdt: torch.dtype, device: torch.device) -> Tensor:
+    """``canon_z`` of a Python number for the per-step call: the cache is read first (an entry was
+    validated when it was made; a NaN z never matches one), then ``canon_z`` validates and adds it."""
+    t = _Z_CACHE.get((complex(z), rdt, device))
+    return t if t is not None else canon_z(z, rdt, device)
+
+
 def _z_tensor(zc: complex, rdt: torch.dtype, device: torch.device) -> Tensor:
     """[Re z, Im z] on ``device``. On a GPU it is filled by two kernel launches, not copied from the
     host, so that the first call with a new z may happen inside CUDA graph capture."""
