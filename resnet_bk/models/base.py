@@ -244,6 +244,7 @@ class _BKCoreMixin:
     length and broadcast by the op; they are never expanded per batch row.
     z is ``1j`` (buffer ``z``) or, with ``learnable_z=True``, ``z_real + 1j*exp(z_log_imag)``
     (Im z > 0 by construction, which keeps the resolvent away from H's real spectrum).
+    The buffer z stays complex under ``.to(dtype)``, ``.half()``, ``.double()``, ... (see ``_apply``).
     """
 
     def _init_bk(self, n_seq: int, causal: bool, backend: Optional[str], learnable_z: bool) -> None:
@@ -261,6 +262,24 @@ class _BKCoreMixin:
             self.z_log_imag = nn.Parameter(torch.zeros(()))
         else:
             self.register_buffer("z", torch.tensor(1j, dtype=torch.complex64))
+
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype) would cast the complex buffer z to the real dtype (1j -> 0). z goes through
+        # fn as its real view [Re, Im] instead: it follows the device and the precision (a float64
+        # model gets complex128; half/bf16 keep complex64, the op computes those in float32).
+        z = self._buffers.get("z")
+        if z is None or not z.is_complex():
+            return super()._apply(fn, recurse)
+        self._buffers["z"] = torch.view_as_real(z)
+        try:
+            super()._apply(fn, recurse)
+            zr = self._buffers["z"]
+        finally:
+            self._buffers["z"] = z  # kept if fn raised
+        if zr.dtype not in (torch.float32, torch.float64):
+            zr = torch.view_as_real(z.to(zr.device, torch.complex64))
+        self._buffers["z"] = torch.view_as_complex(zr.contiguous())
+        return self
 
     def get_z(self):
         if self.learnable_z:

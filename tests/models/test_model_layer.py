@@ -1,0 +1,120 @@
+"""The model layer as a user meets it (issue 20): dtype conversions, deepcopy, odd lengths, errors.
+
+Every model the CLI offers (``resnet_bk.training.registry.MODELS``) at a tiny size.
+"""
+import pytest
+import torch
+
+from resnet_bk.models.base import _BKCoreMixin
+from resnet_bk.training.registry import MODELS
+
+V, D, L, NS = 50, 16, 2, 16
+NAMES = sorted(MODELS)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The CI machine is small and shared: one intra-op thread avoids oversubscription."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+@pytest.fixture(autouse=True)
+def _warn_always():
+    """torch warns "Casting complex values to real" once per process; here at every cast."""
+    prev = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)
+    yield
+    torch.set_warn_always(prev)
+
+
+def _build(name, n_seq=NS, n_layers=L):
+    torch.manual_seed(0)
+    return MODELS[name](V, D, n_layers, n_seq)
+
+
+def _logits(m, x):
+    out = m(x)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _tokens(n=NS, b=2):
+    return torch.randint(0, V, (b, n), generator=torch.Generator().manual_seed(1))
+
+
+def _zs(m):
+    return [mod.z for mod in m.modules() if isinstance(mod, _BKCoreMixin) and not mod.learnable_z]
+
+
+# ------------------------------------------------------------------------------- 1: .to(dtype)
+
+NO_COMPLEX_CAST = pytest.mark.filterwarnings("error:Casting complex values to real")
+
+
+@NO_COMPLEX_CAST
+@pytest.mark.parametrize("name", NAMES)
+def test_to_float64_equals_double(name):
+    x = _tokens()
+    ref = _build(name).double().eval()
+    for convert in (lambda m: m.to(torch.float64), lambda m: m.to("cpu", torch.float64),
+                    lambda m: m.to(device="cpu", dtype=torch.float64)):
+        m = convert(_build(name)).eval()
+        zs = _zs(m)
+        assert zs and all(z.dtype == torch.complex128 and z.item() == 1j for z in zs)
+        with torch.no_grad():
+            got, want = _logits(m, x), _logits(ref, x)
+        assert got.dtype == want.dtype == torch.float64
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10 * want.abs().max().item())
+
+
+@NO_COMPLEX_CAST
+@pytest.mark.parametrize("name", NAMES)
+def test_to_float32_on_float32_model_changes_nothing(name):
+    x = _tokens()
+    m = _build(name).eval()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with torch.no_grad():
+        want = _logits(m, x)
+    m2 = m.to(torch.float32).float()
+    assert m2 is m
+    after = m.state_dict()
+    assert before.keys() == after.keys()
+    for k, v in before.items():
+        assert after[k].dtype == v.dtype and torch.equal(after[k], v), k
+    with torch.no_grad():
+        assert torch.equal(_logits(m, x), want)
+
+
+@NO_COMPLEX_CAST
+@pytest.mark.parametrize("convert", ["half", "bfloat16", "float", "double", "to_half", "to_bf16", "to_f32",
+                                     "double_then_float"])
+def test_z_stays_complex_1j(convert):
+    m = _build("plain")
+    m = {"half": lambda: m.half(), "bfloat16": lambda: m.bfloat16(), "float": lambda: m.float(),
+         "double": lambda: m.double(), "to_half": lambda: m.to(torch.float16),
+         "to_bf16": lambda: m.to(torch.bfloat16), "to_f32": lambda: m.to(torch.float32),
+         "double_then_float": lambda: m.double().float()}[convert]()
+    want = torch.complex128 if convert == "double" else torch.complex64
+    for z in _zs(m):
+        assert z.dtype == want and z.dim() == 0 and z.item() == 1j
+
+
+@NO_COMPLEX_CAST
+def test_to_bfloat16_equals_bfloat16():
+    x = _tokens()
+    a, b = _build("plain").bfloat16().eval(), _build("plain").to(torch.bfloat16).eval()
+    with torch.no_grad():
+        assert torch.equal(_logits(a, x), _logits(b, x))
+
+
+def test_converted_model_loads_a_float32_state_dict():
+    sd = _build("plain").state_dict()
+    assert sd["blocks.0.bk_layer.z"].dtype == torch.complex64  # the checkpoint format is unchanged
+    m = MODELS["plain"](V, D, L, NS).to(torch.float64)
+    m.load_state_dict(sd)
+    ref = _build("plain").double().eval()
+    x = _tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(_logits(m.eval(), x), _logits(ref, x), rtol=1e-10, atol=1e-10)
