@@ -92,7 +92,20 @@ def _expert_forward(expert: nn.Module, x: Tensor, plain: Optional[bool] = None) 
     return expert(x)
 
 
-class SparseMoELayer(nn.Module):
+class PerForwardState:
+    """Mixin for modules that keep tensors of their last forward (with its autograd graph) in the
+    attributes named by ``_per_forward``: copy.deepcopy (which refuses non-leaf tensors) and pickle
+    get the module with those attributes set to None, as before any forward."""
+
+    _per_forward: Tuple[str, ...] = ()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.update(dict.fromkeys(self._per_forward))
+        return state
+
+
+class SparseMoELayer(PerForwardState, nn.Module):
     """Top-k mixture of experts FFN. Each expert is ``Linear(d,2d)-ReLU-Dropout-Linear(2d,d)``.
 
     forward(x (..., D)) -> (..., D). Each token goes to its ``top_k`` experts; the expert outputs are
@@ -106,6 +119,8 @@ class SparseMoELayer(nn.Module):
     training loss to use it. ``tokens_processed`` counts tokens routed through this layer (a host
     integer, incremented from the shape, no device sync) so callers can measure skipped work.
     """
+
+    _per_forward = ("aux_loss",)
 
     def __init__(self, d_model: int, num_experts: int = 4, top_k: int = 1, dropout_p: float = 0.1):
         super().__init__()

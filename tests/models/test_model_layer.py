@@ -2,10 +2,13 @@
 
 Every model the CLI offers (``resnet_bk.training.registry.MODELS``) at a tiny size.
 """
+import copy
+import io
+
 import pytest
 import torch
 
-from resnet_bk.models.base import _BKCoreMixin
+from resnet_bk.models.base import _BKCoreMixin, moe_aux_loss
 from resnet_bk.training.registry import MODELS
 
 V, D, L, NS = 50, 16, 2, 16
@@ -118,3 +121,29 @@ def test_converted_model_loads_a_float32_state_dict():
     x = _tokens()
     with torch.no_grad():
         torch.testing.assert_close(_logits(m.eval(), x), _logits(ref, x), rtol=1e-10, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------- 2: copy.deepcopy
+
+@pytest.mark.parametrize("name", NAMES)
+def test_deepcopy_after_forward_backward(name):
+    x = _tokens()
+    m = _build(name).train()
+    _logits(m, x).float().square().mean().backward()
+    aux = moe_aux_loss(m)
+    assert aux is not None and aux.grad_fn is not None
+    c = copy.deepcopy(m)
+    assert moe_aux_loss(c) is None  # the last forward's graph is not copied ...
+    assert torch.equal(moe_aux_loss(m), aux)  # ... and the original keeps it
+    m.eval(), c.eval()
+    with torch.no_grad():
+        assert torch.equal(_logits(c, x), _logits(m, x))
+    for (k, p), (k2, q) in zip(m.named_parameters(), c.named_parameters()):
+        assert k == k2 and torch.equal(p, q) and p.data_ptr() != q.data_ptr()
+    # torch.save of the whole module (pickle) after a forward with grad, too
+    buf = io.BytesIO()
+    torch.save(m.train(), buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False).eval()
+    with torch.no_grad():
+        assert torch.equal(_logits(loaded, x), _logits(m.eval(), x))
