@@ -172,8 +172,8 @@ class HierarchicalMultiScaleLayer(nn.Module):
                  learnable_z: bool = False):
         super().__init__()
         self.d_model, self.n_seq = d_model, n_seq
-        n2 = -(-n_seq // 2)
-        n4 = -(-n2 // 2)
+        n4 = -(-n_seq // 4)
+        n2 = 2 * n4  # the middle level runs at ceil(N/2) padded to even, up to 2*ceil(n_seq/4)
         self.down1 = LearnedDownsampling(d_model, n_seq, 2, causal=causal, backend=backend)
         self.down2 = LearnedDownsampling(d_model, n2, 2, causal=causal, backend=backend)
         self.bottleneck = MoEResNetBKLayer(d_model, n4, num_experts, top_k, dropout_p, causal=causal,
@@ -182,6 +182,15 @@ class HierarchicalMultiScaleLayer(nn.Module):
         self.mid_mixer = BKMixer(d_model, n2, causal=causal, backend=backend, learnable_z=learnable_z)
         self.up2 = LearnedUpsampling(d_model, n2, 2, backend=backend)
         self.full_mixer = BKMixer(d_model, n_seq, causal=causal, backend=backend, learnable_z=learnable_z)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The middle level used to be sized ceil(n_seq/2), odd when n_seq % 4 is 1 or 2: mid_mixer's
+        # H0 buffers (constants) then had one entry less; take this module's.
+        for name, buf in self.mid_mixer.named_buffers():
+            key = f"{prefix}mid_mixer.{name}"
+            if name.startswith("h0_") and key in state_dict and state_dict[key].shape[-1] == buf.shape[-1] - 1:
+                state_dict[key] = buf
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
         check_hidden("x", x, self.d_model, self.n_seq)

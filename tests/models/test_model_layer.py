@@ -147,3 +147,55 @@ def test_deepcopy_after_forward_backward(name):
     loaded = torch.load(buf, weights_only=False).eval()
     with torch.no_grad():
         assert torch.equal(_logits(loaded, x), _logits(m.eval(), x))
+
+
+# ------------------------------------------------------------------- 3: hierarchical, any n_seq
+
+ODD_NSEQ = [130, 126, 10, 6, 5, 2, 1]
+
+
+@pytest.mark.parametrize("n_seq", ODD_NSEQ + [8, 7, 3])
+def test_hierarchical_any_n_seq_forward_backward(n_seq):
+    m = _build("hierarchical", n_seq=n_seq, n_layers=1).train()
+    for n in sorted({n_seq, max(1, n_seq - 1), max(1, n_seq // 2)}):
+        x = _tokens(n)
+        out = _logits(m, x)
+        assert out.shape == (2, n, V) and bool(out.isfinite().all())
+        out.square().mean().backward()
+        g = m.blocks[0].layer.down1.pool_logits.grad
+        assert g is not None and bool(g.isfinite().all())
+        m.zero_grad()
+
+
+def test_hierarchical_causal_at_n_seq_130():
+    m = _build("hierarchical", n_seq=130, n_layers=1).eval()
+    x = _tokens(130)
+    y = x.clone()
+    y[:, 100:] = (y[:, 100:] + 1) % V
+    with torch.no_grad():
+        a, b = _logits(m, x), _logits(m, y)
+    torch.testing.assert_close(a[:, :100], b[:, :100], rtol=1e-5, atol=1e-5)  # causal
+    assert (a[:, 100:] - b[:, 100:]).abs().max() > 1e-2
+
+
+def test_hierarchical_cli_train_n_seq_130():
+    """The path of ``python -m resnet_bk.training.train --model hierarchical --n-seq 130``."""
+    from resnet_bk.training.train import train
+    res = train("hierarchical", max_bytes=20_000, d_model=8, n_layers=1, n_seq=130, batch_size=2, steps=2,
+                eval_batches=1, progress=False, threads=1)
+    assert res["n_seq"] == 130 and all(map(torch.isfinite, map(torch.tensor, (res["first_loss"], res["final_train_loss"]))))
+
+
+@pytest.mark.parametrize("n_seq", [130, 10, 5, 8])
+def test_hierarchical_loads_state_dict_with_old_mid_level_buffers(n_seq):
+    """Checkpoints written before the fix: the middle level's H0 buffers had ceil(n_seq/2) entries."""
+    src = _build("hierarchical", n_seq=n_seq, n_layers=1).eval()
+    sd = src.state_dict()
+    n2_old = -(-n_seq // 2)
+    for k in [k for k in sd if ".mid_mixer.h0_" in k]:
+        sd[k] = sd[k][:, :n2_old - (0 if k.endswith("h0_diag_base") else 1)].clone()
+    dst = MODELS["hierarchical"](V, D, 1, n_seq).eval()
+    dst.load_state_dict(sd)
+    x = _tokens(n_seq - 1 if n_seq > 1 else 1)
+    with torch.no_grad():
+        assert torch.equal(_logits(dst, x), _logits(src, x))
