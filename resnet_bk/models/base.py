@@ -26,12 +26,22 @@ from .. import ops
 
 __all__ = [
     "SparseMoELayer", "MoEResNetBKLayer", "ResNetBKBlock", "LanguageModel", "BKMixer",
-    "check_tokens", "check_hidden",
+    "check_tokens", "check_hidden", "check_dtype", "check_token_range",
 ]
 
 
-def check_hidden(name: str, x, d_model: int, n_seq: Optional[int] = None) -> None:
-    """Validate a hidden-state tensor (B, N, D); raise naming ``name`` with expected vs got."""
+def check_dtype(name: str, x: Tensor, dtype: torch.dtype) -> None:
+    """Raise a TypeError naming ``name`` when the floating input x does not have the layer's
+    parameter ``dtype`` (outside autocast, which converts the inputs itself)."""
+    if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"{name}: expected dtype {dtype} (the layer's parameters; convert the input or the layer "
+                        f"with .to(dtype)), got {x.dtype}")
+
+
+def check_hidden(name: str, x, d_model: int, n_seq: Optional[int] = None,
+                 dtype: Optional[torch.dtype] = None) -> None:
+    """Validate a hidden-state tensor (B, N, D); raise naming ``name`` with expected vs got.
+    ``dtype``: the layer's parameter dtype, which x must have (see ``check_dtype``)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor of shape (B, N, {d_model}), got {type(x).__name__}")
     if x.dim() != 3 or x.shape[-1] != d_model:
@@ -40,10 +50,22 @@ def check_hidden(name: str, x, d_model: int, n_seq: Optional[int] = None) -> Non
         raise TypeError(f"{name}: expected a floating tensor, got dtype {x.dtype}")
     if n_seq is not None and not (1 <= x.shape[1] <= n_seq):
         raise ValueError(f"{name}: expected a sequence length 1 <= N <= n_seq={n_seq}, got N={x.shape[1]}")
+    if dtype is not None:
+        check_dtype(name, x, dtype)
+
+
+def check_token_range(name: str, x: Tensor, vocab_size: int) -> None:
+    """Raise a ValueError naming ``name`` when a token id is outside [0, vocab_size) (one host
+    read; skipped while torch.compile traces, where it would break the graph)."""
+    if x.numel() == 0 or torch.compiler.is_compiling():
+        return
+    lo, hi = torch.stack(torch.aminmax(x)).tolist()
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"{name}: expected token ids in [0, vocab_size={vocab_size}), got {lo if lo < 0 else hi}")
 
 
 def check_tokens(name: str, x, n_seq: int, vocab_size: Optional[int] = None) -> None:
-    """Validate token ids (B, N) integer with ``1 <= N <= n_seq``."""
+    """Validate token ids (B, N) integer with ``1 <= N <= n_seq`` (and in [0, vocab_size) when given)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name}: expected a (B, N) integer torch.Tensor of token ids, got {type(x).__name__}")
     if x.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
@@ -52,7 +74,8 @@ def check_tokens(name: str, x, n_seq: int, vocab_size: Optional[int] = None) -> 
         raise ValueError(f"{name}: expected shape (B, N), got {tuple(x.shape)}")
     if not (1 <= x.shape[1] <= n_seq):
         raise ValueError(f"{name}: expected a sequence length 1 <= N <= n_seq={n_seq}, got N={x.shape[1]}")
-
+    if vocab_size is not None:
+        check_token_range(name, x, vocab_size)
 
 
 def check_positive_ints(**values) -> None:
@@ -172,6 +195,8 @@ class SparseMoELayer(PerForwardState, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.d_model:
             raise ValueError(f"x: expected last dimension d_model={self.d_model}, got shape {tuple(x.shape)}")
+        if isinstance(getattr(self.gating_network, "weight", None), Tensor):
+            check_dtype("x", x, self.gating_network.weight.dtype)
         shape = x.shape
         xf = x.reshape(-1, self.d_model)
         T = xf.shape[0]
@@ -356,7 +381,7 @@ class MoEResNetBKLayer(_BKCoreMixin, nn.Module):
         return ffn + self.bk_scale * self.output_proj(feats)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_hidden("x", x, self.d_model, self.n_seq)
+        check_hidden("x", x, self.d_model, self.n_seq, self.v_proj.weight.dtype)
         ffn, v = self.ffn_and_potential(x)
         return self.mix_output(ffn, self.bk_features(v))
 
@@ -378,7 +403,7 @@ class BKMixer(_BKCoreMixin, nn.Module):
         self._init_bk(n_seq, causal, backend, learnable_z)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_hidden("x", x, self.d_model, self.n_seq)
+        check_hidden("x", x, self.d_model, self.n_seq, self.v_proj.weight.dtype)
         feats = self.bk_features(self.v_proj(x).squeeze(-1))
         return self.bk_scale * self.output_proj(feats)
 
@@ -402,6 +427,7 @@ class ResNetBKBlock(nn.Module):
             learnable_z=learnable_z)
 
     def forward(self, x: Tensor) -> Tensor:
+        check_dtype("x", x, self.layer_norm.weight.dtype)
         return x + self.bk_layer(self.layer_norm(x))
 
 

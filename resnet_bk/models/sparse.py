@@ -258,7 +258,7 @@ class SparseMoEResNetBKLayer(PerForwardState, nn.Module):
         self.sparse_bk_core.target_sparsity = float(value)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_hidden("x", x, self.d_model, self.n_seq)
+        check_hidden("x", x, self.d_model, self.n_seq, self.v_proj.weight.dtype)
         if not self.skip_ffn:
             ffn = self.moe_ffn(x)
             v = self.v_proj(ffn).squeeze(-1)

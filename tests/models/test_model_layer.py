@@ -199,3 +199,53 @@ def test_hierarchical_loads_state_dict_with_old_mid_level_buffers(n_seq):
     x = _tokens(n_seq - 1 if n_seq > 1 else 1)
     with torch.no_grad():
         assert torch.equal(_logits(dst, x), _logits(src, x))
+
+
+# ----------------------------------------------------------------------------- 4: clear errors
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("bad", [V, V + 7, -1])
+def test_token_id_out_of_range_names_argument_range_and_value(name, bad):
+    m = _build(name)
+    x = _tokens()
+    x[1, 3] = bad
+    with pytest.raises(ValueError, match=rf"^x: expected token ids in \[0, vocab_size={V}\), got {bad}$"):
+        m(x)
+
+
+def _float_layers():
+    from resnet_bk.models import (AdaptiveResNetBKBlock, HierarchicalMultiScaleLayer, LearnedUpsampling,
+                                  MoEResNetBKLayer, MultiScaleResNetBKBlock, MultiScaleResNetBKLayer,
+                                  ResNetBKBlock, SparseMoELayer)
+    from resnet_bk.models.base import BKMixer
+    from resnet_bk.models.sparse import SparseMoEResNetBKLayer
+    return {"MoEResNetBKLayer": lambda: MoEResNetBKLayer(D, NS), "SparseMoELayer": lambda: SparseMoELayer(D),
+            "ResNetBKBlock": lambda: ResNetBKBlock(D, NS), "BKMixer": lambda: BKMixer(D, NS),
+            "MultiScaleResNetBKLayer": lambda: MultiScaleResNetBKLayer(D, NS),
+            "HierarchicalMultiScaleLayer": lambda: HierarchicalMultiScaleLayer(D, NS),
+            "MultiScaleResNetBKBlock": lambda: MultiScaleResNetBKBlock(D, NS, hierarchical=True),
+            "LearnedUpsampling": lambda: LearnedUpsampling(D, NS),
+            "AdaptiveResNetBKBlock": lambda: AdaptiveResNetBKBlock(D, NS),
+            "SparseMoEResNetBKLayer": lambda: SparseMoEResNetBKLayer(D, NS)}
+
+
+@pytest.mark.parametrize("layer", sorted(_float_layers()))
+@pytest.mark.parametrize("layer_dtype,x_dtype", [(torch.float32, torch.float64), (torch.float64, torch.float32),
+                                                 (torch.float32, torch.bfloat16)])
+def test_float_input_of_wrong_dtype_names_argument_and_dtypes(layer, layer_dtype, x_dtype):
+    torch.manual_seed(0)
+    m = _float_layers()[layer]().to(layer_dtype)
+    arg = "y" if layer == "LearnedUpsampling" else "x"
+    x = torch.randn(2, 8, D, dtype=x_dtype)
+    with pytest.raises(TypeError, match=rf"^{arg}: expected dtype {layer_dtype} .*got {x_dtype}$"):
+        m(x)
+    out = m(x.to(layer_dtype))  # the matching dtype runs
+    assert (out[0] if isinstance(out, tuple) else out).dtype == layer_dtype
+
+
+def test_autocast_still_accepts_other_dtypes():
+    from resnet_bk.models import MoEResNetBKLayer
+    torch.manual_seed(0)
+    m = MoEResNetBKLayer(D, NS)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m(torch.randn(2, 8, D, dtype=torch.bfloat16)).shape == (2, 8, D)
