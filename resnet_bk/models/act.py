@@ -158,7 +158,7 @@ class AdaptiveResNetBKBlock(nn.Module):
     def forward(self, x: Tensor, halting_prob_cumsum: Optional[Tensor] = None,
                 still_running: Optional[Tensor] = None, *, frozen_v: Optional[Tensor] = None,
                 is_last: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        check_hidden("x", x, self.d_model, self.n_seq)
+        check_hidden("x", x, self.d_model, self.n_seq, self.layer_norm.weight.dtype)
         B, N, _ = x.shape
         if halting_prob_cumsum is None:
             halting_prob_cumsum = x.new_zeros(B, N, dtype=torch.float32)

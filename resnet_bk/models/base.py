@@ -26,12 +26,22 @@ from .. import ops
 
 __all__ = [
     "SparseMoELayer", "MoEResNetBKLayer", "ResNetBKBlock", "LanguageModel", "BKMixer",
-    "check_tokens", "check_hidden",
+    "check_tokens", "check_hidden", "check_dtype", "check_token_range",
 ]
 
 
-def check_hidden(name: str, x, d_model: int, n_seq: Optional[int] = None) -> None:
-    """Validate a hidden-state tensor (B, N, D); raise naming ``name`` with expected vs got."""
+def check_dtype(name: str, x: Tensor, dtype: torch.dtype) -> None:
+    """Raise a TypeError naming ``name`` when the floating input x does not have the layer's
+    parameter ``dtype`` (outside autocast, which converts the inputs itself)."""
+    if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"{name}: expected dtype {dtype} (the layer's parameters; convert the input or the layer "
+                        f"with .to(dtype)), got {x.dtype}")
+
+
+def check_hidden(name: str, x, d_model: int, n_seq: Optional[int] = None,
+                 dtype: Optional[torch.dtype] = None) -> None:
+    """Validate a hidden-state tensor (B, N, D); raise naming ``name`` with expected vs got.
+    ``dtype``: the layer's parameter dtype, which x must have (see ``check_dtype``)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor of shape (B, N, {d_model}), got {type(x).__name__}")
     if x.dim() != 3 or x.shape[-1] != d_model:
@@ -40,10 +50,22 @@ def check_hidden(name: str, x, d_model: int, n_seq: Optional[int] = None) -> Non
         raise TypeError(f"{name}: expected a floating tensor, got dtype {x.dtype}")
     if n_seq is not None and not (1 <= x.shape[1] <= n_seq):
         raise ValueError(f"{name}: expected a sequence length 1 <= N <= n_seq={n_seq}, got N={x.shape[1]}")
+    if dtype is not None:
+        check_dtype(name, x, dtype)
+
+
+def check_token_range(name: str, x: Tensor, vocab_size: int) -> None:
+    """Raise a ValueError naming ``name`` when a token id is outside [0, vocab_size) (one host
+    read; skipped while torch.compile traces, where it would break the graph)."""
+    if x.numel() == 0 or torch.compiler.is_compiling():
+        return
+    lo, hi = torch.stack(torch.aminmax(x)).tolist()
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"{name}: expected token ids in [0, vocab_size={vocab_size}), got {lo if lo < 0 else hi}")
 
 
 def check_tokens(name: str, x, n_seq: int, vocab_size: Optional[int] = None) -> None:
-    """Validate token ids (B, N) integer with ``1 <= N <= n_seq``."""
+    """Validate token ids (B, N) integer with ``1 <= N <= n_seq`` (and in [0, vocab_size) when given)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name}: expected a (B, N) integer torch.Tensor of token ids, got {type(x).__name__}")
     if x.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
@@ -52,7 +74,8 @@ def check_tokens(name: str, x, n_seq: int, vocab_size: Optional[int] = None) -> 
         raise ValueError(f"{name}: expected shape (B, N), got {tuple(x.shape)}")
     if not (1 <= x.shape[1] <= n_seq):
         raise ValueError(f"{name}: expected a sequence length 1 <= N <= n_seq={n_seq}, got N={x.shape[1]}")
-
+    if vocab_size is not None:
+        check_token_range(name, x, vocab_size)
 
 
 def check_positive_ints(**values) -> None:
@@ -92,7 +115,20 @@ def _expert_forward(expert: nn.Module, x: Tensor, plain: Optional[bool] = None) 
     return expert(x)
 
 
-class SparseMoELayer(nn.Module):
+class PerForwardState:
+    """Mixin for modules that keep tensors of their last forward (with its autograd graph) in the
+    attributes named by ``_per_forward``: copy.deepcopy (which refuses non-leaf tensors) and pickle
+    get the module with those attributes set to None, as before any forward."""
+
+    _per_forward: Tuple[str, ...] = ()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.update(dict.fromkeys(self._per_forward))
+        return state
+
+
+class SparseMoELayer(PerForwardState, nn.Module):
     """Top-k mixture of experts FFN. Each expert is ``Linear(d,2d)-ReLU-Dropout-Linear(2d,d)``.
 
     forward(x (..., D)) -> (..., D). Each token goes to its ``top_k`` experts; the expert outputs are
@@ -106,6 +142,8 @@ class SparseMoELayer(nn.Module):
     training loss to use it. ``tokens_processed`` counts tokens routed through this layer (a host
     integer, incremented from the shape, no device sync) so callers can measure skipped work.
     """
+
+    _per_forward = ("aux_loss",)
 
     def __init__(self, d_model: int, num_experts: int = 4, top_k: int = 1, dropout_p: float = 0.1):
         super().__init__()
@@ -157,6 +195,8 @@ class SparseMoELayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.d_model:
             raise ValueError(f"x: expected last dimension d_model={self.d_model}, got shape {tuple(x.shape)}")
+        if isinstance(getattr(self.gating_network, "weight", None), Tensor):
+            check_dtype("x", x, self.gating_network.weight.dtype)
         shape = x.shape
         xf = x.reshape(-1, self.d_model)
         T = xf.shape[0]
@@ -244,6 +284,7 @@ class _BKCoreMixin:
     length and broadcast by the op; they are never expanded per batch row.
     z is ``1j`` (buffer ``z``) or, with ``learnable_z=True``, ``z_real + 1j*exp(z_log_imag)``
     (Im z > 0 by construction, which keeps the resolvent away from H's real spectrum).
+    The buffer z stays complex under ``.to(dtype)``, ``.half()``, ``.double()``, ... (see ``_apply``).
     """
 
     def _init_bk(self, n_seq: int, causal: bool, backend: Optional[str], learnable_z: bool) -> None:
@@ -261,6 +302,24 @@ class _BKCoreMixin:
             self.z_log_imag = nn.Parameter(torch.zeros(()))
         else:
             self.register_buffer("z", torch.tensor(1j, dtype=torch.complex64))
+
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype) would cast the complex buffer z to the real dtype (1j -> 0). z goes through
+        # fn as its real view [Re, Im] instead: it follows the device and the precision (a float64
+        # model gets complex128; half/bf16 keep complex64, the op computes those in float32).
+        z = self._buffers.get("z")
+        if z is None or not z.is_complex():
+            return super()._apply(fn, recurse)
+        self._buffers["z"] = torch.view_as_real(z)
+        try:
+            super()._apply(fn, recurse)
+            zr = self._buffers["z"]
+        finally:
+            self._buffers["z"] = z  # kept if fn raised
+        if zr.dtype not in (torch.float32, torch.float64):
+            zr = torch.view_as_real(z.to(zr.device, torch.complex64))
+        self._buffers["z"] = torch.view_as_complex(zr.contiguous())
+        return self
 
     def get_z(self):
         if self.learnable_z:
@@ -322,7 +381,7 @@ class MoEResNetBKLayer(_BKCoreMixin, nn.Module):
         return ffn + self.bk_scale * self.output_proj(feats)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_hidden("x", x, self.d_model, self.n_seq)
+        check_hidden("x", x, self.d_model, self.n_seq, self.v_proj.weight.dtype)
         ffn, v = self.ffn_and_potential(x)
         return self.mix_output(ffn, self.bk_features(v))
 
@@ -344,7 +403,7 @@ class BKMixer(_BKCoreMixin, nn.Module):
         self._init_bk(n_seq, causal, backend, learnable_z)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_hidden("x", x, self.d_model, self.n_seq)
+        check_hidden("x", x, self.d_model, self.n_seq, self.v_proj.weight.dtype)
         feats = self.bk_features(self.v_proj(x).squeeze(-1))
         return self.bk_scale * self.output_proj(feats)
 
@@ -368,6 +427,7 @@ class ResNetBKBlock(nn.Module):
             learnable_z=learnable_z)
 
     def forward(self, x: Tensor) -> Tensor:
+        check_dtype("x", x, self.layer_norm.weight.dtype)
         return x + self.bk_layer(self.layer_norm(x))
 
 

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._lazy import lazy_reexports
-from .base import check_positive_ints, moe_aux_loss
+from .base import check_positive_ints, check_token_range, moe_aux_loss
 
 if TYPE_CHECKING:
     from ..training.learned_length import LearnedSequenceLengthTrainer
@@ -183,6 +183,9 @@ class AdaptiveSequenceLengthWrapper(nn.Module):
             raise TypeError(f"x: expected integer token ids, got dtype {x.dtype}")
         if not 1 <= x.shape[1] <= self.max_seq_len:
             raise ValueError(f"x: expected a sequence length 1 <= N <= max_seq_len={self.max_seq_len}, got N={x.shape[1]}")
+        emb = getattr(self.base_model, "token_embedding", None)
+        if isinstance(emb, nn.Embedding):
+            check_token_range("x", x, emb.num_embeddings)
 
     def forward(self, x: Tensor, use_adaptive_length: bool = True) -> Tuple[Tensor, Dict]:
         self._check_x(x)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
-from .base import BKMixer, MoEResNetBKLayer, check_hidden
+from .base import BKMixer, MoEResNetBKLayer, check_dtype, check_hidden
 
 __all__ = ["LearnedDownsampling", "LearnedUpsampling", "MultiScaleResNetBKLayer",
            "HierarchicalMultiScaleLayer", "MultiScaleResNetBKBlock", "count_flops_multi_scale"]
@@ -115,7 +115,7 @@ class LearnedUpsampling(nn.Module):
         self.position_bias = nn.Parameter(torch.zeros(1, factor, d_model))
 
     def forward(self, y: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        check_hidden("y", y, self.d_model, self.n_seq)
+        check_hidden("y", y, self.d_model, self.n_seq, self.upsample_transform.weight.dtype)
         if residual is None:
             # Without a residual, the per-phase bias is a constant added to the Linear's output
             # (entry k*D + d of each low-resolution vector): fold it into the Linear's bias, and the
@@ -151,7 +151,7 @@ class MultiScaleResNetBKLayer(nn.Module):
         self.full_mixer = BKMixer(d_model, n_seq, causal=causal, backend=backend, learnable_z=learnable_z)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_hidden("x", x, self.d_model, self.n_seq)
+        check_hidden("x", x, self.d_model, self.n_seq, self.full_mixer.v_proj.weight.dtype)
         N = x.shape[1]
         u = self.up(_moe_bk(self.low_layer, self.down(x)))[:, :N]
         return _add_mixer(self.full_mixer, u, x + u)
@@ -172,8 +172,8 @@ class HierarchicalMultiScaleLayer(nn.Module):
                  learnable_z: bool = False):
         super().__init__()
         self.d_model, self.n_seq = d_model, n_seq
-        n2 = -(-n_seq // 2)
-        n4 = -(-n2 // 2)
+        n4 = -(-n_seq // 4)
+        n2 = 2 * n4  # the middle level runs at ceil(N/2) padded to even, up to 2*ceil(n_seq/4)
         self.down1 = LearnedDownsampling(d_model, n_seq, 2, causal=causal, backend=backend)
         self.down2 = LearnedDownsampling(d_model, n2, 2, causal=causal, backend=backend)
         self.bottleneck = MoEResNetBKLayer(d_model, n4, num_experts, top_k, dropout_p, causal=causal,
@@ -183,8 +183,17 @@ class HierarchicalMultiScaleLayer(nn.Module):
         self.up2 = LearnedUpsampling(d_model, n2, 2, backend=backend)
         self.full_mixer = BKMixer(d_model, n_seq, causal=causal, backend=backend, learnable_z=learnable_z)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The middle level used to be sized ceil(n_seq/2), odd when n_seq % 4 is 1 or 2: mid_mixer's
+        # H0 buffers (constants) then had one entry less; take this module's.
+        for name, buf in self.mid_mixer.named_buffers():
+            key = f"{prefix}mid_mixer.{name}"
+            if name.startswith("h0_") and key in state_dict and state_dict[key].shape[-1] == buf.shape[-1] - 1:
+                state_dict[key] = buf
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x: Tensor) -> Tensor:
-        check_hidden("x", x, self.d_model, self.n_seq)
+        check_hidden("x", x, self.d_model, self.n_seq, self.full_mixer.v_proj.weight.dtype)
         N = x.shape[1]
         d1 = self.down1(x)  # (B, ceil(N/2), D)
         d1 = _pad_to(d1, 2)
@@ -209,6 +218,7 @@ class MultiScaleResNetBKBlock(nn.Module):
                          learnable_z=learnable_z)
 
     def forward(self, x: Tensor) -> Tensor:
+        check_dtype("x", x, self.layer_norm.weight.dtype)
         return x + self.layer(self.layer_norm(x))
 
 

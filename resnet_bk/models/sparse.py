@@ -34,7 +34,8 @@ from torch import Tensor
 
 from .. import ops
 from ._lazy import lazy_reexports
-from .base import LanguageModel, ResNetBKBlock, SparseMoELayer, _BKCoreMixin, check_hidden, moe_aux_loss
+from .base import (LanguageModel, PerForwardState, ResNetBKBlock, SparseMoELayer, _BKCoreMixin, check_hidden,
+                   moe_aux_loss)
 
 if TYPE_CHECKING:
     from ..training.sparsity import AdaptiveSparsityScheduler
@@ -205,7 +206,7 @@ class SparseBKCore(_BKCoreMixin, nn.Module):
                        "target_sparsity": self.target_sparsity}
 
 
-class SparseMoEResNetBKLayer(nn.Module):
+class SparseMoEResNetBKLayer(PerForwardState, nn.Module):
     """``MoEResNetBKLayer`` with a learned-sparsity BK-Core.
 
     forward(x (B, N, D)) -> (B, N, D) = m * ffn + bk_scale * output_proj(features), m the layer's
@@ -221,6 +222,8 @@ class SparseMoEResNetBKLayer(nn.Module):
     last forward is kept WITH its graph in ``last_mask`` so that ``get_sparsity_loss()`` has a
     gradient; ``last_mask_detached`` is the statistics copy.
     """
+
+    _per_forward = ("last_mask", "last_mask_detached", "last_sparsity_ratio")
 
     def __init__(self, d_model: int, n_seq: int, num_experts: int = 4, top_k: int = 1, dropout_p: float = 0.1,
                  target_sparsity: float = 0.5, sparsity_loss_weight: float = 0.01,
@@ -255,7 +258,7 @@ class SparseMoEResNetBKLayer(nn.Module):
         self.sparse_bk_core.target_sparsity = float(value)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_hidden("x", x, self.d_model, self.n_seq)
+        check_hidden("x", x, self.d_model, self.n_seq, self.v_proj.weight.dtype)
         if not self.skip_ffn:
             ffn = self.moe_ffn(x)
             v = self.v_proj(ffn).squeeze(-1)
