@@ -58,9 +58,3 @@ def check_precision_class(ref_name: str, ref: Tensor, name: str, x: Tensor) -> N
             f"{'float64' if ref.dtype == torch.float64 else 'float32, bfloat16 or float16'} "
             f"(cast both to the same precision)")
 
-
-def numel_of(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

@@ -16,13 +16,7 @@ V, D, L, NS = 50, 16, 2, 16
 NAMES = sorted(MODELS)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CI machine is small and shared: one intra-op thread avoids oversubscription."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -20,13 +20,7 @@ from resnet_bk.training import ACTTrainer
 V, D, L, NS = 64, 16, 2, 24
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CI machine is small and shared: one intra-op thread avoids oversubscription."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _lm(kind, **kw):

@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .._checks import check_precision_class, check_same_device, check_tensor, compute_dtype, describe, numel_of
+from .._checks import check_precision_class, check_same_device, check_tensor, compute_dtype, describe
 
 
 def canon_z(z, rdt: torch.dtype, device: torch.device, ref_name: str = "diag") -> Tensor:
@@ -117,7 +117,7 @@ def canon_bk(diag, super_diag, sub_diag, z, mask=None, *, mask_name: str = "mask
                              f"entries for diag of shape {tuple(diag.shape)}), got {tuple(t.shape)}")
         offs.append(t)
     zri = canon_z(z, rdt, diag.device)
-    B = numel_of(batch_shape)
+    B = math.prod(batch_shape)
     a = diag.to(rdt).reshape(B, N).contiguous()
     kb = offs[0].to(rdt) * offs[1].to(rdt)
     lead = kb.shape[:-1]

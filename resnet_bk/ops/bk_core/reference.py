@@ -176,12 +176,10 @@ def bk_core_reference(a: Tensor, k: Tensor, zri: Tensor, mask: Optional[Tensor],
 
 def bk_core_ref(diag: Tensor, super_diag: Tensor, sub_diag: Tensor, z, *, causal: bool = False) -> Tensor:
     """Reference twin of :func:`resnet_bk.ops.bk_core` (same signature and checks, pure PyTorch)."""
-    args = canon_bk(diag, super_diag, sub_diag, z)
-    out = bk_core_reference(args.a, args.k, args.zri, None, check_bool("causal", causal))
-    return out.reshape(args.batch_shape + (args.N,))
+    return bk_core_masked_ref(diag, super_diag, sub_diag, z, None, causal=causal)
 
 
-def bk_core_masked_ref(diag: Tensor, super_diag: Tensor, sub_diag: Tensor, z, mask: Tensor, *,
+def bk_core_masked_ref(diag: Tensor, super_diag: Tensor, sub_diag: Tensor, z, mask: Optional[Tensor], *,
                        causal: bool = False) -> Tensor:
     """Reference twin of :func:`resnet_bk.ops.bk_core_masked` (same signature and checks, pure PyTorch)."""
     args = canon_bk(diag, super_diag, sub_diag, z, mask)

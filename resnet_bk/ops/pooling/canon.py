@@ -11,13 +11,14 @@ T is float32, float64, bfloat16 or float16; A is float64 for float64 activations
 """
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Tuple
 
 import torch
 from torch import Tensor
 
-from .._checks import check_precision_class, check_same_device, check_tensor, compute_dtype, numel_of
+from .._checks import check_precision_class, check_same_device, check_tensor, compute_dtype
 
 
 def canon_down(x, logits) -> Tuple[Tensor, Tensor, Tuple[int, ...], int, int, int]:
@@ -41,7 +42,7 @@ def canon_down(x, logits) -> Tuple[Tensor, Tensor, Tuple[int, ...], int, int, in
     if D == 0:
         raise ValueError(f"x: expected a feature dimension D >= 1, got shape {tuple(x.shape)}")
     lead = tuple(x.shape[:-2])
-    B = numel_of(lead)
+    B = math.prod(lead)
     return x.reshape(B, N, D), logits.to(compute_dtype(x)), lead, M, r, D
 
 
@@ -78,7 +79,7 @@ def canon_up(y, position_bias, residual, scale):
                          f"for y of shape {tuple(y.shape)}, got {tuple(position_bias.shape)}")
     acc = compute_dtype(y)
     lead = tuple(y.shape[:-2])
-    B = numel_of(lead)
+    B = math.prod(lead)
     out_shape = lead + (M * r, D)
     res = None
     if residual is not None:
