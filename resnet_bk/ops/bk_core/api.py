@@ -7,7 +7,7 @@ as it is) goes straight to the compiled op when the registry says it may
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -17,6 +17,7 @@ from .._checks import check_bool
 from .canon import BKArgs, cached_z, canon_bk
 from .compiled import bk_core_compiled
 from .reference import bk_core_reference
+from .stream import run_stream
 
 Number = Union[int, float, complex]
 
@@ -35,7 +36,9 @@ def _run(args: BKArgs, causal, backend: Optional[str]) -> Tensor:
 
 
 def bk_core(diag: Tensor, super_diag: Tensor, sub_diag: Tensor, z: Union[Number, Tensor], *,
-            causal: bool = False, backend: Optional[str] = None) -> Tensor:
+            causal: bool = False, backend: Optional[str] = None, initial_state: Optional[Tensor] = None,
+            output_final_state: bool = False, cu_seqlens: Optional[Tensor] = None
+            ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Diagonal of the resolvent of a tridiagonal H: ``G_ii = ((H - zI)^-1)_ii``.
 
     Args:
@@ -46,11 +49,24 @@ def bk_core(diag: Tensor, super_diag: Tensor, sub_diag: Tensor, z: Union[Number,
         causal: return the causal variant ``1 / d_i`` (the resolvent of the leading i x i block),
             which never sees positions after i.
         backend: force a backend ("reference", "cpp", "cuda", "triton"); raises if it cannot run.
+        initial_state: (causal) the chunk continues a sequence: the pivot d of the position just
+            before it, (...,) complex64 (complex128 for float64). super_diag/sub_diag then have N
+            entries (broadcastable to (..., N)): entry 0 couples that position to position 0.
+        output_final_state: (causal) also return the pivot of the chunk's last position, the
+            ``initial_state`` of the next chunk: ``y, d_last = bk_core(..., output_final_state=True)``.
+        cu_seqlens: packed sequences: diag (T,) or (1, T) holds S sequences back to back, cu_seqlens
+            (S + 1,) int32/int64 their offsets (0 = cu[0] <= ... <= cu[S] = T). Each sequence is
+            computed alone (the off-diagonal entries at the boundaries are ignored); with
+            initial_state (S,) and output_final_state, one state per sequence.
 
     Returns:
-        (..., N) complex64 (complex128 for float64 input). Exact gradients (O(N)) for diag,
-        super_diag, sub_diag and z.
+        (..., N) complex64 (complex128 for float64 input), and the final state (...,) with
+        ``output_final_state``. Exact gradients (O(N)) for diag, super_diag, sub_diag, z and
+        initial_state. Chained chunks equal the whole sequence (docs/BK_CORE_MATH.md, "Streaming").
     """
+    if initial_state is not None or output_final_state is not False or cu_seqlens is not None:
+        return run_stream(diag, super_diag, sub_diag, z, None, causal, backend, initial_state, output_final_state,
+                          cu_seqlens)
     out = _compiled_cpu_call(diag, super_diag, sub_diag, z, causal, backend)
     if out is not None:
         return out
@@ -95,7 +111,9 @@ def _compiled_cpu_call(diag, super_diag, sub_diag, z, causal, backend) -> Option
 
 
 def bk_core_masked(diag: Tensor, super_diag: Tensor, sub_diag: Tensor, z: Union[Number, Tensor],
-                   mask: Tensor, *, causal: bool = False, backend: Optional[str] = None) -> Tensor:
+                   mask: Tensor, *, causal: bool = False, backend: Optional[str] = None,
+                   initial_state: Optional[Tensor] = None, output_final_state: bool = False,
+                   cu_seqlens: Optional[Tensor] = None) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """``mask * bk_core(...)``: mask (..., N) bool or float 0/1 (a straight-through Gumbel mask
     receives the gradient ``Re(conj(G) g)``).
 
@@ -103,7 +121,13 @@ def bk_core_masked(diag: Tensor, super_diag: Tensor, sub_diag: Tensor, z: Union[
     0 is not computed: its output is exactly 0 (even where G would not be finite) and it sends no
     gradient to diag, super_diag, sub_diag or z. The C++ kernel skips the combine for a position
     whose mask is 0 in all the sequences of a SIMD block (16 float / 8 double lanes), so the
-    saving depends on how masks line up across the batch (see the benchmark)."""
+    saving depends on how masks line up across the batch (see the benchmark).
+
+    ``initial_state``, ``output_final_state`` and ``cu_seqlens`` as for :func:`bk_core` (the pivots,
+    and so the states, run through every position, masked or not)."""
+    if initial_state is not None or output_final_state is not False or cu_seqlens is not None:
+        return run_stream(diag, super_diag, sub_diag, z, mask, causal, backend, initial_state, output_final_state,
+                          cu_seqlens)
     return _run(canon_bk(diag, super_diag, sub_diag, z, mask), causal, backend)
 
 
@@ -115,7 +139,9 @@ def bk_core_features(he_diag: Tensor, h0_super: Tensor, h0_sub: Tensor, z: Union
     return torch.view_as_real(G).to(torch.float32)
 
 
-def canonical_call(diag, super_diag, sub_diag, z, mask=None, *, causal=False):
-    """(device, canonical arguments) of a ``bk_core`` / ``bk_core_masked`` call (for ``explain``)."""
-    args = canon_bk(diag, super_diag, sub_diag, z, mask)
+def canonical_call(diag, super_diag, sub_diag, z, mask=None, *, causal=False, initial_state=None,
+                   output_final_state=False, cu_seqlens=None):
+    """(device, canonical arguments) of a ``bk_core`` / ``bk_core_masked`` call (for ``explain``; a
+    streaming call runs on the backend its canonical call would use)."""
+    args = canon_bk(diag, super_diag, sub_diag, z, mask, coupled_in=initial_state is not None)
     return args.a.device, (args.a, args.k, args.zri, args.mask, check_bool("causal", causal))

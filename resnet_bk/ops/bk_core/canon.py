@@ -94,7 +94,11 @@ class BKArgs:
         return self.a.shape[0]
 
 
-def canon_bk(diag, super_diag, sub_diag, z, mask=None, *, mask_name: str = "mask") -> BKArgs:
+def canon_bk(diag, super_diag, sub_diag, z, mask=None, *, mask_name: str = "mask",
+             coupled_in: bool = False) -> BKArgs:
+    """Validates a BK-Core call and builds its canonical arguments. ``coupled_in`` (a chunk with a
+    carried state, ``stream.py``): the off-diagonals have N entries, entry 0 coupling the position
+    before the chunk to position 0, so ``k`` is (Bk, N); otherwise N - 1 entries, ``k`` (Bk, N-1)."""
     diag = check_tensor("diag", diag)
     if diag.dim() < 1:
         raise ValueError("diag: expected shape (..., N) with N >= 1, got a 0-dim tensor")
@@ -103,7 +107,8 @@ def canon_bk(diag, super_diag, sub_diag, z, mask=None, *, mask_name: str = "mask
         raise ValueError(f"diag: expected a sequence length N >= 1, got shape {tuple(diag.shape)} (N = 0)")
     batch_shape = tuple(diag.shape[:-1])
     rdt = compute_dtype(diag)
-    want = batch_shape + (N - 1,)
+    n_off = N if coupled_in else N - 1
+    want = batch_shape + (n_off,)
     offs = []
     for name, t in (("super_diag", super_diag), ("sub_diag", sub_diag)):
         t = check_tensor(name, t)
@@ -113,8 +118,15 @@ def canon_bk(diag, super_diag, sub_diag, z, mask=None, *, mask_name: str = "mask
             raise ValueError(f"{name}: expected a shape broadcastable to {want} (diag is {tuple(diag.shape)}), "
                              f"got {tuple(t.shape)}")
         if not _broadcastable_to(tuple(t.shape), want):
-            raise ValueError(f"{name}: expected a shape broadcastable to {want} (N - 1 = {N - 1} off-diagonal "
-                             f"entries for diag of shape {tuple(diag.shape)}), got {tuple(t.shape)}")
+            what = (f"N = {N} off-diagonal entries (entry 0 couples the carried state to position 0)" if coupled_in
+                    else f"N - 1 = {N - 1} off-diagonal entries")
+            hint = ""
+            if not coupled_in and t.shape[-1] == N and N > 1:
+                hint = "; N entries are for a chunk with a predecessor (pass initial_state, causal=True)"
+            elif coupled_in and t.shape[-1] == N - 1 and N > 1:
+                hint = "; with initial_state the off-diagonals have N entries, entry 0 coupling the state to position 0"
+            raise ValueError(f"{name}: expected a shape broadcastable to {want} ({what} for diag of shape "
+                             f"{tuple(diag.shape)}), got {tuple(t.shape)}{hint}")
         offs.append(t)
     zri = canon_z(z, rdt, diag.device)
     B = math.prod(batch_shape)
@@ -123,9 +135,9 @@ def canon_bk(diag, super_diag, sub_diag, z, mask=None, *, mask_name: str = "mask
     lead = kb.shape[:-1]
     if all(s == 1 for s in lead):
         # one off-diagonal shared by the whole batch: never materialised per row
-        k = kb.reshape(1, kb.shape[-1]).expand(1, N - 1).contiguous()
+        k = kb.reshape(1, kb.shape[-1]).expand(1, n_off).contiguous()
     else:
-        k = kb.expand(want).reshape(B, N - 1).contiguous()
+        k = kb.expand(want).reshape(B, n_off).contiguous()
     m = None
     if mask is not None:
         mask = check_tensor(mask_name, mask, allow_bool=True)

@@ -174,14 +174,90 @@ def bk_core_reference(a: Tensor, k: Tensor, zri: Tensor, mask: Optional[Tensor],
     return _BKCoreRef.apply(a, k, zri, mask, causal)
 
 
-def bk_core_ref(diag: Tensor, super_diag: Tensor, sub_diag: Tensor, z, *, causal: bool = False) -> Tensor:
+def bk_core_ref(diag: Tensor, super_diag: Tensor, sub_diag: Tensor, z, *, causal: bool = False,
+                initial_state: Optional[Tensor] = None, output_final_state: bool = False,
+                cu_seqlens: Optional[Tensor] = None):
     """Reference twin of :func:`resnet_bk.ops.bk_core` (same signature and checks, pure PyTorch)."""
-    return bk_core_masked_ref(diag, super_diag, sub_diag, z, None, causal=causal)
+    return bk_core_masked_ref(diag, super_diag, sub_diag, z, None, causal=causal, initial_state=initial_state,
+                              output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+
+
+def _stream_chunk_ref(a: Tensor, k: Tensor, zri: Tensor, mask: Optional[Tensor], causal: bool,
+                      state: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """The streaming forms written directly (not through the ghosts the backends use): plain
+    autograd through the pivot loop. ``k`` (Bk, N) when ``state`` (B,) is given (entry 0 couples the
+    state to position 0), else (Bk, N-1). Returns ((B, N) output, (B,) last pivot)."""
+    B, N = a.shape
+    cdt = complex_dtype_for(a.dtype)
+    z = torch.complex(zri[0], zri[1]).to(cdt)
+    al = list((a.to(cdt) - z).unbind(1))
+    kk = list(k.expand(B, k.shape[1]).to(cdt).unbind(1))
+    if state is not None:
+        al[0] = al[0] - kk[0] / state
+        kk = kk[1:]
+    d = _forward_pivots(al, kk)
+    D = torch.stack(d, 1)
+    if causal:
+        G = 1.0 / D
+    else:
+        E = torch.stack(_backward_pivots(al, kk), 1)
+        G = 1.0 / (D + E - torch.stack(al, 1))
+    if mask is not None:
+        G = torch.where(mask != 0, G, torch.zeros((), dtype=cdt, device=a.device)) * mask.to(cdt)
+    return G, d[-1]
+
+
+def _stream_ref(diag, super_diag, sub_diag, z, mask, causal, initial_state, output_final_state, cu_seqlens):
+    from .stream import check_cu_seqlens, check_state  # the same argument checks as the op
+    causal = check_bool("causal", causal)
+    output_final_state = check_bool("output_final_state", output_final_state)
+    if not causal and (initial_state is not None or output_final_state):
+        raise ValueError("initial_state: a carried state is defined for causal=True only")
+    args = canon_bk(diag, super_diag, sub_diag, z, mask, coupled_in=initial_state is not None)
+    if cu_seqlens is None:
+        st = None
+        if initial_state is not None:
+            st = check_state(initial_state, args.batch_shape, args.a.dtype, args.a.device)
+        y, dl = _stream_chunk_ref(args.a, args.k, args.zri, args.mask, causal, st)
+        y = y.reshape(args.batch_shape + (args.N,))
+        return (y, dl.reshape(args.batch_shape)) if output_final_state else y
+    T = args.N
+    cu = check_cu_seqlens(cu_seqlens, T, args.a.device).tolist()
+    S = len(cu) - 1
+    st = None if initial_state is None else check_state(initial_state, (S,), args.a.dtype, args.a.device)
+    ys, finals = [], []
+    kf = args.k[0].expand(args.k.shape[1])
+    for s in range(S):
+        lo, hi = cu[s], cu[s + 1]
+        if hi == lo:
+            finals.append(st[s] if st is not None else None)
+            continue
+        if st is None:
+            ks = kf[lo:hi - 1]
+        else:
+            ks = kf[lo:hi]
+        m = None if args.mask is None else args.mask[:, lo:hi]
+        y, dl = _stream_chunk_ref(args.a[:, lo:hi], ks[None], args.zri, m, causal,
+                                  None if st is None else st[s:s + 1])
+        ys.append(y[0])
+        finals.append(dl[0])
+    y = torch.cat(ys).reshape(tuple(diag.shape))
+    if not output_final_state:
+        return y
+    if any(f is None for f in finals):
+        raise ValueError("cu_seqlens: an empty sequence without initial_state has no final state")
+    return y, torch.stack(finals)
 
 
 def bk_core_masked_ref(diag: Tensor, super_diag: Tensor, sub_diag: Tensor, z, mask: Optional[Tensor], *,
-                       causal: bool = False) -> Tensor:
-    """Reference twin of :func:`resnet_bk.ops.bk_core_masked` (same signature and checks, pure PyTorch)."""
+                       causal: bool = False, initial_state: Optional[Tensor] = None,
+                       output_final_state: bool = False, cu_seqlens: Optional[Tensor] = None):
+    """Reference twin of :func:`resnet_bk.ops.bk_core_masked` (same signature and checks, pure PyTorch).
+    The streaming arguments are computed directly (a pivot loop per sequence with plain autograd),
+    independently of the ghost positions through which the op's backends compute them."""
+    if initial_state is not None or output_final_state is not False or cu_seqlens is not None:
+        return _stream_ref(diag, super_diag, sub_diag, z, mask, causal, initial_state, output_final_state,
+                           cu_seqlens)
     args = canon_bk(diag, super_diag, sub_diag, z, mask)
     out = bk_core_reference(args.a, args.k, args.zri, args.mask, check_bool("causal", causal))
     return out.reshape(args.batch_shape + (args.N,))
