@@ -230,3 +230,71 @@ def test_emulated_empty_batch(emu):
     zri = torch.tensor([0.0, 1.0], dtype=torch.float64)
     grads, _ = emu_backward(emu, torch.zeros(0, 5, dtype=torch.complex128), a, k, zri, None, False, False)
     assert torch.equal(grads[2], torch.zeros(2, dtype=torch.float64))
+
+
+class _EmuBK(torch.autograd.Function):
+    """The emulated CUDA kernels as an autograd function of the canonical arguments (forced to the
+    chunked strategy, so the carries between chunks are exercised too)."""
+
+    @staticmethod
+    def forward(ctx, lib, a, k, zri, mask, causal):
+        ctx.lib, ctx.causal = lib, causal
+        ctx.save_for_backward(a, k, zri, mask)
+        return emu_forward(lib, a, k, zri, mask, causal, "chunked", 5)[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, k, zri, mask = ctx.saved_tensors
+        (ga, gk, gz, gm), _ = emu_backward(ctx.lib, grad, a, k, zri, mask, ctx.causal, mask is not None,
+                                           "chunked", 5)
+        return None, ga, gk, gz, gm, None
+
+
+def test_emulated_streaming(emu, monkeypatch):
+    """The streaming forms (carried state, packed sequences) on the CUDA kernels: the op layer's
+    ghost positions and zeroed boundary couplings become ordinary canonical calls, here run on the
+    emulated kernels: chained chunks == the whole sequence, packed == each sequence alone, values
+    and gradients."""
+    from resnet_bk import ops
+    from resnet_bk.ops.bk_core import stream
+
+    calls = []
+
+    def dispatch(a, k, zri, mask, causal, backend):
+        calls.append(a.shape)
+        return _EmuBK.apply(emu, a, k, zri, mask, causal)
+
+    monkeypatch.setattr(stream, "_dispatch", dispatch)
+    g = torch.Generator().manual_seed(3)
+    B, N, z = 2, 23, 0.3 + 0.8j
+    a = torch.randn(B, N, generator=g, dtype=torch.float64)
+    b = 0.5 + torch.rand(N - 1, generator=g, dtype=torch.float64)
+    c = 0.5 + torch.rand(N - 1, generator=g, dtype=torch.float64)
+    w = torch.randn(B, N, generator=g, dtype=torch.complex128)
+    res = []
+    for chain in (False, True):
+        aa = a.clone().requires_grad_(True)
+        if chain:
+            ys, st = [], None
+            for lo, hi in ((0, 1), (1, 9), (9, 10), (10, N)):
+                kw = dict(initial_state=st) if st is not None else {}
+                sl = slice(lo - 1, hi - 1) if st is not None else slice(lo, hi - 1)
+                y, st = ops.bk_core(aa[:, lo:hi], b[sl], c[sl], z, causal=True, output_final_state=True, **kw)
+                ys.append(y)
+            y = torch.cat(ys, 1)
+        else:
+            y = ops.bk_core_ref(aa, b, c, z, causal=True)
+        (y * w).real.sum().backward()
+        res.append((y.detach(), aa.grad))
+    assert calls, "the emulated kernels were not used"
+    assert rel(res[1][0], res[0][0]) < 1e-12 and rel(res[1][1], res[0][1]) < 1e-11
+    # packed sequences, two-sided and causal, one of them empty and one of length 1
+    lengths = [6, 0, 1, 9]
+    T = sum(lengths)
+    cu = torch.tensor([0, 6, 6, 7, 16], dtype=torch.int32)
+    pa = torch.randn(T, generator=g, dtype=torch.float64)
+    pk = 0.5 + torch.rand(T - 1, generator=g, dtype=torch.float64)
+    for causal in (False, True):
+        got = ops.bk_core(pa, pk, torch.ones_like(pk), z, causal=causal, cu_seqlens=cu)
+        want = ops.bk_core_ref(pa, pk, torch.ones_like(pk), z, causal=causal, cu_seqlens=cu)
+        assert rel(got, want) < 1e-12
