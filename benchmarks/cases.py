@@ -39,6 +39,7 @@ class Impl:
     split: bool = False             # time forward and backward inside one fwd+bwd call (see run.py)
     context: Optional[Callable[[], ContextManager]] = None  # entered around all of its timing
     versus: Optional[str] = None    # another implementation its speedup is also given over
+    checked: bool = True            # False: computes a different output (a timing baseline only)
 
 
 @dataclass
@@ -363,7 +364,8 @@ def _up_case() -> OpCase:
 
 
 def op_cases() -> List[OpCase]:
-    return [_bk_case("two-sided"), _bk_case("causal"), _bk_case("masked"), _down_case(), _up_case()]
+    from .bench_stream import stream_cases
+    return [_bk_case("two-sided"), _bk_case("causal"), _bk_case("masked"), _down_case(), _up_case()] + stream_cases()
 
 
-OP_GROUPS = ("bk_core", "bk_core_masked", "learned_downsample", "learned_upsample")
+OP_GROUPS = ("bk_core", "bk_core_masked", "learned_downsample", "learned_upsample", "stream")

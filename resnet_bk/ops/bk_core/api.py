@@ -17,7 +17,7 @@ from .._checks import check_bool
 from .canon import BKArgs, cached_z, canon_bk
 from .compiled import bk_core_compiled
 from .reference import bk_core_reference
-from .stream import run_stream
+from .stream import check_cu_seqlens, run_stream
 
 Number = Union[int, float, complex]
 
@@ -65,6 +65,17 @@ def bk_core(diag: Tensor, super_diag: Tensor, sub_diag: Tensor, z: Union[Number,
         initial_state. Chained chunks equal the whole sequence (docs/BK_CORE_MATH.md, "Streaming").
     """
     if initial_state is not None or output_final_state is not False or cu_seqlens is not None:
+        if (cu_seqlens is not None and initial_state is None and output_final_state is False
+                and isinstance(diag, Tensor) and (diag.dim() == 1 or (diag.dim() == 2 and diag.shape[0] == 1))
+                and not torch.compiler.is_compiling()):
+            # packed sequences without states: the per-step fast path with the couplings into each
+            # sequence start zeroed (the general path validates everything else the same way)
+            T = diag.shape[-1]
+            _, cu = check_cu_seqlens(cu_seqlens, T, diag.device)
+            out = _compiled_cpu_call(diag, super_diag, sub_diag, z, causal, backend,
+                                     cuts=[p - 1 for p in cu[1:-1] if 0 < p < T])
+            if out is not None:
+                return out
         return run_stream(diag, super_diag, sub_diag, z, None, causal, backend, initial_state, output_final_state,
                           cu_seqlens)
     out = _compiled_cpu_call(diag, super_diag, sub_diag, z, causal, backend)
@@ -73,14 +84,15 @@ def bk_core(diag: Tensor, super_diag: Tensor, sub_diag: Tensor, z: Union[Number,
     return _run(canon_bk(diag, super_diag, sub_diag, z), causal, backend)
 
 
-def _compiled_cpu_call(diag, super_diag, sub_diag, z, causal, backend) -> Optional[Tensor]:
+def _compiled_cpu_call(diag, super_diag, sub_diag, z, causal, backend, cuts=None) -> Optional[Tensor]:
     """The call a model makes every step (float32/float64 CPU ``diag``, one shared off-diagonal pair
     of its dtype, (N-1,) or (1, N-1), a Python ``z`` or a 0-dim complex tensor ``z`` of the matching
     complex dtype on the same device, a bool ``causal``), recognised in a few attribute reads and
     sent straight to the compiled op when ``_registry.compiled_cpu_takes`` allows it: the same op
     and arguments the general path would build (``canon_z`` of a complex tensor of that dtype is
     ``view_as_real(z)``, differentiable in z). Anything else returns None and takes the general path
-    (which validates, raises on bad input, dispatches, warns and verifies)."""
+    (which validates, raises on bad input, dispatches, warns and verifies). ``cuts``: packed
+    sequences (validated ``cu_seqlens``), the coupling entries into each sequence start, zeroed."""
     if not (_extension.HAS_C and type(causal) is bool and isinstance(diag, Tensor) and isinstance(super_diag, Tensor)
             and isinstance(sub_diag, Tensor)):
         return None
@@ -106,6 +118,8 @@ def _compiled_cpu_call(diag, super_diag, sub_diag, z, causal, backend) -> Option
         return None
     a = diag if diag.dim() == 2 else diag.reshape(-1, N)
     k = (super_diag * sub_diag).reshape(1, N - 1)
+    if cuts:
+        k.index_fill_(1, torch.tensor(cuts, dtype=torch.int64), 0.0)  # a fresh product
     out = torch.ops.resnet_bk.bk_core_fwd(a.contiguous(), k, zri, None, causal)
     return out if diag.dim() == 2 else out.view(diag.shape)
 

@@ -222,7 +222,7 @@ def _stream_ref(diag, super_diag, sub_diag, z, mask, causal, initial_state, outp
         y = y.reshape(args.batch_shape + (args.N,))
         return (y, dl.reshape(args.batch_shape)) if output_final_state else y
     T = args.N
-    cu = check_cu_seqlens(cu_seqlens, T, args.a.device).tolist()
+    cu = check_cu_seqlens(cu_seqlens, T, args.a.device)[0].tolist()
     S = len(cu) - 1
     st = None if initial_state is None else check_state(initial_state, (S,), args.a.dtype, args.a.device)
     ys, finals = [], []

@@ -103,9 +103,10 @@ def _ghosts(state: Tensor, k_in: Tensor, zri: Tensor) -> Tuple[Tensor, Tensor, T
     return g2, g1, kg2, kg1
 
 
-def check_cu_seqlens(cu_seqlens, T: int, device: torch.device) -> Tensor:
-    """``cu_seqlens`` -> (S + 1,) int64 on ``device``; its values are checked on the host (one
-    device-to-host read on a GPU), except under torch.compile."""
+def check_cu_seqlens(cu_seqlens, T: int, device: torch.device) -> Tuple[Tensor, Optional[list]]:
+    """``cu_seqlens`` -> ((S + 1,) int64 on ``device``, its values as a list or None under
+    torch.compile). The values are checked on the host (one device-to-host read on a GPU, as
+    varlen attention kernels need too), except under torch.compile."""
     if not isinstance(cu_seqlens, Tensor):
         raise TypeError(f"cu_seqlens: expected an int32/int64 tensor of sequence offsets, got {describe(cu_seqlens)}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
@@ -115,6 +116,7 @@ def check_cu_seqlens(cu_seqlens, T: int, device: torch.device) -> Tensor:
     if cu_seqlens.device != device:
         raise RuntimeError(f"cu_seqlens: expected a tensor on {device} (the device of diag), got one on "
                            f"{cu_seqlens.device}")
+    cu = None
     if not torch.compiler.is_compiling():
         cu = cu_seqlens.tolist()
         if cu[0] != 0:
@@ -126,7 +128,12 @@ def check_cu_seqlens(cu_seqlens, T: int, device: torch.device) -> Tensor:
         if cu[-1] != T:
             raise ValueError(f"cu_seqlens: expected the last offset to be T = {T} (the packed length of diag), "
                              f"got {cu[-1]}")
-    return cu_seqlens.to(torch.int64)
+    return cu_seqlens.to(torch.int64), cu
+
+
+def _starts(cu: Tensor, T: int) -> Tensor:
+    """(T + 1,) bool: a sequence starts at position p (p = T: the end)."""
+    return torch.zeros(T + 1, dtype=torch.bool, device=cu.device).index_fill_(0, cu, True)
 
 
 def _apply_mask(y: Tensor, mask: Tensor) -> Tensor:
@@ -189,19 +196,24 @@ def _run_packed(diag, super_diag, sub_diag, z, mask, causal, backend, initial_st
     has_state = initial_state is not None
     args = canon_bk(diag, super_diag, sub_diag, z, mask, coupled_in=has_state)
     T = args.N
-    cu = check_cu_seqlens(cu_seqlens, T, args.a.device)
+    cu, cu_host = check_cu_seqlens(cu_seqlens, T, args.a.device)
     S = cu.shape[0] - 1
     dev = args.a.device
-    lens = cu[1:] - cu[:-1]
-    # starts[p]: a sequence starts at position p (p = T: the end)
-    starts = torch.zeros(T + 1, dtype=torch.bool, device=dev).index_fill_(0, cu, True)
     kmask = None if output_final_state else args.mask
     if not has_state:
-        # couplings k[i] (i -> i + 1) into a sequence start are ignored
-        k = args.k * (~starts[1:T]).to(args.k.dtype) if T > 1 else args.k
+        # couplings k[i] (i -> i + 1) into a sequence start are ignored: zeroed in canon's k, a
+        # fresh tensor (the product super * sub; mul's backward does not read it)
+        k = args.k
+        if cu_host is not None:
+            idx = [p - 1 for p in cu_host[1:-1] if 0 < p < T]
+            if idx:
+                k.index_fill_(1, torch.tensor(idx, dtype=torch.int64).to(dev, non_blocking=True), 0.0)
+        elif T > 1:
+            k = k * (~_starts(cu, T)[1:T]).to(k.dtype)
         y = _dispatch(args.a, k, args.zri, kmask, causal, backend)[0]
     else:
         st = check_state(initial_state, (S,), args.a.dtype, dev, what="one state per sequence, S = len(cu_seqlens) - 1")
+        lens = cu[1:] - cu[:-1]
         _check_z_for_state(z, args.zri)
         kfull = args.k[0].expand(T)  # kfull[p] couples p - 1 (or the state) to p
         # an empty sequence's ghosts couple to nothing (the next position is another sequence's)
@@ -219,7 +231,7 @@ def _run_packed(diag, super_diag, sub_diag, z, mask, causal, backend, initial_st
         a[gpos + 1] = g1
         k = args.k.new_zeros(L)  # k[j] couples j to j + 1 (one spare entry at the end)
         if T > 1:
-            k[tok[:-1]] = kfull[1:] * (~starts[1:T]).to(kfull.dtype)
+            k[tok[:-1]] = kfull[1:] * (~_starts(cu, T)[1:T]).to(kfull.dtype)
         k[gpos] = kg2
         k[gpos + 1] = kg1
         m = None
@@ -230,6 +242,7 @@ def _run_packed(diag, super_diag, sub_diag, z, mask, causal, backend, initial_st
         y = _dispatch(a[None], k[None, : L - 1], args.zri, m, True, backend)[0][tok]
     final = None
     if output_final_state:
+        lens = cu[1:] - cu[:-1]
         last = (cu[1:] - 1).clamp(min=0)
         yl = y[last]
         if has_state:
