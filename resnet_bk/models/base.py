@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
+from .cache import DecodeCache, cache_slot, check_cache
+from .generation import GenerationMixin
 
 __all__ = [
     "SparseMoELayer", "MoEResNetBKLayer", "ResNetBKBlock", "LanguageModel", "BKMixer",
@@ -327,16 +329,26 @@ class _BKCoreMixin:
             return torch.complex(self.z_real.float(), torch.exp(self.z_log_imag.float()))
         return self.z
 
-    def bk_features(self, v: Tensor) -> Tensor:
+    def bk_features(self, v: Tensor, cache=None) -> Tensor:
         """v (B, N) potential -> (B, N, 2) [Re G_ii, Im G_ii] of H = H0 + diag(v), in the dtype
-        of H's diagonal (v promoted with the float32 buffers)."""
+        of H's diagonal (v promoted with the float32 buffers).
+
+        ``cache`` (a ``DecodeCache``, causal only): v holds the next N positions of the sequences
+        this module has seen so far; the pivot of the last one is carried in the cache's slot."""
+        slot = cache_slot(self, cache, self.causal)
+        p = 0 if slot is None else slot["pos"]
         N = v.shape[-1]
-        if N > self.n_seq:
-            raise ValueError(f"v: expected a sequence length <= n_seq={self.n_seq}, got N={N}")
-        base = self.h0_diag_base[:, :N]
+        if p + N > self.n_seq:
+            if slot is None:
+                raise ValueError(f"v: expected a sequence length <= n_seq={self.n_seq}, got N={N}")
+            raise ValueError(f"v: the cache is at position {p} of this layer and {N} more positions reach "
+                             f"{p + N}, past n_seq={self.n_seq}")
+        base = self.h0_diag_base[:, p:p + N]
         he_diag = base + v
-        sup = self.h0_super_base[:, :N - 1]
-        sub = self.h0_sub_base[:, :N - 1]
+        state = None if slot is None else slot.get("d")
+        lo = p - 1 if state is not None else p  # with a state, entry 0 couples position p - 1 to p
+        sup = self.h0_super_base[:, lo:p + N - 1]
+        sub = self.h0_sub_base[:, lo:p + N - 1]
         if he_diag.dtype == torch.float64:
             sup, sub = sup.double(), sub.double()
         elif sup.dtype == torch.float64:
@@ -344,7 +356,12 @@ class _BKCoreMixin:
         z = self.get_z()
         if he_diag.dtype == torch.float64 and isinstance(z, Tensor):
             z = z.to(torch.complex128)
-        G = ops.bk_core(he_diag, sup, sub, z, causal=self.causal, backend=self.backend)
+        if slot is None:
+            G = ops.bk_core(he_diag, sup, sub, z, causal=self.causal, backend=self.backend)
+        else:
+            G, slot["d"] = ops.bk_core(he_diag, sup, sub, z, causal=True, backend=self.backend,
+                                       initial_state=state, output_final_state=True)
+            slot["pos"] = p + N
         # The op computes bf16/fp16 in float32; hand the features back in the diagonal's dtype.
         return torch.view_as_real(G).to(he_diag.dtype)
 
@@ -360,6 +377,8 @@ class MoEResNetBKLayer(_BKCoreMixin, nn.Module):
     (``bk_features`` + ``mix_output``) so that adaptive-computation code can run the per-token
     part on a subset of tokens.
     """
+
+    supports_cache = True  # forward(..., cache=DecodeCache) decodes incrementally (causal)
 
     def __init__(self, d_model: int, n_seq: int, num_experts: int = 4, top_k: int = 1,
                  dropout_p: float = 0.1, *, causal: bool = True, backend: Optional[str] = None,
@@ -381,10 +400,10 @@ class MoEResNetBKLayer(_BKCoreMixin, nn.Module):
         """Per-token combine: ffn (..., D), feats (..., 2) -> (..., D)."""
         return ffn + self.bk_scale * self.output_proj(feats)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: Optional[DecodeCache] = None) -> Tensor:
         check_hidden("x", x, self.d_model, self.n_seq, self.v_proj.weight.dtype)
         ffn, v = self.ffn_and_potential(x)
-        return self.mix_output(ffn, self.bk_features(v))
+        return self.mix_output(ffn, self.bk_features(v, cache))
 
 
 class BKMixer(_BKCoreMixin, nn.Module):
@@ -393,6 +412,8 @@ class BKMixer(_BKCoreMixin, nn.Module):
     Costs O(N D) per sequence (one D->1 and one 2->D projection plus the O(N) BK-Core); used at full
     resolution by the multi-scale layers, where the expensive MoE FFN runs at low resolution.
     """
+
+    supports_cache = True  # forward(..., cache=DecodeCache) decodes incrementally (causal)
 
     def __init__(self, d_model: int, n_seq: int, *, causal: bool = True, backend: Optional[str] = None,
                  learnable_z: bool = False):
@@ -403,9 +424,9 @@ class BKMixer(_BKCoreMixin, nn.Module):
         self.bk_scale = nn.Parameter(torch.ones(()))
         self._init_bk(n_seq, causal, backend, learnable_z)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: Optional[DecodeCache] = None) -> Tensor:
         check_hidden("x", x, self.d_model, self.n_seq, self.v_proj.weight.dtype)
-        feats = self.bk_features(self.v_proj(x).squeeze(-1))
+        feats = self.bk_features(self.v_proj(x).squeeze(-1), cache)
         return self.bk_scale * self.output_proj(feats)
 
 
@@ -415,6 +436,8 @@ class ResNetBKBlock(nn.Module):
     ``bk_layer`` may be given to substitute another layer with the same (B, N, D) -> (B, N, D)
     contract (e.g. the learned-sparsity layer); otherwise a ``MoEResNetBKLayer`` is built.
     """
+
+    supports_cache = True  # forward(..., cache=DecodeCache) decodes incrementally (causal)
 
     def __init__(self, d_model: int, n_seq: int, num_experts: int = 4, top_k: int = 1,
                  dropout_p: float = 0.1, *, causal: bool = True, backend: Optional[str] = None,
@@ -427,9 +450,11 @@ class ResNetBKBlock(nn.Module):
             d_model, n_seq, num_experts, top_k, dropout_p, causal=causal, backend=backend,
             learnable_z=learnable_z)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: Optional[DecodeCache] = None) -> Tensor:
         check_dtype("x", x, self.layer_norm.weight.dtype)
-        return x + self.bk_layer(self.layer_norm(x))
+        if cache is None:
+            return x + self.bk_layer(self.layer_norm(x))
+        return x + call_with_cache(self.bk_layer, cache, self.layer_norm(x))
 
 
 def moe_aux_loss(module: nn.Module) -> Optional[Tensor]:
@@ -461,13 +486,26 @@ def init_lm_trunk(m: nn.Module, vocab_size: int, d_model: int, n_layers: int, n_
     m.lm_head = nn.Linear(d_model, vocab_size)
 
 
-def embed_tokens(m: nn.Module, x: Tensor) -> Tensor:
-    """Token + position embedding of x (B, N) long, checked against m's n_seq and vocab_size."""
+def embed_tokens(m: nn.Module, x: Tensor, cache: Optional[DecodeCache] = None) -> Tensor:
+    """Token + position embedding of x (B, N) long, checked against m's n_seq and vocab_size; with
+    a ``cache`` the positions continue from the cache's."""
     check_tokens("x", x, m.n_seq, m.vocab_size)
-    return m.token_embedding(x) + m.position_embedding(torch.arange(x.shape[1], device=x.device))
+    p = 0
+    if cache is not None:
+        check_cache(m, cache, x, m.n_seq)
+        p = cache.position
+    return m.token_embedding(x) + m.position_embedding(torch.arange(p, p + x.shape[1], device=x.device))
 
 
-class LanguageModel(nn.Module):
+def call_with_cache(module: nn.Module, cache: DecodeCache, *args):
+    """``module(*args, cache=cache)``, with a clear error when the module cannot stream."""
+    if not getattr(module, "supports_cache", False):
+        raise TypeError(f"cache: {type(module).__name__} does not support incremental decoding (it has no "
+                        f"supports_cache = True and forward(..., cache=...)); call the model without a cache")
+    return module(*args, cache=cache)
+
+
+class LanguageModel(GenerationMixin, nn.Module):
     """Token + learned position embedding -> n_layers blocks -> LayerNorm -> lm_head.
 
     forward(x (B, N) long, 1 <= N <= n_seq) -> logits (B, N, vocab_size). Causal by default:
@@ -487,13 +525,20 @@ class LanguageModel(nn.Module):
                                      backend=backend, learnable_z=learnable_z)
         init_lm_trunk(self, vocab_size, d_model, n_layers, n_seq, causal, moe_aux_weight, block_factory)
 
-    def embed(self, x: Tensor) -> Tensor:
-        return embed_tokens(self, x)
+    def embed(self, x: Tensor, cache: Optional[DecodeCache] = None) -> Tensor:
+        return embed_tokens(self, x, cache)
 
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.embed(x)
-        for block in self.blocks:
-            h = block(h)
+    def forward(self, x: Tensor, cache: Optional[DecodeCache] = None) -> Tensor:
+        """x (B, N) -> logits (B, N, V). ``cache`` (from ``init_cache``): x continues the cached
+        sequences (prefill or decode) and the cache advances in place."""
+        h = self.embed(x, cache)
+        if cache is None:
+            for block in self.blocks:
+                h = block(h)
+        else:
+            for block in self.blocks:
+                h = call_with_cache(block, cache, h)
+            cache.position += x.shape[1]
         return self.lm_head(self.layer_norm_final(h))
 
     def training_loss(self, x: Tensor, y: Tensor) -> Tuple[Tensor, dict]:
