@@ -32,6 +32,8 @@ from torch import Tensor
 
 from ._lazy import lazy_reexports
 from .base import MoEResNetBKLayer, check_hidden, embed_tokens, init_lm_trunk, moe_aux_loss
+from .cache import DecodeCache, active_cache
+from .generation import GenerationMixin
 
 if TYPE_CHECKING:
     from ..training.act import ACTTrainer
@@ -93,7 +95,7 @@ class AdaptiveResNetBKBlock(nn.Module):
             self.halting_unit[2].bias.fill_(float(halt_bias_init))
 
     def step_compact(self, h_run: Tensor, idx: Optional[Tensor], c_run: Tensor, v_full: Optional[Tensor],
-                     B: int, N: int, is_last: bool = False):
+                     B: int, N: int, is_last: bool = False, cache: Optional[DecodeCache] = None):
         """One block on compact running-token state (the path ``ACTLanguageModel`` uses).
 
         h_run (T, D) running tokens' states, idx (T,) their flat indices in B*N (None: all B*N tokens
@@ -107,7 +109,7 @@ class AdaptiveResNetBKBlock(nn.Module):
             v_full = v_run
         else:
             v_full = v_full.to(v_run.dtype).index_copy(0, idx, v_run)
-        feats = self.bk_layer.bk_features(v_full.view(B, N)).reshape(B * N, 2)
+        feats = self.bk_layer.bk_features(v_full.view(B, N), cache).reshape(B * N, 2)
         f_run = feats if idx is None else feats.index_select(0, idx)
         h_new = h_run + self.bk_layer.mix_output(ffn, f_run)
         remainder = 1.0 - c_run
@@ -175,7 +177,7 @@ class AdaptiveResNetBKBlock(nn.Module):
         return st.h, st.cumsum, st.running, st.weight
 
 
-class ACTLanguageModel(nn.Module):
+class ACTLanguageModel(GenerationMixin, nn.Module):
     """Language model whose depth adapts per token (ACT). Causal by default.
 
     forward(x (B,N) long, return_ponder_cost=True) -> (logits (B,N,V), ponder_cost scalar) or logits.
@@ -197,8 +199,17 @@ class ACTLanguageModel(nn.Module):
         self.avg_layers_executed: float = 0.0
         self.layers_skipped: int = 0
 
-    def forward(self, x: Tensor, return_ponder_cost: bool = True):
-        h = embed_tokens(self, x)
+    def forward(self, x: Tensor, return_ponder_cost: bool = True, cache: Optional[DecodeCache] = None):
+        """``cache`` (from ``init_cache``): x continues the cached sequences; each block's BK-Core
+        state advances through the new positions with the potentials the full forward would use
+        (a halted token's frozen potential), also in blocks no new token runs."""
+        if cache is None:
+            return self._forward(x, return_ponder_cost, None)
+        with active_cache(cache):
+            return self._forward(x, return_ponder_cost, cache)
+
+    def _forward(self, x: Tensor, return_ponder_cost: bool, cache: Optional[DecodeCache]):
+        h = embed_tokens(self, x, cache)
         B, N = x.shape
         D = self.d_model
         # Compact state: only the running tokens' states, halting sums and flat indices are kept
@@ -219,10 +230,12 @@ class ACTLanguageModel(nn.Module):
                 skipped = L - l
                 for later in self.blocks[l:]:
                     later.bk_layer.moe_ffn.aux_loss = None
+                    if cache is not None:  # (but their BK-Core states still pass these positions)
+                        later.bk_layer.bk_features(v_full.view(B, N), cache)
                 break
             tokens_run += T
             h_new, v_full, c_new, halted, w, remainder = block.step_compact(
-                h_run, idx, c_run, v_full, B, N, is_last=(l == L - 1))
+                h_run, idx, c_run, v_full, B, N, is_last=(l == L - 1), cache=cache)
             idx_parts.append(idx)
             contrib_parts.append(w.unsqueeze(-1).to(h_new.dtype) * h_new)
             # Graves' rho = N(t) + R(t), summed over the tokens halting at block l (N(t) = l + 1).
@@ -235,6 +248,8 @@ class ACTLanguageModel(nn.Module):
             else:
                 idx = keep if idx is None else idx.index_select(0, keep)
                 h_run, c_run = h_new.index_select(0, keep), c_new.index_select(0, keep)
+        if cache is not None:
+            cache.position += N
         self.avg_layers_executed = tokens_run / float(B * N)
         self.layers_skipped = skipped
         # Output = sum_l w_l h_l: the full-size first contribution plus one index_add of the rest.
@@ -249,6 +264,9 @@ class ACTLanguageModel(nn.Module):
         if not return_ponder_cost:
             return logits
         return logits, ponder / float(B * N)
+
+    def _cached_logits(self, tokens: Tensor, cache: DecodeCache) -> Tensor:
+        return self(tokens, return_ponder_cost=False, cache=cache)
 
     def compute_loss(self, logits: Tensor, targets: Tensor, ponder_cost: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """(total = CE + act_lambda * ponder, ce, ponder). logits (B,N,V) or (B*N,V); targets (B,N) or (B*N,)."""

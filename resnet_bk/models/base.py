@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
-from .cache import DecodeCache, cache_slot, check_cache
+from .cache import DecodeCache, active_cache, cache_slot, check_cache
 from .generation import GenerationMixin
 
 __all__ = [
@@ -335,6 +335,13 @@ class _BKCoreMixin:
 
         ``cache`` (a ``DecodeCache``, causal only): v holds the next N positions of the sequences
         this module has seen so far; the pivot of the last one is carried in the cache's slot."""
+        G, dtype = self._resolvent(v, cache)
+        # The op computes bf16/fp16 in float32; hand the features back in the diagonal's dtype.
+        return torch.view_as_real(G).to(dtype)
+
+    def _resolvent(self, v: Tensor, cache=None, mask: Optional[Tensor] = None) -> Tuple[Tensor, torch.dtype]:
+        """(G (B, N) complex of H0 + diag(v), times ``mask`` when given, and H's diagonal dtype);
+        with ``cache`` the positions continue from this module's slot (see ``bk_features``)."""
         slot = cache_slot(self, cache, self.causal)
         p = 0 if slot is None else slot["pos"]
         N = v.shape[-1]
@@ -356,14 +363,17 @@ class _BKCoreMixin:
         z = self.get_z()
         if he_diag.dtype == torch.float64 and isinstance(z, Tensor):
             z = z.to(torch.complex128)
-        if slot is None:
-            G = ops.bk_core(he_diag, sup, sub, z, causal=self.causal, backend=self.backend)
+        kw = dict(causal=self.causal, backend=self.backend)
+        if slot is not None:
+            kw.update(initial_state=state, output_final_state=True)
+        if mask is None:
+            G = ops.bk_core(he_diag, sup, sub, z, **kw)
         else:
-            G, slot["d"] = ops.bk_core(he_diag, sup, sub, z, causal=True, backend=self.backend,
-                                       initial_state=state, output_final_state=True)
+            G = ops.bk_core_masked(he_diag, sup, sub, z, mask.to(he_diag.dtype), **kw)
+        if slot is not None:
+            G, slot["d"] = G
             slot["pos"] = p + N
-        # The op computes bf16/fp16 in float32; hand the features back in the diagonal's dtype.
-        return torch.view_as_real(G).to(he_diag.dtype)
+        return G, he_diag.dtype
 
 
 class MoEResNetBKLayer(_BKCoreMixin, nn.Module):
@@ -531,15 +541,18 @@ class LanguageModel(GenerationMixin, nn.Module):
     def forward(self, x: Tensor, cache: Optional[DecodeCache] = None) -> Tensor:
         """x (B, N) -> logits (B, N, V). ``cache`` (from ``init_cache``): x continues the cached
         sequences (prefill or decode) and the cache advances in place."""
-        h = self.embed(x, cache)
         if cache is None:
+            h = self.embed(x)
             for block in self.blocks:
                 h = block(h)
-        else:
+            return self.lm_head(self.layer_norm_final(h))
+        with active_cache(cache):
+            h = self.embed(x, cache)
             for block in self.blocks:
                 h = call_with_cache(block, cache, h)
-            cache.position += x.shape[1]
-        return self.lm_head(self.layer_norm_final(h))
+            logits = self.lm_head(self.layer_norm_final(h))
+        cache.position += x.shape[1]
+        return logits
 
     def training_loss(self, x: Tensor, y: Tensor) -> Tuple[Tensor, dict]:
         """Next-token loss used by ``resnet_bk.training.train``: CE(logits, y) plus

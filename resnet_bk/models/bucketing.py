@@ -33,6 +33,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .cache import current_cache
+
 __all__ = ["LearnableBucketLandmark", "attach_bucket_landmark", "BucketLandmarkHandle"]
 
 
@@ -107,18 +109,22 @@ class LearnableBucketLandmark(nn.Module):
         state_dict[new] = torch.log(widths).to(self.bucket_width_logits.dtype)
 
     # -- forward ----------------------------------------------------------------------------
-    def bucket_weights(self, seq_len: int, *, length: Optional[int] = None,
+    def bucket_weights(self, seq_len: int, *, length: Optional[int] = None, offset: int = 0,
                        device=None, dtype=None) -> Tensor:
-        """(seq_len, num_buckets) soft bucket assignment of positions 0..seq_len-1; rows sum to 1.
+        """(seq_len, num_buckets) soft bucket assignment of positions offset..offset+seq_len-1; rows
+        sum to 1.
 
-        ``length`` is the normalising length (default ``seq_len``)."""
-        norm = seq_len if length is None else length
-        if not isinstance(norm, int) or norm < seq_len or norm > self.max_positions:
-            raise ValueError(f"length: expected an int in [{seq_len}, max_positions={self.max_positions}], "
+        ``length`` is the normalising length (default ``offset + seq_len``)."""
+        if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+            raise ValueError(f"offset: expected an int >= 0, got {offset!r}")
+        end = offset + seq_len
+        norm = end if length is None else length
+        if not isinstance(norm, int) or norm < end or norm > self.max_positions:
+            raise ValueError(f"length: expected an int in [{end}, max_positions={self.max_positions}], "
                              f"got {norm!r}")
         device = self.bucket_width_logits.device if device is None else device
         dtype = self.bucket_width_logits.dtype if dtype is None else dtype
-        p = (torch.arange(seq_len, device=device, dtype=dtype) + 0.5) / norm          # (S,)
+        p = (torch.arange(offset, end, device=device, dtype=dtype) + 0.5) / norm     # (S,)
         b = self.bucket_boundaries.to(dtype)                                          # (nb-1,)
         t = self.temperature / self.num_buckets
         s = torch.sigmoid((p[:, None] - b[None, :]) / t)                              # (S, nb-1)
@@ -127,9 +133,9 @@ class LearnableBucketLandmark(nn.Module):
         ones = torch.ones(seq_len, 1, device=device, dtype=dtype)
         return -torch.diff(torch.cat([ones, s, torch.zeros_like(ones)], dim=1), dim=1)
 
-    def forward(self, hidden_states: Tensor, *, length: Optional[int] = None) -> Tensor:
-        """hidden_states (B, S, H) -> (B, S, H). ``length``: normalising length for incremental
-        decoding (default S)."""
+    def forward(self, hidden_states: Tensor, *, length: Optional[int] = None, offset: int = 0) -> Tensor:
+        """hidden_states (B, S, H) -> (B, S, H) at positions offset..offset+S-1. ``length``: the
+        normalising length for incremental decoding (default offset + S)."""
         if not isinstance(hidden_states, Tensor) or hidden_states.dim() != 3:
             raise ValueError("hidden_states: expected a (B, S, H) tensor, got "
                              f"{tuple(hidden_states.shape) if isinstance(hidden_states, Tensor) else type(hidden_states).__name__}")
@@ -142,7 +148,7 @@ class LearnableBucketLandmark(nn.Module):
             raise TypeError(f"hidden_states: expected a floating dtype, got {hidden_states.dtype}")
         if S == 0:
             return hidden_states
-        w = self.bucket_weights(S, length=length, device=hidden_states.device,
+        w = self.bucket_weights(S, length=length, offset=offset, device=hidden_states.device,
                                 dtype=self.bucket_width_logits.dtype)                  # (S, nb)
         pos_logits = w @ self.position_gates                                          # (S, L)
         logits = pos_logits.to(hidden_states.dtype) + self.content_gate(hidden_states)
@@ -190,11 +196,25 @@ class BucketLandmarkHandle:
 
 def _apply_landmark(module: nn.Module, inputs, output):
     landmark = module._modules[_ATTR]
+    apply = landmark
+    cache = current_cache()
+    if cache is not None:
+        # A cached (incremental) forward of a resnet_bk model: the output holds the positions after
+        # those this landmark has seen, normalised by the cache's total length.
+        if cache.length is None:
+            raise ValueError("cache: a LearnableBucketLandmark normalises positions by the sequence's total length; "
+                             "make the cache with model.init_cache(batch_size, length=TOTAL)")
+        slot = cache.slot(landmark)
+
+        def apply(h):
+            out = landmark(h, length=cache.length, offset=slot["pos"])
+            slot["pos"] += h.shape[1]
+            return out
     if isinstance(output, Tensor):
-        return landmark(output)
+        return apply(output)
     if isinstance(output, tuple) and output and isinstance(output[0], Tensor):
         # Hugging Face style blocks return (hidden_states, *extras).
-        return (landmark(output[0]),) + tuple(output[1:])
+        return (apply(output[0]),) + tuple(output[1:])
     raise TypeError(f"attach_bucket_landmark: the module's output must be a (B, S, H) tensor or a "
                     f"tuple starting with one, got {type(output).__name__}")
 

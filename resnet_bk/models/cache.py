@@ -20,12 +20,32 @@ make a new cache, to truncate).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import weakref
-from typing import Dict, Optional
+from typing import Dict, Iterator, Optional
 
 from torch import Tensor, nn
 
-__all__ = ["DecodeCache", "check_cache", "cache_slot"]
+__all__ = ["DecodeCache", "check_cache", "cache_slot", "active_cache", "current_cache"]
+
+# The cache of the cached forward running now, for code that only sees a module's output (the
+# forward hook of ``attach_bucket_landmark``): set by the models' forward around a cached call.
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("resnet_bk_decode_cache", default=None)
+
+
+@contextlib.contextmanager
+def active_cache(cache: Optional["DecodeCache"]) -> Iterator[None]:
+    token = _ACTIVE.set(cache)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def current_cache() -> Optional["DecodeCache"]:
+    """The ``DecodeCache`` of the cached forward in progress (None outside one)."""
+    return _ACTIVE.get()
 
 
 class DecodeCache:

@@ -25,7 +25,9 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from .act import ACTLanguageModel
-from .base import LanguageModel, ResNetBKBlock, moe_aux_loss
+from .base import LanguageModel, ResNetBKBlock, call_with_cache, moe_aux_loss
+from .cache import DecodeCache
+from .generation import GenerationMixin
 from .multi_scale import MultiScaleResNetBKBlock
 from .sparse import SparseMoEResNetBKLayer
 
@@ -143,13 +145,17 @@ class _Checkpointed(nn.Module):
         super().__init__()
         self.block = block
 
-    def forward(self, x: Tensor) -> Tensor:
+    supports_cache = True
+
+    def forward(self, x: Tensor, cache: Optional[DecodeCache] = None) -> Tensor:
+        if cache is not None:  # incremental decoding: nothing to recompute
+            return call_with_cache(self.block, cache, x)
         if self.training and torch.is_grad_enabled():
             return checkpoint(self.block, x, use_reentrant=False)
         return self.block(x)
 
 
-class ConfigurableResNetBK(nn.Module):
+class ConfigurableResNetBK(GenerationMixin, nn.Module):
     """A ResNet-BK language model built from a ``ResNetBKConfig`` (keyword overrides allowed:
     ``ConfigurableResNetBK(vocab_size=..., use_multi_scale=True, multi_scale_hierarchical=True)``).
 
@@ -214,14 +220,23 @@ class ConfigurableResNetBK(nn.Module):
                         aux = s if aux is None else aux + s
         return aux
 
-    def forward(self, x: Tensor, return_aux_loss: bool = False):
+    def _generation_host(self):
+        return self.model
+
+    def init_cache(self, batch_size: int, *, length: Optional[int] = None) -> DecodeCache:
+        """The inner model's decoding cache (``forward(x, cache=cache)`` goes to it)."""
+        return self.model.init_cache(batch_size, length=length)
+
+    def forward(self, x: Tensor, return_aux_loss: bool = False, cache: Optional[DecodeCache] = None):
+        """``cache`` (from ``init_cache``): x continues the cached sequences (see ``LanguageModel``)."""
         ctx = (torch.autocast(device_type=x.device.type, dtype=torch.bfloat16)
                if self.config.use_mixed_precision else torch.autocast(device_type=x.device.type, enabled=False))
+        kw = {} if cache is None else {"cache": cache}
         with ctx:
             if self.config.use_adaptive_computation:
-                logits, ponder = self.model(x, return_ponder_cost=True)
+                logits, ponder = self.model(x, return_ponder_cost=True, **kw)
             else:
-                logits, ponder = self.model(x), None
+                logits, ponder = self.model(x, **kw), None
         logits = logits.float()
         if not return_aux_loss:
             return logits

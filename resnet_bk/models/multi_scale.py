@@ -37,6 +37,7 @@ from torch import Tensor
 
 from .. import ops
 from .base import BKMixer, MoEResNetBKLayer, check_dtype, check_hidden
+from .cache import DecodeCache, cache_slot
 
 __all__ = ["LearnedDownsampling", "LearnedUpsampling", "MultiScaleResNetBKLayer",
            "HierarchicalMultiScaleLayer", "MultiScaleResNetBKBlock", "count_flops_multi_scale"]
@@ -59,17 +60,71 @@ def _project_add(base: Tensor, feats: Tensor, proj: nn.Linear, scale: Tensor) ->
     return torch.addmm(base2, f3, m3).view(B, N, D)
 
 
-def _add_mixer(mixer: BKMixer, base: Tensor, h: Tensor) -> Tensor:
+def _add_mixer(mixer: BKMixer, base: Tensor, h: Tensor, cache: Optional[DecodeCache] = None) -> Tensor:
     """``base + mixer(h)`` (all (B, N, D)) through ``_project_add``."""
-    feats = mixer.bk_features(mixer.v_proj(h).squeeze(-1))  # (B, N, 2)
+    feats = mixer.bk_features(mixer.v_proj(h).squeeze(-1), cache)  # (B, N, 2)
     return _project_add(base, feats, mixer.output_proj, mixer.bk_scale)
 
 
-def _moe_bk(layer: MoEResNetBKLayer, x: Tensor) -> Tensor:
+def _moe_bk(layer: MoEResNetBKLayer, x: Tensor, cache: Optional[DecodeCache] = None) -> Tensor:
     """``layer(x)`` for a low-resolution ``MoEResNetBKLayer`` (x (B, M, D), already checked by the
     caller), with its ffn + bk_scale * output_proj(features) combine through ``_project_add``."""
     ffn, v = layer.ffn_and_potential(x)
-    return _project_add(ffn, layer.bk_features(v), layer.output_proj, layer.bk_scale)
+    return _project_add(ffn, layer.bk_features(v, cache), layer.output_proj, layer.bk_scale)
+
+
+# ---- incremental decoding (a DecodeCache): the resampling as streams ---------------------------
+# A causal downsample's group j pools positions [j r - r + 1, j r], so it completes when position
+# j r arrives; the upsample writes group j's vectors to positions j r .. j r + r - 1. A stream keeps
+# the last r - 1 inputs (the window's tail) and the vectors of the group in progress: O(r D) per
+# sequence, whatever the context.
+
+def _stream_down(down: "LearnedDownsampling", x: Tensor, slot: dict, key: str) -> Tensor:
+    """The low-resolution entries that the next n positions x (B, n, D) complete: (B, J, D)."""
+    if not down.causal:
+        raise ValueError("cache: a two-sided (causal=False) downsample pools later positions; it cannot decode "
+                         "incrementally")
+    r = down.factor
+    B, n, D = x.shape
+    p = slot.get(key + "_pos", 0)
+    tail = slot.get(key + "_tail")
+    if tail is None:
+        tail = x.new_zeros(B, r - 1, D)  # the causal window's zero padding before position 0
+    xx = torch.cat([tail, x], 1)  # positions p - r + 1 .. p + n - 1
+    slot[key + "_tail"] = xx[:, xx.shape[1] - (r - 1):]
+    slot[key + "_pos"] = p + n
+    j0, j1 = -(-p // r), (p + n - 1) // r
+    if j1 < j0:
+        return x.new_empty(B, 0, D)
+    if j1 >= down.pool_logits.shape[0]:
+        raise ValueError(f"x: position {j1 * r} is past this downsample's n_seq={down.n_seq}")
+    # window of group j: xx[j r - p : j r - p + r]
+    win = xx[:, j0 * r - p: j1 * r - p + r].unflatten(1, (j1 - j0 + 1, r))  # (B, J, r, D)
+    logits = down.pool_logits[j0:j1 + 1]
+    if x.dtype == torch.float64:
+        logits = logits.double()
+    w = logits.softmax(-1).to(x.dtype)  # (J, r)
+    return (win * w[None, :, :, None]).sum(2)
+
+
+def _stream_up(up: "LearnedUpsampling", low: Tensor, n: int, slot: dict, key: str) -> Tensor:
+    """The upsampled vectors (B, n, D) of the next n positions, from the low-resolution entries
+    ``low`` (B, J, D) they complete (group j covers positions j r .. j r + r - 1) and the group in
+    progress (kept in the slot)."""
+    r = up.factor
+    p = slot.get(key + "_pos", 0)
+    slot[key + "_pos"] = p + n
+    parts = []
+    k = min(n, (-p) % r)  # positions p .. p + k - 1 belong to the group in progress
+    if k:
+        held = slot[key + "_held"]
+        off = p % r
+        parts.append(held[:, off:off + k])
+    if n > k:
+        new = up(low)  # (B, J r, D), starting at position p + k
+        parts.append(new[:, : n - k])
+        slot[key + "_held"] = new[:, new.shape[1] - r:]
+    return torch.cat(parts, 1)  # a fresh tensor (callers may update it in place)
 
 
 def _pad_to(x: Tensor, multiple: int) -> Tensor:
@@ -150,9 +205,18 @@ class MultiScaleResNetBKLayer(nn.Module):
         self.up = LearnedUpsampling(d_model, n_low, factor, backend=backend)
         self.full_mixer = BKMixer(d_model, n_seq, causal=causal, backend=backend, learnable_z=learnable_z)
 
-    def forward(self, x: Tensor) -> Tensor:
+    supports_cache = True  # forward(..., cache=DecodeCache) decodes incrementally (causal)
+
+    def forward(self, x: Tensor, cache: Optional[DecodeCache] = None) -> Tensor:
         check_hidden("x", x, self.d_model, self.n_seq, self.full_mixer.v_proj.weight.dtype)
         N = x.shape[1]
+        if cache is not None:
+            slot = cache_slot(self, cache, self.down.causal)
+            low = _stream_down(self.down, x, slot, "down")
+            if low.shape[1]:
+                low = _moe_bk(self.low_layer, low, cache)
+            u = _stream_up(self.up, low, N, slot, "up")
+            return _add_mixer(self.full_mixer, u, x + u, cache)
         u = self.up(_moe_bk(self.low_layer, self.down(x)))[:, :N]
         return _add_mixer(self.full_mixer, u, x + u)
 
@@ -192,8 +256,28 @@ class HierarchicalMultiScaleLayer(nn.Module):
                 state_dict[key] = buf
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, x: Tensor) -> Tensor:
+    supports_cache = True  # forward(..., cache=DecodeCache) decodes incrementally (causal)
+
+    def _forward_cached(self, x: Tensor, cache: DecodeCache) -> Tensor:
+        """The levels as streams: the N/2 level consumes the entries of down1 as they complete,
+        the N/4 level those of down2."""
+        slot = cache_slot(self, cache, self.down1.causal)
+        d1 = _stream_down(self.down1, x, slot, "down1")  # (B, J1, D) new N/2 entries
+        J1 = d1.shape[1]
+        u1 = d1
+        if J1:
+            d2 = _stream_down(self.down2, d1, slot, "down2")
+            if d2.shape[1]:
+                d2 = _moe_bk(self.bottleneck, d2, cache)
+            u1 = _stream_up(self.up1, d2, J1, slot, "up1") + d1
+            u1 = _add_mixer(self.mid_mixer, u1, u1, cache)
+        u2 = _stream_up(self.up2, u1, x.shape[1], slot, "up2")
+        return _add_mixer(self.full_mixer, u2, x + u2, cache)
+
+    def forward(self, x: Tensor, cache: Optional[DecodeCache] = None) -> Tensor:
         check_hidden("x", x, self.d_model, self.n_seq, self.full_mixer.v_proj.weight.dtype)
+        if cache is not None:
+            return self._forward_cached(x, cache)
         N = x.shape[1]
         d1 = self.down1(x)  # (B, ceil(N/2), D)
         d1 = _pad_to(d1, 2)
@@ -217,9 +301,13 @@ class MultiScaleResNetBKBlock(nn.Module):
         self.layer = cls(d_model, n_seq, num_experts, top_k, dropout_p, causal=causal, backend=backend,
                          learnable_z=learnable_z)
 
-    def forward(self, x: Tensor) -> Tensor:
+    supports_cache = True  # forward(..., cache=DecodeCache) decodes incrementally (causal)
+
+    def forward(self, x: Tensor, cache: Optional[DecodeCache] = None) -> Tensor:
         check_dtype("x", x, self.layer_norm.weight.dtype)
-        return x + self.layer(self.layer_norm(x))
+        if cache is None:
+            return x + self.layer(self.layer_norm(x))
+        return x + self.layer(self.layer_norm(x), cache=cache)
 
 
 def count_flops_multi_scale(d_model: int, n_seq: int, num_experts: int = 4, hierarchical: bool = False) -> dict:

@@ -36,6 +36,7 @@ from .. import ops
 from ._lazy import lazy_reexports
 from .base import (LanguageModel, PerForwardState, ResNetBKBlock, SparseMoELayer, _BKCoreMixin, check_hidden,
                    moe_aux_loss)
+from .cache import DecodeCache, cache_slot
 
 if TYPE_CHECKING:
     from ..training.sparsity import AdaptiveSparsityScheduler
@@ -149,14 +150,20 @@ class SparseBKCore(_BKCoreMixin, nn.Module):
         logits = self.importance_predictor(x).squeeze(-1).float()
         return gumbel_sigmoid(logits, self.tau, hard=True, noise=self.training)
 
-    def interpolate(self, feats: Tensor, mask: Tensor) -> Tensor:
+    def interpolate(self, feats: Tensor, mask: Tensor, slot: Optional[dict] = None) -> Tensor:
         """feats (B, N, 2) zero where skipped, mask (B, N) -> estimates (B, N, 2) for every position;
-        position i uses positions <= i only when causal."""
+        position i uses positions <= i only when causal. ``slot`` (incremental decoding): the last
+        two positions' inputs before these N are kept there."""
         B, N, _ = feats.shape
         c1, c2 = self.interpolator[0], self.interpolator[2]
         dt = c1.weight.dtype
         inp = torch.cat([feats.to(dt), mask.unsqueeze(-1).to(dt)], dim=-1)  # (B, N, 3)
-        inp = F.pad(inp, (0, 0, 2, 0) if self.causal else (0, 0, 1, 1))    # pad the sequence axis
+        if slot is not None:
+            prev = slot.get("interp_tail")
+            inp = torch.cat([inp.new_zeros(B, 2, 3) if prev is None else prev, inp], 1)
+            slot["interp_tail"] = inp[:, inp.shape[1] - 2:]
+        else:
+            inp = F.pad(inp, (0, 0, 2, 0) if self.causal else (0, 0, 1, 1))    # pad the sequence axis
         # The two convolutions as matmuls over 3-position windows: the same parameters and values
         # as nn.Conv1d, without oneDNN's per-call cost for 3 and 8 channels (~0.1 ms per conv).
         win = inp.unfold(1, 3, 1).reshape(B, N, 9)                          # (B, N, [channel, tap])
@@ -164,9 +171,10 @@ class SparseBKCore(_BKCoreMixin, nn.Module):
         return F.linear(h, c2.weight.reshape(c2.out_channels, -1), c2.bias).to(feats.dtype)
 
     def forward(self, x: Tensor, v: Tensor, use_sparse_computation: bool = True, *,
-                mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                mask: Optional[Tensor] = None, cache: Optional[DecodeCache] = None) -> Tuple[Tensor, Tensor, Tensor]:
         """``mask`` (B, N): a mask from ``predict_mask(x)`` already drawn by the caller (the layer
-        uses it to skip the FFN too); None draws one here."""
+        uses it to skip the FFN too); None draws one here. ``cache`` (a ``DecodeCache``, causal):
+        x and v continue the cached sequences."""
         check_hidden("x", x, self.d_model, self.n_seq)
         if not isinstance(v, Tensor) or tuple(v.shape) != tuple(x.shape[:2]):
             raise ValueError(f"v: expected shape {tuple(x.shape[:2])} (B, N), got "
@@ -176,6 +184,15 @@ class SparseBKCore(_BKCoreMixin, nn.Module):
         elif tuple(mask.shape) != tuple(x.shape[:2]) or not mask.is_floating_point():
             raise ValueError(f"mask: expected a floating (B, N) = {tuple(x.shape[:2])} mask, got "
                              f"{tuple(mask.shape)} {mask.dtype}")
+        if cache is not None:
+            slot = cache_slot(self, cache, self.causal)
+            G, dtype = self._resolvent(v, cache, mask if use_sparse_computation else None)
+            feats = torch.view_as_real(G).to(dtype)
+            if not use_sparse_computation:
+                feats = feats * mask.unsqueeze(-1).to(dtype)
+            m = mask.unsqueeze(-1).to(feats.dtype)
+            features = feats + (1.0 - m) * self.interpolate(feats, mask, slot)
+            return features, mask, 1.0 - mask.mean()
         he_diag, sup, sub, z = self._h(v)
         if use_sparse_computation:
             # One call for the whole batch; the op skips the combine/output work where mask == 0.
@@ -257,12 +274,14 @@ class SparseMoEResNetBKLayer(PerForwardState, nn.Module):
             raise ValueError(f"target_sparsity: expected a fraction in [0, 1), got {value!r}")
         self.sparse_bk_core.target_sparsity = float(value)
 
-    def forward(self, x: Tensor) -> Tensor:
+    supports_cache = True  # forward(..., cache=DecodeCache) decodes incrementally (causal)
+
+    def forward(self, x: Tensor, cache: Optional[DecodeCache] = None) -> Tensor:
         check_hidden("x", x, self.d_model, self.n_seq, self.v_proj.weight.dtype)
         if not self.skip_ffn:
             ffn = self.moe_ffn(x)
             v = self.v_proj(ffn).squeeze(-1)
-            feats, mask, ratio = self.sparse_bk_core(x, v, self.use_sparse_computation)
+            feats, mask, ratio = self.sparse_bk_core(x, v, self.use_sparse_computation, cache=cache)
             self._keep(mask, ratio)
             return ffn + self.bk_scale * self.output_proj(feats.to(ffn.dtype))
         B, N, D = x.shape
@@ -278,7 +297,7 @@ class SparseMoEResNetBKLayer(PerForwardState, nn.Module):
         else:  # dense reference: the FFN on every position, then masked (same values, no saving)
             ffn = self.moe_ffn(x) * mask.unsqueeze(-1).to(x.dtype)
             v = self.v_proj(ffn).squeeze(-1)
-        feats, mask, ratio = self.sparse_bk_core(x, v, self.use_sparse_computation, mask=mask)
+        feats, mask, ratio = self.sparse_bk_core(x, v, self.use_sparse_computation, mask=mask, cache=cache)
         self._keep(mask, ratio)
         out = self.bk_scale * self.output_proj(feats.to(x.dtype))
         if not self.use_sparse_computation:
