@@ -190,12 +190,16 @@ def render_text(result: dict) -> str:
         parts.append(f"\n== modules vs the plain model of the same size ({_module_sizes(result)}; on "
                      f"{result.get('corpus')})")
         parts.append(_fmt_table(*_module_table(result)))
+    if result.get("decode_rows"):
+        from .bench_decode import render as render_decode
+        parts.append("\n" + render_decode(result["decode_rows"]))
     if result.get("skipped_cases"):
         parts.append("\nskipped cases:")
         parts += [f"  {s['case']}: {s['reason']}" for s in result["skipped_cases"]]
     parts.append("")
     parts += goal_lines(result)
-    bad = [r for r in result["rows"] + result.get("module_rows", []) if r["status"] in ("FAILED", "ERROR")]
+    bad = [r for r in result["rows"] + result.get("module_rows", []) + result.get("decode_rows", [])
+           if r["status"] in ("FAILED", "ERROR")]
     parts.append(f"\n{len(bad)} FAILED/ERROR rows" if bad else "\nall correctness checks passed")
     return "\n".join(parts)
 
@@ -231,6 +235,10 @@ def render_markdown(result: dict) -> str:
                 f"the same size / module time; "
                 f"the design claim column quotes the original design documents (claims, not measurements).", "",
                 _md_table(*_module_table(result))]
+    if result.get("decode_rows"):
+        from .bench_decode import render as render_decode
+        out += ["", "## Decode: cached steps vs recomputing the prefix", "", "```",
+                render_decode(result["decode_rows"]), "```"]
     if result.get("skipped_cases"):
         out += ["", "## Skipped cases", ""] + [f"- {s['case']}: {s['reason']}" for s in result["skipped_cases"]]
     return "\n".join(out) + "\n"

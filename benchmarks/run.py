@@ -371,7 +371,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                    help="directory for <machine-kind>.json/.md and the plots (default benchmarks/results)")
     p.add_argument("--compare", metavar="OLD.json", help="print this run's speedup over an earlier result file")
-    p.add_argument("--ops", nargs="+", choices=list(OP_GROUPS) + ["modules", "none"],
+    p.add_argument("--ops", nargs="+", choices=list(OP_GROUPS) + ["modules", "decode", "none"],
                    help="what to run (default: every op and the modules); 'none' runs nothing but the "
                         "machine description and bandwidth")
     p.add_argument("--backends", nargs="+",
@@ -388,7 +388,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     grid = "quick" if args.quick else "smoke" if args.smoke else "full"
     policy = POLICIES[grid]
-    groups = set(args.ops or list(OP_GROUPS) + ["modules"])
+    groups = set(args.ops or list(OP_GROUPS) + ["modules", "decode"])
     t_start = time.perf_counter()
     info = machine_info()
     kind = machine_kind(info)
@@ -470,12 +470,25 @@ def main(argv: Optional[List[str]] = None) -> int:
                         progress.write(f"ERROR layer rows: {module_rows[-1]['reason']}")
                     progress.write(f"layer rows {report.size_label(cfg)} {dev.type} ({time.perf_counter() - t0:.1f} s)")
         report.module_speedups(module_rows)
+    decode_rows: List[dict] = []
+    if "decode" in groups:
+        from .bench_decode import run_decode
+        for dev in devices:
+            t0 = time.perf_counter()
+            try:
+                decode_rows += run_decode(grid, dev)
+            except Exception as exc:  # noqa: BLE001
+                decode_rows.append({"suite": "decode", "device": dev.type, "status": "ERROR",
+                                    "reason": f"{type(exc).__name__}: {exc}"})
+                progress.write(f"ERROR decode: {decode_rows[-1]['reason']}")
+            progress.write(f"decode {dev.type} ({time.perf_counter() - t0:.1f} s)")
     progress.close()
     elapsed = time.perf_counter() - t_start
     result = {
         "schema": 1, "grid": grid, "argv": sys.argv[1:] if argv is None else list(argv),
         "machine": info, "machine_kind": kind, "copy_bandwidth": bandwidth, "policy": policy.__dict__, "module_policy": MODULE_POLICIES[grid].__dict__,
         "memory_method": MEMORY_METHOD, "skipped_cases": skipped, "rows": rows, "module_rows": module_rows,
+        "decode_rows": decode_rows,
         "module_config": None, "corpus": corpus[2] if corpus else None, "elapsed_s": elapsed,
         "notes": report.METHOD_NOTES,
     }
@@ -500,7 +513,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(report.render_compare(old, result))
     print(f"wrote {', '.join(written)}")
     print(f"total time {elapsed:.1f} s")
-    return 1 if any(r["status"] in ("FAILED", "ERROR") for r in rows + module_rows) else 0
+    return 1 if any(r["status"] in ("FAILED", "ERROR") for r in rows + module_rows + decode_rows) else 0
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ logits equal the full forward's; tests/models/test_generation.py).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -87,12 +87,14 @@ class GenerationMixin:
     @torch.no_grad()
     def generate(self, input_ids: Tensor, max_new_tokens: int, *, do_sample: bool = False, temperature: float = 1.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None, eos_token_id: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None) -> Tensor:
+                 generator: Optional[torch.Generator] = None,
+                 streamer: Optional[Callable[[Tensor], None]] = None) -> Tensor:
         """input_ids (B, n) -> (B, n + max_new_tokens) token ids: one prefill call, then one cached
         call per token; greedy (``do_sample=False``) or sampled (``temperature``, ``top_k``,
         ``top_p``; reproducible with ``generator``). A row that produced ``eos_token_id`` is padded
-        with it from then on (generation stops early when every row has). Runs in the model's
-        current mode: call ``model.eval()`` first so that dropout is off."""
+        with it from then on (generation stops early when every row has). ``streamer`` is called with
+        each new column of token ids (B,) as soon as it is chosen. Runs in the model's current mode:
+        call ``model.eval()`` first so that dropout is off."""
         host = self._generation_host()
         _check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, host.vocab_size)
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 1:
@@ -117,6 +119,8 @@ class GenerationMixin:
                 nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
                 done = done | (nxt == eos_token_id)
             out[:, t] = nxt
+            if streamer is not None:
+                streamer(nxt)
             if t == total - 1:
                 break
             if eos_token_id is not None and bool(done.all()):
