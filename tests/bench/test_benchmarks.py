@@ -171,8 +171,8 @@ def test_machine_kind_tells_amd_generations_apart(vendor, family, model, gen):
 
 
 def _step_run(tmp_path):
-    rc = main(["--smoke", "--ops", "step", "--backends", "cpp", "--out", str(tmp_path), "--name", "s",
-               "--no-progress", "--no-plots"])
+    rc = main(["--smoke", "--ops", "step", "--backends", "cpp", "step-reference", "--out", str(tmp_path),
+               "--name", "s", "--no-progress", "--no-plots"])
     with open(os.path.join(tmp_path, "s.json")) as f:
         return rc, json.load(f)["rows"]
 
@@ -194,18 +194,21 @@ def test_step_decode_rows_are_checked_against_bk_core(tmp_path):
 
 def test_step_decode_wrong_step_is_failed(tmp_path, monkeypatch):
     """A decode step that is off by 0.1 % fails the check against bk_core of the whole sequence."""
-    real = ops.bk_core_step
+    from resnet_bk.ops.bk_core import step as step_mod
+    real = step_mod._fast_cpu  # the cpp decode call's path
 
-    def wrong(*args, backend=None, **kw):
-        y, d = real(*args, backend=backend, **kw)
-        if backend == "cpp":
-            if kw.get("out") is not None:
-                y.mul_(1.001)  # the no_grad loop reads the out= buffer
-            else:
-                y = y * 1.001  # (y itself is saved for the backward)
+    def wrong(diag_t, super_t, sub_t, z, state, out, inplace, backend):
+        res = real(diag_t, super_t, sub_t, z, state, out, inplace, backend)
+        if res is None or backend != "cpp":
+            return res
+        y, d = res
+        if out is not None:
+            y.mul_(1.001)  # the no_grad loop reads the out= buffer
+        else:
+            y = y * 1.001  # (y itself is saved for the backward)
         return y, d
 
-    monkeypatch.setattr(ops, "bk_core_step", wrong)
+    monkeypatch.setattr(step_mod, "_fast_cpu", wrong)
     rc, rows = _step_run(tmp_path)
     assert rc == 1
     assert {r["status"] for r in rows if r["impl"] == "cpp"} == {"FAILED"}
