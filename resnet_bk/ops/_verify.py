@@ -20,6 +20,8 @@ from torch import Tensor
 
 ENV_VERIFY = "RESNET_BK_VERIFY"
 _TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
 class _State(threading.local):
     verify: Optional[bool] = None  # a class default: reading it in a new thread raises nothing (cheap)
 

@@ -228,6 +228,27 @@ def test_fast_path_calls_the_compiled_op_once(monkeypatch):
 
 
 @pytest.mark.skipif("cpp" not in ops.available_backends(), reason="needs the C++ backend")
+def test_environment_turns_the_fast_path_off(monkeypatch):
+    """RESNET_BK_BACKEND and RESNET_BK_VERIFY, set after import, are read on every call."""
+    a, b, c = make((4,), 2)
+    s = torch.ones(4, dtype=torch.complex128)
+
+    def compiled_calls():
+        with torch.no_grad(), torch.profiler.profile() as prof:
+            ops.bk_core_step(a[:, 1], b[:, 0], c[:, 0], 1j, s)
+        return [e.name for e in prof.events()].count("resnet_bk::bk_core_step")
+
+    assert compiled_calls() == 1
+    monkeypatch.setenv("RESNET_BK_BACKEND", "reference")
+    assert compiled_calls() == 0
+    monkeypatch.delenv("RESNET_BK_BACKEND")
+    monkeypatch.setenv("RESNET_BK_VERIFY", "1")
+    calls = []
+    monkeypatch.setattr(step_mod, "_check_against_reference", lambda *x: calls.append(x[0]))
+    assert compiled_calls() == 1 and calls == ["cpp"]
+
+
+@pytest.mark.skipif("cpp" not in ops.available_backends(), reason="needs the C++ backend")
 def test_verify_mode_passes():
     a, b, c = make((3,), 4, seed=4)
     a.requires_grad_()
@@ -238,6 +259,27 @@ def test_verify_mode_passes():
             st = torch.ones(3, dtype=torch.complex128)
             ops.bk_core_step(a[:, 0], b[:, 0], c[:, 0], 1j, st, inplace=True, backend="cpp")
     assert a.grad is not None
+
+
+@pytest.mark.skipif("cpp" not in ops.available_backends(), reason="needs the C++ backend")
+def test_verify_mode_catches_a_wrong_backend(monkeypatch):
+    a, b, c = make((3,), 2, seed=4)
+    s = torch.ones(3, dtype=torch.complex128)
+    impls = _registry._registry["cpp"].impls
+    fn, check = impls["bk_core_step"]
+    monkeypatch.setitem(impls, "bk_core_step", (lambda *x: tuple(t * 1.001 for t in fn(*x)), check))
+    out_fn, out_check = impls["bk_core_step_out"]
+
+    def wrong_out(*x):
+        out_fn(*x)
+        x[-1].mul_(1.001)
+
+    monkeypatch.setitem(impls, "bk_core_step_out", (wrong_out, out_check))
+    with ops.verify():
+        with pytest.raises(ops.VerificationError, match="bk_core_step: output y of backend 'cpp'"):
+            ops.bk_core_step(a[:, 1], b[:, 0], c[:, 0], 1j, s, backend="cpp")
+        with pytest.raises(ops.VerificationError, match="bk_core_step: output d of backend 'cpp'"):
+            ops.bk_core_step(a[:, 1], b[:, 0], c[:, 0], 1j, s, inplace=True, backend="cpp")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
