@@ -350,7 +350,7 @@ def _fast_cpu(diag_t, super_t, sub_t, z, state, out, inplace, backend):
                                   and state.shape == shape):
         return None
     if type(z) in (complex, float, int):
-        zri = cached_z(z, dt, diag_t.device)
+        zri = cached_z(z, dt, _CPU)  # (diag_t is on the CPU)
     elif isinstance(z, Tensor) and z.dtype is cdt and z.dim() == 0 and z.is_cpu:
         zri = torch.view_as_real(z)
     else:
