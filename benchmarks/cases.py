@@ -363,9 +363,88 @@ def _up_case() -> OpCase:
         baseline_note="reference = unfused reshape/add/mul/add (what a user writes in PyTorch)")
 
 
+# ---------------------------------------------------------------------------------------------
+# bk_core_step: the one-token decode step, timed over a decode loop of N = STEP_TOKENS tokens
+
+STEP_TOKENS = 64  # tokens decoded per timed call: time per token = time / STEP_TOKENS
+
+
+def _step_sizes(grid: str) -> List[Dict[str, int]]:
+    if grid == "smoke":
+        return [{"B": 1, "N": 8}]
+    return [{"B": B, "N": STEP_TOKENS} for B in (1, 16, 256)]
+
+
+def _step_inputs(size, dtype, device, gen) -> Inputs:
+    # diag (T, B): the row of token t is contiguous, as a decode loop produces it; one shared
+    # off-diagonal b = c = 1 (the model's H0), one 0-dim coupling per step taken out beforehand
+    B, T = size["B"], size["N"]
+    diag = (torch.rand(T, B, generator=gen, dtype=torch.float64) * 6 - 5).to(dtype).to(device)
+    off = torch.ones(max(T - 1, 1), dtype=dtype, device=device)
+    return {"diag": diag, "super": off[: T - 1], "sub": off[: T - 1], "z": 1j, "couplings": off.unbind(0)}
+
+
+def _decode(backend: Optional[str]):
+    """Decodes the T tokens one step at a time: under no_grad (the forward rows) with out= and
+    inplace=True into one preallocated (T, B) output and one state (no allocation per step);
+    with grad (the backward rows) the differentiable functional step. Returns (B, T)."""
+    def fn(x):
+        diag, cpl, z = x["diag"], x["couplings"], x["z"]
+        T, B = diag.shape
+        cdt = torch.complex128 if diag.dtype == torch.float64 else torch.complex64
+        if not torch.is_grad_enabled():
+            ys = torch.empty(T, B, dtype=cdt, device=diag.device)
+            y, state = ops.bk_core_step(diag[0], cpl[0], cpl[0], z, None, backend=backend)
+            ys[0].copy_(y)
+            for t in range(1, T):
+                ops.bk_core_step(diag[t], cpl[t - 1], cpl[t - 1], z, state, out=ys[t], inplace=True, backend=backend)
+            return ys.T
+        y, state = ops.bk_core_step(diag[0], cpl[0], cpl[0], z, None, backend=backend)
+        ys = [y]
+        for t in range(1, T):
+            y, state = ops.bk_core_step(diag[t], cpl[t - 1], cpl[t - 1], z, state, backend=backend)
+            ys.append(y)
+        return torch.stack(ys, 1)
+    return fn
+
+
+def _step_case() -> OpCase:
+    def impls(size, dtype, device, inp) -> List[Impl]:
+        def whole(x):
+            return ops.bk_core(x["diag"].T, x["super"], x["sub"], x["z"], causal=True, backend="reference")
+        out = [Impl("reference", "baseline", "bk_core(causal=True) of the whole T-token sequence, reference backend "
+                    "(the correctness oracle)", whole)]
+        B = size["B"]
+        cdt = torch.complex128 if dtype == torch.float64 else torch.complex64
+        state = torch.ones(B, dtype=cdt, device=device)
+        cpl = inp["couplings"][0]
+        out += _backend_impls(ops.bk_core_step, (inp["diag"][0], cpl, cpl, inp["z"], state), {}, _decode)
+        out.append(Impl("step-reference", "baseline", "the decode loop on the step's reference backend (plain "
+                        "PyTorch per step)", _decode("reference")))
+        return out
+
+    def bytes_moved(size, dtype, mode) -> int:
+        # per token: read diag and the state, write y and the new state
+        B, T = size["B"], size["N"]
+        s = _dsize(dtype)
+        fwd = B * T * (s + 6 * s)
+        bwd = B * T * (2 * s + 2 * s + s)
+        return {"forward": fwd, "backward": bwd, "forward+backward": fwd + bwd}[mode]
+
+    return OpCase(
+        name="bk_core_step", variant="decode", group="step", unavailable=lambda: None,
+        sizes=_step_sizes, dtypes=lambda g: [torch.float32], make_inputs=_step_inputs, impls=impls,
+        elements=lambda s: s["B"] * s["N"], bytes_moved=bytes_moved, leaves=("diag",),
+        baseline_note=("one call decodes N tokens step by step (forward rows: no_grad, out= + inplace=True, no "
+                       "allocation per step; backward rows: the differentiable step); time per token = time / N; "
+                       "checked against bk_core(causal=True) of the same N tokens"),
+    )
+
+
 def op_cases() -> List[OpCase]:
     from .bench_stream import stream_cases
-    return [_bk_case("two-sided"), _bk_case("causal"), _bk_case("masked"), _down_case(), _up_case()] + stream_cases()
+    return ([_bk_case("two-sided"), _bk_case("causal"), _bk_case("masked"), _down_case(), _up_case(), _step_case()]
+            + stream_cases())
 
 
-OP_GROUPS = ("bk_core", "bk_core_masked", "learned_downsample", "learned_upsample", "stream")
+OP_GROUPS = ("bk_core", "bk_core_masked", "learned_downsample", "learned_upsample", "step", "stream")

@@ -12,6 +12,7 @@
 // With create_graph=True the backward ops are called through the dispatcher's autograd (where the
 // op layer makes a double backward of bk_core_bwd raise a clear "not implemented"); otherwise
 // below autograd.
+#include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -84,6 +85,82 @@ Tensor bk_core_fwd_autograd(const Tensor& a, const Tensor& k, const Tensor& zri,
   return BkCoreFunction::apply(a, k, zri, mask, causal);
 }
 
+// ---- BK-Core decode step ---------------------------------------------------------------------
+// d = (a - z) - b c / s, y = 1 / d (s the state). With gt = grad_d - grad_y conj(y^2) (the
+// gradient reaching d), PyTorch's conjugate-Wirtinger convention gives, elementwise:
+//   grad_a = Re gt,  grad_zri = [Re, Im] of -sum(gt),  grad_b = c g_k, grad_c = b g_k with
+//   g_k = -Re(gt conj(1/s)),  grad_s = gt b c conj(1/s)^2.
+// Torch ops on saved tensors (y is the forward's output), so a double backward differentiates
+// them through this same function.
+
+using StepSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptT&);
+
+// a gradient for an input of `like`'s shape (one value shared by the batch: summed)
+Tensor reduce_to(const Tensor& g, const Tensor& like) {
+  // (symbolic sizes: torch.compile and opcheck trace the backward with dynamic shapes)
+  return like.sym_numel() == 1 && g.sym_numel() != 1 ? g.sum().reshape_symint(like.sym_sizes())
+                                                       : g.reshape_symint(like.sym_sizes());
+}
+
+class BkStepFunction : public torch::autograd::Function<BkStepFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& a, const Tensor& b, const Tensor& c,
+                               const Tensor& zri, const OptT& state) {
+    static auto op = op_handle<StepSig>("resnet_bk::bk_core_step");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, d] = op.call(a, b, c, zri, state);
+    ctx->save_for_backward({b, c, opt_in(state), y});
+    ctx->saved_data["has_state"] = state.has_value();
+    return {y, d};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto s = ctx->get_saved_variables();
+    const Tensor &b = s[0], &c = s[1], &st = s[2], &y = s[3];
+    const bool has_state = ctx->saved_data["has_state"].toBool();
+    Tensor gt = grads[1];
+    if (grads[0].defined()) {
+      Tensor t = grads[0] * (y * y).conj();
+      gt = gt.defined() ? gt - t : -t;
+    }
+    variable_list res(5);
+    if (!gt.defined()) return res;
+    if (ctx->needs_input_grad(0)) res[0] = at::real(gt).clone();
+    if (ctx->needs_input_grad(3)) res[3] = at::view_as_real(gt.sum().neg()).clone();
+    const bool nb = ctx->needs_input_grad(1), nc = ctx->needs_input_grad(2), ns = has_state && ctx->needs_input_grad(4);
+    if (has_state && (nb || nc || ns)) {
+      const Tensor r = at::reciprocal(st).conj();  // conj(1 / s)
+      const Tensor gtr = gt * r;
+      if (nb || nc) {
+        const Tensor gk = at::real(gtr).neg();
+        if (nb) res[1] = reduce_to(gk * c, b);
+        if (nc) res[2] = reduce_to(gk * b, c);
+      }
+      if (ns) res[4] = gtr * r * (b * c);
+    }
+    return res;
+  }
+};
+
+variable_list bk_core_step_autograd_impl(const Tensor& a, const Tensor& b, const Tensor& c, const Tensor& zri,
+                                         const OptT& state) {
+  return BkStepFunction::apply(a, b, c, zri, state);
+}
+
+std::tuple<Tensor, Tensor> bk_core_step_autograd(const Tensor& a, const Tensor& b, const Tensor& c, const Tensor& zri,
+                                                 const OptT& state) {
+  // The decode loop under no_grad (or with nothing requiring grad): straight to the kernel, no
+  // autograd node, context or saved tensors (the outputs would not require grad either way).
+  if (!at::GradMode::is_enabled() || !(a.requires_grad() || b.requires_grad() || c.requires_grad() ||
+                                       zri.requires_grad() || (state.has_value() && state->requires_grad()))) {
+    static auto op = op_handle<StepSig>("resnet_bk::bk_core_step");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(a, b, c, zri, state);
+  }
+  auto out = bk_core_step_autograd_impl(a, b, c, zri, state);
+  return {out[0], out[1]};
+}
+
 // ---- learned pooling --------------------------------------------------------------------------
 
 using DownFwdSig = Tensor(const Tensor&, const Tensor&, bool);
@@ -151,6 +228,7 @@ Tensor upsample_fwd_autograd(const Tensor& y, const Tensor& bias, const OptT& re
 
 TORCH_LIBRARY_IMPL(resnet_bk, Autograd, m) {
   m.impl("bk_core_fwd", &bk_core_fwd_autograd);
+  m.impl("bk_core_step", &bk_core_step_autograd);
   m.impl("learned_downsample_fwd", &downsample_fwd_autograd);
   m.impl("learned_upsample_fwd", &upsample_fwd_autograd);
 }

@@ -5,6 +5,8 @@
 //   op                        CPU kernel               CUDA kernel               autograd
 //   bk_core_fwd               cpu/bk_ops_cpu.cpp       cuda/bk_ops_cuda.cpp      csrc/autograd.cpp
 //   bk_core_bwd               cpu/bk_ops_cpu.cpp       cuda/bk_ops_cuda.cpp      (none: no double backward)
+//   bk_core_step              cpu/bk_step_cpu.cpp      cuda/bk_ops_cuda.cpp      csrc/autograd.cpp
+//   bk_core_step_out          cpu/bk_step_cpu.cpp      cuda/bk_ops_cuda.cpp      (none: writes its outputs)
 //   learned_downsample_fwd    cpu/pool_ops_cpu.cpp     cuda/pool_ops_cuda.cpp    csrc/autograd.cpp
 //   learned_downsample_bwd    cpu/pool_ops_cpu.cpp     cuda/pool_ops_cuda.cpp
 //   learned_upsample_fwd      cpu/pool_ops_cpu.cpp     cuda/pool_ops_cuda.cpp    csrc/autograd.cpp
@@ -24,6 +26,17 @@
 //   grad (B, N) complex, the upstream gradient. grad_k has k's shape (summed over the batch for a
 //   shared row), grad_z is [Re, Im] (2,); a gradient not asked for comes back empty (0,). out: the
 //   forward's output (the CPU causal kernel without a mask reads its pivots from it).
+// bk_core_step(Tensor a, Tensor b, Tensor c, Tensor zri, Tensor? state) -> (Tensor y, Tensor d)
+//   The causal BK-Core's one-token decode step. a: the diagonal entries of one position for a
+//   batch of sequences, any shape, float32/float64; b, c: the off-diagonal entries coupling the
+//   previous position to this one, one value (numel 1) or a's shape, a's dtype; zri (2,);
+//   state: the previous position's pivot, complex of a's precision and a's shape, or None (the
+//   first position: no coupling, b and c unused). d = (a - z) - b c / state (None: a - z) and
+//   y = 1 / d, both a's shape, complex. The autograd's backward is elementwise torch formulas.
+// bk_core_step_out(a, b, c, zri, state, Tensor(a!) y, Tensor(b!) d) -> ()
+//   The same written into y and d (contiguous, a's shape, complex); d may be the state itself
+//   (the state updated in place). Not differentiable. Allocates nothing, reads nothing on the
+//   host: CUDA-graph capturable.
 // moe_top1_infer(x, router_w, router_b, w1[], b1[], w2[], b2[]) -> Tensor
 //   Top-1 mixture-of-experts FFN forward (see cpu/moe_cpu.cpp); x (T, D) -> (T, D_out).
 // cpu_isa() -> int: instruction set of the CPU kernels (0 base, 1 AVX2 + FMA, 2 AVX-512).
@@ -74,6 +87,10 @@ TORCH_LIBRARY(resnet_bk, m) {
   m.def(
       "bk_core_bwd(Tensor grad, Tensor a, Tensor k, Tensor zri, Tensor? mask, bool causal, bool need_mask_grad, "
       "bool need_k_grad=True, bool need_z_grad=True, Tensor? out=None) -> (Tensor, Tensor, Tensor, Tensor)");
+  // BK-Core decode step
+  m.def("bk_core_step(Tensor a, Tensor b, Tensor c, Tensor zri, Tensor? state) -> (Tensor, Tensor)");
+  m.def(
+      "bk_core_step_out(Tensor a, Tensor b, Tensor c, Tensor zri, Tensor? state, Tensor(a!) y, Tensor(b!) d) -> ()");
   // CPU kernel settings
   m.def("cpu_isa() -> int");
   m.impl("cpu_isa", &resnet_bk::cpu_isa);

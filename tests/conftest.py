@@ -27,6 +27,10 @@ SLOW = {
     "perrow-64-causal": "causal dense autograd oracle",
     "test_large_outputs_are_advised": "64 MiB outputs, fresh processes",
     "test_off_by_default_and_small_outputs_not_advised": "64 MiB outputs, fresh processes",
+    "test_step.py::test_compile_fullgraph[triton]": "torch.compile through the Triton interpreter",
+    "test_step.py::test_compile_fullgraph[reference]": "torch.compile of the reference step (cpp is the fast lane's)",
+    "test_step.py::test_gradcheck[shared-triton]": "finite differences through the Triton interpreter",
+    "test_step.py::test_gradgradcheck[triton]": "second-order finite differences through the Triton interpreter",
 }
 
 

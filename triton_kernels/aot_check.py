@@ -25,6 +25,7 @@ from triton.compiler import ASTSource
 
 from . import bk_core as K
 from . import pooling as P
+from . import step as S
 
 # (module, kernel, fixed constexprs, pointer arguments in the accumulation dtype A; the others
 # are in the activation dtype T). bk_core kernels take one dtype throughout.
@@ -34,6 +35,7 @@ KERNELS = [(K, name, {"BLOCK": K.BLOCK}, None) for name in (
     (P, "_down_kernel", {"BLOCK_R": 4, "BLOCK_D": P.BLOCK_D}, {"logits_ptr", "u_ptr"}),
     (P, "_up_kernel", {"BLOCK": P.BLOCK_UP}, {"bias_ptr", "scale_ptr"}),
     (P, "_up_bwd_kernel", {"BLOCK": P.BLOCK_UP}, {"bias_ptr", "scale_ptr", "gb_ptr", "gs_ptr"}),
+    (S, "_step_kernel", {"BLOCK": S.BLOCK}, None),
 ]
 
 
@@ -85,7 +87,7 @@ def compile_all(arch: int = 90, level: str = "full", verbose: bool = False) -> i
     failure, naming the variant."""
     if level not in LEVELS:
         raise ValueError(f"level: expected one of {LEVELS}, got {level!r}")
-    if K.INTERPRETED or P.INTERPRETED:
+    if K.INTERPRETED or P.INTERPRETED or S.INTERPRETED:
         raise RuntimeError("aot_check: TRITON_INTERPRET=1 is set; run it without the interpreter")
     target = GPUTarget("cuda", arch, 32)
     n = 0

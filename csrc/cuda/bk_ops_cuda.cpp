@@ -22,6 +22,7 @@
 #include <string>
 
 #include "bk_core_cuda.h"
+#include "bk_step_cuda.h"
 
 namespace {
 
@@ -194,6 +195,95 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bk_core_bwd_cuda(
 TORCH_LIBRARY_IMPL(resnet_bk, CUDA, m) {
   m.impl("bk_core_fwd", &bk_core_fwd_cuda);
   m.impl("bk_core_bwd", &bk_core_bwd_cuda);
+}
+
+// ---- BK-Core decode step (bk_step_cuda.h): one launch, no host reads, no workspace -------------
+
+namespace {
+
+at::ScalarType step_complex_of(at::ScalarType t) { return t == at::kDouble ? at::kComplexDouble : at::kComplexFloat; }
+
+void check_step_args(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, const at::Tensor& zri,
+                     const c10::optional<at::Tensor>& state) {
+  TORCH_CHECK(a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble, "a: expected float32 or float64, got ",
+              a.scalar_type());
+  TORCH_CHECK(a.is_cuda(), "a: expected a CUDA tensor, got one on ", a.device());
+  for (const at::Tensor* t : {&b, &c}) {
+    const char* name = t == &b ? "b" : "c";
+    TORCH_CHECK(t->scalar_type() == a.scalar_type(), name, ": expected dtype ", a.scalar_type(), ", got ",
+                t->scalar_type());
+    TORCH_CHECK(t->numel() == 1 || t->sizes() == a.sizes(), name, ": expected one value or a's shape ", a.sizes(),
+                ", got ", t->sizes());
+    check_cuda_tensor(name, *t, a);
+  }
+  TORCH_CHECK(zri.dim() == 1 && zri.size(0) == 2 && zri.scalar_type() == a.scalar_type(),
+              "zri: expected shape (2,) of dtype ", a.scalar_type(), ", got ", zri.sizes(), " ", zri.scalar_type());
+  check_cuda_tensor("zri", zri, a);
+  if (state.has_value()) {
+    TORCH_CHECK(state->sizes() == a.sizes() && state->scalar_type() == step_complex_of(a.scalar_type()),
+                "state: expected a ", step_complex_of(a.scalar_type()), " tensor of shape ", a.sizes(), ", got ",
+                state->scalar_type(), " ", state->sizes());
+    check_cuda_tensor("state", *state, a);
+  }
+}
+
+void check_step_out(const char* name, const at::Tensor& t, const at::Tensor& a) {
+  TORCH_CHECK(t.sizes() == a.sizes() && t.scalar_type() == step_complex_of(a.scalar_type()), name, ": expected a ",
+              step_complex_of(a.scalar_type()), " tensor of shape ", a.sizes(), ", got ", t.scalar_type(), " ",
+              t.sizes());
+  check_cuda_tensor(name, t, a);
+  TORCH_CHECK(t.is_contiguous() && !t.is_conj() && !t.is_neg(), name,
+              ": expected a contiguous tensor without a lazy conjugate or negation (it is written in place)");
+}
+
+void launch_step(const at::Tensor& a_, const at::Tensor& b_, const at::Tensor& c_, const at::Tensor& zri_,
+                 const c10::optional<at::Tensor>& state_, const at::Tensor& y, const at::Tensor& d) {
+  const c10::cuda::CUDAGuard guard(a_.device());
+  // .contiguous() of a contiguous tensor is the tensor itself: no copy on the decode path
+  const at::Tensor a = a_.contiguous(), b = b_.contiguous(), c = c_.contiguous(), zri = zri_.contiguous();
+  at::Tensor state;
+  if (state_.has_value()) {
+    state = d.is_same(*state_) ? *state_ : state_->resolve_conj().resolve_neg().contiguous();
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "bk_core_step_cuda", [&] {
+    bk_cuda::StepProblem<scalar_t> p;
+    p.a = a.data_ptr<scalar_t>();
+    p.b = b.data_ptr<scalar_t>();
+    p.b_stride = b.numel() == 1 ? 0 : 1;
+    p.c = c.data_ptr<scalar_t>();
+    p.c_stride = c.numel() == 1 ? 0 : 1;
+    p.zri = zri.data_ptr<scalar_t>();
+    p.state = state.defined() ? static_cast<const scalar_t*>(state.data_ptr()) : nullptr;
+    p.n = a.numel();
+    check_status(bk_cuda::step(p, static_cast<scalar_t*>(y.data_ptr()), static_cast<scalar_t*>(d.data_ptr()), stream));
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> bk_core_step_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
+                                                     const at::Tensor& zri, const c10::optional<at::Tensor>& state) {
+  check_step_args(a, b, c, zri, state);
+  const auto opts = a.options().dtype(step_complex_of(a.scalar_type()));
+  at::Tensor y = at::empty(a.sizes(), opts), d = at::empty(a.sizes(), opts);
+  launch_step(a, b, c, zri, state, y, d);
+  return {y, d};
+}
+
+void bk_core_step_out_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, const at::Tensor& zri,
+                           const c10::optional<at::Tensor>& state, const at::Tensor& y, const at::Tensor& d) {
+  check_step_args(a, b, c, zri, state);
+  check_step_out("y", y, a);
+  check_step_out("d", d, a);
+  TORCH_CHECK(!y.is_same(d), "y, d: expected two different tensors");
+  TORCH_CHECK(!state.has_value() || !y.is_same(*state), "y: expected a tensor other than state (d may be the state)");
+  launch_step(a, b, c, zri, state, y, d);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(resnet_bk, CUDA, m) {
+  m.impl("bk_core_step", &bk_core_step_cuda);
+  m.impl("bk_core_step_out", &bk_core_step_out_cuda);
 }
 
 #endif  // RESNET_BK_WITH_CUDA

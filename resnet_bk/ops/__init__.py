@@ -3,6 +3,7 @@ triton) through the registry; models call only these functions.
 
     G = bk_core(diag, super_diag, sub_diag, z)             # (..., N) complex
     y = bk_core(diag, super_diag, sub_diag, z, causal=True)
+    y_t, d_t = bk_core_step(diag_t, super_t, sub_t, z, state)  # one token of the causal op
     feats = bk_core_features(he_diag, h0_super, h0_sub, z)  # (..., N, 2) float32 [Re, Im]
 
 Choosing a backend: ``backend=`` on any op, else ``RESNET_BK_BACKEND``, else automatic (CUDA
@@ -28,10 +29,11 @@ from . import _registry, _verify, _extension, _triton  # noqa: F401  (backends r
 from ._extension import cpu_huge_pages, cpu_isa
 from ._registry import BackendUnavailableError, Choice, available_backends, backend_status
 from ._verify import VerificationError, assert_close, tolerance, verify, verify_enabled
-from .bk_core import bk_core, bk_core_features, bk_core_masked, bk_core_masked_ref, bk_core_ref
+from .bk_core import bk_core, bk_core_features, bk_core_masked, bk_core_masked_ref, bk_core_ref, bk_core_step
 from .pooling import learned_downsample, learned_downsample_ref, learned_upsample, learned_upsample_ref
 from .moe import moe_top1_fast_ok, moe_top1_inference, moe_top1_ref
 from .bk_core import api as _bk_api
+from .bk_core import step as _bk_step
 from .pooling import api as _pool_api
 from .moe import api as _moe_api
 
@@ -40,6 +42,7 @@ _CANONICAL = {
     bk_core: ("bk_core", _bk_api.canonical_call),
     bk_core_masked: ("bk_core", _bk_api.canonical_call),
     bk_core_features: ("bk_core", _bk_api.canonical_call),
+    bk_core_step: ("bk_core_step", _bk_step.canonical_step_call),
     learned_downsample: ("learned_downsample", _pool_api.canonical_downsample_call),
     learned_upsample: ("learned_upsample", _pool_api.canonical_upsample_call),
     moe_top1_inference: ("moe_top1_inference", _moe_api.canonical_call),
@@ -66,7 +69,7 @@ def explain(*args, backend=None, **kwargs) -> Choice:
     return _registry.choose(op, device, canon, backend)
 
 __all__ = [
-    "bk_core", "bk_core_features", "bk_core_masked", "bk_core_ref", "bk_core_masked_ref",
+    "bk_core", "bk_core_features", "bk_core_masked", "bk_core_step", "bk_core_ref", "bk_core_masked_ref",
     "learned_downsample", "learned_upsample", "learned_downsample_ref", "learned_upsample_ref",
     "moe_top1_inference", "moe_top1_ref", "moe_top1_fast_ok",
     "available_backends", "backend_status", "explain", "verify", "verify_enabled", "tolerance", "assert_close",

@@ -139,9 +139,9 @@ def choose(op: str, device: torch.device, args: Sequence, backend: Optional[str]
     raise BackendUnavailableError(f"{op}: no backend can run inputs on {device}: {rejected}")
 
 
-def select(op: str, device: torch.device, args: Sequence, backend: Optional[str] = None) -> Callable:
-    """The implementation to call for ``op`` on these canonical arguments (warns once per distinct
-    fallback; wrapped with the reference check in verify mode)."""
+def choose_warned(op: str, device: torch.device, args: Sequence, backend: Optional[str] = None,
+                  stacklevel: int = 3) -> Choice:
+    """``choose``, warning once per distinct fallback of an automatic choice."""
     choice = choose(op, device, args, backend)
     if choice.rejected and choice.forced_by is None:
         key = (op, device.type, choice.backend, tuple(choice.rejected))
@@ -151,7 +151,14 @@ def select(op: str, device: torch.device, args: Sequence, backend: Optional[str]
         if first:
             warnings.warn(f"resnet_bk: falling back for {op} on {device.type}: {choice}. "
                           f"Set {ENV_BACKEND} to force a backend (a forced backend that cannot run raises).",
-                          RuntimeWarning, stacklevel=3)
+                          RuntimeWarning, stacklevel=stacklevel + 1)
+    return choice
+
+
+def select(op: str, device: torch.device, args: Sequence, backend: Optional[str] = None) -> Callable:
+    """The implementation to call for ``op`` on these canonical arguments (warns once per distinct
+    fallback; wrapped with the reference check in verify mode)."""
+    choice = choose_warned(op, device, args, backend)
     fn = impl(op, choice.backend)
     if choice.backend != "reference" and _verify.verify_enabled():
         return _verify.verified(op, choice.backend, fn, impl(op, "reference"))
@@ -165,7 +172,7 @@ def compiled_cpu_takes(op: str, compiled: Callable, backend: Optional[str]) -> b
     registered for ``op``, and neither torch.compile nor a torch function mode is tracing (the
     conditions under which the general path adds nothing but checks). The caller checks the
     arguments' dtypes, devices and shapes."""
-    if backend not in (None, "cpp") or os.environ.get(ENV_BACKEND) or _verify.verify_enabled():
+    if backend not in (None, "cpp") or _verify.getenv(ENV_BACKEND) or _verify.verify_enabled():
         return False
     be = _registry.get("cpp")
     if be is None or be.impls.get(op, (None,))[0] is not compiled or not be.available()[0]:

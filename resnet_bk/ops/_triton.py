@@ -36,7 +36,7 @@ except Exception as exc:  # noqa: BLE001  (a broken install raises more than Imp
 
 ENV_INTERPRET = "TRITON_INTERPRET"
 _KERNEL_MODULE = "resnet_bk.triton_kernels.bk_core"
-_KERNEL_MODULES = (_KERNEL_MODULE, "resnet_bk.triton_kernels.pooling")
+_KERNEL_MODULES = (_KERNEL_MODULE, "resnet_bk.triton_kernels.pooling", "resnet_bk.triton_kernels.step")
 
 
 def kernels(name: str):

@@ -168,3 +168,48 @@ def test_machine_kind_tells_amd_generations_apart(vendor, family, model, gen):
             "cpu_cores": 2, "cpu_isa_used_by_kernels": "avx512"}
     expected = f"cpu-2core-epyc-{gen}-avx512" if gen else "cpu-2core-xeon-avx512"
     assert machine_kind(info) == expected
+
+
+def _step_run(tmp_path):
+    rc = main(["--smoke", "--ops", "step", "--backends", "cpp", "step-reference", "--out", str(tmp_path),
+               "--name", "s", "--no-progress", "--no-plots"])
+    with open(os.path.join(tmp_path, "s.json")) as f:
+        return rc, json.load(f)["rows"]
+
+
+def test_step_decode_rows_are_checked_against_bk_core(tmp_path):
+    """The decode-step case (``--ops step``): the cpp decode loop, every mode, checked against
+    bk_core(causal=True) of the same tokens."""
+    rc, rows = _step_run(tmp_path)
+    assert rc == 0
+    got = {(r["op"], r["mode"], r["impl"]) for r in rows}
+    for mode in ("forward", "backward", "forward+backward"):
+        for impl in ("reference", "cpp", "step-reference"):
+            assert ("bk_core_step", mode, impl) in got
+    for r in rows:
+        assert r["status"] == "ok", r
+        if r["impl"] != "reference":
+            assert r["check"].startswith("ok"), r
+
+
+def test_step_decode_wrong_step_is_failed(tmp_path, monkeypatch):
+    """A decode step that is off by 0.1 % fails the check against bk_core of the whole sequence."""
+    from resnet_bk.ops.bk_core import step as step_mod
+    real = step_mod._fast_cpu  # the cpp decode call's path
+
+    def wrong(diag_t, super_t, sub_t, z, state, out, inplace, backend):
+        res = real(diag_t, super_t, sub_t, z, state, out, inplace, backend)
+        if res is None or backend != "cpp":
+            return res
+        y, d = res
+        if out is not None:
+            y.mul_(1.001)  # the no_grad loop reads the out= buffer
+        else:
+            y = y * 1.001  # (y itself is saved for the backward)
+        return y, d
+
+    monkeypatch.setattr(step_mod, "_fast_cpu", wrong)
+    rc, rows = _step_run(tmp_path)
+    assert rc == 1
+    assert {r["status"] for r in rows if r["impl"] == "cpp"} == {"FAILED"}
+    assert {r["status"] for r in rows if r["impl"] == "step-reference"} == {"ok"}
