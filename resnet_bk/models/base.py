@@ -251,7 +251,7 @@ class SparseMoELayer(PerForwardState, nn.Module):
         xf = x.reshape(-1, self.d_model)
         T = xf.shape[0]
         self._tokens_seen.add_(T)
-        if T == 0:
+        if type(T) is int and T == 0:  # (a traced data-dependent T is a SymInt: no guard on it)
             self.aux_loss = None
             return x.new_zeros(shape)
         E = self.num_experts
