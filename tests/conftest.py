@@ -23,6 +23,7 @@ SLOW = {
     "test_ddp_equals_single_process": "spawns gloo process groups",
     "test_ddp_idle_expert_default_find_unused": "spawns gloo process groups",
     "test_bench_compile_smoke": "Inductor compiles a model's training step",
+    "test_compile_new_shapes_go_dynamic_not_one_graph_each": "traces a model three times, twice with symbolic shapes",
     "test_fullgraph_inductor_train_step_equals_eager": "Inductor compiles a model's forward and backward",
     "test_fullgraph_compiled_train_step_equals_eager[2]": "traces a model's forward and backward (top-2)",
     "test_fullgraph_compiled_train_step_float64": "traces a model's forward and backward (float64)",

@@ -173,3 +173,20 @@ def test_moe_layer_traced_dispatch_equals_eager_with_an_idle_expert(top_k, custo
         _close(a, b)
     idle = list(m.experts[3].parameters())
     assert all(float(g.abs().max()) == 0 for g, p in zip(gref[1:], m.parameters()) if any(p is q for q in idle))
+
+
+def test_compile_new_shapes_go_dynamic_not_one_graph_each(one_thread):
+    """A second batch size and a second length each recompile once (Dynamo's automatic dynamic
+    shapes, through the MoE op's fake kernel and the buffer counter); later shapes reuse the graph."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    m = _lm().eval()
+    counter = _CountingBackend()
+    cm = torch.compile(m, backend=counter)
+    graphs = []
+    for shape in [(2, 12), (3, 12), (3, 8), (4, 10), (5, 12), (2, 3)]:
+        x = torch.randint(0, V, shape, generator=torch.Generator().manual_seed(sum(shape)))
+        with torch.no_grad():
+            _close(cm(x), m(x))
+        graphs.append(counter.graphs)
+    assert graphs == [1, 2, 3, 3, 3, 3]
