@@ -193,11 +193,13 @@ class SparseMoELayer(PerForwardState, nn.Module):
         torch.export): xf (T, D); top_p, top_i (T, k), the chosen probabilities and experts. Plain
         experts (Linear-ReLU-Dropout-Linear with biases, one dropout p): ``ops.moe_dispatch``, the
         eager sorted dispatch as one custom op (its host read of the counts happens when it runs,
-        not while tracing). Other experts: ``_dense_dispatch``."""
+        not while tracing). Other experts, or under autocast: ``_dense_dispatch``."""
         experts = list(self.experts)
         plain = all(_is_plain_expert(e) and e[0].bias is not None and e[3].bias is not None for e in experts)
         drops = {e[2].p if e[2].training else 0.0 for e in experts} if plain else set()
-        if len(drops) != 1:
+        # Under autocast the experts' Linears run in the autocast dtype: the dense form calls them
+        # as eager does (the op would compute in the inputs' dtype).
+        if len(drops) != 1 or torch.is_autocast_enabled(xf.device.type):
             return self._dense_dispatch(xf, top_p, top_i)
         return ops.moe_dispatch(xf, top_p, top_i, [e[0].weight for e in experts], [e[0].bias for e in experts],
                                 [e[3].weight for e in experts], [e[3].bias for e in experts], drops.pop())
