@@ -55,7 +55,7 @@ def batches(world, per):
     return out, targets
 
 
-def _train(model, tokens, targets, steps, counts=None):
+def _train(model, tokens, targets, steps):
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     for _ in range(steps):
         opt.zero_grad()
