@@ -142,8 +142,19 @@ class SparseMoELayer(PerForwardState, nn.Module):
     After each forward, ``aux_loss`` holds the Switch load-balancing loss
     ``E * sum_e f_e * P_e`` (f_e: fraction of tokens whose first choice is e, P_e: mean router
     probability of e); it equals 1 for a perfectly balanced router. Add ``coef * aux_loss`` to the
-    training loss to use it. ``tokens_processed`` counts tokens routed through this layer (a host
-    integer, incremented from the shape, no device sync) so callers can measure skipped work.
+    training loss to use it. ``tokens_processed`` counts tokens routed through this layer (an int,
+    read from a non-persistent int64 buffer that each forward increments by the token count from the
+    shape: no device sync, and under torch.compile a graph op rather than a guarded Python integer)
+    so callers can measure skipped work.
+
+    Dispatch: eager, tokens are sorted by expert and each expert runs on its tokens only (one host
+    read of the per-expert counts). While torch.compile or torch.export traces, where that host read
+    would be a data-dependent shape, ``_traced_dispatch`` runs the same sorted dispatch as one
+    custom op, ``ops.moe_dispatch`` (experts other than Linear-ReLU-Dropout-Linear run on every
+    token, masked: ``_dense_dispatch``); the values are the eager dispatch's. In
+    training every expert's parameters take part in the autograd graph even when no token chose
+    it (its gradient is then zero), so DistributedDataParallel needs no
+    ``find_unused_parameters=True`` when an expert goes idle on a rank.
     """
 
     _per_forward = ("aux_loss",)
@@ -167,7 +178,45 @@ class SparseMoELayer(PerForwardState, nn.Module):
             for _ in range(num_experts)])
         self.gating_network = nn.Linear(d_model, num_experts)
         self.aux_loss: Optional[Tensor] = None
-        self.tokens_processed: int = 0
+        self.register_buffer("_tokens_seen", torch.zeros((), dtype=torch.int64), persistent=False)
+
+    @property
+    def tokens_processed(self) -> int:
+        return int(self._tokens_seen)
+
+    @tokens_processed.setter
+    def tokens_processed(self, value: int) -> None:
+        self._tokens_seen.fill_(int(value))
+
+    def _traced_dispatch(self, xf: Tensor, top_p: Tensor, top_i: Tensor) -> Tensor:
+        """The top-k dispatch with no data-dependent shape while tracing (torch.compile /
+        torch.export): xf (T, D); top_p, top_i (T, k), the chosen probabilities and experts. Plain
+        experts (Linear-ReLU-Dropout-Linear with biases, one dropout p): ``ops.moe_dispatch``, the
+        eager sorted dispatch as one custom op (its host read of the counts happens when it runs,
+        not while tracing). Other experts, or under autocast: ``_dense_dispatch``."""
+        experts = list(self.experts)
+        plain = all(_is_plain_expert(e) and e[0].bias is not None and e[3].bias is not None for e in experts)
+        drops = {e[2].p if e[2].training else 0.0 for e in experts} if plain else set()
+        # Under autocast the experts' Linears run in the autocast dtype: the dense form calls them
+        # as eager does (the op would compute in the inputs' dtype).
+        if len(drops) != 1 or torch.is_autocast_enabled(xf.device.type):
+            return self._dense_dispatch(xf, top_p, top_i)
+        return ops.moe_dispatch(xf, top_p, top_i, [e[0].weight for e in experts], [e[0].bias for e in experts],
+                                [e[3].weight for e in experts], [e[3].bias for e in experts], drops.pop())
+
+    def _dense_dispatch(self, xf: Tensor, top_p: Tensor, top_i: Tensor) -> Tensor:
+        """The traced dispatch for experts of any structure: every expert runs on all T tokens of
+        xf (T, D); token t gets the sum over its experts e, in expert order, of
+        expert_e(x_t) * p_e(t), with exact zeros (torch.where) for the experts t did not choose
+        (num_experts/top_k times the eager expert FLOPs)."""
+        out = None
+        for e, expert in enumerate(self.experts):
+            sel = top_i == e  # (T, k): at most one True per row (top-k indices are distinct)
+            g = torch.where(sel, top_p, 0).sum(dim=1)  # the one chosen probability, or 0
+            y = _expert_forward(expert, xf)
+            y = torch.where(sel.any(dim=1).unsqueeze(-1), y * g.to(y.dtype).unsqueeze(-1), 0)
+            out = y if out is None else out + y
+        return out
 
     def _router_logits_t(self, xf: Tensor) -> Tensor:
         """Router logits transposed, (E, T), for xf (T, D)."""
@@ -203,11 +252,12 @@ class SparseMoELayer(PerForwardState, nn.Module):
         shape = x.shape
         xf = x.reshape(-1, self.d_model)
         T = xf.shape[0]
-        self.tokens_processed += T
-        if T == 0:
+        self._tokens_seen.add_(T)
+        if type(T) is int and T == 0:  # (a traced data-dependent T is a SymInt: no guard on it)
             self.aux_loss = None
             return x.new_zeros(shape)
         E = self.num_experts
+        tracing = torch.compiler.is_compiling()
         if self.top_k == 1 and E > 1 and not torch.is_grad_enabled():
             out = self._top1_inference_op(xf)
             if out is not None:
@@ -234,49 +284,67 @@ class SparseMoELayer(PerForwardState, nn.Module):
             else:
                 top_p, top_i = probs_t.topk(k, dim=0)  # (k, T)
                 top_p, top_i = top_p.t(), top_i.t()  # (T, k)
-            flat_e = top_i.reshape(-1)  # (T*k,) expert of each assignment
-            order = torch.argsort(flat_e, stable=True)
-            # One host read for all experts (segment sizes), instead of one .any() sync per expert.
-            counts: List[int] = torch.bincount(flat_e, minlength=E).tolist()
-            token_of = order if k == 1 else torch.div(order, k, rounding_mode="floor")
-            xs = xf.index_select(0, token_of)
-            gate = top_p.reshape(-1).index_select(0, order)
-            if k == 1 and not torch.is_grad_enabled():
-                # Inference: each expert's output is scaled in place and written straight to its
-                # tokens' rows (top-1 assignments are a permutation of the tokens), with no
-                # concatenation of the expert outputs and no inverse permutation.
-                out = None
-                for e, (chunk, tok, g) in enumerate(zip(xs.split(counts), order.split(counts), gate.split(counts))):
-                    if counts[e] == 0:
-                        continue
-                    expert = self.experts[e]
-                    plain = _is_plain_expert(expert)
-                    y = _expert_forward(expert, chunk, plain)
-                    g = g.unsqueeze(-1).to(y.dtype)
-                    # In place only on a fresh output (a custom expert may return a view of x).
-                    y = y.mul_(g) if plain else y * g
-                    if out is None:
-                        out = y.new_empty(T, y.shape[-1])
-                    out.index_copy_(0, tok, y)
+            if tracing:
+                out = self._traced_dispatch(xf, top_p.reshape(T, k), top_i.reshape(T, k))
             else:
-                ys = [_expert_forward(self.experts[e], chunk) for e, chunk in enumerate(xs.split(counts))
-                      if counts[e] > 0]
-                y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=0)
-                y = y * gate.to(y.dtype).unsqueeze(-1)
-                if k == 1:
-                    # Top-1 assignments are a permutation of the tokens: undo it with one gather
-                    # (cheaper than a zero fill plus a scatter-add).
-                    inv = torch.empty_like(order).index_copy_(0, order, torch.arange(T, device=order.device))
-                    out = y.index_select(0, inv)
-                else:
-                    out = y.new_zeros(T, self.d_model).index_add(0, token_of, y)
+                out = self._sorted_dispatch(xf, top_p, top_i)
             first = top_i[:, 0] if k > 1 else top_i
-        if self.training or torch.is_grad_enabled():
-            frac = torch.bincount(first, minlength=E).to(probs_t.dtype) / T
+        if (self.training or torch.is_grad_enabled()) and not torch.compiler.is_exporting():
+            # (not while torch.export traces: an exported program has no attribute to hand it back in)
+            if tracing:  # bincount's output size depends on the data
+                counts_first = (first.unsqueeze(0) == torch.arange(E, device=first.device).unsqueeze(1)).sum(dim=1)
+            else:
+                counts_first = torch.bincount(first, minlength=E)
+            frac = counts_first.to(probs_t.dtype) / T
             self.aux_loss = E * (frac * probs_t.mean(dim=1)).sum()
-        else:  # inference: nothing will read a balance loss
+        else:  # inference (or export): nothing will read a balance loss
             self.aux_loss = None
         return out.reshape(shape)
+
+    def _sorted_dispatch(self, xf: Tensor, top_p: Tensor, top_i: Tensor) -> Tensor:
+        """The eager top-k dispatch: assignments sorted by expert, each expert on its own tokens."""
+        T, k = xf.shape[0], self.top_k
+        flat_e = top_i.reshape(-1)  # (T*k,) expert of each assignment
+        order = torch.argsort(flat_e, stable=True)
+        # One host read for all experts (segment sizes), instead of one .any() sync per expert.
+        counts: List[int] = torch.bincount(flat_e, minlength=self.num_experts).tolist()
+        token_of = order if k == 1 else torch.div(order, k, rounding_mode="floor")
+        xs = xf.index_select(0, token_of)
+        gate = top_p.reshape(-1).index_select(0, order)
+        if k == 1 and not torch.is_grad_enabled():
+            # Inference: each expert's output is scaled in place and written straight to its
+            # tokens' rows (top-1 assignments are a permutation of the tokens), with no
+            # concatenation of the expert outputs and no inverse permutation.
+            out = None
+            for e, (chunk, tok, g) in enumerate(zip(xs.split(counts), order.split(counts), gate.split(counts))):
+                if counts[e] == 0:
+                    continue
+                expert = self.experts[e]
+                plain = _is_plain_expert(expert)
+                y = _expert_forward(expert, chunk, plain)
+                g = g.unsqueeze(-1).to(y.dtype)
+                # In place only on a fresh output (a custom expert may return a view of x).
+                y = y.mul_(g) if plain else y * g
+                if out is None:
+                    out = y.new_empty(T, y.shape[-1])
+                out.index_copy_(0, tok, y)
+        else:
+            # An expert with no tokens still runs (on 0 rows) when its output needs a gradient:
+            # its parameters then take part in the graph (zero gradient), which DDP's default
+            # find_unused_parameters=False requires on every rank.
+            grad = torch.is_grad_enabled()
+            ys = [_expert_forward(self.experts[e], chunk) for e, chunk in enumerate(xs.split(counts))
+                  if counts[e] > 0 or grad]
+            y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=0)
+            y = y * gate.to(y.dtype).unsqueeze(-1)
+            if k == 1:
+                # Top-1 assignments are a permutation of the tokens: undo it with one gather
+                # (cheaper than a zero fill plus a scatter-add).
+                inv = torch.empty_like(order).index_copy_(0, order, torch.arange(T, device=order.device))
+                out = y.index_select(0, inv)
+            else:
+                out = y.new_zeros(T, self.d_model).index_add(0, token_of, y)
+        return out
 
 
 class _BKCoreMixin:

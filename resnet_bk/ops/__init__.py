@@ -31,7 +31,7 @@ from ._registry import BackendUnavailableError, Choice, available_backends, back
 from ._verify import VerificationError, assert_close, tolerance, verify, verify_enabled
 from .bk_core import bk_core, bk_core_features, bk_core_masked, bk_core_masked_ref, bk_core_ref, bk_core_step
 from .pooling import learned_downsample, learned_downsample_ref, learned_upsample, learned_upsample_ref
-from .moe import moe_top1_fast_ok, moe_top1_inference, moe_top1_ref
+from .moe import moe_dispatch, moe_top1_fast_ok, moe_top1_inference, moe_top1_ref
 from .bk_core import api as _bk_api
 from .bk_core import step as _bk_step
 from .pooling import api as _pool_api
@@ -71,7 +71,7 @@ def explain(*args, backend=None, **kwargs) -> Choice:
 __all__ = [
     "bk_core", "bk_core_features", "bk_core_masked", "bk_core_step", "bk_core_ref", "bk_core_masked_ref",
     "learned_downsample", "learned_upsample", "learned_downsample_ref", "learned_upsample_ref",
-    "moe_top1_inference", "moe_top1_ref", "moe_top1_fast_ok",
+    "moe_top1_inference", "moe_top1_ref", "moe_top1_fast_ok", "moe_dispatch",
     "available_backends", "backend_status", "explain", "verify", "verify_enabled", "tolerance", "assert_close",
     "cpu_isa", "cpu_huge_pages", "BackendUnavailableError", "VerificationError", "Choice",
 ]

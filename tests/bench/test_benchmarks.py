@@ -213,3 +213,15 @@ def test_step_decode_wrong_step_is_failed(tmp_path, monkeypatch):
     assert rc == 1
     assert {r["status"] for r in rows if r["impl"] == "cpp"} == {"FAILED"}
     assert {r["status"] for r in rows if r["impl"] == "step-reference"} == {"ok"}
+
+
+def test_bench_compile_smoke(tmp_path):
+    """benchmarks.bench_compile at a tiny size: one graph, no recompile, the same first-step logits."""
+    from benchmarks.bench_compile import main as compile_main
+    res = compile_main(["--d-model", "8", "--n-layers", "1", "--n-seq", "8", "--batch", "2", "--experts", "2",
+                        "--reps", "2", "--json", str(tmp_path / "c.json")])["compile"]
+    assert res["graphs_first_call"] == 1 and res["recompiles"] == 0 and res["graph_breaks"] == 0
+    assert res["max_logit_diff_first_step"] <= 1e-4
+    assert res["ms_eager"] > 0 and res["ms_compiled"] > 0
+    with open(tmp_path / "c.json") as f:
+        assert json.load(f)["compile"]["recompiles"] == 0

@@ -19,6 +19,9 @@ from .compiled import bk_core_compiled
 from .reference import bk_core_reference
 from .stream import check_cu_seqlens, run_stream
 
+# The complex dtype of each fast CPU dtype (a dict: torch.compile cannot trace dtype.to_complex()).
+_COMPLEX_OF = {torch.float32: torch.complex64, torch.float64: torch.complex128}
+
 Number = Union[int, float, complex]
 
 
@@ -110,7 +113,7 @@ def _compiled_cpu_call(diag, super_diag, sub_diag, z, causal, backend, cuts=None
         return None
     if type(z) in (complex, float, int):
         zri = cached_z(z, dt, diag.device)  # validated (a non-finite z raises) and reused
-    elif isinstance(z, Tensor) and z.dim() == 0 and z.dtype == dt.to_complex() and z.device == diag.device:
+    elif isinstance(z, Tensor) and z.dim() == 0 and z.dtype == _COMPLEX_OF[dt] and z.device == diag.device:
         zri = torch.view_as_real(z)
     else:
         return None

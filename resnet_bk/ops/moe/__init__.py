@@ -1,9 +1,11 @@
-"""The top-1 mixture-of-experts inference op family: ``moe_top1_inference`` (``api.py``), its
-reference twin ``moe_top1_ref`` (``reference.py``) and the compiled op's registration
-(``compiled.py``)."""
+"""The mixture-of-experts op family: ``moe_top1_inference`` (``api.py``), its reference twin
+``moe_top1_ref`` (``reference.py``) and the compiled op's registration (``compiled.py``); and
+``moe_dispatch`` (``dispatch.py``), the differentiable top-k dispatch as one traceable op (what
+``SparseMoELayer`` runs under torch.compile / torch.export)."""
 from . import reference  # noqa: F401  (registers the reference backend's implementation first)
 from . import compiled  # noqa: F401  (the cpp implementation)
 from .api import moe_top1_fast_ok, moe_top1_inference
+from .dispatch import moe_dispatch
 from .reference import moe_top1_ref
 
-__all__ = ["moe_top1_inference", "moe_top1_ref", "moe_top1_fast_ok"]
+__all__ = ["moe_top1_inference", "moe_top1_ref", "moe_top1_fast_ok", "moe_dispatch"]
