@@ -431,6 +431,11 @@ class _BKCoreMixin:
         z = self.get_z()
         if he_diag.dtype == torch.float64 and isinstance(z, Tensor):
             z = z.to(torch.complex128)
+        if slot is not None and state is not None and N == 1 and mask is None:
+            # a decode step: one op, d_t = (a_t - z) - k / d_{t-1}, y_t = 1 / d_t
+            y, slot["d"] = ops.bk_core_step(he_diag[:, 0], sup[:, 0], sub[:, 0], z, state, backend=self.backend)
+            slot["pos"] = p + 1
+            return y[:, None], he_diag.dtype
         kw = dict(causal=self.causal, backend=self.backend)
         if slot is not None:
             kw.update(initial_state=state, output_final_state=True)
