@@ -783,15 +783,16 @@ def goal_lines(result: dict) -> List[str]:
     return out
 
 
-def render_lines(result: dict, fmt_table) -> List[str]:
-    """Text / Markdown sections: ``fmt_table(head, body)`` renders one table."""
+def render_lines(result: dict, fmt_table, md: bool = False) -> List[str]:
+    """Text (or with ``md`` Markdown) sections: ``fmt_table(head, body)`` renders one table."""
     cfg = result.get("peer_config") or {}
     v = result.get("peer_versions") or {}
-    out = [f"peers: d_model={cfg.get('d_model')}, n_layers={cfg.get('n_layers')}, byte-level vocabulary 256; "
+    out = ([""] if md else []) + [f"peers: d_model={cfg.get('d_model')}, n_layers={cfg.get('n_layers')}, byte-level vocabulary 256; "
            f"versions: " + ", ".join(f"{k} {val}" for k, val in v.items())]
     for title, head, body in peer_tables(result):
-        out += ["", f"{title}:", fmt_table(head, body)]
-    out += [""] + goal_lines(result)
+        out += ["", f"### {title}" if md else f"{title}:"] + ([""] if md else []) + [fmt_table(head, body)]
+    goals = goal_lines(result)
+    out += ["", "```", *goals, "```"] if md else [""] + goals
     return out
 
 

@@ -246,8 +246,7 @@ def render_markdown(result: dict) -> str:
         from .peers import render_lines
         out += ["", "## Peers: ResNet-BK vs a Transformer and Mamba of the same size", "",
                 f"- peak memory: {result.get('peer_memory_method')}"]
-        out += [ln if ln.startswith("|") else ln.replace("goals", "- goals") if ln.startswith("goals") else ln
-                for ln in render_lines(result, _md_table)]
+        out += render_lines(result, _md_table, md=True)
     if result.get("skipped_cases"):
         out += ["", "## Skipped cases", ""] + [f"- {s['case']}: {s['reason']}" for s in result["skipped_cases"]]
     return "\n".join(out) + "\n"

@@ -486,7 +486,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     progress.close()
     peer_runs = []
     if "peers" in groups:  # ResNet-BK against a Transformer and Mamba of the same size (peers.py)
+        from .modules import text_corpus
         from .peers import run_peers
+        corpus = corpus or text_corpus()
         for dev in devices:
             peer_runs.append(run_peers(grid, dev, corpus, log=lambda m: print(m, file=sys.stderr, flush=True)))
     elapsed = time.perf_counter() - t_start
