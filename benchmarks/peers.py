@@ -477,7 +477,9 @@ def run_speed(avail: List[Peer], cfg: dict, policy: PeerPolicy, device: torch.de
                     pending[name].update(r)
                     if r["peak_mem_bytes"] is None:
                         pending[name]["notes"].append(f"memory not measured (calls slower than {cfg['mem_max_call_s']} s)")
-                    last[(name, kind, B)] = (N, r["time_s"]["median"], r["peak_mem_bytes"])
+                    old = last.get((name, kind, B))
+                    mem = (N, r["peak_mem_bytes"]) if r["peak_mem_bytes"] is not None else (old[2] if old else None)
+                    last[(name, kind, B)] = (N, r["time_s"]["median"], mem)  # mem: the last measured (N, bytes)
                 rows += pending.values()
                 log(f"peers {kind} B={B} N={N}: " + ", ".join(
                     f"{n} {_fmt_s(r['time_s']['median'])}" if r["status"] == "ok" else f"{n} {r['status']}"
@@ -507,14 +509,15 @@ def _make_call(p: Peer, kind: str, model: nn.Module, opt, pool) -> Callable[[int
 def _predict_skip(p: Peer, key, N: int, last, cfg: dict, cap: Optional[float]) -> Optional[str]:
     if key not in last:
         return None
-    n0, t0, m0 = last[key]
+    n0, t0, mem = last[key]
     expo = 2 if p.name == "transformer" else 1
     t = t0 * (N / n0) ** expo
     if t > cfg["max_call_s"]:
         return (f"predicted {t:.1f} s per call (N^{expo} from {_fmt_s(t0)} at N={n0}) > the grid's limit "
                 f"{cfg['max_call_s']:.0f} s")
-    if cap is not None and m0 is not None and m0 * N / n0 > cap:
-        return (f"predicted {m0 * N / n0 / 2**30:.1f} GiB (linear from {m0 / 2**30:.2f} GiB at N={n0}) > "
+    if cap is not None and mem is not None and mem[1] * N / mem[0] > cap:
+        nm, m0 = mem
+        return (f"predicted {m0 * N / nm / 2**30:.1f} GiB (linear from {m0 / 2**30:.2f} GiB at N={nm}) > "
                 f"{cfg['mem_fraction']:.0%} of the memory available at the start")
     return None
 

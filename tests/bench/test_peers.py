@@ -34,6 +34,28 @@ def test_kv_cache_decoding_matches_full_forward():
         m(x[:, :1], cache=cache)
 
 
+def test_incremental_decoding_api_is_used_when_the_model_has_it():
+    """The ResNet-BK peers decode through ``init_cache(B)`` / ``model(tokens, cache=cache)`` once the
+    model has them (issue 19): a model with that API (the Transformer here) gets timed rows."""
+    cfg = dict(P.PEER_CONFIG["smoke"], **TINY)
+    bk = next(p for p in P.peers() if p.name == "resnet_bk")
+    fake = P.Peer("with_cache", "resnet_bk's generation path on a model with init_cache", P._transformer,
+                  lambda: None, bk.logits, bk.gen_start, bk.gen_step, bk.gen_unavailable)
+    from benchmarks.modules import text_corpus
+    rows = P.run_generation([fake], cfg, torch.device("cpu"), text_corpus(), log=lambda s: None)
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert rows[0]["cache_bytes"] < rows[1]["cache_bytes"] and rows[0]["time_s"]["n"] == 2
+
+
+def test_predicted_memory_skip():
+    tf = next(p for p in P.peers() if p.name == "transformer")
+    cfg = dict(P.PEER_CONFIG["smoke"], max_call_s=100.0, mem_fraction=0.5)
+    last = {("transformer", "train_step", 1): (1024, 0.01, (512, 2**30))}
+    why = P._predict_skip(tf, ("transformer", "train_step", 1), 4096, last, cfg, cap=4 * 2**30)
+    assert why.startswith("predicted 8.0 GiB (linear from 1.00 GiB at N=512)")
+    assert P._predict_skip(tf, ("transformer", "train_step", 1), 2048, last, cfg, cap=4 * 2**30) is None
+
+
 def test_tiny_run_rows(tmp_path):
     res = P.run_peers("smoke", torch.device("cpu"), log=lambda s: None, config=TINY)
     rows = res["rows"]
