@@ -65,7 +65,7 @@ PEER_CONFIG = {
              "budget_s": 120.0, "val_tokens": 65536, "max_call_s": 30.0, "mem_fraction": 0.5, "params_n_seq": 2048,
              "mem_max_call_s": 10.0},
     "quick": {"d_model": 64, "n_layers": 2, "n_heads": 1, "Ns": [256, 1024], "Bs": [1, 4],
-              "contexts": [128, 1024], "gen_tokens": 8, "quality_Ns": [256, 2048], "tokens_per_batch": 2048,
+              "contexts": [128, 1024], "gen_tokens": 16, "quality_Ns": [256, 2048], "tokens_per_batch": 2048,
               "budget_s": 3.0, "val_tokens": 8192, "max_call_s": 3.0, "mem_fraction": 0.3, "params_n_seq": 2048,
               "mem_max_call_s": 1.0},
     "smoke": {"d_model": 16, "n_layers": 1, "n_heads": 2, "Ns": [32, 64], "Bs": [1, 2],
