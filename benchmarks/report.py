@@ -193,13 +193,16 @@ def render_text(result: dict) -> str:
     if result.get("decode_rows"):
         from .bench_decode import render as render_decode
         parts.append("\n" + render_decode(result["decode_rows"]))
+    if result.get("peer_rows"):
+        from .peers import render_lines
+        parts += ["\n== peers: ResNet-BK vs a Transformer and Mamba of the same size"] + render_lines(result, _fmt_table)
     if result.get("skipped_cases"):
         parts.append("\nskipped cases:")
         parts += [f"  {s['case']}: {s['reason']}" for s in result["skipped_cases"]]
     parts.append("")
     parts += goal_lines(result)
     bad = [r for r in result["rows"] + result.get("module_rows", []) + result.get("decode_rows", [])
-           if r["status"] in ("FAILED", "ERROR")]
+           + result.get("peer_rows", []) if r["status"] in ("FAILED", "ERROR")]
     parts.append(f"\n{len(bad)} FAILED/ERROR rows" if bad else "\nall correctness checks passed")
     return "\n".join(parts)
 
@@ -239,6 +242,11 @@ def render_markdown(result: dict) -> str:
         from .bench_decode import render as render_decode
         out += ["", "## Decode: cached steps vs recomputing the prefix", "", "```",
                 render_decode(result["decode_rows"]), "```"]
+    if result.get("peer_rows"):
+        from .peers import render_lines
+        out += ["", "## Peers: ResNet-BK vs a Transformer and Mamba of the same size", "",
+                f"- peak memory: {result.get('peer_memory_method')}"]
+        out += render_lines(result, _md_table, md=True)
     if result.get("skipped_cases"):
         out += ["", "## Skipped cases", ""] + [f"- {s['case']}: {s['reason']}" for s in result["skipped_cases"]]
     return "\n".join(out) + "\n"
@@ -255,6 +263,9 @@ def plots(result: dict, out_dir: str, stem: str) -> List[str]:
         print("matplotlib is not installed: no plots")
         return []
     written = []
+    if result.get("peer_rows"):
+        from .peers import plots as peer_plots
+        written += peer_plots(result, out_dir, stem)
     for (op, variant, dev, dt), rows in _groups(result["rows"]).items():
         ok = [r for r in rows if r["status"] == "ok"]
         if len({r["N"] for r in ok}) < 2:

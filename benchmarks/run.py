@@ -13,7 +13,8 @@ the named plain-PyTorch baselines) and every mode (forward, backward, forward+ba
   claimed from it;
 * peak memory, ns/element, achieved GB/s and its fraction of the measured copy bandwidth.
 
-Then the module cases (each adaptive model vs the plain model). Results: a printed table,
+Then the module cases (each adaptive model vs the plain model) and the peers (``peers.py``: the
+ResNet-BK LM vs a Transformer and Mamba of the same size). Results: a printed table,
 ``<out>/<machine-kind>[-quick].json`` / ``.md`` and PNG plots; ``--compare OLD.json`` prints this
 run's speedup over an earlier one row by row.
 """
@@ -366,14 +367,14 @@ def _devices(arg: str) -> List[torch.device]:
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--quick", action="store_true", help="small grid, float32, no training run (< 1 min on 2 cores)")
+    g.add_argument("--quick", action="store_true", help="small grid, float32, no module training run, peers with a 3 s training budget")
     g.add_argument("--smoke", action="store_true", help="tiny grid used by the tests (seconds)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                    help="directory for <machine-kind>.json/.md and the plots (default benchmarks/results)")
     p.add_argument("--compare", metavar="OLD.json", help="print this run's speedup over an earlier result file")
-    p.add_argument("--ops", nargs="+", choices=list(OP_GROUPS) + ["modules", "decode", "none"],
-                   help="what to run (default: every op and the modules); 'none' runs nothing but the "
-                        "machine description and bandwidth")
+    p.add_argument("--ops", nargs="+", choices=list(OP_GROUPS) + ["modules", "decode", "peers", "none"],
+                   help="what to run (default: every op, the modules, decode and the peers); 'none' runs "
+                        "nothing but the machine description and bandwidth")
     p.add_argument("--backends", nargs="+",
                    help="implementations to time besides the reference, which always runs (it is the "
                         "correctness oracle): e.g. cpp cuda triton naive dense")
@@ -388,7 +389,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     grid = "quick" if args.quick else "smoke" if args.smoke else "full"
     policy = POLICIES[grid]
-    groups = set(args.ops or list(OP_GROUPS) + ["modules", "decode"])
+    groups = set(args.ops or list(OP_GROUPS) + ["modules", "decode", "peers"])
     t_start = time.perf_counter()
     info = machine_info()
     kind = machine_kind(info)
@@ -483,6 +484,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                 progress.write(f"ERROR decode: {decode_rows[-1]['reason']}")
             progress.write(f"decode {dev.type} ({time.perf_counter() - t0:.1f} s)")
     progress.close()
+    peer_runs = []
+    if "peers" in groups:  # ResNet-BK against a Transformer and Mamba of the same size (peers.py)
+        from .modules import text_corpus
+        from .peers import run_peers
+        corpus = corpus or text_corpus()
+        for dev in devices:
+            peer_runs.append(run_peers(grid, dev, corpus, log=lambda m: print(m, file=sys.stderr, flush=True)))
     elapsed = time.perf_counter() - t_start
     result = {
         "schema": 1, "grid": grid, "argv": sys.argv[1:] if argv is None else list(argv),
@@ -494,6 +502,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     }
     if mcases:
         result["module_config"] = MODULE_CONFIG[grid]
+    if peer_runs:
+        result.update({"peer_rows": [r for pr in peer_runs for r in pr["rows"]], "peer_config": peer_runs[0]["config"],
+                       "peer_policy": peer_runs[0]["policy"], "peer_versions": peer_runs[0]["versions"],
+                       "peer_memory_method": peer_runs[0]["memory_method"]})
     text = report.render_text(result)
     print(text)
     os.makedirs(args.out, exist_ok=True)
@@ -513,7 +525,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(report.render_compare(old, result))
     print(f"wrote {', '.join(written)}")
     print(f"total time {elapsed:.1f} s")
-    return 1 if any(r["status"] in ("FAILED", "ERROR") for r in rows + module_rows + decode_rows) else 0
+    return 1 if any(r["status"] in ("FAILED", "ERROR")
+                    for r in rows + module_rows + decode_rows + result.get("peer_rows", [])) else 0
 
 
 if __name__ == "__main__":
