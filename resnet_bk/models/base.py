@@ -413,6 +413,18 @@ class _BKCoreMixin:
         slot = cache_slot(self, cache, self.causal)
         p = 0 if slot is None else slot["pos"]
         N = v.shape[-1]
+        if slot is not None and N == 1 and mask is None and p < self.n_seq and slot.get("d") is not None:
+            # a decode step: one op, d_t = (a_t - z) - k / d_{t-1}, y_t = 1 / d_t
+            he = self.h0_diag_base[0, p] + v[:, 0]
+            sup, sub = self.h0_super_base[0, p - 1], self.h0_sub_base[0, p - 1]
+            if he.dtype == torch.float64:
+                sup, sub = sup.double(), sub.double()
+            z = self.get_z()
+            if he.dtype == torch.float64 and isinstance(z, Tensor):
+                z = z.to(torch.complex128)
+            y, slot["d"] = ops.bk_core_step(he, sup, sub, z, slot["d"], backend=self.backend)
+            slot["pos"] = p + 1
+            return y[:, None], he.dtype
         if p + N > self.n_seq:
             if slot is None:
                 raise ValueError(f"v: expected a sequence length <= n_seq={self.n_seq}, got N={N}")
@@ -431,11 +443,6 @@ class _BKCoreMixin:
         z = self.get_z()
         if he_diag.dtype == torch.float64 and isinstance(z, Tensor):
             z = z.to(torch.complex128)
-        if slot is not None and state is not None and N == 1 and mask is None:
-            # a decode step: one op, d_t = (a_t - z) - k / d_{t-1}, y_t = 1 / d_t
-            y, slot["d"] = ops.bk_core_step(he_diag[:, 0], sup[:, 0], sub[:, 0], z, state, backend=self.backend)
-            slot["pos"] = p + 1
-            return y[:, None], he_diag.dtype
         kw = dict(causal=self.causal, backend=self.backend)
         if slot is not None:
             kw.update(initial_state=state, output_final_state=True)
@@ -614,6 +621,10 @@ class LanguageModel(GenerationMixin, nn.Module):
     def forward(self, x: Tensor, cache: Optional[DecodeCache] = None) -> Tensor:
         """x (B, N) -> logits (B, N, V). ``cache`` (from ``init_cache``): x continues the cached
         sequences (prefill or decode) and the cache advances in place."""
+        if cache is not None and x.shape[1] == 1:
+            out = self._decode_step_plain(x, cache)
+            if out is not None:
+                return out
         if cache is None:
             h = self.embed(x)
             for block in self.blocks:
@@ -625,6 +636,44 @@ class LanguageModel(GenerationMixin, nn.Module):
                 h = call_with_cache(block, cache, h)
             logits = self.lm_head(self.layer_norm_final(h))
         cache.position += x.shape[1]
+        return logits
+
+    def _decode_step_plain(self, x: Tensor, cache: DecodeCache) -> Optional[Tensor]:
+        """A cached one-token step of a model built from the standard modules, with no hooks, under
+        no_grad in eval: the same functional calls the modules make (the same values), without
+        their wrappers and per-layer checks (a decode step is mostly such overhead at batch 1).
+        None when any of that does not hold: the caller then takes the general path."""
+        if torch.is_grad_enabled() or self.training or torch.compiler.is_compiling() or \
+                torch.is_autocast_enabled(x.device.type):
+            return None
+        tok, pos, lnf, head = self.token_embedding, self.position_embedding, self.layer_norm_final, self.lm_head
+        if not (_plain_module(self, LanguageModel) and _plain_module(tok, nn.Embedding) and tok.max_norm is None
+                and _plain_module(pos, nn.Embedding) and pos.max_norm is None and _plain_module(lnf, nn.LayerNorm)
+                and _plain_module(head, nn.Linear)):
+            return None
+        dtype = tok.weight.dtype
+        layers = []
+        for block in self.blocks:
+            if not _plain_module(block, ResNetBKBlock):
+                return None
+            L, ln = block.bk_layer, block.layer_norm
+            if not (_plain_module(L, MoEResNetBKLayer) and _plain_module(ln, nn.LayerNorm)
+                    and _plain_module(L.moe_ffn, SparseMoELayer) and _plain_module(L.v_proj, nn.Linear)
+                    and _plain_module(L.output_proj, nn.Linear) and ln.weight is not None
+                    and ln.weight.dtype == dtype and L.v_proj.weight.dtype == dtype):
+                return None
+            layers.append((ln, L))
+        check_tokens("x", x, self.n_seq, self.vocab_size)
+        check_cache(self, cache, x, self.n_seq)
+        h = F.embedding(x, tok.weight) + pos.weight[cache.position]
+        for ln, L in layers:
+            xn = F.layer_norm(h, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+            ffn = L.moe_ffn.forward(xn)
+            v = F.linear(ffn, L.v_proj.weight, L.v_proj.bias).squeeze(-1)
+            feats = L.bk_features(v, cache)
+            h = h + (ffn + L.bk_scale * F.linear(feats, L.output_proj.weight, L.output_proj.bias))
+        logits = F.linear(F.layer_norm(h, lnf.normalized_shape, lnf.weight, lnf.bias, lnf.eps), head.weight, head.bias)
+        cache.position += 1
         return logits
 
     def training_loss(self, x: Tensor, y: Tensor) -> Tuple[Tensor, dict]:
