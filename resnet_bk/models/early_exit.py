@@ -11,9 +11,13 @@ had exited, so nothing was skipped):
 * The BK-Core mixes the whole sequence (every G_ii depends on all of H), so it runs on the full
   sequence; an exited token takes part with its potential frozen at the last block it ran (its
   state frozen too), as in ``ACTLanguageModel``. It is O(N) and cheap next to the MoE FFN.
-* The exit test needs the exit classifier's softmax, ``d_model * vocab_size`` multiply-adds per
-  running token per block: the price of deciding. The last block has no exit classifier (its
-  tokens take the LM head's logits anyway).
+* Deciding costs something. ``confidence="softmax"`` (the design's rule) computes the exit
+  classifier's softmax for every running token at every block: ``d_model * vocab_size``
+  multiply-adds each, which can cost more than the blocks it skips. ``confidence="head"`` decides
+  with a learned ``confidence_head`` (``Linear(d_model, 1)``, sigmoid) that predicts that maximum
+  probability (trained on it, detached, in ``training_loss``) and runs the exit classifier only on
+  the tokens that exit: ``d_model`` multiply-adds per running token per block. The last block
+  has no exit classifier (its tokens take the LM head's logits anyway).
 
 Training (``training_loss``) runs every block on every token and adds the mean cross-entropy of
 the exit classifiers to the final one (deep supervision, weight ``exit_loss_weight``), so every
@@ -40,7 +44,8 @@ class EarlyExitResNetBKBlock(nn.Module):
 
     forward(x (B, N, D)) -> (x + bk_layer(LayerNorm(x)) (B, N, D), exit_logits (B, N, vocab_size)),
     exit_logits None when built with ``exit_head=False``. ``process(x)`` is the block without its
-    exit classifier.
+    exit classifier. With an exit head the block also has ``confidence_head`` = ``Linear(d_model,
+    1)``, the learned estimate (a logit) of the exit's maximum probability (see the module doc).
     """
 
     def __init__(self, d_model: int, n_seq: int, vocab_size: int, num_experts: int = 4, top_k: int = 1,
@@ -55,6 +60,7 @@ class EarlyExitResNetBKBlock(nn.Module):
                                          backend=backend, learnable_z=learnable_z)
         self.exit_classifier = (nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, vocab_size))
                                 if exit_head else None)
+        self.confidence_head = nn.Linear(d_model, 1) if exit_head else None
 
     def process(self, x: Tensor) -> Tensor:
         check_hidden("x", x, self.d_model, self.n_seq, self.layer_norm.weight.dtype)
@@ -90,13 +96,21 @@ class EarlyExitLanguageModel(nn.Module):
     (int, token-blocks computed); blocks_skipped (int, blocks no token reached).
 
     ``get_exit_statistics()`` accumulates over early-exit forwards since ``reset_exit_statistics()``.
+    ``confidence``: "softmax" (default, the design's rule: the exit's maximum probability) or
+    "head" (the learned estimate of it; see the module doc).
     """
+
+    CONFIDENCES = ("softmax", "head")
 
     def __init__(self, vocab_size: int, d_model: int = 64, n_layers: int = 4, n_seq: int = 128,
                  num_experts: int = 4, top_k: int = 1, dropout_p: float = 0.1, confidence_threshold: float = 0.9,
                  *, causal: bool = True, backend: Optional[str] = None, learnable_z: bool = False,
-                 exit_loss_weight: float = 1.0, moe_aux_weight: float = 0.01, use_early_exit: bool = False):
+                 exit_loss_weight: float = 1.0, moe_aux_weight: float = 0.01, use_early_exit: bool = False,
+                 confidence: str = "softmax"):
         super().__init__()
+        if confidence not in self.CONFIDENCES:
+            raise ValueError(f"confidence: expected one of {self.CONFIDENCES}, got {confidence!r}")
+        self.confidence = confidence
         if not (0.0 < float(confidence_threshold) <= 1.0):
             raise ValueError(f"confidence_threshold: expected a probability in (0, 1], got {confidence_threshold!r}")
         if not float(exit_loss_weight) >= 0.0:
@@ -170,24 +184,34 @@ class EarlyExitLanguageModel(nn.Module):
             tokens_run += T
             h_new, v_full = block.step_compact(h_run, idx, v_full, B, N)
             last = l == L - 1
-            lg = self.lm_head(self.layer_norm_final(h_new)) if last else block.exit_classifier(h_new)
-            c = torch.softmax(lg.float(), dim=-1).amax(dim=-1)                 # (T,)
+            lg = None
             if last:
+                lg = self.lm_head(self.layer_norm_final(h_new))
+                score = torch.softmax(lg.float(), dim=-1).amax(dim=-1)        # (T,)
                 done = None                                                   # every running token
             else:
-                done = (c >= self.confidence_threshold).nonzero().squeeze(1)  # one host read per block
+                if self.confidence == "softmax":
+                    lg = block.exit_classifier(h_new)
+                    score = torch.softmax(lg.float(), dim=-1).amax(dim=-1)
+                else:
+                    score = torch.sigmoid(block.confidence_head(h_new).squeeze(-1).float())
+                done = (score >= self.confidence_threshold).nonzero().squeeze(1)  # one host read per block
             if done is None or done.numel() > 0:
                 if done is None:                 # the last block: every running token takes its logits
-                    lg_done, c_done, g = lg, c, idx
+                    lg_done, c_done, g = lg, score, idx
                 else:
-                    lg_done, c_done = lg.index_select(0, done), c.index_select(0, done)
+                    if lg is None:               # confidence "head": the exit classifier on the exiting rows only
+                        lg_done = block.exit_classifier(h_new.index_select(0, done))
+                        c_done = torch.softmax(lg_done.float(), dim=-1).amax(dim=-1)
+                    else:
+                        lg_done, c_done = lg.index_select(0, done), score.index_select(0, done)
                     g = done if idx is None else idx.index_select(0, done)
                 if g is None:                    # all B*N tokens in order (none has exited before)
                     logits, conf = lg_done, c_done.detach()
                     exit_layer.fill_(l)
                 else:
                     if logits is None:
-                        logits = lg.new_zeros(total, V)
+                        logits = lg_done.new_zeros(total, V)
                     if grad:
                         logits = logits.index_copy(0, g, lg_done)
                     else:
@@ -203,7 +227,7 @@ class EarlyExitLanguageModel(nn.Module):
                     later.bk_layer.moe_ffn.aux_loss = None
                 break
             if n_done:
-                keep = (c < self.confidence_threshold).nonzero().squeeze(1)
+                keep = (score < self.confidence_threshold).nonzero().squeeze(1)
                 idx = keep if idx is None else idx.index_select(0, keep)
                 h_run = h_new.index_select(0, keep)
             else:
@@ -219,23 +243,30 @@ class EarlyExitLanguageModel(nn.Module):
 
     # -- training --------------------------------------------------------------------------------
     def training_loss(self, x: Tensor, y: Tensor) -> Tuple[Tensor, Dict]:
-        """Every block on every token: CE of the LM head + ``exit_loss_weight`` * mean CE of the
-        exit classifiers (+ ``moe_aux_weight`` * MoE balance loss). Returns (loss, metrics)."""
+        """Every block on every token: CE of the LM head + ``exit_loss_weight`` * (mean CE of the
+        exit classifiers + mean binary cross-entropy of each confidence head against its exit's
+        maximum probability, detached) (+ ``moe_aux_weight`` * MoE balance loss). Returns (loss,
+        metrics)."""
         h = embed_tokens(self, x)
-        exit_ces = []
+        exit_ces, conf_losses = [], []
         yf = y.reshape(-1)
         for block in self.blocks:
             h, el = block(h)
             if el is not None:
                 exit_ces.append(F.cross_entropy(el.reshape(-1, el.shape[-1]), yf))
+                target = torch.softmax(el.detach().float(), dim=-1).amax(dim=-1)
+                conf_losses.append(F.binary_cross_entropy_with_logits(
+                    block.confidence_head(h).squeeze(-1).float(), target))
         logits = self.lm_head(self.layer_norm_final(h))
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yf)
         loss = ce
         metrics: Dict = {"ce_loss": ce.detach()}
         if exit_ces:
             exit_ce = torch.stack(exit_ces).mean()
-            loss = loss + self.exit_loss_weight * exit_ce
+            conf_loss = torch.stack(conf_losses).mean()
+            loss = loss + self.exit_loss_weight * (exit_ce + conf_loss)
             metrics["exit_ce_loss"] = exit_ce.detach()
+            metrics["confidence_loss"] = conf_loss.detach()
         aux = moe_aux_loss(self)
         if aux is not None and self.moe_aux_weight != 0:
             loss = loss + self.moe_aux_weight * aux

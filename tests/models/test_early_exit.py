@@ -14,7 +14,7 @@ def _model(seed=0, **kw):
     return EarlyExitLanguageModel(V, D, L, N, dropout_p=0.0, **kw).eval()
 
 
-def _reference(m, x, thr):
+def _reference(m, x, thr, confidence="softmax"):
     """Every block on every token (dense), with the early-exit semantics: an exited token keeps its
     state and its potential (frozen at its last block) and its logits are its exit's."""
     h = m.token_embedding(x) + m.position_embedding(torch.arange(x.shape[1]))
@@ -32,7 +32,9 @@ def _reference(m, x, thr):
         if l == L - 1:
             break
         lg = block.exit_classifier(h)
-        ex = running & (torch.softmax(lg, -1).amax(-1) >= thr)
+        score = (torch.softmax(lg, -1).amax(-1) if confidence == "softmax"
+                 else torch.sigmoid(block.confidence_head(h).squeeze(-1)))
+        ex = running & (score >= thr)
         out[ex] = lg[ex]
         layer[ex] = l
         running &= ~ex
@@ -108,12 +110,36 @@ def test_exited_tokens_skip_the_later_blocks_and_match_the_dense_reference(one_t
     assert rows == [3 * N] and info["blocks_skipped"] == L - 1 and info["avg_layers_executed"] == 1.0
 
 
+def test_learned_confidence_runs_the_exit_classifier_on_exiting_tokens_only(one_thread):
+    m = _model(3, confidence="head")
+    x = torch.randint(0, V, (3, N))
+    with torch.no_grad():
+        s0 = torch.sigmoid(m.blocks[0].confidence_head(m.blocks[0].process(m.embed(x))).squeeze(-1))
+        thr = float(s0.median())
+        m.confidence_threshold = thr
+        ref, ref_layer = _reference(m, x, thr, confidence="head")
+        rows, hooks = _count_moe_rows(m)
+        exit_rows = []
+        hooks += [b.exit_classifier.register_forward_hook(lambda mod, inp, out: exit_rows.append(inp[0].shape[0]))
+                  for b in m.blocks[:-1]]
+        logits, info = m(x, use_early_exit=True)
+        for h in hooks:
+            h.remove()
+    assert torch.equal(info["exit_layers"], ref_layer)
+    torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+    n_exited = int(info["exited_mask"].sum())
+    assert 0 < n_exited and sum(exit_rows) == n_exited            # exit logits only for the tokens leaving
+    assert sum(rows) == info["tokens_run"] < L * 3 * N
+    with pytest.raises(ValueError, match="confidence"):
+        EarlyExitLanguageModel(V, D, L, N, confidence="entropy")
+
+
 def test_training_loss_trains_every_exit_and_early_exit_forward_has_gradient(one_thread):
     m = _model(2).train()
     x = torch.randint(0, V, (2, N))
     y = torch.randint(0, V, (2, N))
     loss, metrics = m.training_loss(x, y)
-    assert set(metrics) >= {"ce_loss", "exit_ce_loss"}
+    assert set(metrics) >= {"ce_loss", "exit_ce_loss", "confidence_loss"}
     loss.backward()
     unused = [n for n, p in m.named_parameters() if p.grad is None]
     assert not unused, unused                                     # DDP-safe: every parameter takes part
