@@ -177,7 +177,7 @@ def bench_micro(args):
             core(x, v)[0].sum().backward()
 
         core.eval()
-        _, m, r = core(x, v)
+        _, m, r = core(x, v, return_sparsity_ratio=True)
         core.train()
         row = {"sparsity_eval": r.item(), "plain_fwd_ms": _median_ms(p_fwd), "sparse_fwd_ms": _median_ms(s_fwd),
                "plain_fwdbwd_ms": _median_ms(p_fb), "sparse_fwdbwd_ms": _median_ms(s_fb)}

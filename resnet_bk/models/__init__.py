@@ -1,4 +1,4 @@
-"""resnet_bk.models: nn.Modules built on ``resnet_bk.ops`` (base LM, ACT, multi-scale, learned sparsity,
+"""resnet_bk.models: nn.Modules built on ``resnet_bk.ops`` (base LM, ACT, early exit, multi-scale, learned sparsity,
 learned sequence length, learnable position bucketing, configurable).
 
 The trainers (``ACTTrainer``, ``LearnedSequenceLengthTrainer``, ``AdaptiveSparsityScheduler``) live in
@@ -8,12 +8,14 @@ from typing import TYPE_CHECKING
 from ._lazy import lazy_reexports
 from .base import BKMixer, LanguageModel, MoEResNetBKLayer, ResNetBKBlock, SparseMoELayer, moe_aux_loss
 from .act import ACTLanguageModel, AdaptiveResNetBKBlock
+from .early_exit import EarlyExitLanguageModel, EarlyExitResNetBKBlock
 from .multi_scale import (HierarchicalMultiScaleLayer, LearnedDownsampling, LearnedUpsampling,
                           MultiScaleResNetBKBlock, MultiScaleResNetBKLayer, count_flops_multi_scale)
 from .configurable import PRESETS, ConfigurableResNetBK, ResNetBKConfig
 from .sparse import SparseBKCore, SparseLanguageModel, SparseMoEResNetBKLayer, gumbel_sigmoid, sparsity_loss
 from .learned_length import AdaptiveSequenceLengthWrapper, SequenceLengthPredictor
-from .bucketing import BucketLandmarkHandle, LearnableBucketLandmark, attach_bucket_landmark
+from .bucketing import (BucketLandmarkHandle, HyLoRADAConfig, LearnableBucketLandmark, PositionAdaptiveLandmark,
+                        attach_bucket_landmark)
 
 if TYPE_CHECKING:
     from ..training.act import ACTTrainer
@@ -29,12 +31,13 @@ __getattr__, __dir__ = lazy_reexports(globals(), {
 
 __all__ = [
     "SparseMoELayer", "MoEResNetBKLayer", "ResNetBKBlock", "LanguageModel", "BKMixer", "moe_aux_loss",
-    "AdaptiveResNetBKBlock", "ACTLanguageModel", "ACTTrainer",
+    "AdaptiveResNetBKBlock", "ACTLanguageModel", "ACTTrainer", "EarlyExitResNetBKBlock", "EarlyExitLanguageModel",
     "LearnedDownsampling", "LearnedUpsampling", "MultiScaleResNetBKLayer", "HierarchicalMultiScaleLayer",
     "MultiScaleResNetBKBlock", "count_flops_multi_scale",
     "ResNetBKConfig", "ConfigurableResNetBK", "PRESETS",
     "SparseBKCore", "SparseMoEResNetBKLayer", "SparseLanguageModel", "AdaptiveSparsityScheduler",
     "gumbel_sigmoid", "sparsity_loss",
     "SequenceLengthPredictor", "AdaptiveSequenceLengthWrapper", "LearnedSequenceLengthTrainer",
-    "LearnableBucketLandmark", "attach_bucket_landmark", "BucketLandmarkHandle",
+    "LearnableBucketLandmark", "PositionAdaptiveLandmark", "HyLoRADAConfig", "attach_bucket_landmark",
+    "BucketLandmarkHandle",
 ]

@@ -74,6 +74,12 @@ class AdaptiveResNetBKBlock(nn.Module):
     frozen_v=None (B,N), is_last=False) -> (x_processed (B,N,D), cumsum_new (B,N),
     still_running_new (B,N) bool, weight (B,N)), computing only the running tokens (see module doc).
     ``halt_bias_init`` sets the initial halting logit (p = sigmoid(bias) at init).
+
+    ``ponder_cost`` (the design's buffer; 0-dim, float32, detached, not saved in the state dict):
+    this block's share of Graves' ponder cost summed over every forward since
+    ``reset_ponder_cost()``: one per token the block ran plus the remainder R(t) of each token that
+    halted at it. Summed over an ``ACTLanguageModel``'s blocks and divided by B*N it is the ponder
+    cost that model's forward returns (which carries the gradient; this is for monitoring).
     """
 
     def __init__(self, d_model: int, n_seq: int, num_experts: int = 4, top_k: int = 1,
@@ -93,6 +99,15 @@ class AdaptiveResNetBKBlock(nn.Module):
                                           nn.Sigmoid())
         with torch.no_grad():
             self.halting_unit[2].bias.fill_(float(halt_bias_init))
+        self.register_buffer("ponder_cost", torch.zeros(()), persistent=False)
+
+    def reset_ponder_cost(self) -> None:
+        """Set ``ponder_cost`` back to 0."""
+        self.ponder_cost.zero_()
+
+    def _add_ponder(self, tokens_run: int, halted: Tensor, remainder: Tensor) -> None:
+        with torch.no_grad():
+            self.ponder_cost.add_(torch.where(halted, remainder, torch.zeros_like(remainder)).sum() + tokens_run)
 
     def step_compact(self, h_run: Tensor, idx: Optional[Tensor], c_run: Tensor, v_full: Optional[Tensor],
                      B: int, N: int, is_last: bool = False, cache: Optional[DecodeCache] = None):
@@ -115,10 +130,12 @@ class AdaptiveResNetBKBlock(nn.Module):
         remainder = 1.0 - c_run
         if is_last:  # every token still running halts here with the remainder
             halted = torch.ones_like(c_run, dtype=torch.bool)
+            self._add_ponder(h_run.shape[0], halted, remainder)
             return h_new, v_full, c_run, halted, remainder, remainder
         p = self.halting_unit(h_new).squeeze(-1).to(c_run.dtype)
         c_new = c_run + p
         halted = c_new >= self.threshold
+        self._add_ponder(h_run.shape[0], halted, remainder)
         return h_new, v_full, c_new, halted, torch.where(halted, remainder, p), remainder
 
     def step(self, h: Tensor, cumsum: Tensor, running: Tensor, frozen_v: Optional[Tensor] = None,
@@ -148,6 +165,7 @@ class AdaptiveResNetBKBlock(nn.Module):
             p = self.halting_unit(h_run_new).squeeze(-1).to(cumsum.dtype)
             c_new = c_prev + p
             halted_now = c_new >= self.threshold
+        self._add_ponder(idx.numel(), halted_now, remainder)
         w_run = torch.where(halted_now, remainder, p)
         cumsum_new = cumsum.reshape(-1).index_copy(
             0, idx, torch.where(halted_now, torch.ones_like(c_new), c_new)).view(B, N)
@@ -272,6 +290,11 @@ class ACTLanguageModel(GenerationMixin, nn.Module):
         """(total = CE + act_lambda * ponder, ce, ponder). logits (B,N,V) or (B*N,V); targets (B,N) or (B*N,)."""
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
         return ce + self.act_lambda * ponder_cost, ce, ponder_cost
+
+    def reset_ponder_cost(self) -> None:
+        """``reset_ponder_cost()`` of every block."""
+        for block in self.blocks:
+            block.reset_ponder_cost()
 
     def get_avg_layers_executed(self) -> float:
         """Mean number of blocks computed per token in the last forward (1 .. n_layers)."""

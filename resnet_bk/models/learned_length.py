@@ -56,7 +56,8 @@ if TYPE_CHECKING:
 # Moved to resnet_bk.training.learned_length; lazy re-export (PEP 562): models never import training.
 __getattr__, __dir__ = lazy_reexports(globals(), {"LearnedSequenceLengthTrainer": "resnet_bk.training.learned_length"})
 
-__all__ = ["SequenceLengthPredictor", "AdaptiveSequenceLengthWrapper", "LearnedSequenceLengthTrainer"]
+__all__ = ["SequenceLengthPredictor", "AdaptiveSequenceLengthWrapper", "LearnedSequenceLengthTrainer",
+           "default_length_bins", "check_length_bins"]
 
 
 def _logits_of(out) -> Tensor:
@@ -68,39 +69,115 @@ def _logits_of(out) -> Tensor:
     raise TypeError(f"base_model output: expected logits (B, N, V) or a tuple starting with them, got {type(out).__name__}")
 
 
+def default_length_bins(max_seq_len: int, num_length_bins: int) -> Tensor:
+    """The documented default bins: ``round(linspace(max_seq_len/num_length_bins, max_seq_len,
+    num_length_bins))`` as a (num_length_bins,) long tensor (8 bins of 128: 16, 32, ..., 128)."""
+    check_positive_ints(max_seq_len=max_seq_len, num_length_bins=num_length_bins)
+    if num_length_bins > max_seq_len:
+        raise ValueError(f"num_length_bins: expected <= max_seq_len={max_seq_len}, got {num_length_bins}")
+    return torch.linspace(max_seq_len / num_length_bins, max_seq_len, num_length_bins).round().long()
+
+
+def check_length_bins(name: str, bins, max_seq_len: int) -> Tensor:
+    """``bins`` as a (K,) long tensor, checked: 1-D, non-empty, integer values strictly increasing
+    in [1, max_seq_len]; raises naming ``name`` with expected vs got."""
+    t = bins if isinstance(bins, Tensor) else torch.as_tensor(bins)
+    if t.dim() != 1 or t.numel() == 0:
+        raise ValueError(f"{name}: expected a non-empty 1-D sequence of lengths, got shape {tuple(t.shape)}")
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        if not (t.is_floating_point() and bool((t == t.round()).all())):
+            raise TypeError(f"{name}: expected integer lengths, got dtype {t.dtype} {t.tolist()}")
+    t = t.detach().to(torch.long)
+    vals = t.tolist()
+    if vals[0] < 1 or vals[-1] > max_seq_len or any(b <= a for a, b in zip(vals, vals[1:])):
+        raise ValueError(f"{name}: expected strictly increasing lengths in [1, max_seq_len={max_seq_len}], got {vals}")
+    return t
+
+
 class SequenceLengthPredictor(nn.Module):
     """Predict a length bin per sequence from its mean-pooled embeddings.
 
-    Bins: ``round(linspace(max_seq_len/num_length_bins, max_seq_len, num_length_bins))``
-    (defaults: 16, 32, ..., 128), buffer ``length_bins`` (bins,) long.
-    Network: mean-pool -> Linear(d, d/2) -> ReLU -> Dropout(0.1) -> Linear(d/2, bins).
+    Bins: by default ``round(linspace(max_seq_len/num_length_bins, max_seq_len, num_length_bins))``
+    (defaults: 16, 32, ..., 128), or the given ``length_bins``; buffer ``length_bins`` (K,) long.
+    Network: mean-pool -> Linear(d, d/2) -> ReLU -> Dropout(0.1) -> Linear(d/2, K); the last layer
+    (``net[-1]``) always has one output per bin.
 
-    forward(x_emb (B, N, D), return_distribution=False) -> lengths (B,) long [, probs (B, bins)].
+    Custom bins (the design's customisation) work after construction too::
+
+        pred.length_bins = torch.tensor([8, 16, 32, 64, 128])   # the head is resized to 5 outputs
+        pred.num_length_bins = 5                                 # consistent: nothing to do
+
+    Assigning ``length_bins`` checks the values (strictly increasing integers in [1, max_seq_len])
+    and, when the count changes, replaces the output layer with a freshly initialised one of the new
+    size (on the old one's device and dtype; make the optimizer after customising). Assigning a
+    different ``num_length_bins`` sets the default evenly spaced bins of that count (and resizes the
+    head). ``load_state_dict`` adopts the bins stored in the state dict, so a customised predictor
+    loads into a default-built one.
+
+    forward(x_emb (B, N, D), return_distribution=False) -> lengths (B,) long [, probs (B, K)].
     Training mode samples the bin from the softmax; eval mode takes the argmax.
     """
 
-    def __init__(self, d_model: int, max_seq_len: int = 128, num_length_bins: int = 8):
+    def __init__(self, d_model: int, max_seq_len: int = 128, num_length_bins: int = 8, *, length_bins=None):
         super().__init__()
         check_positive_ints(d_model=d_model, max_seq_len=max_seq_len, num_length_bins=num_length_bins)
-        if num_length_bins > max_seq_len:
-            raise ValueError(f"num_length_bins: expected <= max_seq_len={max_seq_len}, got {num_length_bins}")
         self.d_model = d_model
         self.max_seq_len = max_seq_len
-        self.num_length_bins = num_length_bins
-        bins = torch.linspace(max_seq_len / num_length_bins, max_seq_len, num_length_bins).round().long()
-        self.register_buffer("length_bins", bins)
+        if length_bins is None:
+            bins = default_length_bins(max_seq_len, num_length_bins)
+        else:
+            bins = check_length_bins("length_bins", length_bins, max_seq_len)
         hidden = max(1, d_model // 2)
-        self.net = nn.Sequential(nn.Linear(d_model, hidden), nn.ReLU(), nn.Dropout(0.1), nn.Linear(hidden, num_length_bins))
+        self.net = nn.Sequential(nn.Linear(d_model, hidden), nn.ReLU(), nn.Dropout(0.1), nn.Linear(hidden, bins.numel()))
+        self.register_buffer("length_bins", bins)
+        # Bumped whenever the bins change (the wrapper's statistics are per bin).
+        self.bins_version = 0
+        self._register_load_state_dict_pre_hook(self._adopt_state_dict_bins)
+
+    def __setattr__(self, name, value):
+        if name == "length_bins" and "length_bins" in self.__dict__.get("_buffers", {}):
+            self._set_bins(check_length_bins("length_bins", value, self.max_seq_len))
+        elif name == "num_length_bins":
+            check_positive_ints(num_length_bins=value)
+            if value != self.length_bins.numel():
+                self._set_bins(default_length_bins(self.max_seq_len, value))
+        else:
+            super().__setattr__(name, value)
+
+    @property
+    def num_length_bins(self) -> int:
+        return self.length_bins.numel()
+
+    def _set_bins(self, bins: Tensor) -> None:
+        old = self._buffers["length_bins"]
+        head = self.net[-1]
+        if isinstance(head, nn.Linear) and head.out_features != bins.numel():
+            new_head = nn.Linear(head.in_features, bins.numel(), bias=head.bias is not None)
+            self.net[-1] = new_head.to(device=head.weight.device, dtype=head.weight.dtype)
+        self._buffers["length_bins"] = bins.to(old.device)
+        self.bins_version += 1
+
+    def _adopt_state_dict_bins(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                               error_msgs):
+        bins = state_dict.get(prefix + "length_bins")
+        if isinstance(bins, Tensor) and (bins.shape != self.length_bins.shape or not torch.equal(bins.cpu(), self.length_bins.cpu())):
+            self._set_bins(check_length_bins(prefix + "length_bins", bins, self.max_seq_len))
 
     def bin_logits(self, x_emb: Tensor) -> Tensor:
-        """x_emb (B, N, D) -> (B, bins) unnormalised log-probabilities."""
+        """x_emb (B, N, D) -> (B, K) unnormalised log-probabilities, K = len(length_bins)."""
         if not isinstance(x_emb, Tensor) or x_emb.dim() != 3 or x_emb.shape[-1] != self.d_model:
             raise ValueError(f"x_emb: expected shape (B, N, {self.d_model}), got "
                              f"{tuple(x_emb.shape) if isinstance(x_emb, Tensor) else type(x_emb).__name__}")
-        return self.net(x_emb.mean(dim=1)).float()
+        logits = self.net(x_emb.mean(dim=1)).float()
+        K = self.length_bins.numel()
+        if logits.shape[-1] != K:
+            raise ValueError(f"length_predictor.net: expected {K} outputs (one per length bin, length_bins="
+                             f"{self.length_bins.tolist()}), got {logits.shape[-1]}; assign length_bins / "
+                             f"num_length_bins to resize the head, or give the replaced head {K} outputs")
+        return logits
 
     def choose(self, logits: Tensor) -> Tensor:
-        """(B, bins) logits -> (B,) chosen bin index (sampled in training, argmax in eval)."""
+        """(B, K) logits -> (B,) chosen bin index (sampled in training, argmax in eval)."""
         if self.training:
             return torch.multinomial(torch.softmax(logits, dim=-1), 1).squeeze(-1)
         return logits.argmax(dim=-1)
@@ -129,10 +206,28 @@ class AdaptiveSequenceLengthWrapper(nn.Module):
     tokens_processed (positions the base model ran, group rectangles included), tokens_total,
     num_groups (base-model calls), speedup_estimate (= tokens_total/tokens_processed: a token ratio,
     not a time). ``max_groups``: see the module doc.
+
+    ``length_bins``: custom bins (as for ``SequenceLengthPredictor``; ``num_length_bins`` then
+    follows them). The predictor may also be replaced (``wrapper.length_predictor = custom``); the
+    interface a predictor must have:
+
+    * required: ``forward(x_emb (B, N, D), return_distribution=False)``; with
+      ``return_distribution=True`` it returns ``(lengths (B,) integer, probs (B, K))``: the chosen
+      length of each sequence (sampled or argmax, as the predictor decides) and its distribution
+      over K bins, with gradient for the predictor to learn from the length cost;
+    * optional: ``length_bins`` (K,) integer, the length of each bin (default: the documented
+      evenly spaced bins for K, ``round(linspace(max_seq_len/K, max_seq_len, K))``); every returned
+      length must be one of the bins;
+    * optional: ``bin_logits(x_emb) -> (B, K)`` and ``choose(logits) -> (B,)`` bin indices (what
+      ``SequenceLengthPredictor`` has); when both exist they are used instead of ``forward``.
+
+    A predictor that breaks the interface raises a ValueError/TypeError naming
+    ``length_predictor`` and what it returned.
     """
 
     def __init__(self, base_model: nn.Module, max_seq_len: int = 128, num_length_bins: int = 8,
-                 length_penalty: float = 0.01, *, ignore_index: int = -100, max_groups: Optional[int] = 2):
+                 length_penalty: float = 0.01, *, ignore_index: int = -100, max_groups: Optional[int] = 2,
+                 length_bins=None):
         super().__init__()
         emb = getattr(base_model, "token_embedding", None)
         if not isinstance(emb, nn.Embedding):
@@ -150,12 +245,36 @@ class AdaptiveSequenceLengthWrapper(nn.Module):
         if max_groups is not None and (not isinstance(max_groups, int) or max_groups < 1):
             raise ValueError(f"max_groups: expected a positive int or None, got {max_groups!r}")
         self.max_groups = max_groups
-        self.length_predictor = SequenceLengthPredictor(emb.embedding_dim, max_seq_len, num_length_bins)
+        self.length_predictor = SequenceLengthPredictor(emb.embedding_dim, max_seq_len, num_length_bins,
+                                                        length_bins=length_bins)
         self.reset_length_statistics()
 
     # -- statistics ------------------------------------------------------------------------------
-    def reset_length_statistics(self) -> None:
-        self._bin_counts = torch.zeros(self.length_predictor.num_length_bins, dtype=torch.long)
+    def _bins(self, K: Optional[int] = None) -> Tuple[Optional[Tensor], object]:
+        """(bins (K,) long or None, key): the predictor's ``length_bins`` (checked, unless it is a
+        ``SequenceLengthPredictor``, whose setter checks them), else the default spacing for K
+        (``K`` or its ``num_length_bins``). ``key`` changes when the bins do (statistics are per bin)."""
+        pred = self.length_predictor
+        if isinstance(pred, SequenceLengthPredictor):
+            return pred.length_bins, (id(pred), pred.bins_version)
+        bins = getattr(pred, "length_bins", None)
+        if bins is not None:
+            bins = check_length_bins("length_predictor.length_bins", bins, self.max_seq_len)
+        else:
+            K = getattr(pred, "num_length_bins", None) if K is None else K
+            if not isinstance(K, int):
+                return None, (id(pred), None)
+            bins = default_length_bins(self.max_seq_len, K)
+        return bins, (id(pred), tuple(bins.tolist()))
+
+    def reset_length_statistics(self, bins: Optional[Tensor] = None, key: object = None) -> None:
+        if bins is None:
+            bins, key = self._bins()
+            if bins is None:
+                bins = torch.zeros(0, dtype=torch.long)
+        self._stats_key = key
+        self._stats_bins = bins.detach().cpu()
+        self._bin_counts = torch.zeros(bins.numel(), dtype=torch.long)
         self._sum_lengths = 0
         self._num_predictions = 0
         self._tokens_processed = 0
@@ -167,7 +286,7 @@ class AdaptiveSequenceLengthWrapper(nn.Module):
         dist = (self._bin_counts.double() / n * 100.0).tolist() if n else [0.0] * len(self._bin_counts)
         return {"avg_predicted_length": self._sum_lengths / n if n else 0.0,
                 "length_distribution": dist,
-                "length_bins": self.length_predictor.length_bins.tolist(),
+                "length_bins": self._stats_bins.tolist(),
                 "avg_speedup": self._tokens_total / self._tokens_processed if self._tokens_processed else 1.0,
                 "speedup_kind": "tokens_total / tokens_processed (not wall-clock)",
                 "total_predictions": n,
@@ -196,14 +315,13 @@ class AdaptiveSequenceLengthWrapper(nn.Module):
             return logits, {"predicted_lengths": full, "avg_predicted_length": float(N),
                             "max_predicted_length": N, "original_length": N, "tokens_processed": B * N,
                             "tokens_total": B * N, "num_groups": 1, "speedup_estimate": 1.0}
-        pred = self.length_predictor
         with torch.no_grad():
             emb = self.base_model.token_embedding(x)
-        bin_logits = pred.bin_logits(emb)                                      # (B, bins)
-        log_probs = torch.log_softmax(bin_logits, dim=-1)
-        choice = pred.choose(bin_logits.detach())                              # (B,)
+        choice, probs, log_probs, bins, key = self._predict(emb)                # (B,), (B, K) x2, (K,)
+        if key != self._stats_key:
+            self.reset_length_statistics(bins, key)   # the bins changed: per-bin counts start again
         # A bin longer than the input means "the whole input": the sequence runs at N.
-        bins_n = torch.minimum(pred.length_bins, torch.tensor(N, device=x.device))   # (bins,)
+        bins_n = torch.minimum(bins, torch.tensor(N, device=bins.device))      # (K,)
         lengths = bins_n[choice]                                               # (B,)
         # Group sequences by length: one sort and one host read of the distinct lengths and sizes.
         order = torch.argsort(lengths, stable=True)
@@ -228,20 +346,66 @@ class AdaptiveSequenceLengthWrapper(nn.Module):
             logits[idx_t, :L] = out
             processed += L * idx_t.numel()
         predicted = int(sum(L * c for L, c in zip(uniq_host, counts_host)))
-        probs = log_probs.exp()
         expected = (probs * bins_n.to(probs.dtype)).sum(-1)                     # (B,) with grad
-        self._bin_counts += torch.bincount(choice.cpu(), minlength=pred.num_length_bins)
+        self._bin_counts += torch.bincount(choice.cpu(), minlength=bins.numel())
         self._sum_lengths += predicted
         self._num_predictions += B
         self._tokens_processed += processed
         self._tokens_total += B * N
         info = {"predicted_lengths": lengths, "length_probs": probs.detach(),
                 "log_prob": log_probs.gather(1, choice[:, None]).squeeze(1), "bin_log_probs": log_probs,
+                "bin_probs": probs,
                 "bin_lengths": bins_n, "expected_length": expected,
                 "avg_predicted_length": predicted / B, "max_predicted_length": max(uniq_host),
                 "original_length": N, "tokens_processed": processed, "tokens_total": B * N,
                 "num_groups": len(groups), "speedup_estimate": B * N / processed}
         return logits, info
+
+    def _predict(self, emb: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, object]:
+        """(choice (B,) bin index, probs (B, K), log_probs (B, K), bins (K,) long, bins key) from the
+        predictor, through ``bin_logits``/``choose`` when it has both, else through its
+        ``forward(emb, return_distribution=True)``; checked against the documented interface."""
+        pred = self.length_predictor
+        B = emb.shape[0]
+        if callable(getattr(pred, "bin_logits", None)) and callable(getattr(pred, "choose", None)):
+            logits = pred.bin_logits(emb)
+            if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != B:
+                raise ValueError(f"length_predictor.bin_logits: expected a (B={B}, K) tensor, got "
+                                 f"{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}")
+            bins, key = self._bins(logits.shape[1])
+            bins = bins.to(emb.device)
+            if logits.shape[1] != bins.numel():
+                raise ValueError(f"length_predictor.bin_logits: expected {bins.numel()} columns (one per length bin, "
+                                 f"length_bins={bins.tolist()}), got {logits.shape[1]}")
+            log_probs = torch.log_softmax(logits.float(), dim=-1)
+            choice = pred.choose(logits.detach())
+            if not isinstance(choice, Tensor) or choice.shape != (B,) or choice.is_floating_point():
+                raise ValueError(f"length_predictor.choose: expected (B={B},) integer bin indices, got "
+                                 f"{tuple(choice.shape) if isinstance(choice, Tensor) else type(choice).__name__}")
+            return choice.long(), log_probs.exp(), log_probs, bins, key
+        out = pred(emb, return_distribution=True)
+        if not (isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(t, Tensor) for t in out)):
+            raise TypeError("length_predictor: forward(x_emb, return_distribution=True) must return (lengths (B,), "
+                            f"probs (B, K)), got {type(out).__name__}")
+        lengths, probs = out
+        if lengths.shape != (B,) or lengths.is_floating_point() or lengths.is_complex():
+            raise ValueError(f"length_predictor: expected lengths of shape (B={B},) with an integer dtype, got "
+                             f"{tuple(lengths.shape)} {lengths.dtype}")
+        if probs.dim() != 2 or probs.shape[0] != B or not probs.is_floating_point():
+            raise ValueError(f"length_predictor: expected probs of shape (B={B}, K) floating, got "
+                             f"{tuple(probs.shape)} {probs.dtype}")
+        bins, key = self._bins(probs.shape[1])
+        bins = bins.to(emb.device)
+        if probs.shape[1] != bins.numel():
+            raise ValueError(f"length_predictor: probs has {probs.shape[1]} columns but length_bins has "
+                             f"{bins.numel()} ({bins.tolist()}); they must match")
+        hit = lengths.to(bins.device)[:, None] == bins[None, :]                  # (B, K)
+        if not bool(hit.any(dim=1).all()):
+            bad = lengths[~hit.any(dim=1)].tolist()
+            raise ValueError(f"length_predictor: returned lengths {bad} that are not in length_bins={bins.tolist()} "
+                             "(define length_bins on the predictor to use other lengths)")
+        probs = probs.float()
+        return hit.long().argmax(dim=1), probs, torch.log(probs), bins, key
 
     def _plan_groups(self, lens, counts):
         """Contiguous groups [(lo, hi), ...] of the sorted distinct lengths ``lens`` (sizes ``counts``)
@@ -308,7 +472,7 @@ class AdaptiveSequenceLengthWrapper(nn.Module):
         at_or_past = torch.cat([valid.flip(1).cumsum(1).flip(1), valid.new_zeros(B, 1, dtype=torch.long)], 1)
         dropped = at_or_past.index_select(1, lengths).to(per_tok.dtype)        # (B, bins)
         per_drop = (math.log(V) - ce).detach()
-        probs = length_info["bin_log_probs"].exp()
+        probs = length_info["bin_probs"] if "bin_probs" in length_info else length_info["bin_log_probs"].exp()
         drop_cost = (probs * dropped).sum() * per_drop / torch.maximum(n_valid, torch.ones_like(n_valid))
         return ce + length_cost + (drop_cost - drop_cost.detach()), ce, length_cost
 

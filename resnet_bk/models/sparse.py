@@ -100,8 +100,11 @@ def sparsity_loss(mask: Tensor, target_sparsity: float, loss_type: str = "l2") -
     return kl
 
 
-class SparseBKCore(_BKCoreMixin, nn.Module):
-    """forward(x (B, N, D), v (B, N)) -> (features (B, N, 2), mask (B, N), sparsity_ratio ()).
+class SparseBKCore(PerForwardState, _BKCoreMixin, nn.Module):
+    """forward(x (B, N, D), v (B, N)) -> (features (B, N, 2), mask (B, N)), as the design's code
+    unpacks it; ``return_sparsity_ratio=True`` adds a third value, sparsity_ratio () =
+    ``1 - mask.mean()`` (with the mask's gradient), which is also kept after every forward in
+    ``last_sparsity_ratio``.
 
     features are [Re G_ii, Im G_ii] of H = H0 + diag(v) where the mask is 1 (exact) and the
     interpolator's estimate where it is 0. Accepts any 1 <= N <= n_seq.
@@ -114,9 +117,12 @@ class SparseBKCore(_BKCoreMixin, nn.Module):
         backend: forwarded to ``resnet_bk.ops``.
     """
 
+    _per_forward = ("last_sparsity_ratio",)
+
     def __init__(self, d_model: int, n_seq: int, target_sparsity: float = 0.5, tau: float = 1.0, *,
                  causal: bool = True, backend: Optional[str] = None, learnable_z: bool = False):
         super().__init__()
+        self.last_sparsity_ratio: Optional[Tensor] = None
         if not isinstance(d_model, int) or d_model < 1:
             raise ValueError(f"d_model: expected a positive int, got {d_model!r}")
         if not 0.0 <= float(target_sparsity) < 1.0:
@@ -171,10 +177,12 @@ class SparseBKCore(_BKCoreMixin, nn.Module):
         return F.linear(h, c2.weight.reshape(c2.out_channels, -1), c2.bias).to(feats.dtype)
 
     def forward(self, x: Tensor, v: Tensor, use_sparse_computation: bool = True, *,
-                mask: Optional[Tensor] = None, cache: Optional[DecodeCache] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                mask: Optional[Tensor] = None, cache: Optional[DecodeCache] = None,
+                return_sparsity_ratio: bool = False):
         """``mask`` (B, N): a mask from ``predict_mask(x)`` already drawn by the caller (the layer
         uses it to skip the FFN too); None draws one here. ``cache`` (a ``DecodeCache``, causal):
-        x and v continue the cached sequences."""
+        x and v continue the cached sequences. Returns (features, mask), or
+        (features, mask, sparsity_ratio) with ``return_sparsity_ratio=True``."""
         check_hidden("x", x, self.d_model, self.n_seq)
         if not isinstance(v, Tensor) or tuple(v.shape) != tuple(x.shape[:2]):
             raise ValueError(f"v: expected shape {tuple(x.shape[:2])} (B, N), got "
@@ -192,7 +200,7 @@ class SparseBKCore(_BKCoreMixin, nn.Module):
                 feats = feats * mask.unsqueeze(-1).to(dtype)
             m = mask.unsqueeze(-1).to(feats.dtype)
             features = feats + (1.0 - m) * self.interpolate(feats, mask, slot)
-            return features, mask, 1.0 - mask.mean()
+            return self._result(features, mask, return_sparsity_ratio)
         he_diag, sup, sub, z = self._h(v)
         if use_sparse_computation:
             # One call for the whole batch; the op skips the combine/output work where mask == 0.
@@ -206,7 +214,14 @@ class SparseBKCore(_BKCoreMixin, nn.Module):
         # Straight-through blend: exact where computed, interpolated where skipped; both terms carry
         # the mask's gradient to the importance predictor.
         features = feats + (1.0 - m) * self.interpolate(feats, mask)
-        return features, mask, 1.0 - mask.mean()
+        return self._result(features, mask, return_sparsity_ratio)
+
+    def _result(self, features: Tensor, mask: Tensor, return_sparsity_ratio: bool):
+        ratio = 1.0 - mask.mean()
+        self.last_sparsity_ratio = ratio
+        if return_sparsity_ratio:
+            return features, mask, ratio
+        return features, mask
 
     def sparsity_loss(self, mask: Tensor, loss_type: str = "l2") -> Tensor:
         return sparsity_loss(mask, self.target_sparsity, loss_type)
@@ -281,7 +296,8 @@ class SparseMoEResNetBKLayer(PerForwardState, nn.Module):
         if not self.skip_ffn:
             ffn = self.moe_ffn(x)
             v = self.v_proj(ffn).squeeze(-1)
-            feats, mask, ratio = self.sparse_bk_core(x, v, self.use_sparse_computation, cache=cache)
+            feats, mask, ratio = self.sparse_bk_core(x, v, self.use_sparse_computation, cache=cache,
+                                                     return_sparsity_ratio=True)
             self._keep(mask, ratio)
             return ffn + self.bk_scale * self.output_proj(feats.to(ffn.dtype))
         B, N, D = x.shape
@@ -297,7 +313,8 @@ class SparseMoEResNetBKLayer(PerForwardState, nn.Module):
         else:  # dense reference: the FFN on every position, then masked (same values, no saving)
             ffn = self.moe_ffn(x) * mask.unsqueeze(-1).to(x.dtype)
             v = self.v_proj(ffn).squeeze(-1)
-        feats, mask, ratio = self.sparse_bk_core(x, v, self.use_sparse_computation, mask=mask, cache=cache)
+        feats, mask, ratio = self.sparse_bk_core(x, v, self.use_sparse_computation, mask=mask, cache=cache,
+                                                 return_sparsity_ratio=True)
         self._keep(mask, ratio)
         out = self.bk_scale * self.output_proj(feats.to(x.dtype))
         if not self.use_sparse_computation:

@@ -11,8 +11,8 @@ from typing import Callable, Dict
 
 import torch.nn as nn
 
-from ..models import (ACTLanguageModel, AdaptiveSequenceLengthWrapper, LanguageModel, MultiScaleResNetBKBlock,
-                      SparseLanguageModel)
+from ..models import (ACTLanguageModel, AdaptiveSequenceLengthWrapper, EarlyExitLanguageModel, LanguageModel,
+                      MultiScaleResNetBKBlock, SparseLanguageModel)
 
 __all__ = ["MODELS", "ModelFactory", "register_model"]
 
@@ -26,6 +26,10 @@ def _plain(vocab_size, d_model, n_layers, n_seq, backend=None, **kw):
 def _act(vocab_size, d_model, n_layers, n_seq, backend=None, **kw):
     kw.setdefault("act_threshold", 0.95)
     return ACTLanguageModel(vocab_size, d_model, n_layers, n_seq, backend=backend, **kw)
+
+
+def _early_exit(vocab_size, d_model, n_layers, n_seq, backend=None, **kw):
+    return EarlyExitLanguageModel(vocab_size, d_model, n_layers, n_seq, backend=backend, **kw)
 
 
 def _multiscale(hierarchical: bool) -> ModelFactory:
@@ -54,6 +58,7 @@ def _learned_length(vocab_size, d_model, n_layers, n_seq, backend=None, *, num_l
 MODELS: Dict[str, ModelFactory] = {
     "plain": _plain,
     "act": _act,
+    "early_exit": _early_exit,
     "multiscale": _multiscale(False),
     "hierarchical": _multiscale(True),
     "sparse": _sparse,

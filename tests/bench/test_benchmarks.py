@@ -127,7 +127,7 @@ def test_module_suite_smoke(tmp_path):
         result = json.load(f)
     rows = result["module_rows"]
     names = {r["module"] for r in rows}
-    assert {"plain", "act", "multi_scale", "sparse", "learned_length", "layer:multi_scale"} <= names
+    assert {"plain", "act", "early_exit", "multi_scale", "sparse", "learned_length", "layer:multi_scale"} <= names
     for r in rows:
         assert r["status"] == "ok", r
         assert {"d_model", "N", "B"} <= set(r)

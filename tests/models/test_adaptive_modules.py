@@ -30,7 +30,7 @@ def test_sparse_core_shapes_and_exact_computed_positions():
     core.importance_predictor.bias.data.zero_()  # about half the positions computed
     x = torch.randn(3, 21, D)  # N < n_seq
     v = torch.randn(3, 21)
-    feats, mask, ratio = core(x, v)
+    feats, mask, ratio = core(x, v, return_sparsity_ratio=True)
     assert feats.shape == (3, 21, 2) and mask.shape == (3, 21) and ratio.dim() == 0
     assert 0 < ratio.item() < 1
     he, sup, sub, z = core._h(v)
@@ -66,11 +66,11 @@ def test_sparse_core_causal_interpolation():
     core.importance_predictor.bias.data.zero_()
     x = torch.randn(2, 20, D)
     v = torch.randn(2, 20)
-    f1, _, _ = core(x, v)
+    f1, _ = core(x, v)
     x2, v2 = x.clone(), v.clone()
     x2[:, 12:] += 3.0
     v2[:, 12:] -= 1.0
-    f2, _, _ = core(x2, v2)
+    f2, _ = core(x2, v2)
     torch.testing.assert_close(f1[:, :12], f2[:, :12])
 
 
@@ -78,7 +78,7 @@ def test_sparse_gradients_reach_importance_predictor():
     torch.manual_seed(0)
     core = SparseBKCore(D, NSEQ)
     core.importance_predictor.bias.data.zero_()
-    feats, mask, _ = core(torch.randn(2, NSEQ, D), torch.randn(2, NSEQ))
+    feats, mask = core(torch.randn(2, NSEQ, D), torch.randn(2, NSEQ))
     feats.pow(2).sum().backward()
     g = core.importance_predictor.weight.grad
     assert g is not None and g.abs().sum() > 0

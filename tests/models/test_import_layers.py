@@ -16,7 +16,7 @@ import pytest
 import resnet_bk
 
 # The `--model` names of `python -m resnet_bk.training.train` before the registry moved to training/.
-CLI_MODELS = ["act", "hierarchical", "learned_length", "multiscale", "plain", "sparse"]
+CLI_MODELS = ["act", "early_exit", "hierarchical", "learned_length", "multiscale", "plain", "sparse"]
 
 # (old import path, name, new home): the trainers live in resnet_bk.training; their prototype names
 # under resnet_bk.models must still give the same class object.
