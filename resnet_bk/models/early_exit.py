@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import MoEResNetBKLayer, check_hidden, embed_tokens, init_lm_trunk, moe_aux_loss
+from .cache import DecodeCache, active_cache
+from .generation import GenerationMixin
 
 __all__ = ["EarlyExitResNetBKBlock", "EarlyExitLanguageModel"]
 
@@ -62,27 +64,29 @@ class EarlyExitResNetBKBlock(nn.Module):
                                 if exit_head else None)
         self.confidence_head = nn.Linear(d_model, 1) if exit_head else None
 
-    def process(self, x: Tensor) -> Tensor:
+    def process(self, x: Tensor, cache: Optional[DecodeCache] = None) -> Tensor:
         check_hidden("x", x, self.d_model, self.n_seq, self.layer_norm.weight.dtype)
-        return x + self.bk_layer(self.layer_norm(x))
+        if cache is None:
+            return x + self.bk_layer(self.layer_norm(x))
+        return x + self.bk_layer(self.layer_norm(x), cache=cache)
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         h = self.process(x)
         return h, (self.exit_classifier(h) if self.exit_classifier is not None else None)
 
-    def step_compact(self, h_run: Tensor, idx: Optional[Tensor], v_full: Optional[Tensor], B: int, N: int
-                     ) -> Tuple[Tensor, Tensor]:
+    def step_compact(self, h_run: Tensor, idx: Optional[Tensor], v_full: Optional[Tensor], B: int, N: int,
+                     cache: Optional[DecodeCache] = None) -> Tuple[Tensor, Tensor]:
         """The block on the running tokens only: h_run (T, D) their states, idx (T,) their flat
         indices in B*N (None: all tokens in order), v_full (B*N,) potentials with exited tokens'
         frozen (None before the first block). Returns (h_new (T, D), v_full (B*N,))."""
         ffn, v_run = self.bk_layer.ffn_and_potential(self.layer_norm(h_run))
         v_full = v_run if idx is None else v_full.to(v_run.dtype).index_copy(0, idx, v_run)
-        feats = self.bk_layer.bk_features(v_full.view(B, N)).reshape(B * N, 2)
+        feats = self.bk_layer.bk_features(v_full.view(B, N), cache).reshape(B * N, 2)
         f_run = feats if idx is None else feats.index_select(0, idx)
         return h_run + self.bk_layer.mix_output(ffn, f_run), v_full
 
 
-class EarlyExitLanguageModel(nn.Module):
+class EarlyExitLanguageModel(GenerationMixin, nn.Module):
     """Language model whose tokens leave at the first confident exit. Causal by default.
 
     forward(x (B, N) long, use_early_exit=None) -> logits (B, N, V) when early exit is off (every
@@ -155,19 +159,34 @@ class EarlyExitLanguageModel(nn.Module):
         """Token + position embedding (B, N, D) of x (B, N) long, checked."""
         return embed_tokens(self, x)
 
-    def forward(self, x: Tensor, use_early_exit: Optional[bool] = None):
+    def forward(self, x: Tensor, use_early_exit: Optional[bool] = None, cache: Optional[DecodeCache] = None):
+        """``cache`` (from ``init_cache``): x continues the cached sequences; every block's BK-Core
+        state advances through the new positions (an exited token with its frozen potential, also in
+        blocks no new token reaches), so the logits equal the full forward's."""
         if use_early_exit is None:
             use_early_exit = self.use_early_exit
+        if cache is not None:
+            with active_cache(cache):
+                out = self._forward_early_exit(x, cache) if use_early_exit else self._forward_all(x, cache)
+            cache.position += x.shape[1]
+            return out
         if use_early_exit:
             return self._forward_early_exit(x)
-        h = embed_tokens(self, x)
+        return self._forward_all(x)
+
+    def _forward_all(self, x: Tensor, cache: Optional[DecodeCache] = None) -> Tensor:
+        h = embed_tokens(self, x, cache)
         for block in self.blocks:
-            h = block.process(h)
+            h = block.process(h, cache)
         self.avg_layers_executed = float(self.n_layers)
         return self.lm_head(self.layer_norm_final(h))
 
-    def _forward_early_exit(self, x: Tensor) -> Tuple[Tensor, Dict]:
-        h = embed_tokens(self, x)
+    def _cached_logits(self, tokens: Tensor, cache: DecodeCache) -> Tensor:
+        out = self(tokens, cache=cache)
+        return out[0] if isinstance(out, tuple) else out
+
+    def _forward_early_exit(self, x: Tensor, cache: Optional[DecodeCache] = None) -> Tuple[Tensor, Dict]:
+        h = embed_tokens(self, x, cache)
         B, N = x.shape
         D, V, L = self.d_model, self.vocab_size, self.n_layers
         total = B * N
@@ -182,7 +201,7 @@ class EarlyExitLanguageModel(nn.Module):
         for l, block in enumerate(self.blocks):
             T = h_run.shape[0]
             tokens_run += T
-            h_new, v_full = block.step_compact(h_run, idx, v_full, B, N)
+            h_new, v_full = block.step_compact(h_run, idx, v_full, B, N, cache)
             last = l == L - 1
             lg = None
             if last:
@@ -225,6 +244,8 @@ class EarlyExitLanguageModel(nn.Module):
                 skipped = L - 1 - l
                 for later in self.blocks[l + 1:]:
                     later.bk_layer.moe_ffn.aux_loss = None
+                    if cache is not None:  # (but their BK-Core states still pass these positions)
+                        later.bk_layer.bk_features(v_full.view(B, N), cache)
                 break
             if n_done:
                 keep = (score < self.confidence_threshold).nonzero().squeeze(1)

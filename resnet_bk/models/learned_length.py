@@ -306,7 +306,11 @@ class AdaptiveSequenceLengthWrapper(nn.Module):
         if isinstance(emb, nn.Embedding):
             check_token_range("x", x, emb.num_embeddings)
 
-    def forward(self, x: Tensor, use_adaptive_length: bool = True) -> Tuple[Tensor, Dict]:
+    def forward(self, x: Tensor, use_adaptive_length: bool = True, cache=None) -> Tuple[Tensor, Dict]:
+        if cache is not None:
+            raise ValueError("cache: AdaptiveSequenceLengthWrapper cannot decode incrementally: its length predictor "
+                             "reads the whole row before any token is computed; decode with its base_model "
+                             "(base_model.init_cache / base_model.generate)")
         self._check_x(x)
         B, N = x.shape
         if not use_adaptive_length:

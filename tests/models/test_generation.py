@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
-from resnet_bk.models import (ACTLanguageModel, ConfigurableResNetBK, LanguageModel, ResNetBKConfig,
-                              SparseLanguageModel)
+from resnet_bk.models import (ACTLanguageModel, AdaptiveSequenceLengthWrapper, ConfigurableResNetBK,
+                              EarlyExitLanguageModel, LanguageModel, ResNetBKConfig, SparseLanguageModel)
 from resnet_bk.models.bucketing import LearnableBucketLandmark, attach_bucket_landmark
 from resnet_bk.models.multi_scale import MultiScaleResNetBKBlock
 
@@ -64,8 +64,13 @@ def with_landmarks():
     return m
 
 
+def early_exit():
+    # a threshold at which tokens leave at different blocks (checked in test_early_exit_is_mixed)
+    return EarlyExitLanguageModel(V, D, 4, NSEQ, confidence_threshold=0.05, use_early_exit=True)
+
+
 MODELS = {
-    "lm": lm, "act": act, "multi_scale": multi_scale(False), "hierarchical": multi_scale(True),
+    "lm": lm, "act": act, "early_exit": early_exit, "multi_scale": multi_scale(False), "hierarchical": multi_scale(True),
     "sparse": sparse(True), "sparse_dense_ffn": sparse(False), "landmarks": with_landmarks,
     **{f"configurable_{p}": configurable(p) for p in ("baseline", "act", "multi_scale", "hierarchical", "sparse",
                                                       "memory_saving")},
@@ -123,6 +128,14 @@ def test_act_halts_the_same_tokens():
             m(x[:, t:t + 1], cache=cache)
             total += m.get_avg_layers_executed() * 3
     assert abs(total / 72 - full) < 1e-12
+
+
+def test_early_exit_is_mixed():
+    torch.manual_seed(0)
+    m = early_exit().double().eval()
+    with torch.no_grad():
+        _, info = m(torch.randint(0, V, (3, 21)))
+    assert 1.0 < info["avg_layers_executed"] < 4.0
 
 
 def test_cache_memory_is_constant():
@@ -218,6 +231,9 @@ def test_bad_input():
         m.generate(x, 38)
     with pytest.raises(ValueError, match="cache: LanguageModel was built with causal=False"):
         LanguageModel(V, D, L, NSEQ, causal=False).init_cache(1)
+    wrapper = AdaptiveSequenceLengthWrapper(lm(), NSEQ)
+    with pytest.raises(ValueError, match="cache: AdaptiveSequenceLengthWrapper cannot decode incrementally"):
+        wrapper(x, cache=m.init_cache(2))
     lmk = with_landmarks().eval()
     with pytest.raises(ValueError, match="normalises positions by the sequence's total length"):
         lmk(x, cache=lmk.init_cache(2))
