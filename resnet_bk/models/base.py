@@ -676,14 +676,33 @@ class LanguageModel(GenerationMixin, nn.Module):
             layers.append((ln, L))
         check_tokens("x", x, self.n_seq, self.vocab_size)
         check_cache(self, cache, x, self.n_seq)
-        h = F.embedding(x, tok.weight) + pos.weight[cache.position]
+        p = cache.position
+        h = F.embedding(x, tok._parameters["weight"]) + pos._parameters["weight"][p]
         for ln, L in layers:
-            xn = F.layer_norm(h, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
-            ffn = L.moe_ffn.forward(xn)
-            v = F.linear(ffn, L.v_proj.weight, L.v_proj.bias).squeeze(-1)
-            feats = L.bk_features(v, cache)
-            h = h + (ffn + L.bk_scale * F.linear(feats, L.output_proj.weight, L.output_proj.bias))
-        logits = F.linear(F.layer_norm(h, lnf.normalized_shape, lnf.weight, lnf.bias, lnf.eps), head.weight, head.bias)
+            lp, mods = ln._parameters, L._modules
+            xn = F.layer_norm(h, ln.normalized_shape, lp["weight"], lp["bias"], ln.eps)
+            ffn = mods["moe_ffn"].forward(xn)
+            vp, op = mods["v_proj"]._parameters, mods["output_proj"]._parameters
+            v = F.linear(ffn, vp["weight"], vp["bias"])
+            slot = cache.slot(L)
+            if slot["d"] is None or slot["pos"] != p:  # not a plain continuation: the general path
+                feats = L.bk_features(v.squeeze(-1), cache)
+            else:
+                # the decode step of bk_features (same values): d_t = (a_t - z) - k / d_{t-1}
+                b = L._buffers
+                he = b["h0_diag_base"][0, p] + v[:, 0, 0]
+                sup, sub = b["h0_super_base"][0, p - 1], b["h0_sub_base"][0, p - 1]
+                if he.dtype == torch.float64:
+                    sup, sub = sup.double(), sub.double()
+                z = L.get_z()
+                if he.dtype == torch.float64 and isinstance(z, Tensor):
+                    z = z.to(torch.complex128)
+                y, slot["d"] = ops.bk_core_step(he, sup, sub, z, slot["d"], backend=L.backend)
+                slot["pos"] = p + 1
+                feats = torch.view_as_real(y).to(he.dtype)[:, None]
+            h = h + (ffn + L._parameters["bk_scale"] * F.linear(feats, op["weight"], op["bias"]))
+        lp, hp = lnf._parameters, head._parameters
+        logits = F.linear(F.layer_norm(h, lnf.normalized_shape, lp["weight"], lp["bias"], lnf.eps), hp["weight"], hp["bias"])
         cache.position += 1
         return logits
 

@@ -70,7 +70,10 @@ class DecodeCache:
 
     def slot(self, module: nn.Module) -> dict:
         """The entries of ``module`` (created empty on first use)."""
-        return self._slots.setdefault(id(module), {"pos": 0})
+        s = self._slots.get(id(module))
+        if s is None:
+            s = self._slots[id(module)] = {"pos": 0, "d": None}
+        return s
 
     def nbytes(self) -> int:
         """Bytes held by the cache's tensors (its memory; constant in the context)."""
