@@ -17,7 +17,7 @@ from .._checks import check_bool
 from .canon import BKArgs, cached_z, canon_bk
 from .compiled import bk_core_compiled
 from .reference import bk_core_reference
-from .stream import check_cu_seqlens, run_stream
+from .stream import check_cu_seqlens, cut_couplings, run_stream
 
 # The complex dtype of each fast CPU dtype (a dict: torch.compile cannot trace dtype.to_complex()).
 _COMPLEX_OF = {torch.float32: torch.complex64, torch.float64: torch.complex128}
@@ -74,9 +74,9 @@ def bk_core(diag: Tensor, super_diag: Tensor, sub_diag: Tensor, z: Union[Number,
             # packed sequences without states: the per-step fast path with the couplings into each
             # sequence start zeroed (the general path validates everything else the same way)
             T = diag.shape[-1]
-            _, cu = check_cu_seqlens(cu_seqlens, T, diag.device)
+            _, host = check_cu_seqlens(cu_seqlens, T, diag.device)
             out = _compiled_cpu_call(diag, super_diag, sub_diag, z, causal, backend,
-                                     cuts=[p - 1 for p in cu[1:-1] if 0 < p < T])
+                                     cuts=(cu_seqlens, host) if cu_seqlens.shape[0] > 2 else None)
             if out is not None:
                 return out
         return run_stream(diag, super_diag, sub_diag, z, None, causal, backend, initial_state, output_final_state,
@@ -95,7 +95,7 @@ def _compiled_cpu_call(diag, super_diag, sub_diag, z, causal, backend, cuts=None
     and arguments the general path would build (``canon_z`` of a complex tensor of that dtype is
     ``view_as_real(z)``, differentiable in z). Anything else returns None and takes the general path
     (which validates, raises on bad input, dispatches, warns and verifies). ``cuts``: packed
-    sequences (validated ``cu_seqlens``), the coupling entries into each sequence start, zeroed."""
+    sequences, the validated ``cu_seqlens``: the couplings into each sequence start are zeroed."""
     if not (_extension.HAS_C and type(causal) is bool and isinstance(diag, Tensor) and isinstance(super_diag, Tensor)
             and isinstance(sub_diag, Tensor)):
         return None
@@ -121,8 +121,8 @@ def _compiled_cpu_call(diag, super_diag, sub_diag, z, causal, backend, cuts=None
         return None
     a = diag if diag.dim() == 2 else diag.reshape(-1, N)
     k = (super_diag * sub_diag).reshape(1, N - 1)
-    if cuts:
-        k.index_fill_(1, torch.tensor(cuts, dtype=torch.int64), 0.0)  # a fresh product
+    if cuts is not None:
+        k = cut_couplings(k, *cuts)
     out = torch.ops.resnet_bk.bk_core_fwd(a.contiguous(), k, zri, None, causal)
     return out if diag.dim() == 2 else out.view(diag.shape)
 

@@ -42,6 +42,11 @@ from .._checks import check_bool, describe
 from .canon import BKArgs, canon_bk
 from .reference import bk_core_reference, complex_dtype_for
 
+try:
+    import numpy as _np
+except ImportError:  # numpy is optional: the checks then run as tensor ops
+    _np = None
+
 __all__ = ["run_stream", "check_cu_seqlens"]
 
 
@@ -103,10 +108,10 @@ def _ghosts(state: Tensor, k_in: Tensor, zri: Tensor) -> Tuple[Tensor, Tensor, T
     return g2, g1, kg2, kg1
 
 
-def check_cu_seqlens(cu_seqlens, T: int, device: torch.device) -> Tuple[Tensor, Optional[list]]:
-    """``cu_seqlens`` -> ((S + 1,) int64 on ``device``, its values as a list or None under
-    torch.compile). The values are checked on the host (one device-to-host read on a GPU, as
-    varlen attention kernels need too), except under torch.compile."""
+def check_cu_seqlens(cu_seqlens, T: int, device: torch.device) -> Tuple[Tensor, Optional[object]]:
+    """(``cu_seqlens``, its values as a NumPy view for a CPU tensor, else None). The values are
+    checked on the host (one device-to-host read on a GPU, as varlen attention kernels need too),
+    except under torch.compile."""
     if not isinstance(cu_seqlens, Tensor):
         raise TypeError(f"cu_seqlens: expected an int32/int64 tensor of sequence offsets, got {describe(cu_seqlens)}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
@@ -116,19 +121,46 @@ def check_cu_seqlens(cu_seqlens, T: int, device: torch.device) -> Tuple[Tensor, 
     if cu_seqlens.device != device:
         raise RuntimeError(f"cu_seqlens: expected a tensor on {device} (the device of diag), got one on "
                            f"{cu_seqlens.device}")
-    cu = None
+    host = None
     if not torch.compiler.is_compiling():
-        cu = cu_seqlens.tolist()
-        if cu[0] != 0:
-            raise ValueError(f"cu_seqlens: expected cu_seqlens[0] = 0, got {cu[0]}")
-        for i in range(1, len(cu)):
-            if cu[i] < cu[i - 1]:
-                raise ValueError(f"cu_seqlens: expected non-decreasing offsets, got cu_seqlens[{i - 1}] = {cu[i - 1]} > "
-                                 f"cu_seqlens[{i}] = {cu[i]}")
-        if cu[-1] != T:
+        if _np is not None and cu_seqlens.device.type == "cpu":
+            host = cu_seqlens.numpy()  # a view: the checks below cost microseconds, not an op each
+            first, last = int(host[0]), int(host[-1])
+            decreasing = bool((host[1:] < host[:-1]).any())
+        else:  # one device-to-host read for the three conditions
+            n = cu_seqlens.shape[0]
+            dec = (cu_seqlens[1:] < cu_seqlens[:-1]).any() if n > 1 else cu_seqlens.new_zeros((), dtype=torch.bool)
+            first, decreasing, last = torch.stack([cu_seqlens[0].to(torch.int64), dec.to(torch.int64),
+                                                   cu_seqlens[-1].to(torch.int64)]).tolist()
+        if first != 0:
+            raise ValueError(f"cu_seqlens: expected cu_seqlens[0] = 0, got {first}")
+        if decreasing:
+            c = cu_seqlens.tolist()
+            i = next(i for i in range(1, len(c)) if c[i] < c[i - 1])
+            raise ValueError(f"cu_seqlens: expected non-decreasing offsets, got cu_seqlens[{i - 1}] = {c[i - 1]} > "
+                             f"cu_seqlens[{i}] = {c[i]}")
+        if last != T:
             raise ValueError(f"cu_seqlens: expected the last offset to be T = {T} (the packed length of diag), "
-                             f"got {cu[-1]}")
-    return cu_seqlens.to(torch.int64), cu
+                             f"got {last}")
+    return cu_seqlens, host
+
+
+def cut_couplings(k: Tensor, cu_seqlens: Tensor, host=None) -> Tensor:
+    """k (1, T-1), k[0, i] coupling position i to i + 1, with the entries that lead into a sequence
+    start zeroed (the entries packed sequences ignore; their gradient is 0). ``host``: the offsets
+    as a NumPy array (CPU): the entries are picked there and zeroed in k, a fresh tensor (the
+    product of the off-diagonals; mul's backward does not read it). Otherwise k is padded by one
+    entry on each side, so that k's entry i sits at column i + 1, the start it leads into, and
+    every offset (0 and T included) is a valid column to zero, with no filtering on the device."""
+    T = k.shape[1] + 1
+    if host is not None:
+        st = host[1:-1]
+        idx = st[(st > 0) & (st < T)] - 1
+        if len(idx) == 0:
+            return k
+        return k.index_fill_(1, torch.from_numpy(idx.astype(_np.int64)), 0.0)
+    kx = torch.nn.functional.pad(k, (1, 1)).index_fill_(1, cu_seqlens.to(torch.int64), 0.0)
+    return kx[:, 1:-1]
 
 
 def _starts(cu: Tensor, T: int) -> Tensor:
@@ -196,20 +228,15 @@ def _run_packed(diag, super_diag, sub_diag, z, mask, causal, backend, initial_st
     has_state = initial_state is not None
     args = canon_bk(diag, super_diag, sub_diag, z, mask, coupled_in=has_state)
     T = args.N
-    cu, cu_host = check_cu_seqlens(cu_seqlens, T, args.a.device)
+    cu, host = check_cu_seqlens(cu_seqlens, T, args.a.device)
     S = cu.shape[0] - 1
+    cu = cu.to(torch.int64)
     dev = args.a.device
     kmask = None if output_final_state else args.mask
     if not has_state:
         # couplings k[i] (i -> i + 1) into a sequence start are ignored: zeroed in canon's k, a
         # fresh tensor (the product super * sub; mul's backward does not read it)
-        k = args.k
-        if cu_host is not None:
-            idx = [p - 1 for p in cu_host[1:-1] if 0 < p < T]
-            if idx:
-                k.index_fill_(1, torch.tensor(idx, dtype=torch.int64).to(dev, non_blocking=True), 0.0)
-        elif T > 1:
-            k = k * (~_starts(cu, T)[1:T]).to(k.dtype)
+        k = cut_couplings(args.k, cu, host) if S > 1 and T > 1 else args.k
         y = _dispatch(args.a, k, args.zri, kmask, causal, backend)[0]
     else:
         st = check_state(initial_state, (S,), args.a.dtype, dev, what="one state per sequence, S = len(cu_seqlens) - 1")
