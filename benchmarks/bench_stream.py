@@ -24,6 +24,15 @@ def _available_backends() -> List[str]:
     return [b for b in ops.available_backends() if b != "reference"]
 
 
+def _why_not(inp: Inputs, backend: str) -> Optional[str]:
+    """None when ``backend`` can run this case's causal bk_core call, else the reason."""
+    try:
+        ops.explain(inp["diag"], inp["off"][1:], inp["off"][1:], Z, causal=True, backend=backend)
+    except ops.BackendUnavailableError as exc:
+        return str(exc)
+    return None
+
+
 def _chunked(diag, off, chunks: int, backend: Optional[str]):
     N = diag.shape[-1]
     L = -(-N // chunks)
@@ -66,11 +75,7 @@ def _chunked_case() -> OpCase:
                     lambda x: ops.bk_core(x["diag"], x["off"][1:], x["off"][1:], Z, causal=True, backend="reference"),
                     split=True)]
         for be in _available_backends():
-            why = None
-            try:
-                ops.explain(inp["diag"], inp["off"][1:], inp["off"][1:], Z, causal=True, backend=be)
-            except ops.BackendUnavailableError as exc:
-                why = str(exc)
+            why = _why_not(inp, be)
             out.append(Impl(f"{be}-whole", "backend", f"{be} backend, the whole sequence in one call",
                             None if why else (lambda x, be=be: ops.bk_core(x["diag"], x["off"][1:], x["off"][1:], Z,
                                                                            causal=True, backend=be)), skip=why))
@@ -142,11 +147,7 @@ def _packed_case() -> OpCase:
                     lambda x: ops.bk_core_ref(x["diag"], x["off"][1:], x["off"][1:], Z, causal=True,
                                               cu_seqlens=x["cu"]))]
         for be in _available_backends():
-            why = None
-            try:
-                ops.explain(inp["diag"], inp["off"][1:], inp["off"][1:], Z, causal=True, backend=be)
-            except ops.BackendUnavailableError as exc:
-                why = str(exc)
+            why = _why_not(inp, be)
             out.append(Impl(be, "backend", f"{be} backend, packed (cu_seqlens)",
                             None if why else (lambda x, be=be: ops.bk_core(x["diag"], x["off"][1:], x["off"][1:], Z,
                                                                            causal=True, cu_seqlens=x["cu"],

@@ -25,20 +25,11 @@ import torch.nn.functional as F
 from resnet_bk.models import (HierarchicalMultiScaleLayer, LanguageModel, MoEResNetBKLayer, MultiScaleResNetBKBlock,
                               MultiScaleResNetBKLayer, count_flops_multi_scale)
 
+from _data import text_batches  # noqa: E402  (examples/_data.py, beside this script)
+
 VOCAB = 256
 
 
-def text_batches(n: int, batch_size: int, n_seq: int, seed: int):
-    """n (x, y) batches of byte windows of CPython's documentation topics (no download)."""
-    from pydoc_data.topics import topics
-    data = torch.tensor(list("\n".join(topics[k] for k in sorted(topics))[:200_000].encode()), dtype=torch.long)
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        s = torch.randint(0, data.numel() - n_seq - 1, (batch_size,), generator=g)
-        w = data[s[:, None] + torch.arange(n_seq + 1)]
-        out.append((w[:, :-1], w[:, 1:]))
-    return out
 
 
 @torch.no_grad()

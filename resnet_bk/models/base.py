@@ -408,6 +408,21 @@ class _BKCoreMixin:
             return torch.complex(self.z_real.float(), torch.exp(self.z_log_imag.float()))
         return self.z
 
+    def _decode_step(self, v: Tensor, slot: dict) -> Tuple[Tensor, torch.dtype]:
+        """One cached position (v (B,), the slot holding the previous pivot): the decode step,
+        d_t = (a_t - z) - k / d_{t-1}, y_t = 1 / d_t, as one op. Returns (y (B,), H's dtype)."""
+        p, b = slot["pos"], self._buffers
+        he = b["h0_diag_base"][0, p] + v
+        sup, sub = b["h0_super_base"][0, p - 1], b["h0_sub_base"][0, p - 1]
+        if he.dtype == torch.float64:
+            sup, sub = sup.double(), sub.double()
+        z = self.get_z()
+        if he.dtype == torch.float64 and isinstance(z, Tensor):
+            z = z.to(torch.complex128)
+        y, slot["d"] = ops.bk_core_step(he, sup, sub, z, slot["d"], backend=self.backend)
+        slot["pos"] = p + 1
+        return y, he.dtype
+
     def bk_features(self, v: Tensor, cache=None) -> Tensor:
         """v (B, N) potential -> (B, N, 2) [Re G_ii, Im G_ii] of H = H0 + diag(v), in the dtype
         of H's diagonal (v promoted with the float32 buffers).
@@ -425,17 +440,8 @@ class _BKCoreMixin:
         p = 0 if slot is None else slot["pos"]
         N = v.shape[-1]
         if slot is not None and N == 1 and mask is None and p < self.n_seq and slot.get("d") is not None:
-            # a decode step: one op, d_t = (a_t - z) - k / d_{t-1}, y_t = 1 / d_t
-            he = self.h0_diag_base[0, p] + v[:, 0]
-            sup, sub = self.h0_super_base[0, p - 1], self.h0_sub_base[0, p - 1]
-            if he.dtype == torch.float64:
-                sup, sub = sup.double(), sub.double()
-            z = self.get_z()
-            if he.dtype == torch.float64 and isinstance(z, Tensor):
-                z = z.to(torch.complex128)
-            y, slot["d"] = ops.bk_core_step(he, sup, sub, z, slot["d"], backend=self.backend)
-            slot["pos"] = p + 1
-            return y[:, None], he.dtype
+            y, dtype = self._decode_step(v[:, 0], slot)
+            return y[:, None], dtype
         if p + N > self.n_seq:
             if slot is None:
                 raise ValueError(f"v: expected a sequence length <= n_seq={self.n_seq}, got N={N}")
@@ -687,19 +693,9 @@ class LanguageModel(GenerationMixin, nn.Module):
             slot = cache.slot(L)
             if slot["d"] is None or slot["pos"] != p:  # not a plain continuation: the general path
                 feats = L.bk_features(v.squeeze(-1), cache)
-            else:
-                # the decode step of bk_features (same values): d_t = (a_t - z) - k / d_{t-1}
-                b = L._buffers
-                he = b["h0_diag_base"][0, p] + v[:, 0, 0]
-                sup, sub = b["h0_super_base"][0, p - 1], b["h0_sub_base"][0, p - 1]
-                if he.dtype == torch.float64:
-                    sup, sub = sup.double(), sub.double()
-                z = L.get_z()
-                if he.dtype == torch.float64 and isinstance(z, Tensor):
-                    z = z.to(torch.complex128)
-                y, slot["d"] = ops.bk_core_step(he, sup, sub, z, slot["d"], backend=L.backend)
-                slot["pos"] = p + 1
-                feats = torch.view_as_real(y).to(he.dtype)[:, None]
+            else:  # the decode step of bk_features (the same values)
+                y, dtype = L._decode_step(v[:, 0, 0], slot)
+                feats = torch.view_as_real(y).to(dtype)[:, None]
             h = h + (ffn + L._parameters["bk_scale"] * F.linear(feats, op["weight"], op["bias"]))
         lp, hp = lnf._parameters, head._parameters
         logits = F.linear(F.layer_norm(h, lnf.normalized_shape, lp["weight"], lp["bias"], lnf.eps), hp["weight"], hp["bias"])
