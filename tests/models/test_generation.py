@@ -12,6 +12,8 @@ from resnet_bk.models import (ACTLanguageModel, AdaptiveSequenceLengthWrapper, C
 from resnet_bk.models.bucketing import LearnableBucketLandmark, attach_bucket_landmark
 from resnet_bk.models.multi_scale import MultiScaleResNetBKBlock
 
+from resnet_bk import ops
+
 from helpers import rel_err
 
 V, D, L, NSEQ = 50, 16, 2, 40
@@ -108,7 +110,11 @@ def test_cached_equals_full(name, B, dtype):
                 p += s
             got = torch.cat(parts, 1)
             assert cache.position == N
-            assert rel_err(got, full) < TOL[dtype], (name, k)
+            tol = TOL[dtype]
+            if name == "configurable_memory_saving" and dtype == torch.float32:
+                # bfloat16 autocast: the matmuls round to bf16, in other shapes on the two paths
+                tol = ops.tolerance(torch.bfloat16)
+            assert rel_err(got, full) < tol, (name, k)
 
 
 def test_act_halts_the_same_tokens():
