@@ -12,6 +12,7 @@
 //   learned_upsample_fwd      cpu/pool_ops_cpu.cpp     cuda/pool_ops_cuda.cpp    csrc/autograd.cpp
 //   learned_upsample_bwd      cpu/pool_ops_cpu.cpp     cuda/pool_ops_cuda.cpp
 //   moe_top1_infer            cpu/moe_cpu.cpp          -                         - (inference only)
+//   moe_bk_block_step         cpu/block_step_cpu.cpp   -                         - (inference only)
 //   cpu_isa, cpu_huge_pages   no tensors: registered here for every key, defined in cpu/bk_ops_cpu.cpp
 // Fake (meta) kernels, for torch.compile, are registered from Python (resnet_bk/ops).
 //
@@ -39,6 +40,12 @@
 //   host: CUDA-graph capturable.
 // moe_top1_infer(x, router_w, router_b, w1[], b1[], w2[], b2[]) -> Tensor
 //   Top-1 mixture-of-experts FFN forward (see cpu/moe_cpu.cpp); x (T, D) -> (T, D_out).
+// moe_bk_block_step(h, ln_w, ln_b, eps, router_w, router_b, w1[], b1[], w2[], b2[], v_w, v_b,
+//                   h0_diag, h0_super, h0_sub, pos, z, state, bk_scale, out_w, out_b) -> (h', d)
+//   The cached one-token step of a MoE ResNet-BK block (LayerNorm, top-1 MoE, potential, BK-Core
+//   step, output projection, residual; see cpu/block_step_cpu.cpp): h (B, D) -> h' (B, D) and the
+//   new pivot d (B,) complex. h0_* are the layer's H0 buffers (float32 or h's dtype), pos the
+//   position; state the previous pivot (None at position 0). Inference only.
 // cpu_isa() -> int: instruction set of the CPU kernels (0 base, 1 AVX2 + FMA, 2 AVX-512).
 // cpu_huge_pages(int mode) -> bool: -1 query, 0 off, 1 on; returns the setting before the call.
 //
@@ -99,6 +106,10 @@ TORCH_LIBRARY(resnet_bk, m) {
   // Mixture of experts
   m.def("moe_top1_infer(Tensor x, Tensor router_w, Tensor router_b, Tensor[] w1, Tensor[] b1, Tensor[] w2, "
         "Tensor[] b2) -> Tensor");
+  m.def("moe_bk_block_step(Tensor h, Tensor ln_w, Tensor ln_b, float eps, Tensor router_w, Tensor router_b, "
+        "Tensor[] w1, Tensor[] b1, Tensor[] w2, Tensor[] b2, Tensor v_w, Tensor v_b, Tensor h0_diag, "
+        "Tensor h0_super, Tensor h0_sub, int pos, Tensor z, Tensor? state, Tensor bk_scale, Tensor out_w, "
+        "Tensor out_b) -> (Tensor, Tensor)");
   // Learned pooling
   m.def("learned_downsample_fwd(Tensor x, Tensor logits, bool causal) -> Tensor");
   m.def(

@@ -230,14 +230,19 @@ class SparseMoELayer(PerForwardState, nn.Module):
         C++: ~8 Python-dispatched ops per expert fewer), when the op takes these tensors and every
         expert is exactly Linear-ReLU-Dropout-Linear with no hooks and the router a plain Linear;
         the same values as the path below. Else None."""
+        if (torch.is_autocast_enabled(xf.device.type) or not ops.moe_top1_fast_ok(xf) or not xf.is_contiguous()):
+            return None
+        weights = self._top1_plain_weights(xf.dtype)
+        return None if weights is None else ops.moe_top1_inference(xf, *weights)
+
+    def _top1_plain_weights(self, dtype: torch.dtype) -> Optional[tuple]:
+        """(router weight, router bias, w1, b1, w2, b2) when the router is a plain Linear with a bias and
+        every expert is exactly Linear-ReLU-Dropout-Linear (dropout inactive) with no hooks, all of
+        ``dtype``: then the functional top-1 forward on these tensors is the module's. Else None."""
         g = self.gating_network
-        if (torch.is_autocast_enabled(xf.device.type) or not ops.moe_top1_fast_ok(xf) or not xf.is_contiguous()
-                or not _plain_module(g, nn.Linear) or g.bias is None or g.weight.dtype != xf.dtype):
+        if not _plain_module(g, nn.Linear) or g.bias is None or g.weight.dtype != dtype:
             return None
         w1, b1, w2, b2 = [], [], [], []
-        mod = nn.modules.module
-        if mod._global_forward_hooks or mod._global_forward_pre_hooks:
-            return None
         # The checks of _is_plain_expert on the modules' own dicts (Module.__getattr__ and
         # Sequential.__iter__ cost ~1 us per access, and a decode step makes ~20 per expert).
         for e in self.experts._modules.values():
@@ -249,11 +254,11 @@ class SparseMoELayer(PerForwardState, nn.Module):
                     return None
             p1, p2 = lin1._parameters, lin2._parameters
             w, b, w_, b_ = p1["weight"], p1["bias"], p2["weight"], p2["bias"]
-            if (drop.training and drop.p > 0) or b is None or b_ is None or w.dtype != xf.dtype:
+            if (drop.training and drop.p > 0) or b is None or b_ is None or w.dtype != dtype or w_.dtype != dtype:
                 return None
             w1.append(w), b1.append(b), w2.append(w_), b2.append(b_)
         gp = g._parameters
-        return ops.moe_top1_inference(xf, gp["weight"], gp["bias"], w1, b1, w2, b2)
+        return gp["weight"], gp["bias"], w1, b1, w2, b2
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.d_model:
@@ -512,6 +517,39 @@ class MoEResNetBKLayer(_BKCoreMixin, nn.Module):
         ffn, v = self.ffn_and_potential(x)
         return self.mix_output(ffn, self.bk_features(v, cache))
 
+    def _fused_block_step(self, ln: nn.LayerNorm, h: Tensor, slot: dict, p: int) -> Optional[Tensor]:
+        """The decode step of the block ``h + self(ln(h))`` at position p as one
+        ``ops.moe_bk_block_step`` call (h (B, D) -> (B, D)), advancing ``slot``, when this layer is
+        the standard one (top-1 MoE of plain experts, plain projections, no forced backend, one dtype)
+        and p continues the slot's pivot; the caller has checked the modules' plainness and that the
+        op may run (``ops.block_step_fast_ok``). Else None (nothing changed)."""
+        moe, mods, buf = self.moe_ffn, self._modules, self._buffers
+        dtype = h.dtype
+        if (moe.top_k != 1 or moe.num_experts < 2 or self.backend not in (None, "cpp") or slot["d"] is None
+                or slot["pos"] != p or not self.causal):
+            return None
+        z = self.get_z()
+        if not isinstance(z, Tensor) or not (z.dtype == torch.complex64 or dtype == torch.float64):
+            return None
+        h0 = buf["h0_diag_base"], buf["h0_super_base"], buf["h0_sub_base"]
+        if any(t.dtype != torch.float32 and t.dtype != dtype for t in h0) or p >= h0[0].shape[-1]:
+            return None
+        weights = moe._top1_plain_weights(dtype)
+        if weights is None:
+            return None
+        lp, vp, op = ln._parameters, mods["v_proj"]._parameters, mods["output_proj"]._parameters
+        scale = self._parameters["bk_scale"]
+        if (len(ln.normalized_shape) != 1 or lp["bias"] is None or vp["bias"] is None or op["bias"] is None
+                or scale.dtype != dtype or op["weight"].dtype != dtype):
+            return None
+        out, slot["d"] = torch.ops.resnet_bk.moe_bk_block_step(
+            h, lp["weight"], lp["bias"], ln.eps, *weights, vp["weight"], vp["bias"], *h0, p, z, slot["d"], scale,
+            op["weight"], op["bias"])
+        slot["pos"] = p + 1
+        moe._tokens_seen.add_(h.shape[0])
+        moe.aux_loss = None
+        return out
+
 
 class BKMixer(_BKCoreMixin, nn.Module):
     """The cheap part of a BK layer alone: x (B, N, D) -> bk_scale * output_proj(BK(H0 + v_proj(x))).
@@ -684,7 +722,13 @@ class LanguageModel(GenerationMixin, nn.Module):
         check_cache(self, cache, x, self.n_seq)
         p = cache.position
         h = F.embedding(x, tok._parameters["weight"]) + pos._parameters["weight"][p]
+        fused = ops.block_step_fast_ok(h[:, 0])
         for ln, L in layers:
+            if fused:
+                h2 = L._fused_block_step(ln, h[:, 0], cache.slot(L), p)
+                if h2 is not None:
+                    h = h2[:, None]
+                    continue
             lp, mods = ln._parameters, L._modules
             xn = F.layer_norm(h, ln.normalized_shape, lp["weight"], lp["bias"], ln.eps)
             ffn = mods["moe_ffn"].forward(xn)

@@ -31,11 +31,13 @@ from ._registry import BackendUnavailableError, Choice, available_backends, back
 from ._verify import VerificationError, assert_close, tolerance, verify, verify_enabled
 from .bk_core import bk_core, bk_core_features, bk_core_masked, bk_core_masked_ref, bk_core_ref, bk_core_step
 from .pooling import learned_downsample, learned_downsample_ref, learned_upsample, learned_upsample_ref
-from .moe import moe_dispatch, moe_top1_fast_ok, moe_top1_inference, moe_top1_ref
+from .moe import (block_step_fast_ok, moe_bk_block_step, moe_bk_block_step_ref, moe_dispatch, moe_top1_fast_ok,
+                  moe_top1_inference, moe_top1_ref)
 from .bk_core import api as _bk_api
 from .bk_core import step as _bk_step
 from .pooling import api as _pool_api
 from .moe import api as _moe_api
+from .moe import block_step as _block_step
 
 # public op -> (registry op name, the function giving (device, canonical arguments) of a call)
 _CANONICAL = {
@@ -46,6 +48,7 @@ _CANONICAL = {
     learned_downsample: ("learned_downsample", _pool_api.canonical_downsample_call),
     learned_upsample: ("learned_upsample", _pool_api.canonical_upsample_call),
     moe_top1_inference: ("moe_top1_inference", _moe_api.canonical_call),
+    moe_bk_block_step: ("moe_bk_block_step", _block_step.canonical_call),
 }
 
 
@@ -71,7 +74,8 @@ def explain(*args, backend=None, **kwargs) -> Choice:
 __all__ = [
     "bk_core", "bk_core_features", "bk_core_masked", "bk_core_step", "bk_core_ref", "bk_core_masked_ref",
     "learned_downsample", "learned_upsample", "learned_downsample_ref", "learned_upsample_ref",
-    "moe_top1_inference", "moe_top1_ref", "moe_top1_fast_ok", "moe_dispatch",
+    "moe_top1_inference", "moe_top1_ref", "moe_top1_fast_ok", "moe_dispatch", "moe_bk_block_step",
+    "moe_bk_block_step_ref", "block_step_fast_ok",
     "available_backends", "backend_status", "explain", "verify", "verify_enabled", "tolerance", "assert_close",
     "cpu_isa", "cpu_huge_pages", "BackendUnavailableError", "VerificationError", "Choice",
 ]
