@@ -152,7 +152,7 @@ def _packed_case() -> OpCase:
                             None if why else (lambda x, be=be: ops.bk_core(x["diag"], x["off"][1:], x["off"][1:], Z,
                                                                            causal=True, cu_seqlens=x["cu"],
                                                                            backend=be)),
-                            skip=why, versus=f"{be}-one-sequence"))
+                            skip=why, versus=f"{be}-one-sequence", interleave=True))
             out.append(Impl(f"{be}-padded", "baseline", f"{be} backend on the sequences padded to a batch (S, max "
                             f"length), per-row couplings, gathered back",
                             None if why else (lambda x, be=be: _padded(x["diag"], x["off"], x["cu_list"], x["Lmax"], be)),

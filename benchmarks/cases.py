@@ -39,6 +39,7 @@ class Impl:
     split: bool = False             # time forward and backward inside one fwd+bwd call (see run.py)
     context: Optional[Callable[[], ContextManager]] = None  # entered around all of its timing
     versus: Optional[str] = None    # another implementation its speedup is also given over
+    interleave: bool = False        # also time it alternately with `versus` (a ratio robust to load drift)
     checked: bool = True            # False: computes a different output (a timing baseline only)
 
 

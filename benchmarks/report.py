@@ -16,6 +16,8 @@ METHOD_NOTES = [
     "reference's in the same run (resnet_bk.ops.assert_close, float32 1e-5 / float64 1e-10 relative to "
     "|ref| + max|ref|); a FAILED row gets no speedup",
     "speedup x: median time of the named baseline / median time of this row (same size, dtype, mode, device)",
+    "'<impl> alternating' speedup: the two timed alternately, call by call (a b b a ...), 1 / the median of the "
+    "per-pair time ratios: robust to load that drifts between two separately timed rows",
     "GB/s: the minimum bytes the op must move (inputs read + outputs written, see cases.py) / median time; "
     "%bw: that over the copy_ bandwidth measured at the start of the run",
     "ns/el: median time per element (bk_core: per B*N; pooling: per B*N*D)",

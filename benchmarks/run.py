@@ -312,8 +312,23 @@ def run_op_config(case: OpCase, size: dict, dtype: torch.dtype, device: torch.de
                 else:
                     r["notes"].append("memory not measured (slow call; the profiler would dominate)")
             rows += mode_rows.values()
-    # correctness of every timed implementation against the reference
+    # implementations timed alternately with the one they are compared with (see _interleaved)
     by_name = {i.name: i for i in impls}
+    inter: Dict[Tuple[str, str], dict] = {}
+    for impl in impls:
+        other = by_name.get(impl.versus) if impl.interleave else None
+        if other is None or impl.name not in stashes or other.name not in stashes:
+            continue
+        for m in ("forward", "forward+backward"):
+            try:
+                inter[(impl.name, m)] = _interleaved(runner, impl.fn, other.fn, m, policy)
+            except Exception as exc:  # noqa: BLE001
+                inter[(impl.name, m)] = {"error": f"{type(exc).__name__}: {exc}"}
+    for r in rows:
+        got = inter.get((r["impl"], r["mode"]))
+        if got is not None:
+            r["interleaved"] = {"versus": by_name[r["impl"]].versus, **got}
+    # correctness of every timed implementation against the reference
     ref = stashes.get("reference")
     ref_rows = None
     ref_err = None
@@ -351,7 +366,39 @@ def run_op_config(case: OpCase, size: dict, dtype: torch.dtype, device: torch.de
                                                                      or bname == r.get("versus")):
                     continue
                 r["speedup"][bname] = b["time_s"]["median"] / r["time_s"]["median"]
+        for r in by.values():
+            it = r.get("interleaved")
+            if r["status"] == "ok" and it and "ratio" in it and by.get(it["versus"], {}).get("status") == "ok":
+                r["speedup"][f"{it['versus']} alternating"] = 1.0 / it["ratio"]
     return rows
+
+
+def _interleaved(runner: "_Runner", fa, fb, mode: str, policy: Policy) -> dict:
+    """Time ``fa`` and ``fb`` alternately (a, b, b, a, ...: neither always goes first) in ``mode``
+    ("forward" or "forward+backward"), on the same inputs, for about twice the policy's target time;
+    returns the median over pairs of time(fa) / time(fb) with its 10th/90th percentiles. Load that
+    drifts during a run (a shared VM) moves both halves of a pair alike, which two separately timed
+    medians do not see."""
+    sa, sb = runner.steps(fa, False, {}), runner.steps(fb, False, {})
+    pick = 0 if mode == "forward" else 2
+    step_a, step_b = sa[pick], sb[pick]
+    for i in range(2):  # warm-up
+        step_a(i), step_b(i)
+    ratios: List[float] = []
+    deadline = time.perf_counter() + 2 * policy.target_s
+    i = 0
+    while len(ratios) < policy.max_repeats and (len(ratios) < max(policy.min_repeats, 10)
+                                                 or time.perf_counter() < deadline):
+        if i % 2 == 0:
+            ta, tb = step_a(i)[mode], step_b(i)[mode]
+        else:
+            tb, ta = step_b(i)[mode], step_a(i)[mode]
+        ratios.append(ta / tb)
+        i += 1
+    ratios.sort()
+    n = len(ratios)
+    return {"ratio": statistics.median(ratios), "p10": ratios[int(0.1 * (n - 1))], "p90": ratios[int(0.9 * (n - 1))],
+            "pairs": n}
 
 
 def _devices(arg: str) -> List[torch.device]:
