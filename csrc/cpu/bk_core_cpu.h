@@ -22,6 +22,11 @@ struct Problem {
   int64_t B, N;
   T zr, zi;
   bool causal;
+  // Causal only, a carried state (resnet_bk/ops/bk_core/stream.py): the pivot of the position before
+  // each row, (B, 2) [re, im], and the coupling of that position to the row's position 0, (B,).
+  // Both nullptr: every row starts fresh (d_0 = a_0 - z).
+  const T* d_in = nullptr;
+  const T* k_in = nullptr;
 };
 
 template <class T>
@@ -35,6 +40,9 @@ struct Grads {
   // (B, N, 2) the forward's output, or nullptr. Used by the causal backward without a mask, where
   // the output y = 1 / d is every pivot the gradient needs: no pivot chain is recomputed.
   const T* out = nullptr;
+  // (B, 2) or nullptr: mu at each row's position 0, the adjoint the carried state's gradients
+  // are formed from (with Problem::d_in; see csrc/cpu/bk_ops_cpu.cpp)
+  T* mu0 = nullptr;
 };
 
 #define BK_CPU_DECLARE(NS)                                                  \

@@ -98,7 +98,7 @@ static void backward_impl(const Problem<T>& pr, Grads<T>& g, const Par& par) {
   // causal from the saved output: one pass that keeps nothing per position, so no chunk limit
   const bool saved = pr.causal && g.out != nullptr && pr.mask == nullptr;
   Plan<T> pl(pr.B, pr.N, par.num_threads, saved ? pr.N : kMaxChunkBwd);
-  pl.skew_lanes();
+  if (!pr.d_in) pl.skew_lanes();
   BwdShared<T> sh{pr, pl, g, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}};
   const int64_t nl = pl.blocks * Plan<T>::NL;
   sh.zsum.assign(2 * nl, 0.0);

@@ -111,6 +111,7 @@ static void causal_bwd_block(BwdShared<T>& sh, int64_t blk, int phase, Scratch<T
     std::memset(zacc, 0, sizeof(zacc));
     causal_bwd_phase2(sh, li, pl.Lc, s, mu, zacc);
     store_zsum<T>(sh, blk, li, zacc);
+    store_mu0<T>(mu, li, sh.g.mu0);
   }
 }
 
@@ -178,6 +179,7 @@ static void causal_bwd_saved_block(BwdShared<T>& sh, int64_t blk, bool summary) 
       }
   } else {
     store_zsum<T>(sh, blk, li, zacc);
+    store_mu0<T>(mu, li, sh.g.mu0);
   }
 }
 
@@ -214,7 +216,7 @@ static void causal_bwd_seq(BwdShared<T>& sh, int64_t blk) {
   if (int64_t(keep.size()) < pl.S) keep.resize(pl.S);
   LaneInfo li[NL], ls[NL];
   lane_info(pl, blk, li);
-  Cx<V> dprev{V{} + 1, V{}};
+  Cx<V> dprev = entry_pivot(sh.pr, li);
   for (int64_t c = 0; c < pl.S; ++c) {
     const int64_t len = sub_chunk(pl, li, c, ls);
     causal_bwd_phase1(sh, ls, len, dprev, keep[c], -1);
@@ -227,6 +229,7 @@ static void causal_bwd_seq(BwdShared<T>& sh, int64_t blk) {
     causal_bwd_phase2(sh, ls, len, keep[c], mu, zacc);
   }
   store_zsum<T>(sh, blk, li, zacc);
+  store_mu0<T>(mu, li, sh.g.mu0);
 }
 
 }  // namespace

@@ -118,6 +118,8 @@ template <class T>
 static void compute_carries(const Problem<T>& pr, const Plan<T>& pl, const Par& par, bool two_sided, Carries<T>& c) {
   c.d_in.assign(pl.lanes, Cx<T>{T(1), T(0)});
   c.e_in.assign(pl.lanes, Cx<T>{T(1), T(0)});
+  if (pr.d_in)  // a carried state: the pivot before each row's first chunk
+    for (int64_t b = 0; b < pl.B; ++b) c.d_in[pl.lane(b, 0)] = Cx<T>{pr.d_in[2 * b], pr.d_in[2 * b + 1]};
   if (!pl.chunked()) return;
   std::vector<Mobius<T>> mf(pl.blocks * Plan<T>::NL), mb(two_sided ? pl.blocks * Plan<T>::NL : 0);
   parallel_blocks(par, pl.blocks, [&](int64_t blk) { mobius_block(pr, pl, blk, two_sided, mf.data(), mb.data()); });
@@ -132,6 +134,32 @@ static void compute_carries(const Problem<T>& pr, const Plan<T>& pl, const Par& 
         c.e_in[v] = bk::mobius_apply(mb[vn], c.e_in[vn]);
       }
   }
+}
+
+// The pivots entering the lanes of a block that start their row: the carried state where there is
+// one (Problem::d_in), else 1 (with the zero coupling into position 0, a fresh start).
+template <class T>
+static Cx<typename VecOf<T>::type> entry_pivot(const Problem<T>& pr, const LaneInfo* li) {
+  typedef typename VecOf<T>::type V;
+  Cx<V> out{V{} + 1, V{}};
+  if (pr.d_in)
+    for (int l = 0; l < Plan<T>::NL; ++l)
+      if (li[l].row >= 0 && li[l].start == 0) {
+        set_lane<T>(out.re, l, pr.d_in[2 * li[l].row]);
+        set_lane<T>(out.im, l, pr.d_in[2 * li[l].row + 1]);
+      }
+  return out;
+}
+
+// mu at position 0 of the lanes that start their row, into Grads::mu0 (a carried state's adjoint).
+template <class T>
+static void store_mu0(const Cx<typename VecOf<T>::type>& mu, const LaneInfo* li, T* mu0) {
+  if (!mu0) return;
+  for (int l = 0; l < Plan<T>::NL; ++l)
+    if (li[l].row >= 0 && li[l].start == 0) {
+      mu0[2 * li[l].row] = lane<T>(mu.re, l);
+      mu0[2 * li[l].row + 1] = lane<T>(mu.im, l);
+    }
 }
 
 template <class T>

@@ -274,7 +274,7 @@ static void causal_forward_blocks(const Problem<T>& pr, const Plan<T>& pl, int64
   Cx<V> dprev[NB];
   for (int b = 0; b < NB; ++b) {
     lane_info(pl, blk0 + b, li[b]);
-    dprev[b] = pl.S > 1 ? Cx<V>{V{} + 1, V{}} : load_carry(car.d_in, blk0 + b, li[b]);
+    dprev[b] = pl.S > 1 ? entry_pivot(pr, li[b]) : load_carry(car.d_in, blk0 + b, li[b]);
   }
   for (int64_t c = 0; c < pl.S; ++c) {
     int64_t len = pl.Lc;
@@ -290,7 +290,7 @@ template <class T>
 static void forward_impl(const Problem<T>& pr, T* out, const Par& par) {
   if (pr.B == 0) return;
   Plan<T> pl(pr.B, pr.N, par.num_threads, kMaxChunkFwd);
-  pl.skew_lanes();
+  if (!pr.d_in) pl.skew_lanes();  // (a skewed lane's row starts after padding: no entering pivot)
   // An output much larger than the cores' L2 goes out with non-temporal stores (see scatter16_cx).
   const bool stream = pr.B * pr.N * 2 * int64_t(sizeof(T)) >= kStreamOutBytes;
   if (pl.S > 1 && !pr.causal) {

@@ -258,9 +258,19 @@ struct BlockIn {
   int64_t kclo = 0, kchi = 0;
   int64_t N;
   bool has_mask;
+  // a carried state's coupling into position 0 of the lanes that start their row (Problem::k_in)
+  bool kin_any = false;
+  bool kin_on[NL];
+  T kin_v[NL];
 
   void init(const Problem<T>& pr, const LaneInfo* li) {
     N = pr.N;
+    kin_any = false;
+    for (int l = 0; l < NL; ++l) {
+      kin_on[l] = pr.k_in != nullptr && li[l].row >= 0 && li[l].start == 0;
+      kin_v[l] = kin_on[l] ? pr.k_in[li[l].row] : T(0);
+      kin_any = kin_any || kin_on[l];
+    }
     // Padding positions get alpha = 1 - i Im z (never a zero pivot) and k = 0 (decoupled).
     A.init(li, pr.a, pr.N, pr.N, 1, 0, pr.zr, T(1), T(1));
     // One shared k row read at one chunk offset by every real lane of each half of the block
@@ -299,6 +309,14 @@ struct BlockIn {
   }
   // tK[q] = coupling into chunk position p0 + q (k at p0 + q - 1), q in [0, n]
   BK_AI void k_tile(int64_t p0, int64_t n, V* tK) const {
+    k_tile_rows(p0, n, tK);
+    if (kin_any && p0 == 0) {  // the coupling from the carried state's position into position 0
+      T* dst = reinterpret_cast<T*>(tK);
+      for (int l = 0; l < NL; ++l)
+        if (kin_on[l]) dst[l] = kin_v[l];
+    }
+  }
+  BK_AI void k_tile_rows(int64_t p0, int64_t n, V* tK) const {
     if (kuni && kstart2 != kstart) {
       for (int64_t q = 0; q <= n; ++q) {
         const int64_t i = kstart + p0 + q - 1, i2 = kstart2 + p0 + q - 1;

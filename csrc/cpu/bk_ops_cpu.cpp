@@ -119,9 +119,30 @@ bk_cpu::Problem<T> make_problem(const at::Tensor& a, const at::Tensor& k, const 
   return p;
 }
 
-at::Tensor bk_core_fwd_cpu(const at::Tensor& a_, const at::Tensor& k_, const at::Tensor& zri_,
-                           const c10::optional<at::Tensor>& mask_, bool causal) {
+// A carried state (causal only): d_in (B,) complex of a's precision, the pivot before each row;
+// k_in (B,) of a's dtype, the coupling from that position to position 0. Returned as contiguous
+// real views ((B, 2) and (B,)) for Problem::d_in / k_in.
+using OptT = c10::optional<at::Tensor>;
+
+std::pair<at::Tensor, at::Tensor> state_args(const at::Tensor& a, bool causal, const OptT& d_in, const OptT& k_in) {
+  TORCH_CHECK(d_in.has_value() == k_in.has_value(), "d_in, k_in: expected both or neither");
+  if (!d_in.has_value()) return {};
+  TORCH_CHECK(causal, "d_in: a carried state is defined for the causal op only");
+  const auto cdt = a.scalar_type() == at::kDouble ? at::kComplexDouble : at::kComplexFloat;
+  TORCH_CHECK(d_in->sizes() == at::IntArrayRef({a.size(0)}) && d_in->scalar_type() == cdt && d_in->device().is_cpu(),
+              "d_in: expected a CPU ", cdt, " tensor of shape (", a.size(0), "), got ", d_in->scalar_type(), " ",
+              d_in->sizes(), " on ", d_in->device());
+  TORCH_CHECK(k_in->sizes() == at::IntArrayRef({a.size(0)}) && k_in->scalar_type() == a.scalar_type() &&
+                  k_in->device().is_cpu(),
+              "k_in: expected a CPU ", a.scalar_type(), " tensor of shape (", a.size(0), "), got ",
+              k_in->scalar_type(), " ", k_in->sizes(), " on ", k_in->device());
+  return {at::view_as_real(d_in->resolve_conj().resolve_neg().contiguous()).contiguous(), k_in->contiguous()};
+}
+
+at::Tensor fwd_impl(const at::Tensor& a_, const at::Tensor& k_, const at::Tensor& zri_, const OptT& mask_, bool causal,
+                    const OptT& d_in_, const OptT& k_in_) {
   check_args(a_, k_, zri_, mask_);
+  auto st = state_args(a_, causal, d_in_, k_in_);
   at::Tensor a = a_.contiguous(), k = k_.contiguous(), zri = zri_.contiguous();
   c10::optional<at::Tensor> mask;
   if (mask_.has_value()) mask = mask_->contiguous();
@@ -131,16 +152,31 @@ at::Tensor bk_core_fwd_cpu(const at::Tensor& a_, const at::Tensor& k_, const at:
   at::Tensor outr = at::view_as_real(out);
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "bk_core_fwd_cpu", [&] {
     auto p = make_problem<scalar_t>(a, k, zri, mask, causal);
+    if (st.first.defined()) {
+      p.d_in = st.first.data_ptr<scalar_t>();
+      p.k_in = st.second.data_ptr<scalar_t>();
+    }
     run_forward<scalar_t>(p, outr.data_ptr<scalar_t>());
   });
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bk_core_bwd_cpu(
-    const at::Tensor& grad_, const at::Tensor& a_, const at::Tensor& k_, const at::Tensor& zri_,
-    const c10::optional<at::Tensor>& mask_, bool causal, bool need_mask_grad, bool need_k_grad, bool need_z_grad,
-    const c10::optional<at::Tensor>& out_) {
+at::Tensor bk_core_fwd_cpu(const at::Tensor& a, const at::Tensor& k, const at::Tensor& zri, const OptT& mask,
+                           bool causal) {
+  return fwd_impl(a, k, zri, mask, causal, {}, {});
+}
+
+at::Tensor bk_core_fwd_state_cpu(const at::Tensor& a, const at::Tensor& k, const at::Tensor& zri, const OptT& mask,
+                                 const at::Tensor& d_in, const at::Tensor& k_in) {
+  return fwd_impl(a, k, zri, mask, true, d_in, k_in);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_impl(
+    const at::Tensor& grad_, const at::Tensor& a_, const at::Tensor& k_, const at::Tensor& zri_, const OptT& mask_,
+    bool causal, bool need_mask_grad, bool need_k_grad, bool need_z_grad, const OptT& out_, const OptT& d_in_,
+    const OptT& k_in_) {
   check_args(a_, k_, zri_, mask_);
+  auto st = state_args(a_, causal, d_in_, k_in_);
   auto cdt = a_.scalar_type() == at::kDouble ? at::kComplexDouble : at::kComplexFloat;
   TORCH_CHECK(grad_.sizes() == a_.sizes() && grad_.scalar_type() == cdt,
               "grad: expected a ", cdt, " tensor of shape ", a_.sizes(), ", got ", grad_.scalar_type(), " ",
@@ -165,6 +201,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bk_core_bwd_cpu(
   at::Tensor grad_k_rows = need_k_grad ? at::empty({B, N - 1}, a.options()) : at::empty({0}, a.options());
   at::Tensor grad_mask = need_mask_grad ? at::empty_like(a) : at::empty({0}, a.options());
   at::Tensor grad_z = at::empty({need_z_grad ? 2 : 0}, a.options());
+  // mu at each row's position 0, from which the op layer forms the state's gradients
+  at::Tensor mu0 = st.first.defined() ? at::empty({B}, a.options().dtype(cdt)) : at::empty({0}, a.options().dtype(cdt));
   resnet_bk::advise_huge_pages(grad_a);
   if (need_k_grad) resnet_bk::advise_huge_pages(grad_k_rows);
   if (need_mask_grad) resnet_bk::advise_huge_pages(grad_mask);
@@ -177,6 +215,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bk_core_bwd_cpu(
     g.grad_mask = need_mask_grad ? grad_mask.data_ptr<scalar_t>() : nullptr;
     g.need_z = need_z_grad;
     g.out = outr.defined() ? outr.data_ptr<scalar_t>() : nullptr;
+    if (st.first.defined()) {
+      p.d_in = st.first.data_ptr<scalar_t>();
+      p.k_in = st.second.data_ptr<scalar_t>();
+      g.mu0 = static_cast<scalar_t*>(mu0.data_ptr());
+    }
     run_backward<scalar_t>(p, g);
     if (need_z_grad) {
       grad_z.data_ptr<scalar_t>()[0] = static_cast<scalar_t>(g.grad_z[0]);
@@ -184,7 +227,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bk_core_bwd_cpu(
     }
   });
   at::Tensor grad_k = (need_k_grad && k.size(0) == 1 && B != 1) ? grad_k_rows.sum(0, true) : grad_k_rows;
-  return {grad_a, grad_k, grad_z, grad_mask};
+  return {grad_a, grad_k, grad_z, grad_mask, mu0};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bk_core_bwd_cpu(
+    const at::Tensor& grad, const at::Tensor& a, const at::Tensor& k, const at::Tensor& zri, const OptT& mask,
+    bool causal, bool need_mask_grad, bool need_k_grad, bool need_z_grad, const OptT& out) {
+  auto r = bwd_impl(grad, a, k, zri, mask, causal, need_mask_grad, need_k_grad, need_z_grad, out, {}, {});
+  return {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bk_core_bwd_state_cpu(
+    const at::Tensor& grad, const at::Tensor& a, const at::Tensor& k, const at::Tensor& zri, const OptT& mask,
+    const at::Tensor& d_in, const at::Tensor& k_in, bool need_mask_grad, bool need_k_grad, bool need_z_grad,
+    const OptT& out) {
+  return bwd_impl(grad, a, k, zri, mask, true, need_mask_grad, need_k_grad, need_z_grad, out, d_in, k_in);
 }
 
 }  // namespace
@@ -200,4 +257,6 @@ bool resnet_bk::cpu_huge_pages(int64_t mode) {
 TORCH_LIBRARY_IMPL(resnet_bk, CPU, m) {
   m.impl("bk_core_fwd", &bk_core_fwd_cpu);
   m.impl("bk_core_bwd", &bk_core_bwd_cpu);
+  m.impl("bk_core_fwd_state", &bk_core_fwd_state_cpu);
+  m.impl("bk_core_bwd_state", &bk_core_bwd_state_cpu);
 }

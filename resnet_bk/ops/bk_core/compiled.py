@@ -12,6 +12,10 @@ arguments):
 
 ``out`` is the forward's output when it was saved (causal without a mask: it holds every pivot),
 else None; a gradient that is not needed comes back as an empty (0,) tensor.
+
+The CPU kernel also has the causal op entered from a carried state (``bk_core_fwd_state`` /
+``bk_core_bwd_state``, with d_in (B,) complex and k_in (B,); the backward returns mu at position 0
+too): its autograd and use are in ``stream.py``; its fake kernels are here.
 """
 from __future__ import annotations
 
@@ -32,6 +36,16 @@ def bwd_fake(grad, a, k, zri, mask, causal, need_mask_grad, need_k_grad=True, ne
     return a.new_empty(a.shape), gk, zri.new_empty((2,) if need_z_grad else (0,)), gm
 
 
+def fwd_state_fake(a, k, zri, mask, d_in, k_in):
+    torch._check(a.dim() == 2, lambda: "a: expected shape (B, N)")
+    return a.new_empty(a.shape, dtype=complex_dtype_for(a.dtype))
+
+
+def bwd_state_fake(grad, a, k, zri, mask, d_in, k_in, need_mask_grad, need_k_grad, need_z_grad, out=None):
+    ga, gk, gz, gm = bwd_fake(grad, a, k, zri, mask, True, need_mask_grad, need_k_grad, need_z_grad, out)
+    return ga, gk, gz, gm, d_in.new_empty(d_in.shape)
+
+
 def register_no_double_backward(bwd_qualname: str) -> None:
     """A backward op's own autograd: the gradient of the gradient raises a clear error."""
     def backward(ctx, *grads):
@@ -50,5 +64,8 @@ if _extension.has_op("bk_core_fwd"):
     torch.library.register_fake("resnet_bk::bk_core_fwd")(fwd_fake)
     torch.library.register_fake("resnet_bk::bk_core_bwd")(bwd_fake)
     register_no_double_backward("resnet_bk::bk_core_bwd")
+if _extension.has_op("bk_core_fwd_state"):
+    torch.library.register_fake("resnet_bk::bk_core_fwd_state")(fwd_state_fake)
+    torch.library.register_fake("resnet_bk::bk_core_bwd_state")(bwd_state_fake)
 
 _registry.register_compiled("bk_core", bk_core_compiled, "bk_core_fwd")

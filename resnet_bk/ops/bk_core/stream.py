@@ -7,8 +7,13 @@ the coupling k_in = super_diag[..., 0] * sub_diag[..., 0] of that position to th
 whose first pivot is then d_0 = (a_0 - z) - k_in / d_prev. The chunk's final state is the pivot of
 its last position, d_{N-1} = 1 / y_{N-1}.
 
-How every backend computes it, exactly. The kernels take real diagonals and one shared z, so the
-complex self-energy k_in / d_prev is produced by two real *ghost* positions placed before the chunk
+How it is computed, exactly. The CPU kernel (the cpp backend) takes the state itself: its chains
+start from d_prev with the coupling k_in into position 0 (``bk_core_fwd_state``), and its backward
+returns mu at position 0 (the conjugate of the gradient gt_0 reaching d_0), from which the state's
+gradients follow as in the decode step: grad d_prev = gt_0 conj(1 / d_prev)^2 k_in and
+grad k_in = -Re(gt_0 conj(1 / d_prev)).
+Every other backend (and the CPU one under torch.compile or verify mode) takes real diagonals and one
+shared z, so the complex self-energy k_in / d_prev is produced by two real *ghost* positions placed before the chunk
 (the construction ``distributed.py`` uses at chunk ends, in a form with no division): a ghost g2 with
 diagonal Re z starts the chain (its pivot is -i Im z), a ghost g1 with diagonal Re z + s Re d_prev
 follows through the coupling kg2 = -Im z (Im z + s Im d_prev), so that its pivot is exactly
@@ -19,8 +24,8 @@ s * d_prev, and it couples to position 0 through kg1 = s * k_in:
 s = max(1, |z| / |d_prev|) (detached: the result does not depend on it) keeps |d_g1| >= |z|, so the
 ghosts' rounding is relative to d_prev. Every ghost value is a polynomial in (z, d_prev, k_in), so
 autograd carries exact gradients through the ghosts to ``initial_state``, the first couplings and z.
-The construction needs Im z != 0 (with a real z a real diagonal never makes a complex pivot): a
-Python or CPU z with Im z = 0 raises.
+The construction needs Im z != 0 (with a real z a real diagonal never makes a complex pivot): on
+those backends a Python or CPU z with Im z = 0 raises.
 
 Packed sequences: S sequences back to back in one row of T positions, ``cu_seqlens`` their offsets.
 A sequence starts where the coupling into it is zero (d = a - z, and for the two-sided op e = a - z at
@@ -37,7 +42,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .. import _registry
+from .. import _extension, _registry, _verify
 from .._checks import check_bool, describe
 from .canon import BKArgs, canon_bk
 from .reference import bk_core_reference, complex_dtype_for
@@ -48,6 +53,49 @@ except ImportError:  # numpy is optional: the checks then run as tensor ops
     _np = None
 
 __all__ = ["run_stream", "check_cu_seqlens"]
+
+
+HAS_STATE_OP = _extension.has_op("bk_core_fwd_state")
+
+
+class _CarriedState(torch.autograd.Function):
+    """The CPU kernel's causal op entered from a carried state: (a (B, N), k (Bk, N-1), zri,
+    mask or None, d_in (B,) complex, k_in (B,)) -> y (B, N) complex, with gradients for every input
+    (see the module doc for d_in's and k_in's)."""
+
+    @staticmethod
+    def forward(ctx, a, k, zri, mask, d_in, k_in):
+        y = torch.ops.resnet_bk.bk_core_fwd_state(a, k, zri, mask, d_in, k_in)
+        ctx.save_for_backward(a, k, zri, mask, d_in, k_in, y if mask is None else None)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        a, k, zri, mask, d_in, k_in, y = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        ga, gk, gz, gm, mu0 = torch.ops.resnet_bk.bk_core_bwd_state(
+            gy, a, k, zri, mask, d_in, k_in, mask is not None and need[3], need[1], need[2], y)
+        g_din = g_kin = None
+        if need[4] or need[5]:
+            # the kernel's mu is the conjugate of the gradient reaching d (grad a = Re mu either way)
+            gtr = (mu0 * d_in.reciprocal()).conj()  # gt_0 conj(1 / d_in), gt_0 = conj(mu_0)
+            if need[5]:
+                g_kin = -gtr.real
+            if need[4]:
+                g_din = gtr * d_in.reciprocal().conj() * k_in
+        return (ga, gk if need[1] else None, gz if need[2] else None, gm if (mask is not None and need[3]) else None,
+                g_din, g_kin)
+
+
+def _native_state(args: BKArgs, kmask: Optional[Tensor], backend: Optional[str]) -> bool:
+    """Whether a causal call with a carried state runs on the CPU kernel's own entry (the backend
+    the dispatch would choose for these arguments is cpp; not while tracing or verifying)."""
+    if (not HAS_STATE_OP or args.a.device.type != "cpu" or args.B == 0 or torch.compiler.is_compiling()
+            or _verify.verify_enabled() or args.a.dtype not in _registry.FAST_CPU_DTYPES):
+        return False
+    choice = _registry.choose_warned("bk_core", args.a.device, (args.a, args.k[:, 1:], args.zri, kmask, True),
+                                     backend)
+    return choice.backend == "cpp"
 
 
 def _dispatch(a: Tensor, k: Tensor, zri: Tensor, mask: Optional[Tensor], causal: bool,
@@ -202,7 +250,10 @@ def run_stream(diag: Tensor, super_diag: Tensor, sub_diag: Tensor, z, mask: Opti
     # with a final state and a mask the kernel runs unmasked (the causal mask saves no work) and
     # the mask is applied after, so the last pivot is there even where the mask is 0
     kmask = None if output_final_state else args.mask
-    if has_state:
+    if has_state and _native_state(args, kmask, backend):
+        st = check_state(initial_state, args.batch_shape, args.a.dtype, args.a.device)
+        y = _CarriedState.apply(args.a, args.k[:, 1:], args.zri, kmask, st, args.k[:, 0].expand(B))
+    elif has_state:
         st = check_state(initial_state, args.batch_shape, args.a.dtype, args.a.device)
         _check_z_for_state(z, args.zri)
         k_in = args.k[:, 0].expand(B)

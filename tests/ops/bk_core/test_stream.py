@@ -300,8 +300,10 @@ def test_bad_input():
         ops.bk_core(a, b, c, Z, causal=False, output_final_state=True)
     with pytest.raises(TypeError, match="output_final_state: expected a bool"):
         ops.bk_core(a, b, c, Z, causal=True, output_final_state=1)
+    # the ghost positions of the other backends need Im z != 0 (the CPU kernel takes any z: see
+    # test_real_z_state_on_cpu_kernel)
     with pytest.raises(ValueError, match="z: a carried state .* needs Im z != 0"):
-        ops.bk_core(a, bb, cc, 0.5, causal=True, initial_state=st)
+        ops.bk_core(a, bb, cc, 0.5, causal=True, initial_state=st, backend="reference")
     pa, pb, pc, cu = packed_case([3, 2, 4])
     T = pa.shape[0]
     for bad, err, msg in [
@@ -321,3 +323,52 @@ def test_bad_input():
     with pytest.raises(ValueError, match="cu_seqlens: sequence 1 is empty and has no initial_state"):
         ops.bk_core(pa, pb[1:], pc[1:], Z, causal=True, output_final_state=True,
                     cu_seqlens=torch.tensor([0, 3, 3, T]))
+
+
+@pytest.mark.skipif("cpp" not in ops.available_backends(), reason="compiled extension not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_real_z_state_on_cpu_kernel(dtype):
+    """The CPU kernel enters the carried state itself (no ghost positions): a real z works, and
+    chained chunks equal the whole sequence, values and gradients (z, diag, couplings, state)."""
+    g = torch.Generator().manual_seed(3)
+    B, N, cut = 3, 40, 17
+    diag = (torch.rand(B, N, generator=g, dtype=torch.float64) * 2 + 3).to(dtype).requires_grad_()
+    off = (torch.rand(N - 1, generator=g, dtype=torch.float64) + 0.5).to(dtype).requires_grad_()
+    z = torch.tensor(0.25, dtype=dtype).to(torch.complex128 if dtype == torch.float64 else torch.complex64)
+    z.requires_grad_()
+    whole = ops.bk_core(diag, off, off, z, causal=True)
+    y1, d1 = ops.bk_core(diag[:, :cut], off[:cut - 1], off[:cut - 1], z, causal=True, output_final_state=True)
+    y2 = ops.bk_core(diag[:, cut:], off[cut - 1:], off[cut - 1:], z, causal=True, initial_state=d1)
+    chained = torch.cat([y1, y2], 1)
+    assert d1.imag.abs().max() == 0  # a real z and diagonal: real pivots (the ghosts could not carry them)
+    tol = ops.tolerance(dtype)
+    ops.assert_close(chained, whole, tol=tol)
+    w = torch.randn(B, N, generator=g, dtype=torch.float64).to(whole.dtype)
+    gw = torch.autograd.grad((whole * w).real.sum(), [diag, off, z])
+    gc = torch.autograd.grad((chained * w).real.sum(), [diag, off, z])
+    for x, y in zip(gc, gw):
+        ops.assert_close(x, y, tol=tol)
+
+
+@pytest.mark.skipif("cpp" not in ops.available_backends(), reason="compiled extension not built")
+def test_opcheck_state_ops():
+    """The CPU kernel's carried-state ops: schema, fake kernels (torch.compile / export) and
+    dispatch consistency (their autograd is the Python Function in stream.py, not registered on
+    the ops: inputs without grad)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(3, 9, generator=g, dtype=torch.float64) - 3
+    k = torch.rand(1, 8, generator=g, dtype=torch.float64) + 0.5
+    zri = torch.tensor([0.2, 0.9], dtype=torch.float64)
+    d_in = torch.randn(3, generator=g, dtype=torch.complex128) + 2
+    k_in = torch.rand(3, generator=g, dtype=torch.float64)
+    mask = (torch.rand(3, 9, generator=g) > 0.5).double()
+    for m in (None, mask):
+        torch.library.opcheck(torch.ops.resnet_bk.bk_core_fwd_state.default, (a, k, zri, m, d_in, k_in))
+        y = torch.ops.resnet_bk.bk_core_fwd_state(a, k, zri, m, d_in, k_in)
+        gy = torch.randn(y.shape, generator=g, dtype=y.dtype)
+        torch.library.opcheck(torch.ops.resnet_bk.bk_core_bwd_state.default,
+                              (gy, a, k, zri, m, d_in, k_in, m is not None, True, True, y if m is None else None))
+    with pytest.raises(RuntimeError, match="d_in: expected a CPU"):
+        torch.ops.resnet_bk.bk_core_fwd_state(a, k, zri, None, d_in[:2], k_in)
+    with pytest.raises(RuntimeError, match="k_in: expected a CPU"):
+        torch.ops.resnet_bk.bk_core_fwd_state(a, k, zri, None, d_in, k_in.float())
