@@ -27,6 +27,7 @@ SLOW = {
     "test_fullgraph_inductor_train_step_equals_eager": "Inductor compiles a model's forward and backward",
     "test_fullgraph_compiled_train_step_equals_eager[2]": "traces a model's forward and backward (top-2)",
     "test_fullgraph_compiled_train_step_float64": "traces a model's forward and backward (float64)",
+    "test_act_and_length_wrapper_compile_without_recompiling_per_call": "torch.compile of ACT and the length wrapper, 5 batches each",
     "test_cuda_sources_compile": "nvcc compiles every CUDA source",
     "test_kernels_compile_for_gpu": "the Triton compiler lowers every kernel",
     "test_peak_memory_is_linear_in_n": "fresh processes at large N",

@@ -16,6 +16,15 @@ What is actually saved (fixing ORIGINAL_DESIGN.md 3.3):
   they executed (and their hidden state frozen). The BK-Core is O(N) and cheap next to the MoE.
 * ``avg_layers_executed`` is the mean of N(t): the real number of blocks each token went through.
 
+Export (torch.export, eval): the same compaction is in the exported graph, with the running
+counts as data-dependent (unbacked) sizes: no Python branch reads them, so every block is in the
+graph and runs on its compact running set, possibly empty; the full-sequence BK-Core of a block
+with no running token is skipped under ``torch.cond``. The result equals eager's (the gathers are
+the same; eager merely skips empty blocks instead of running them on 0 tokens), and the per-token
+work saved in eager is saved in the exported program too. ``avg_layers_executed`` and
+``layers_skipped`` are read from int64 buffers that the forward (eager, compiled or exported)
+updates.
+
 Causality: with the causal BK-Core (default) a token's state depends on positions <= t only, so
 its halting decision does too; the running set of one token never influences another token's
 computation except through the frozen potentials of positions <= t.
@@ -29,6 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from ._lazy import lazy_reexports
 from .base import MoEResNetBKLayer, check_hidden, embed_tokens, init_lm_trunk, moe_aux_loss
@@ -65,6 +75,12 @@ class ACTStep:
     w_run: Tensor
     halted_now: Tensor
     remainder: Tensor
+
+
+def _unbacked(n) -> bool:
+    """n is a data-dependent size while tracing (an unbacked SymInt, as torch.export makes for
+    the count of a nonzero): no Python branch may read its value."""
+    return isinstance(n, torch.SymInt) and bool(free_unbacked_symbols(n))
 
 
 class AdaptiveResNetBKBlock(nn.Module):
@@ -124,7 +140,13 @@ class AdaptiveResNetBKBlock(nn.Module):
             v_full = v_run
         else:
             v_full = v_full.to(v_run.dtype).index_copy(0, idx, v_run)
-        feats = self.bk_layer.bk_features(v_full.view(B, N), cache).reshape(B * N, 2)
+        if idx is not None and cache is None and _unbacked(h_run.shape[0]):
+            # Traced with a data-dependent running count T (torch.export): the block runs whatever
+            # T; the full-sequence BK-Core is skipped under torch.cond when T == 0, as eager skips
+            # the whole block.
+            feats = self._traced_features(v_full, h_run.shape[0], B, N)
+        else:
+            feats = self.bk_layer.bk_features(v_full.view(B, N), cache).reshape(B * N, 2)
         f_run = feats if idx is None else feats.index_select(0, idx)
         h_new = h_run + self.bk_layer.mix_output(ffn, f_run)
         remainder = 1.0 - c_run
@@ -138,12 +160,23 @@ class AdaptiveResNetBKBlock(nn.Module):
         self._add_ponder(h_run.shape[0], halted, remainder)
         return h_new, v_full, c_new, halted, torch.where(halted, remainder, p), remainder
 
+    def _traced_features(self, v_full: Tensor, T, B: int, N: int) -> Tensor:
+        bk = self.bk_layer
+
+        def run(v: Tensor) -> Tensor:
+            return bk.bk_features(v.view(B, N)).reshape(B * N, 2)
+
+        def idle(v: Tensor) -> Tensor:  # nothing reads the features of a block no token runs
+            return v.new_zeros(B * N, 2, dtype=torch.promote_types(bk.h0_diag_base.dtype, v.dtype))
+
+        return torch.cond(T > 0, run, idle, (v_full,))
+
     def step(self, h: Tensor, cumsum: Tensor, running: Tensor, frozen_v: Optional[Tensor] = None,
              is_last: bool = False) -> Optional[ACTStep]:
         """One block on the running tokens only. Returns None (nothing computed) when no token runs."""
         B, N, D = h.shape
         idx = running.reshape(-1).nonzero().squeeze(1)  # one host read per block: the gather size
-        if idx.numel() == 0:
+        if not _unbacked(idx.numel()) and idx.numel() == 0:  # (traced unbacked count: runs on 0 tokens)
             # Not executed: drop the balance loss of an earlier forward (its graph may be freed).
             self.bk_layer.moe_ffn.aux_loss = None
             return None
@@ -214,8 +247,22 @@ class ACTLanguageModel(GenerationMixin, nn.Module):
                                                       halt_bias_init=halt_bias_init))
         self.act_threshold = float(act_threshold)
         self.act_lambda = float(act_lambda)
-        self.avg_layers_executed: float = 0.0
-        self.layers_skipped: int = 0
+        # Per-forward counters as buffers (not Python numbers): a traced forward (torch.export,
+        # torch.compile) updates them with data-dependent counts, which a Python attribute cannot hold.
+        self.register_buffer("_tokens_run", torch.zeros((), dtype=torch.int64), persistent=False)
+        self.register_buffer("_tokens_total", torch.zeros((), dtype=torch.int64), persistent=False)
+        self.register_buffer("_blocks_skipped", torch.zeros((), dtype=torch.int64), persistent=False)
+
+    @property
+    def avg_layers_executed(self) -> float:
+        """Mean number of blocks computed per token in the last forward (0.0 before any)."""
+        total = int(self._tokens_total)
+        return int(self._tokens_run) / float(total) if total else 0.0
+
+    @property
+    def layers_skipped(self) -> int:
+        """Blocks of the last forward in which no token ran (not executed in eager)."""
+        return int(self._blocks_skipped)
 
     def forward(self, x: Tensor, return_ponder_cost: bool = True, cache: Optional[DecodeCache] = None):
         """``cache`` (from ``init_cache``): x continues the cached sequences; each block's BK-Core
@@ -241,10 +288,13 @@ class ACTLanguageModel(GenerationMixin, nn.Module):
         ponder = h.new_zeros((), dtype=torch.float32)
         tokens_run = 0
         skipped = 0
+        # Traced by torch.export, the running-token counts are unbacked SymInts: no Python branch
+        # reads them; every block runs, on its (possibly empty) compact set. (torch.compile breaks
+        # the graph at nonzero: its counts are known and take the eager branches.)
         L = len(self.blocks)
         for l, block in enumerate(self.blocks):
             T = h_run.shape[0]
-            if T == 0:  # every token has halted: the remaining blocks do no work at all
+            if not _unbacked(T) and T == 0:  # every token has halted: the remaining blocks do no work at all
                 skipped = L - l
                 for later in self.blocks[l:]:
                     later.bk_layer.moe_ffn.aux_loss = None
@@ -261,15 +311,23 @@ class ACTLanguageModel(GenerationMixin, nn.Module):
             if l == L - 1:
                 break
             keep = (~halted).nonzero().squeeze(1)  # one host read per block: the next gather size
-            if keep.numel() == T:  # nobody halted: no gather needed
+            if _unbacked(keep.shape[0]):
+                # The gather always (of every token when none halted: the same values), and the
+                # skipped-block count as a tensor: no token runs after block l.
+                skipped = halted.all().to(torch.int64) + skipped
+                idx = keep if idx is None else idx.index_select(0, keep)
+                h_run, c_run = h_new.index_select(0, keep), c_new.index_select(0, keep)
+            elif keep.numel() == T:  # nobody halted: no gather needed
                 h_run, c_run = h_new, c_new
             else:
                 idx = keep if idx is None else idx.index_select(0, keep)
                 h_run, c_run = h_new.index_select(0, keep), c_new.index_select(0, keep)
         if cache is not None:
             cache.position += N
-        self.avg_layers_executed = tokens_run / float(B * N)
-        self.layers_skipped = skipped
+        with torch.no_grad():
+            self._tokens_run.fill_(tokens_run)
+            self._tokens_total.fill_(B * N)
+            self._blocks_skipped.fill_(skipped)
         # Output = sum_l w_l h_l: the full-size first contribution plus one index_add of the rest.
         full = [c for i, c in zip(idx_parts, contrib_parts) if i is None]
         out = full[0] if full else h.new_zeros(B * N, D)

@@ -60,7 +60,7 @@ def check_token_range(name: str, x: Tensor, vocab_size: int) -> None:
     """Raise a ValueError naming ``name`` when a token id is outside [0, vocab_size) (one host
     read; skipped while torch.compile traces, where it would break the graph, and during CUDA graph
     capture, where a host read is not allowed)."""
-    if x.numel() == 0 or torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if torch.compiler.is_compiling() or x.numel() == 0 or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
     lo, hi = torch.stack(torch.aminmax(x)).tolist()
     if lo < 0 or hi >= vocab_size:

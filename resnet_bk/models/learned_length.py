@@ -32,6 +32,9 @@ What differs from the original prototype (ORIGINAL_DESIGN.md 1.5 / 3.6):
   processed (labelled as such), and ``LearnedSequenceLengthTrainer.evaluate(measure_time=True)``
   adds the wall-clock ratio of a full-length forward to the adaptive forward on the same batches.
 * Statistics accumulate over every call since ``reset_length_statistics()`` (not the last batch).
+* Traced (torch.export, torch.compile), the group plan (a host read of the lengths) is replaced by
+  one base-model call per bin length on the rows that chose it, a data-dependent batch (see
+  ``_forward_traced``): same logits, no more tokens run than eager.
 
 Causality: the predictor mean-pools the whole input's token embeddings, so the chosen length depends
 on the whole sequence (that is the point: it sees where the content ends). Logits at a run position
@@ -132,6 +135,9 @@ class SequenceLengthPredictor(nn.Module):
         self.register_buffer("length_bins", bins)
         # Bumped whenever the bins change (the wrapper's statistics are per bin).
         self.bins_version = 0
+        # The bins as Python ints: a traced forward (torch.export / torch.compile) sizes its
+        # base-model calls with them (it cannot read the buffer's values).
+        self.length_bins_host: Tuple[int, ...] = tuple(bins.tolist())
         self._register_load_state_dict_pre_hook(self._adopt_state_dict_bins)
 
     def __setattr__(self, name, value):
@@ -155,6 +161,7 @@ class SequenceLengthPredictor(nn.Module):
             new_head = nn.Linear(head.in_features, bins.numel(), bias=head.bias is not None)
             self.net[-1] = new_head.to(device=head.weight.device, dtype=head.weight.dtype)
         self._buffers["length_bins"] = bins.to(old.device)
+        self.length_bins_host = tuple(bins.tolist())
         self.bins_version += 1
 
     def _adopt_state_dict_bins(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -257,6 +264,9 @@ class AdaptiveSequenceLengthWrapper(nn.Module):
         pred = self.length_predictor
         if isinstance(pred, SequenceLengthPredictor):
             return pred.length_bins, (id(pred), pred.bins_version)
+        if K is not None and torch.compiler.is_compiling():
+            host = self._host_bins(K)
+            return torch.tensor(host, dtype=torch.long), (id(pred), host)
         bins = getattr(pred, "length_bins", None)
         if bins is not None:
             bins = check_length_bins("length_predictor.length_bins", bins, self.max_seq_len)
@@ -322,6 +332,8 @@ class AdaptiveSequenceLengthWrapper(nn.Module):
         with torch.no_grad():
             emb = self.base_model.token_embedding(x)
         choice, probs, log_probs, bins, key = self._predict(emb)                # (B,), (B, K) x2, (K,)
+        if torch.compiler.is_compiling():
+            return self._forward_traced(x, choice, probs, log_probs, bins, key)
         if key != self._stats_key:
             self.reset_length_statistics(bins, key)   # the bins changed: per-bin counts start again
         # A bin longer than the input means "the whole input": the sequence runs at N.
@@ -365,6 +377,78 @@ class AdaptiveSequenceLengthWrapper(nn.Module):
                 "num_groups": len(groups), "speedup_estimate": B * N / processed}
         return logits, info
 
+    def _host_bins(self, K: int) -> Tuple[int, ...]:
+        """The bin lengths as Python ints while tracing (the traced buffer has no readable values)."""
+        pred = self.length_predictor
+        host = getattr(pred, "length_bins_host", None)
+        if isinstance(pred, SequenceLengthPredictor):
+            return host
+        bins = getattr(pred, "length_bins", None)
+        if isinstance(host, (tuple, list)):
+            bins = host
+        elif bins is not None and not isinstance(bins, (tuple, list)):
+            if torch.compiler.is_exporting():  # (torch.compile reads the tensor, breaking the graph)
+                raise TypeError("length_predictor: torch.export needs the bin lengths on the host: give the "
+                                "predictor length_bins as a Python sequence, or a tuple length_bins_host of its "
+                                f"{K} bin lengths next to the length_bins tensor")
+            return tuple(check_length_bins("length_predictor.length_bins", bins, self.max_seq_len).tolist())
+        with torch._subclasses.fake_tensor.unset_fake_temporarily():  # host values, not traced
+            if bins is None:
+                return tuple(default_length_bins(self.max_seq_len, K).tolist())
+            return tuple(check_length_bins("length_predictor.length_bins", bins, self.max_seq_len).tolist())
+
+    @torch.compiler.disable
+    def _record_traced(self, choice: Tensor, lengths: Tensor, bins: Tensor, key: object, N: int) -> None:
+        """The statistics of a forward under torch.compile, recorded outside the graph (host reads)."""
+        if key != self._stats_key:
+            self.reset_length_statistics(bins, key)
+        B = choice.shape[0]
+        run = int(lengths.sum())
+        self._bin_counts += torch.bincount(choice.cpu(), minlength=bins.numel())
+        self._sum_lengths += run
+        self._num_predictions += B
+        self._tokens_processed += run
+        self._tokens_total += B * N
+
+    def _forward_traced(self, x: Tensor, choice: Tensor, probs: Tensor, log_probs: Tensor, bins: Tensor,
+                        key: object) -> Tuple[Tensor, Dict]:
+        """The adaptive forward as torch.export / torch.compile trace it: the group plan of eager
+        (host reads of the distinct lengths and their counts) cannot be traced, so the graph makes
+        one base-model call per distinct bin length L (bins longer than N run at N), on the rows
+        that chose it, gathered with a data-dependent count (an unbacked size; 0 rows when none
+        did) and truncated to L. These are eager's exact groups: same logits (zeros past each
+        row's length), and the compute saving survives export; with a causal base model eager
+        may merge groups into a rectangle (``max_groups``), so the traced graph runs at most as
+        many tokens as eager, in up to K calls. The data-dependent entries of its info
+        (avg_predicted_length, max_predicted_length, tokens_processed, speedup_estimate) are 0-dim
+        tensors; num_groups is the number of base-model calls in the graph. Under torch.compile the
+        length statistics are recorded outside the graph; an exported program does not record them
+        (it has no Python state)."""
+        B, N = x.shape
+        K = probs.shape[1]
+        host = self._host_bins(K)
+        bins_n = bins.clamp(max=N)
+        lengths = bins_n[choice]                                               # (B,)
+        distinct = sorted({min(int(b), N) for b in host})
+        logits = None
+        for L in distinct:
+            rows = (lengths == L).nonzero().squeeze(1)                         # (b,), b data-dependent
+            out = _logits_of(self.base_model(x.index_select(0, rows)[:, :L]))  # (b, L, V)
+            if logits is None:
+                logits = out.new_zeros(B, N, out.shape[-1])                    # the uniform placeholder
+            logits = logits.index_copy(0, rows, F.pad(out, (0, 0, 0, N - L)))
+        if not torch.compiler.is_exporting():
+            self._record_traced(choice, lengths, bins, key, N)
+        processed = lengths.sum()
+        expected = (probs * bins_n.to(probs.dtype)).sum(-1)
+        info = {"predicted_lengths": lengths, "length_probs": probs.detach(),
+                "log_prob": log_probs.gather(1, choice[:, None]).squeeze(1), "bin_log_probs": log_probs,
+                "bin_probs": probs, "bin_lengths": bins_n, "expected_length": expected,
+                "avg_predicted_length": processed.double() / B, "max_predicted_length": lengths.max(),
+                "original_length": N, "tokens_processed": processed, "tokens_total": B * N,
+                "num_groups": len(distinct), "speedup_estimate": (B * N) / processed.double()}
+        return logits, info
+
     def _predict(self, emb: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, object]:
         """(choice (B,) bin index, probs (B, K), log_probs (B, K), bins (K,) long, bins key) from the
         predictor, through ``bin_logits``/``choose`` when it has both, else through its
@@ -404,7 +488,9 @@ class AdaptiveSequenceLengthWrapper(nn.Module):
             raise ValueError(f"length_predictor: probs has {probs.shape[1]} columns but length_bins has "
                              f"{bins.numel()} ({bins.tolist()}); they must match")
         hit = lengths.to(bins.device)[:, None] == bins[None, :]                  # (B, K)
-        if not bool(hit.any(dim=1).all()):
+        if torch.compiler.is_compiling():  # no host read while tracing: checked when the graph runs
+            torch._assert_async(hit.any(dim=1).all(), "length_predictor: returned a length that is not in length_bins")
+        elif not bool(hit.any(dim=1).all()):
             bad = lengths[~hit.any(dim=1)].tolist()
             raise ValueError(f"length_predictor: returned lengths {bad} that are not in length_bins={bins.tolist()} "
                              "(define length_bins on the predictor to use other lengths)")

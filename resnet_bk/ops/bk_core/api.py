@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .. import _extension, _registry
 from .._checks import check_bool
-from .canon import BKArgs, cached_z, canon_bk
+from .canon import BKArgs, cached_z, canon_bk, known_eq
 from .compiled import bk_core_compiled
 from .reference import bk_core_reference
 from .stream import check_cu_seqlens, cut_couplings, run_stream
@@ -27,7 +27,7 @@ Number = Union[int, float, complex]
 
 def _run(args: BKArgs, causal, backend: Optional[str]) -> Tensor:
     causal = check_bool("causal", causal)
-    if args.B == 0:
+    if known_eq(args.B, 0):  # (not guarded on a traced unbacked batch: the kernels take 0 rows)
         # An empty batch runs no kernel, but stays in the autograd graph (backward through it gives
         # zero-size gradients and a zero grad for z): the reference handles B = 0 without a loop.
         _registry.forced(backend)  # a bad backend name still raises
@@ -104,7 +104,8 @@ def _compiled_cpu_call(diag, super_diag, sub_diag, z, causal, backend, cuts=None
         return None
     N = diag.shape[-1]
     sd, bd = super_diag.dim(), sub_diag.dim()
-    if (N < 2 or diag.numel() == 0 or not 1 <= sd <= 2 or not 1 <= bd <= 2
+    # (a traced data-dependent batch is an unbacked size: the op takes 0 rows, no guard on it)
+    if (N < 2 or known_eq(diag.numel(), 0) or not 1 <= sd <= 2 or not 1 <= bd <= 2
             or super_diag.shape[-1] != N - 1 or sub_diag.shape[-1] != N - 1
             or (sd == 2 and (super_diag.shape[0] != 1 or diag.dim() < 2))
             or (bd == 2 and (sub_diag.shape[0] != 1 or diag.dim() < 2))

@@ -10,6 +10,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from .._checks import check_precision_class, check_same_device, check_tensor, compute_dtype, describe
 
@@ -72,12 +73,20 @@ def _z_tensor(zc: complex, rdt: torch.dtype, device: torch.device) -> Tensor:
         return t
 
 
+def known_eq(a, b) -> bool:
+    """a == b for sizes; a traced data-dependent (unbacked) size is not guarded on: unless the
+    equality is known symbolically (same symbol), it counts as False. Plain ints cost no call."""
+    if type(a) is int and type(b) is int:
+        return a == b
+    return guard_or_false(a == b)
+
+
 def _broadcastable_to(shape: Tuple[int, ...], want: Tuple[int, ...]) -> bool:
     """shape broadcasts to exactly `want` (right-aligned, each dim equal or 1). A plain loop: this
     runs on every call, and torch.broadcast_shapes costs ~10 us."""
     if len(shape) > len(want):
         return False
-    return all(s == w or s == 1 for s, w in zip(reversed(shape), reversed(want)))
+    return all(known_eq(s, w) or known_eq(s, 1) for s, w in zip(reversed(shape), reversed(want)))
 
 
 @dataclass
