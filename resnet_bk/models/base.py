@@ -71,8 +71,8 @@ def check_tokens(name: str, x, n_seq: int, vocab_size: Optional[int] = None) -> 
     """Validate token ids (B, N) integer with ``1 <= N <= n_seq`` (and in [0, vocab_size) when given)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name}: expected a (B, N) integer torch.Tensor of token ids, got {type(x).__name__}")
-    if x.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-        raise TypeError(f"{name}: expected integer token ids (torch.long), got dtype {x.dtype}")
+    if x.dtype not in (torch.int64, torch.int32):  # what nn.Embedding takes
+        raise TypeError(f"{name}: expected integer token ids of dtype torch.int64 or torch.int32, got dtype {x.dtype}")
     if x.dim() != 2:
         raise ValueError(f"{name}: expected shape (B, N), got {tuple(x.shape)}")
     if not (1 <= x.shape[1] <= n_seq):

@@ -308,8 +308,8 @@ class AdaptiveSequenceLengthWrapper(nn.Module):
         if not isinstance(x, Tensor) or x.dim() != 2:
             raise ValueError(f"x: expected token ids of shape (B, N), got "
                              f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
-        if x.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-            raise TypeError(f"x: expected integer token ids, got dtype {x.dtype}")
+        if x.dtype not in (torch.int64, torch.int32):  # what nn.Embedding takes
+            raise TypeError(f"x: expected integer token ids of dtype torch.int64 or torch.int32, got dtype {x.dtype}")
         if not 1 <= x.shape[1] <= self.max_seq_len:
             raise ValueError(f"x: expected a sequence length 1 <= N <= max_seq_len={self.max_seq_len}, got N={x.shape[1]}")
         emb = getattr(self.base_model, "token_embedding", None)

@@ -209,6 +209,17 @@ def test_token_id_out_of_range_names_argument_range_and_value(name, bad):
         m(x)
 
 
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [torch.int16, torch.uint8, torch.int8, torch.float32])
+def test_token_dtype_other_than_int64_int32_names_argument(name, dtype):
+    """nn.Embedding takes int64/int32 ids only: other dtypes get the model's clear error, not
+    torch's "Expected tensor for argument #1 'indices'"."""
+    m = _build(name)
+    with pytest.raises(TypeError, match=rf"^x: expected integer token ids of dtype torch.int64 or torch.int32, "
+                                         rf"got dtype {dtype}$"):
+        m(_tokens().to(dtype))
+
+
 def _float_layers():
     from resnet_bk.models import (AdaptiveResNetBKBlock, HierarchicalMultiScaleLayer, LearnedUpsampling,
                                   MoEResNetBKLayer, MultiScaleResNetBKBlock, MultiScaleResNetBKLayer,
