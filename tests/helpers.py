@@ -60,3 +60,15 @@ def _inv(T):
 
 def cpu_backends():
     return [b for b in ("reference", "cpp") if b in ops.available_backends()]
+
+
+def train_sgd(model, tokens, targets, steps: int, lr: float = 0.5) -> None:
+    """``steps`` plain SGD steps of next-token cross-entropy on one batch (the DDP workers train a
+    model this way in one process and under DDP, and compare the weights)."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        logits = model(tokens)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        loss.backward()
+        opt.step()

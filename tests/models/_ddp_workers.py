@@ -6,9 +6,10 @@ import os
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 from resnet_bk.models.base import LanguageModel
+
+from helpers import train_sgd as _train
 
 VOCAB, N = 13, 4
 
@@ -53,16 +54,6 @@ def batches(world, per):
         out.append(torch.tensor(rows))
     targets = torch.randint(0, VOCAB, (world * per, N), generator=g)
     return out, targets
-
-
-def _train(model, tokens, targets, steps):
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    for _ in range(steps):
-        opt.zero_grad()
-        logits = model(tokens)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-        loss.backward()
-        opt.step()
 
 
 def idle_expert_worker(rank, world, init_file, result_dir):

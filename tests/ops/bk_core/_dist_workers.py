@@ -4,10 +4,9 @@ import os
 
 import torch
 
-from helpers import rel_err
+from helpers import rel_err, train_sgd as _train
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 from resnet_bk import ops
 from resnet_bk.distributed import bk_core_sequence_parallel
@@ -130,16 +129,6 @@ def _model(vocab, N):
     from resnet_bk.models.base import LanguageModel
     return LanguageModel(vocab, d_model=16, n_layers=2, n_seq=N, num_experts=2, top_k=1, dropout_p=0.0,
                          learnable_z=True, moe_aux_weight=0.0).double()
-
-
-def _train(model, tokens, targets, steps):
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    for _ in range(steps):
-        opt.zero_grad()
-        logits = model(tokens)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-        loss.backward()
-        opt.step()
 
 
 def ddp_worker(rank, world, init_file, result_dir):
