@@ -157,11 +157,12 @@ def test_zero_pivot_gives_ieee_nonfinite_like_cpp(tile):
 @pytest.mark.slow
 def test_ptx_has_only_ieee_divisions():
     """Float32 `/` in Triton lowers to div.full.f32 (approximate, ~2 ulp) while the interpreter
-    divides in IEEE; every BK-Core division goes through tl.fdiv(..., ieee_rounding=True)
-    (div.rn.f32) instead. Compiles the float32 and float64 variants of "quick" (flags all on and all
-    off) and reads their PTX."""
+    divides in IEEE; every BK-Core division (kernels and decode step) goes through
+    tl.fdiv(..., ieee_rounding=True) (div.rn.f32) instead. Compiles the float32 variants of
+    aot_check's "smoke" level (flags all on; all off with integers specialised to 1) and reads
+    their PTX; ``aot_check --level quick`` applies the same check to float64 too."""
     code = ("import json; from resnet_bk.triton_kernels import aot_check as A; "
-            "print(json.dumps(A.approximate_divisions(level='quick', rn_count=True)))")
+            "print(json.dumps(A.approximate_divisions(level='smoke', rn_count=True)))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     r = subprocess.run([sys.executable, "-W", "ignore", "-c", code], cwd=ROOT, env=env, capture_output=True,
@@ -169,9 +170,10 @@ def test_ptx_has_only_ieee_divisions():
     assert r.returncode == 0, r.stdout + r.stderr
     import json
     found = json.loads(r.stdout.strip().splitlines()[-1])
-    assert any(lbl.startswith("_fwd_kernel[fp32") for lbl in found) and any(
-        lbl.startswith("_bwd_kernel[fp64") for lbl in found), sorted(found)
+    for name in ("_fwd_kernel", "_bwd_kernel", "_pivot_summary_kernel", "_pivot_carry_kernel",
+                 "_lin_carry_kernel", "_step_kernel"):
+        assert any(lbl.startswith(name + "[fp32") for lbl in found), (name, sorted(found))
     for label, (approx, ieee) in found.items():
         assert approx == [], f"{label}: {approx}"
-        if label.startswith(("_fwd_kernel", "_bwd_kernel")):
+        if label.startswith(("_fwd_kernel", "_bwd_kernel", "_step_kernel")):
             assert ieee > 0, f"{label}: no IEEE division found (the check would be vacuous)"
