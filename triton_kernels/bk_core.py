@@ -251,6 +251,14 @@ def _shift1(x, first, R: tl.constexpr, T: tl.constexpr):
 
 
 @triton.jit
+def _shift_next(x, last, R: tl.constexpr, T: tl.constexpr):
+    """x[:, t + 1] along the tile, ``last`` (R, 1) at t = T - 1."""
+    t = tl.arange(0, T)[None, :] + tl.zeros([R, T], tl.int32)
+    y = tl.gather(x, tl.minimum(t + 1, T - 1), 1)
+    return tl.where(t == T - 1, last, y)
+
+
+@triton.jit
 def _flip(x, R: tl.constexpr, T: tl.constexpr):
     t = tl.arange(0, T)[None, :] + tl.zeros([R, T], tl.int32)
     return tl.gather(x, T - 1 - t, 1)
@@ -561,18 +569,26 @@ def _bwd_kernel(g_ptr, a_ptr, k_ptr, zri_ptr, mask_ptr, piv_ptr, lsum_ptr, cin_p
         xei = _flip(xei, R, T)
         ye = _flip(ye, R, T)
         yei = _flip(yei, R, T)
-        numr, numi = _cmul(yd, ydi, ye, yei)
-        t1r, t1i = _cmul(xd, xdi, ye, yei)
-        t2r, t2i = _cmul(xe, xei, yd, ydi)
-        t3r, t3i = _cmul(alr, ali, numr, numi)
-        Gr, Gi = _cdiv(numr, numi, t1r + t2r - t3r, t1i + t2i - t3i)
+        ier, iei = _cdiv(ye, yei, xe, xei)
+        # G = 1 / (d_j - k_j / e_{j+1}) = yd / (xd - k_j yd / e_{j+1}), as the C++ backward forms it:
+        # an infinite pivot d_j (yd = 0) gives G = 0, the limit, where d + e - alpha is inf - inf
+        if HAS_CARRY:
+            ecr = tl.load(piv_ptr + (4 * B + rows) * C + c, mask=okr, other=1.0)
+            eci = tl.load(piv_ptr + (4 * B + rows) * C + c + BC, mask=okr, other=0.0)
+            eyr = tl.load(piv_ptr + (4 * B + rows) * C + c + 2 * BC, mask=okr, other=0.0)
+            eyi = tl.load(piv_ptr + (4 * B + rows) * C + c + 3 * BC, mask=okr, other=0.0)
+            nir, nii = _cdiv(eyr, eyi, ecr, eci)
+        else:
+            nir = tl.zeros([R, 1], alr.dtype)
+            nii = nir
+        t1r, t1i = _cmul(_shift_next(ier, nir, R, T), _shift_next(iei, nii, R, T), yd, ydi)
+        Gr, Gi = _cdiv(yd, ydi, xd - kr * t1r, xdi - kr * t1i)
         if NEED_GMASK:
             tl.store(gmask_ptr + rows * N + n, Gr * gr + Gi * gi, mask=v)
         G2r, G2i = _cmul(Gr, Gi, Gr, Gi)
         pr, pi = _cmul(wr, wi, G2r, G2i)
         pr = tl.where(live, pr, 0.0)
         pi = tl.where(live, pi, 0.0)
-        ier, iei = _cdiv(ye, yei, xe, xei)
         ie2r, ie2i = _cmul(ier, iei, ier, iei)
         # L_j = (k_{j-1} / e_j^2) L_{j-1} + p_j, left to right (kk = k_{n-1})
         lcr, lci, lxr, lxi = tl.associative_scan(

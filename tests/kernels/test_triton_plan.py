@@ -111,7 +111,8 @@ def test_infinite_pivot_matches_bk_math(dtype, tile, carry_block, causal):
     d_{j+1} = alpha_{j+1}, so position j decouples. The C++ backend (bk_math.h, lane path at this
     shape) is the oracle: the same non-finite pattern (causal: none, y_j = 0 exactly; two-sided:
     only G_jj, inf - inf) and the same finite values, also when j's chunk summary and carries
-    (tile=4: j = 9 is inside the third chunk) take the infinite pivot across chunks."""
+    (tile=4: j = 9 is inside the third chunk) take the infinite pivot across chunks; and the
+    same finite gradients of a and b."""
     j = 9
     a, b, c = _inf_problem(dtype, j=j)
     want = ops.bk_core(a, b, c, 1j, causal=causal, backend="cpp")
@@ -129,6 +130,17 @@ def test_infinite_pivot_matches_bk_math(dtype, tile, carry_block, causal):
     ok = ~bad_want
     err = (got[ok] - want[ok]).abs().max() / want[ok].abs().max()
     assert err < tol, f"relative error {err:.3g}"
+    # the backward: the C++ kernel's gradients are finite (its two-sided backward forms
+    # G = 1 / (d_j - k_j / e_{j+1}), whose limit at the infinite pivot is 0); so are these
+    gout = torch.randn(a.shape, generator=torch.Generator().manual_seed(8), dtype=torch.complex128).to(want.dtype)
+    aa, bb = a.clone().requires_grad_(), b.clone().requires_grad_()
+    ga_want, gb_want = torch.autograd.grad(ops.bk_core(aa, bb, c, 1j, causal=causal, backend="cpp"), [aa, bb], gout)
+    ga, gk, _, _ = K.bk_core_bwd(gout.to(DEVICE), a.to(DEVICE), (b * c).to(DEVICE), zri.to(DEVICE), None, causal,
+                                 tile=tile, carry_block=carry_block)
+    for name, x, y in (("grad a", ga.cpu(), ga_want), ("grad b", gk.cpu() * c, gb_want)):
+        assert torch.isfinite(y).all() and torch.isfinite(x).all(), name
+        err = (x - y).abs().max() / y.abs().max()
+        assert err < tol, f"{name}: relative error {err:.3g}"
 
 
 @needs_interp
