@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import re
 import sys
 import time
 from typing import Dict, Iterator, List, Tuple
@@ -29,9 +30,9 @@ from . import step as S
 
 # (module, kernel, fixed constexprs, pointer arguments in the accumulation dtype A; the others
 # are in the activation dtype T). bk_core kernels take one dtype throughout.
-KERNELS = [(K, name, {"BLOCK": K.BLOCK}, None) for name in (
-    "_pivot_summary_kernel", "_pivot_carry_kernel", "_fwd_kernel", "_bwd_pass1_kernel",
-    "_lin_carry_kernel", "_bwd_final_kernel")] + [
+_TILE = {"R": 1, "T": K.MAX_TILE}
+KERNELS = [(K, name, _TILE, None) for name in ("_pivot_summary_kernel", "_fwd_kernel", "_bwd_kernel")] + [
+    (K, name, {"CB": K.CARRY_BLOCK}, None) for name in ("_pivot_carry_kernel", "_lin_carry_kernel")] + [
     (P, "_down_kernel", {"BLOCK_R": 4, "BLOCK_D": P.BLOCK_D}, {"logits_ptr", "u_ptr"}),
     (P, "_up_kernel", {"BLOCK": P.BLOCK_UP}, {"bias_ptr", "scale_ptr"}),
     (P, "_up_bwd_kernel", {"BLOCK": P.BLOCK_UP}, {"bias_ptr", "scale_ptr", "gb_ptr", "gs_ptr"}),
@@ -40,6 +41,10 @@ KERNELS = [(K, name, {"BLOCK": K.BLOCK}, None) for name in (
 
 
 LEVELS = ("smoke", "quick", "full")
+# warps per program: the BK-Core kernels are planned for NUM_WARPS (resnet_bk's launcher passes it)
+NUM_WARPS = {K: K.NUM_WARPS}
+# PTX division instructions that are not IEEE round-to-nearest (plain float32 `/` gives div.full.f32)
+APPROX_DIV = re.compile(r"\bdiv\.(?:full|approx)\.[a-z0-9.]+")
 
 
 def _variants(fn, level: str, fixed: Dict[str, object], acc_ptrs
@@ -82,9 +87,10 @@ def _variants(fn, level: str, fixed: Dict[str, object], acc_ptrs
             yield label, sig, cex
 
 
-def compile_all(arch: int = 90, level: str = "full", verbose: bool = False) -> int:
+def compile_all(arch: int = 90, level: str = "full", verbose: bool = False, only=None, ptx=None) -> int:
     """Compile every variant to cubin for ``sm_<arch>``; returns how many. Raises on the first
-    failure, naming the variant."""
+    failure, naming the variant. ``only``: kernel names to compile (None: all); ``ptx``: a dict
+    that receives each variant's PTX under its label."""
     if level not in LEVELS:
         raise ValueError(f"level: expected one of {LEVELS}, got {level!r}")
     if K.INTERPRETED or P.INTERPRETED or S.INTERPRETED:
@@ -92,18 +98,40 @@ def compile_all(arch: int = 90, level: str = "full", verbose: bool = False) -> i
     target = GPUTarget("cuda", arch, 32)
     n = 0
     for mod, name, fixed, acc_ptrs in KERNELS:
+        if only is not None and name not in only:
+            continue
         fn = getattr(mod, name)
         for label, sig, cex in _variants(fn, level, fixed, acc_ptrs):
             try:
-                ck = triton.compile(ASTSource(fn, sig, constexprs=cex), target=target, options={"num_warps": 1})
+                ck = triton.compile(ASTSource(fn, sig, constexprs=cex), target=target,
+                                    options={"num_warps": NUM_WARPS.get(mod, 1)})
             except Exception as exc:  # noqa: BLE001  (re-raised with the variant named)
                 raise RuntimeError(f"aot_check: {label} failed to compile for sm_{arch}: {exc}") from exc
             if not ck.asm.get("cubin"):
                 raise RuntimeError(f"aot_check: {label} produced no cubin")
+            if ptx is not None:
+                ptx[label] = ck.asm["ptx"]
             n += 1
             if verbose:
                 print("ok", label)
     return n
+
+
+IEEE_DIV = re.compile(r"\bdiv\.rn\.f(?:32|64)\b")
+
+
+def approximate_divisions(arch: int = 90, level: str = "smoke", rn_count: bool = False):
+    """The non-IEEE division instructions (div.full / div.approx) in the PTX of every BK-Core
+    (bk_core and the decode step) variant of ``level``, by variant label (empty lists: every division is IEEE); with ``rn_count``
+    each entry is (that list, the number of IEEE div.rn instructions)."""
+    ptx: Dict[str, str] = {}
+    names = [name for mod, name, _, _ in KERNELS if mod is K or mod is S]
+    compile_all(arch, level, only=names, ptx=ptx)
+    out = {}
+    for label, text in ptx.items():
+        approx = sorted(set(APPROX_DIV.findall(text)))
+        out[label] = (approx, len(IEEE_DIV.findall(text))) if rn_count else approx
+    return out
 
 
 def main(argv=None) -> int:
@@ -113,8 +141,15 @@ def main(argv=None) -> int:
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     t = time.time()
-    n = compile_all(args.arch, args.level, args.verbose)
-    print(f"aot_check: {n} kernel variants compiled for sm_{args.arch} in {time.time() - t:.1f}s")
+    ptx: Dict[str, str] = {}
+    n = compile_all(args.arch, args.level, args.verbose, ptx=ptx)
+    bad = {label: sorted(set(APPROX_DIV.findall(text))) for label, text in ptx.items()
+           if label.startswith(tuple(name for mod, name, _, _ in KERNELS if mod is K or mod is S))}
+    bad = {label: found for label, found in bad.items() if found}
+    if bad:
+        raise RuntimeError(f"aot_check: approximate divisions in BK-Core kernels: {bad}")
+    print(f"aot_check: {n} kernel variants compiled for sm_{args.arch} in {time.time() - t:.1f}s "
+          f"(BK-Core PTX: IEEE divisions only)")
     return 0
 
 

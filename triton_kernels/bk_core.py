@@ -1,7 +1,8 @@
 """Triton kernels for BK-Core: forward and exact backward, two-sided and causal, optional mask.
 
-The math is shared/BK_CORE_MATH.md; the semantics to match are ``resnet_bk.ops.reference``
-(``bk_core_fwd_ref`` / ``bk_core_bwd_ref``). Canonical arguments:
+The math is docs/BK_CORE_MATH.md; the semantics to match are ``resnet_bk.ops.reference``
+(``bk_core_fwd_ref`` / ``bk_core_bwd_ref``) and, for special values, csrc/bk_math.h. Canonical
+arguments:
 
 * ``a``    (B, N) float32/float64: the diagonal of H.
 * ``k``    (Bk, N-1), Bk in {1, B}: products ``b_i c_i`` of the off-diagonals.
@@ -10,29 +11,35 @@ The math is shared/BK_CORE_MATH.md; the semantics to match are ``resnet_bk.ops.r
 
 Complex numbers are carried as (re, im) pairs of real tensors.
 
-Work decomposition: every sequence is cut into ``C`` chunks of ``CH`` positions; one *segment*
-is one (row, chunk) pair and one Triton lane runs one segment sequentially (a block of ``BLOCK``
-segments per program). Two strategies differ only in the chunking:
+Work decomposition (``plan``): a program owns a *tile* of R rows x T consecutive positions
+(R x T between MIN_TILE and MAX_TILE elements, both powers of two; R > 1 only when a whole row fits
+in T), loaded with coalesced accesses (consecutive threads, consecutive addresses). Nothing in a
+tile is sequential: every recurrence is an associative scan along the tile (``tl.associative_scan``)
 
-* ``"lanes"``: ``C = 1`` (a segment is a whole sequence): lanes across the batch, one sequential
-  loop over N, no carries.
-* ``"chunked"`` (few long sequences): ``C > 1``. The pivot recurrences are Moebius maps, i.e. the
-  2x2 complex matrices ``M_i = [[alpha_i, -k_{i-1}], [1, 0]]`` acting projectively on
-  ``(d_{i-1}, 1)``; a first kernel forms each chunk's product (rescaled by its largest entry,
-  which leaves the projective action unchanged and keeps it in range), a small carry kernel
-  runs the C products per row to get the exact pivot entering each chunk, and the main kernel
-  recomputes each chunk from that carry. The gradient recurrences (L, R, mu) are first-order
-  linear, ``x_j = c_j x_{j-1} + p_j``; a chunk is summarised by ``(prod c, local x from 0)`` and
-  combined the same way. Nothing is approximated: the carries are the exact values (up to
-  rounding) that the sequential recursion would reach.
+* the pivot chains d (left to right) and e (right to left) as products of the 2x2 Moebius
+  matrices ``M_i = [[alpha_i, -k], [1, 0]]`` acting on homogeneous pivots ``(x, y)``, d = x / y;
+  products are rescaled by exact powers of two (only ratios matter);
+* the gradient recurrences (L, R, mu) ``x_j = c_j x_{j-1} + p_j`` as pairs (c, p).
 
-Intermediate values (d, e, p, R) live in scratch buffers laid out (CH, S) with S = B * C, so that
-the lanes of one program touch consecutive addresses at each step.
+A row longer than T is cut into C = ceil(N / T) chunks, one tile each; the value entering each
+chunk comes from three launches: (1) a summary kernel stores each chunk's product, (2) a carry
+kernel scans the C products of each row (blocks of CARRY_BLOCK chunks, a scan inside a block, the
+running value carried between blocks), (3) the tile kernel applies its in-tile prefix products to
+the carry. So the dependent steps per row are about 2 log2(T) + ceil(C / CARRY_BLOCK) log2(CARRY_BLOCK),
+not N (``carry_depth``). The backward does this twice: pivots, then the linear recurrences.
+
+Special values follow csrc/bk_math.h: the reciprocal of a pivot whose |p|^2 is infinite is exactly
+0 (``_inv_parts``), and an infinite alpha (an infinite potential) makes its Moebius matrix the limit
+``M / alpha -> [[1, 0], [0, 0]]`` (the constant map to an infinite pivot), so the position decouples:
+``1 / d_j = 0``, ``d_{j+1} = alpha_{j+1}``. Every division is IEEE round-to-nearest (``tl.fdiv`` with
+``ieee_rounding=True``), never ``div.full.f32`` / ``div.approx``: ``aot_check.ptx_divisions`` checks
+the PTX.
 """
 from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -40,25 +47,96 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["choose_strategy", "chunk_size", "bk_core_fwd", "bk_core_bwd", "STRATEGIES",
-           "ENV_STRATEGY", "ENV_CHUNK", "is_interpreted"]
+__all__ = ["Plan", "plan", "carry_depth", "bk_core_fwd", "bk_core_bwd", "ENV_TILE", "is_interpreted",
+           "SM_COUNT", "TARGET_PROGRAMS", "MIN_TILE", "MAX_TILE", "CARRY_BLOCK", "NUM_WARPS"]
 
-STRATEGIES = ("lanes", "chunked")
-ENV_STRATEGY = "RESNET_BK_TRITON_STRATEGY"
-ENV_CHUNK = "RESNET_BK_TRITON_CHUNK"
+ENV_TILE = "RESNET_BK_TRITON_TILE"
 # read once, when this module is first imported (a value is validated at the first call that uses it)
-_ENV_STRATEGY_VALUE = os.environ.get(ENV_STRATEGY) or None
-_ENV_CHUNK_VALUE = os.environ.get(ENV_CHUNK) or None
+_ENV_TILE_VALUE = os.environ.get(ENV_TILE) or None
 
-# "chunked" pays three extra launches and a carry pass; it wins when the batch alone cannot fill
-# the GPU (few rows) and each row is long enough that N sequential steps dominate.
-CHUNKED_MAX_B = 8
-CHUNKED_MIN_N = 512
-BLOCK = 32  # segments per program: one warp, one segment per thread
+SM_COUNT = 132                   # H100 / H200 SXM
+PROGRAMS_PER_SM = 4
+TARGET_PROGRAMS = SM_COUNT * PROGRAMS_PER_SM
+NUM_WARPS = 4                    # threads per program: 128
+MIN_TILE = NUM_WARPS * 32        # one element per thread
+MAX_TILE = 1024                  # eight elements per thread
+CARRY_BLOCK = 1024               # chunk summaries scanned per step of the carry kernel
 
 
 # ---------------------------------------------------------------------------------------------
-# complex helpers on (re, im) pairs
+# the plan (pure Python)
+
+
+@dataclass(frozen=True)
+class Plan:
+    R: int            # rows per tile
+    T: int            # positions per tile (a power of two)
+    C: int            # chunks (tiles) per row
+    programs: int     # tile programs per launch
+    carry_block: int  # chunks per step of the carry kernel (a power of two)
+
+    @property
+    def tile(self) -> int:
+        return self.R * self.T
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _make(B: int, N: int, R: int, T: int, carry_block: int) -> Plan:
+    C = -(-N // T)
+    return Plan(R, T, C, -(-B // R) * C, min(carry_block, _pow2(C)))
+
+
+def plan(B: int, N: int, tile: Optional[int] = None, carry_block: Optional[int] = None) -> Plan:
+    """The launch for B rows of length N. Tiles of E = R x T elements, E the largest power of two
+    in [MIN_TILE, MAX_TILE] that still gives TARGET_PROGRAMS (4 per SM of a 132-SM GPU) programs;
+    T = min(E, next_pow2(N)), R = min(E / T, next_pow2(B)). "Fills the GPU" (checked over
+    B = 1..4096, N = 1..2^24 in tests/kernels/test_triton_plan.py): programs >= TARGET_PROGRAMS,
+    or the problem is so small that programs >= ceil(B N / MIN_TILE), i.e. at most one element per
+    thread. ``tile`` forces T (a power of two, R = 1 unless a whole row fits); ``carry_block``
+    forces the carry kernel's block (a power of two)."""
+    if B < 1 or N < 1:
+        raise ValueError(f"plan: expected B >= 1 and N >= 1, got B={B}, N={N}")
+    cb = CARRY_BLOCK if carry_block is None else carry_block
+    npow, bpow = _pow2(N), _pow2(B)
+    if tile is not None:
+        T = min(tile, npow)
+        return _make(B, N, 1 if T < npow else min(tile // T, bpow), T, cb)
+    E = MAX_TILE
+    while E > MIN_TILE:
+        T = min(E, npow)
+        if _make(B, N, min(E // T, bpow), T, cb).programs >= TARGET_PROGRAMS:
+            break
+        E //= 2
+    T = min(E, npow)
+    return _make(B, N, min(E // T, bpow), T, cb)
+
+
+def carry_depth(p: Plan) -> int:
+    """Dependent combine steps along one row for the forward's pivots (the backward adds as many
+    for its linear recurrences): the in-tile scans are log2(T) deep; with C > 1 chunks add the
+    summary scan and ceil(C / carry_block) steps of the carry kernel, each log2(block) + 1 deep."""
+    lg = int(math.log2(p.T)) if p.T > 1 else 0
+    d = lg + 1
+    if p.C > 1:
+        d += lg + (-(-p.C // p.carry_block)) * (int(math.log2(p.carry_block)) + 1)
+    return d
+
+
+# ---------------------------------------------------------------------------------------------
+# arithmetic helpers on (re, im) pairs
+
+
+@triton.jit
+def _div(x, y):
+    # IEEE round-to-nearest for float32 too (plain `/` lowers to div.full.f32, an approximation);
+    # float64 `/` is div.rn.f64 already (and the precise-division op is float32 only)
+    if y.dtype == tl.float64:
+        return x / y
+    else:
+        return tl.fdiv(x, y, ieee_rounding=True)
 
 
 @triton.jit
@@ -67,181 +145,305 @@ def _cmul(ar, ai, br, bi):
 
 
 @triton.jit
-def _crecip(r, i):
-    # scaled so that |z|^2 never overflows or underflows in float32
-    s = tl.maximum(tl.abs(r), tl.abs(i))
-    ur = r / s
-    ui = i / s
-    den = s * (ur * ur + ui * ui)
-    return ur / den, -ui / den
+def _inv_parts(re, im):
+    """csrc/bk_math.h ``inv_parts``: (u, v) with 1 / x = u - i v, each exactly 0 where |x|^2 is
+    infinite (an infinite pivot contributes 0, not inf * 0)."""
+    r = _div(1.0, re * re + im * im)
+    u = tl.where(r == 0.0, 0.0, re * r)
+    v = tl.where(r == 0.0, 0.0, im * r)
+    return u, v
 
 
 @triton.jit
 def _cdiv(ar, ai, br, bi):
-    rr, ri = _crecip(br, bi)
-    return _cmul(ar, ai, rr, ri)
+    """a / b = a * recip(b) with bk_math's recip."""
+    u, v = _inv_parts(br, bi)
+    return _cmul(ar, ai, u, -v)
 
 
 @triton.jit
-def _seg_ids(pid, S, C, CH, BLOCK: tl.constexpr):
-    s = pid * BLOCK + tl.arange(0, BLOCK)
-    ok = s < S
-    s64 = s.to(tl.int64)
-    row = s64 // C
-    start = (s64 % C) * CH
-    return s64, ok, row, start
-
-
-# ---------------------------------------------------------------------------------------------
-# chunk summaries of the pivot recurrences (chunked strategy only)
-
-
-@triton.jit
-def _pivot_step(v, a_ptr, k_ptr, row, N, n, kn, k_rs, zr, zi, zero, qr, qi):
-    """One pivot step at position n where v: p = alpha_n - k_kn q with q the inverse of the previous
-    pivot (kn = n - 1 left to right, n right to left; k outside [0, N-1) is 0). Returns alpha,
-    k, p and the new q = 1 / p (q unchanged where not v)."""
-    alr = tl.load(a_ptr + row * N + n, mask=v, other=0.0) - zr
-    ali = zero - zi
-    kk = tl.load(k_ptr + row * k_rs + kn, mask=v & (kn >= 0) & (kn < N - 1), other=0.0)
-    pr = alr - kk * qr
-    pi = ali - kk * qi
-    nqr, nqi = _crecip(pr, pi)
-    return alr, ali, kk, pr, pi, tl.where(v, nqr, qr), tl.where(v, nqi, qi)
-
-
-@triton.jit
-def _load_carry(ptr, s, S, ok, zero, HAS_CARRY: tl.constexpr):
-    """A complex carry (re at ptr[s], im at ptr[S + s]), or 0 without carries."""
-    if HAS_CARRY:
-        return tl.load(ptr + s, mask=ok, other=0.0), tl.load(ptr + S + s, mask=ok, other=0.0)
+def _pow2_inv(m):
+    """2^-floor(log2 m) for a finite m > 0 (the exponent field, clamped so that 0, subnormals,
+    inf and NaN give a finite power of two): multiplying by it is exact."""
+    if m.dtype == tl.float64:
+        e = (m.to(tl.int64, bitcast=True) >> 52) & 0x7FF
+        e = tl.minimum(tl.maximum(e, 1), 2046)
+        return ((2046 - e) << 52).to(tl.float64, bitcast=True)
     else:
-        return zero, zero
+        e = (m.to(tl.int32, bitcast=True) >> 23) & 0xFF
+        e = tl.minimum(tl.maximum(e, 1), 254)
+        return ((254 - e) << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _mobius_step(v, alr, ali, kk, p00r, p00i, p01r, p01i, p10r, p10i, p11r, p11i):
-    """P <- M P with M = [[alpha, -k], [1, 0]] where v, rescaled by its largest entry (only
-    ratios matter); P unchanged where not v."""
-    q00r, q00i = _cmul(alr, ali, p00r, p00i)
-    q01r, q01i = _cmul(alr, ali, p01r, p01i)
-    q00r = q00r - kk * p10r
-    q00i = q00i - kk * p10i
-    q01r = q01r - kk * p11r
-    q01i = q01i - kk * p11i
-    m = tl.maximum(tl.maximum(tl.maximum(tl.abs(q00r), tl.abs(q00i)), tl.maximum(tl.abs(q01r), tl.abs(q01i))),
-                   tl.maximum(tl.maximum(tl.abs(p00r), tl.abs(p00i)), tl.maximum(tl.abs(p01r), tl.abs(p01i))))
-    inv = 1.0 / m
-    return (tl.where(v, q00r * inv, p00r), tl.where(v, q00i * inv, p00i),
-            tl.where(v, q01r * inv, p01r), tl.where(v, q01i * inv, p01i),
-            tl.where(v, p00r * inv, p10r), tl.where(v, p00i * inv, p10i),
-            tl.where(v, p01r * inv, p11r), tl.where(v, p01i * inv, p11i))
+def _amax4(a, b, c, d):
+    return tl.maximum(tl.maximum(tl.abs(a), tl.abs(b)), tl.maximum(tl.abs(c), tl.abs(d)))
 
 
 @triton.jit
-def _store_mobius(ptr, S, s, ok, p00r, p00i, p01r, p01i, p10r, p10i, p11r, p11i):
-    """The 8 real entries of P at ptr[e * S + s], e = 0..7 (m00 m01 m10 m11 as re/im pairs)."""
-    tl.store(ptr + 0 * S + s, p00r, mask=ok)
-    tl.store(ptr + 1 * S + s, p00i, mask=ok)
-    tl.store(ptr + 2 * S + s, p01r, mask=ok)
-    tl.store(ptr + 3 * S + s, p01i, mask=ok)
-    tl.store(ptr + 4 * S + s, p10r, mask=ok)
-    tl.store(ptr + 5 * S + s, p10i, mask=ok)
-    tl.store(ptr + 6 * S + s, p11r, mask=ok)
-    tl.store(ptr + 7 * S + s, p11i, mask=ok)
+def _mob_comb(a00r, a00i, a01r, a01i, a10r, a10i, a11r, a11i,
+              b00r, b00i, b01r, b01i, b10r, b10i, b11r, b11i):
+    """Scan combine of Moebius matrices: B A (A the earlier prefix), rescaled by a power of two."""
+    c00r, c00i = _cmul(b00r, b00i, a00r, a00i)
+    t_r, t_i = _cmul(b01r, b01i, a10r, a10i)
+    c00r += t_r
+    c00i += t_i
+    c01r, c01i = _cmul(b00r, b00i, a01r, a01i)
+    t_r, t_i = _cmul(b01r, b01i, a11r, a11i)
+    c01r += t_r
+    c01i += t_i
+    c10r, c10i = _cmul(b10r, b10i, a00r, a00i)
+    t_r, t_i = _cmul(b11r, b11i, a10r, a10i)
+    c10r += t_r
+    c10i += t_i
+    c11r, c11i = _cmul(b10r, b10i, a01r, a01i)
+    t_r, t_i = _cmul(b11r, b11i, a11r, a11i)
+    c11r += t_r
+    c11i += t_i
+    s = _pow2_inv(tl.maximum(_amax4(c00r, c00i, c01r, c01i), _amax4(c10r, c10i, c11r, c11i)))
+    return c00r * s, c00i * s, c01r * s, c01i * s, c10r * s, c10i * s, c11r * s, c11i * s
 
 
 @triton.jit
-def _pivot_summary_kernel(a_ptr, k_ptr, zri_ptr, pf_ptr, pb_ptr, N, S, C, CH, k_rs,
-                          TWO_SIDED: tl.constexpr, BLOCK: tl.constexpr):
-    """pf/pb (8, S): the chunk's product of Moebius matrices (entries m00 m01 m10 m11 as re/im
-    pairs), left to right for d and right to left for e."""
-    pid = tl.program_id(0)
-    # scratch offsets t * S + s reach 2 * B * N; tl.cast, not .to: S may be specialised to constexpr 1
-    S = tl.cast(S, tl.int64)
-    s, ok, row, start = _seg_ids(pid, S, C, CH, BLOCK)
-    zr = tl.load(zri_ptr)
-    zi = tl.load(zri_ptr + 1)
-    one = tl.full([BLOCK], 1.0, a_ptr.dtype.element_ty)
-    zero = tl.zeros([BLOCK], a_ptr.dtype.element_ty)
-    # forward: P <- M_n P with M_n = [[alpha_n, -k_{n-1}], [1, 0]]
-    p00r, p00i, p01r, p01i, p10r, p10i, p11r, p11i = one, zero, zero, zero, zero, zero, one, zero
-    for t in range(0, CH):
-        n = start + t
-        v = ok & (n < N)
-        alr = tl.load(a_ptr + row * N + n, mask=v, other=0.0) - zr
-        kk = tl.load(k_ptr + row * k_rs + n - 1, mask=v & (n >= 1), other=0.0)
-        p00r, p00i, p01r, p01i, p10r, p10i, p11r, p11i = _mobius_step(
-            v, alr, zero - zi, kk, p00r, p00i, p01r, p01i, p10r, p10i, p11r, p11i)
-    _store_mobius(pf_ptr, S, s, ok, p00r, p00i, p01r, p01i, p10r, p10i, p11r, p11i)
-    if TWO_SIDED:
-        # backward: P <- M_n P with M_n = [[alpha_n, -k_n], [1, 0]], n from the chunk's end
-        p00r, p00i, p01r, p01i, p10r, p10i, p11r, p11i = one, zero, zero, zero, zero, zero, one, zero
-        for tt in range(0, CH):
-            n = start + CH - 1 - tt
-            v = ok & (n < N)
-            alr = tl.load(a_ptr + row * N + n, mask=v, other=0.0) - zr
-            kk = tl.load(k_ptr + row * k_rs + n, mask=v & (n < N - 1), other=0.0)
-            p00r, p00i, p01r, p01i, p10r, p10i, p11r, p11i = _mobius_step(
-                v, alr, zero - zi, kk, p00r, p00i, p01r, p01i, p10r, p10i, p11r, p11i)
-        _store_mobius(pb_ptr, S, s, ok, p00r, p00i, p01r, p01i, p10r, p10i, p11r, p11i)
+def _lin_comb(c1r, c1i, x1r, x1i, c2r, c2i, x2r, x2i):
+    """Scan combine of affine maps x -> c x + p: (c2 c1, c2 x1 + x2) (1 the earlier prefix)."""
+    cr, ci = _cmul(c2r, c2i, c1r, c1i)
+    xr, xi = _cmul(c2r, c2i, x1r, x1i)
+    return cr, ci, xr + x2r, xi + x2i
 
 
 @triton.jit
-def _apply_moebius(p_ptr, idx, S, xr, xi, yr, yi):
-    m00r = tl.load(p_ptr + 0 * S + idx)
-    m00i = tl.load(p_ptr + 1 * S + idx)
-    m01r = tl.load(p_ptr + 2 * S + idx)
-    m01i = tl.load(p_ptr + 3 * S + idx)
-    m10r = tl.load(p_ptr + 4 * S + idx)
-    m10i = tl.load(p_ptr + 5 * S + idx)
-    m11r = tl.load(p_ptr + 6 * S + idx)
-    m11i = tl.load(p_ptr + 7 * S + idx)
-    ar, ai = _cmul(m00r, m00i, xr, xi)
-    br, bi = _cmul(m01r, m01i, yr, yi)
-    cr, ci = _cmul(m10r, m10i, xr, xi)
-    dr, di = _cmul(m11r, m11i, yr, yi)
+def _mob_leaf(v, alr, ali, kk):
+    """The Moebius matrix of one pivot step [[alpha, -k], [1, 0]]; its limit [[1, 0], [0, 0]]
+    where alpha is infinite; the identity where not v (padding)."""
+    zero = tl.zeros_like(alr)
+    live = v & (tl.abs(alr) != float("inf"))
+    m00r = tl.where(live, alr, 1.0)
+    m00i = tl.where(live, ali, 0.0)
+    m01r = tl.where(live, -kk, 0.0)
+    one = zero + 1.0
+    m10r = tl.where(live, one, zero)
+    m11r = tl.where(v, zero, one)
+    return m00r, m00i, m01r, zero, m10r, zero, m11r, zero
+
+
+@triton.jit
+def _mob_apply(p00r, p00i, p01r, p01i, p10r, p10i, p11r, p11i, xr, xi, yr, yi):
+    """P (x, y), rescaled by a power of two."""
+    ar, ai = _cmul(p00r, p00i, xr, xi)
+    br, bi = _cmul(p01r, p01i, yr, yi)
+    cr, ci = _cmul(p10r, p10i, xr, xi)
+    dr, di = _cmul(p11r, p11i, yr, yi)
     nxr = ar + br
     nxi = ai + bi
     nyr = cr + dr
     nyi = ci + di
-    m = tl.maximum(tl.maximum(tl.abs(nxr), tl.abs(nxi)), tl.maximum(tl.abs(nyr), tl.abs(nyi)))
-    inv = 1.0 / m
-    return nxr * inv, nxi * inv, nyr * inv, nyi * inv
+    s = _pow2_inv(_amax4(nxr, nxi, nyr, nyi))
+    return nxr * s, nxi * s, nyr * s, nyi * s
 
 
 @triton.jit
-def _pivot_carry_kernel(pf_ptr, pb_ptr, qin_ptr, rin_ptr, B, C, S,
-                        TWO_SIDED: tl.constexpr, BLOCK: tl.constexpr):
-    """Per row, run the chunk products in order. qin/rin (2, S): the reciprocal of the pivot
-    entering each chunk, 1/d_{start-1} (left) and 1/e_{end+1} (right); 0 at the sequence ends."""
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = rows < B
-    rows = rows.to(tl.int64)
-    one = tl.full([BLOCK], 1.0, pf_ptr.dtype.element_ty)
-    zero = tl.zeros([BLOCK], pf_ptr.dtype.element_ty)
-    # projective vector (x, y) with x / y = d; (1, 0) is "no pivot yet" (q = y / x = 0)
-    xr = one
+def _shift1(x, first, R: tl.constexpr, T: tl.constexpr):
+    """x[:, t - 1] along the tile, ``first`` (R, 1) at t = 0."""
+    t = tl.arange(0, T)[None, :] + tl.zeros([R, T], tl.int32)
+    y = tl.gather(x, tl.maximum(t - 1, 0), 1)
+    return tl.where(t == 0, first, y)
+
+
+@triton.jit
+def _shift_next(x, last, R: tl.constexpr, T: tl.constexpr):
+    """x[:, t + 1] along the tile, ``last`` (R, 1) at t = T - 1."""
+    t = tl.arange(0, T)[None, :] + tl.zeros([R, T], tl.int32)
+    y = tl.gather(x, tl.minimum(t + 1, T - 1), 1)
+    return tl.where(t == T - 1, last, y)
+
+
+@triton.jit
+def _flip(x, R: tl.constexpr, T: tl.constexpr):
+    t = tl.arange(0, T)[None, :] + tl.zeros([R, T], tl.int32)
+    return tl.gather(x, T - 1 - t, 1)
+
+
+@triton.jit
+def _tile(pid, B, N, C, R: tl.constexpr, T: tl.constexpr):
+    """Rows (R, 1) int64, chunk start, t (1, T), row validity (R, 1)."""
+    rb = pid // C
+    c = pid - rb * C
+    rows = (rb * R + tl.arange(0, R)).to(tl.int64)[:, None]
+    t = tl.arange(0, T)[None, :]
+    return rows, (c * T).to(tl.int64), t, rows < B
+
+
+@triton.jit
+def _load_vec(ptr, off, stride, okr, HAS: tl.constexpr, zero):
+    """A carried complex pair (x, y) (4 reals at off + e * stride), or (1, 0) without a carry."""
+    if HAS:
+        return (tl.load(ptr + off, mask=okr, other=1.0), tl.load(ptr + off + stride, mask=okr, other=0.0),
+                tl.load(ptr + off + 2 * stride, mask=okr, other=0.0),
+                tl.load(ptr + off + 3 * stride, mask=okr, other=0.0))
+    else:
+        return zero + 1.0, zero, zero, zero
+
+
+@triton.jit
+def _chain(a_ptr, k_ptr, rows, n, v, N, k_rs, zr, zi, REV: tl.constexpr):
+    """The Moebius leaves of the d chain (positions n, coupling k_{n-1}) or, REV, the e chain
+    (coupling k_n), and alpha."""
+    alr = tl.load(a_ptr + rows * N + n, mask=v, other=0.0) - zr
+    ali = tl.zeros_like(alr) - zi
+    if REV:
+        kk = tl.load(k_ptr + rows * k_rs + n, mask=v & (n < N - 1), other=0.0)
+    else:
+        kk = tl.load(k_ptr + rows * k_rs + n - 1, mask=v & (n >= 1), other=0.0)
+    m00r, m00i, m01r, m01i, m10r, m10i, m11r, m11i = _mob_leaf(v, alr, ali, kk)
+    return alr, ali, kk, m00r, m00i, m01r, m01i, m10r, m10i, m11r, m11i
+
+
+@triton.jit
+def _pivots(a_ptr, k_ptr, piv_ptr, rows, start, t, okr, B, N, C, k_rs, zr, zi,
+            REV: tl.constexpr, HAS_CARRY: tl.constexpr):
+    """Homogeneous pivots (x, y) of the d chain, or REV the e chain in reversed tile order, from the
+    carry entering the chunk (piv (2, 4, B, C)); alpha and k as loaded."""
+    if REV:
+        n = start + (t.shape[1] - 1 - t)
+    else:
+        n = start + t
+    v = okr & (n < N)
+    alr, ali, kk, m00r, m00i, m01r, m01i, m10r, m10i, m11r, m11i = _chain(a_ptr, k_ptr, rows, n, v, N, k_rs,
+                                                                          zr, zi, REV)
+    p00r, p00i, p01r, p01i, p10r, p10i, p11r, p11i = tl.associative_scan(
+        (m00r, m00i, m01r, m01i, m10r, m10i, m11r, m11i), 1, _mob_comb)
+    c = start // t.shape[1]
+    off = (REV * 4 * B + rows) * C + c
+    xr, xi, yr, yi = _load_vec(piv_ptr, off, B * C, okr, HAS_CARRY, tl.zeros([rows.shape[0], 1], alr.dtype))
+    xr, xi, yr, yi = _mob_apply(p00r, p00i, p01r, p01i, p10r, p10i, p11r, p11i, xr, xi, yr, yi)
+    return xr, xi, yr, yi, alr, ali, kk, n, v
+
+
+@triton.jit
+def _store_last(ptr, off, stride, sel, a, b, c, d):
+    tl.store(ptr + off, a, mask=sel)
+    tl.store(ptr + off + stride, b, mask=sel)
+    tl.store(ptr + off + 2 * stride, c, mask=sel)
+    tl.store(ptr + off + 3 * stride, d, mask=sel)
+
+
+@triton.jit
+def _summary_dir(a_ptr, k_ptr, sum_ptr, rows, start, t, okr, B, N, C, k_rs, zr, zi,
+                 REV: tl.constexpr, T: tl.constexpr):
+    if REV:
+        n = start + (T - 1 - t)
+    else:
+        n = start + t
+    v = okr & (n < N)
+    _, _, _, m00r, m00i, m01r, m01i, m10r, m10i, m11r, m11i = _chain(a_ptr, k_ptr, rows, n, v, N, k_rs,
+                                                                      zr, zi, REV)
+    p00r, p00i, p01r, p01i, p10r, p10i, p11r, p11i = tl.associative_scan(
+        (m00r, m00i, m01r, m01i, m10r, m10i, m11r, m11i), 1, _mob_comb)
+    off = (REV * 8 * B + rows) * (C * 1) + start // T + t * 0
+    BC = B * C
+    last = okr & (t == T - 1)
+    _store_last(sum_ptr, off, BC, last, p00r, p00i, p01r, p01i)
+    _store_last(sum_ptr, off + 4 * BC, BC, last, p10r, p10i, p11r, p11i)
+
+
+@triton.jit
+def _pivot_summary_kernel(a_ptr, k_ptr, zri_ptr, sum_ptr, B, N, C, k_rs,
+                          TWO_SIDED: tl.constexpr, R: tl.constexpr, T: tl.constexpr):
+    """sum (2, 8, B, C): each chunk's Moebius product, d chain then e chain."""
+    rows, start, t, okr = _tile(tl.program_id(0), B, N, C, R, T)
+    zr = tl.load(zri_ptr)
+    zi = tl.load(zri_ptr + 1)
+    _summary_dir(a_ptr, k_ptr, sum_ptr, rows, start, t, okr, B, N, C, k_rs, zr, zi, False, T)
+    if TWO_SIDED:
+        _summary_dir(a_ptr, k_ptr, sum_ptr, rows, start, t, okr, B, N, C, k_rs, zr, zi, True, T)
+
+
+@triton.jit
+def _pivot_carry_kernel(sum_ptr, piv_ptr, B, C, CB: tl.constexpr):
+    """piv (2, 4, B, C): the homogeneous pivot entering each chunk, from the left (d) and from the
+    right (e; program_id(1) = 1), by a scan over the chunk products in blocks of CB."""
+    row = tl.program_id(0).to(tl.int64)
+    dr = tl.program_id(1)
+    BC = B * C
+    j0 = tl.arange(0, CB)
+    zero = tl.sum(tl.zeros([CB], sum_ptr.dtype.element_ty), 0)
+    xr = zero + 1.0
     xi = zero
     yr = zero
     yi = zero
-    for c in range(0, C):
-        idx = rows * C + c
-        qr, qi = _cdiv(yr, yi, xr, xi)
-        tl.store(qin_ptr + idx, qr, mask=ok)
-        tl.store(qin_ptr + S + idx, qi, mask=ok)
-        xr, xi, yr, yi = _apply_moebius(pf_ptr, tl.where(ok, idx, 0), S, xr, xi, yr, yi)
-    if TWO_SIDED:
-        xr = one
-        xi = zero
-        yr = zero
-        yi = zero
-        for cc in range(0, C):
-            idx = rows * C + (C - 1 - cc)
-            qr, qi = _cdiv(yr, yi, xr, xi)
-            tl.store(rin_ptr + idx, qr, mask=ok)
-            tl.store(rin_ptr + S + idx, qi, mask=ok)
-            xr, xi, yr, yi = _apply_moebius(pb_ptr, tl.where(ok, idx, 0), S, xr, xi, yr, yi)
+    first = tl.where(dr == 1, C - 1, 0)
+    base = (dr * 4 * B + row) * C
+    tl.store(piv_ptr + base + first, xr)
+    tl.store(piv_ptr + base + BC + first, xi)
+    tl.store(piv_ptr + base + 2 * BC + first, yr)
+    tl.store(piv_ptr + base + 3 * BC + first, yi)
+    for blk in range(0, C, CB):
+        j = blk + j0
+        ok = j < C
+        idx = tl.where(dr == 1, C - 1 - j, j)
+        sb = (dr * 8 * B + row) * C + idx
+        m00r = tl.load(sum_ptr + sb, mask=ok, other=1.0)
+        m00i = tl.load(sum_ptr + sb + BC, mask=ok, other=0.0)
+        m01r = tl.load(sum_ptr + sb + 2 * BC, mask=ok, other=0.0)
+        m01i = tl.load(sum_ptr + sb + 3 * BC, mask=ok, other=0.0)
+        m10r = tl.load(sum_ptr + sb + 4 * BC, mask=ok, other=0.0)
+        m10i = tl.load(sum_ptr + sb + 5 * BC, mask=ok, other=0.0)
+        m11r = tl.load(sum_ptr + sb + 6 * BC, mask=ok, other=1.0)
+        m11i = tl.load(sum_ptr + sb + 7 * BC, mask=ok, other=0.0)
+        p00r, p00i, p01r, p01i, p10r, p10i, p11r, p11i = tl.associative_scan(
+            (m00r, m00i, m01r, m01i, m10r, m10i, m11r, m11i), 0, _mob_comb)
+        vxr, vxi, vyr, vyi = _mob_apply(p00r, p00i, p01r, p01i, p10r, p10i, p11r, p11i, xr, xi, yr, yi)
+        # the value after chunk j enters chunk j + 1 (in scan order)
+        nxt = tl.where(dr == 1, idx - 1, idx + 1)
+        okn = ok & (j + 1 < C)
+        tl.store(piv_ptr + base + nxt, vxr, mask=okn)
+        tl.store(piv_ptr + base + BC + nxt, vxi, mask=okn)
+        tl.store(piv_ptr + base + 2 * BC + nxt, vyr, mask=okn)
+        tl.store(piv_ptr + base + 3 * BC + nxt, vyi, mask=okn)
+        lastj = tl.minimum(blk + CB, C) - 1
+        sel = j == lastj
+        xr = tl.sum(tl.where(sel, vxr, 0.0), 0)
+        xi = tl.sum(tl.where(sel, vxi, 0.0), 0)
+        yr = tl.sum(tl.where(sel, vyr, 0.0), 0)
+        yi = tl.sum(tl.where(sel, vyi, 0.0), 0)
+
+
+@triton.jit
+def _lin_carry_kernel(sum_ptr, cin_ptr, B, C, CB: tl.constexpr):
+    """cin (D, 2, B, C): the value of linear recurrence D entering each chunk (0 entering the first
+    in its direction), from the chunk summaries sum (D, 4, B, C) (c product, local value).
+    Direction 0 (R or mu) runs right to left, direction 1 (L) left to right."""
+    row = tl.program_id(0).to(tl.int64)
+    dr = tl.program_id(1)
+    BC = B * C
+    j0 = tl.arange(0, CB)
+    xr = tl.sum(tl.zeros([CB], sum_ptr.dtype.element_ty), 0)
+    xi = xr
+    first = tl.where(dr == 0, C - 1, 0)
+    base = (dr * 2 * B + row) * C
+    tl.store(cin_ptr + base + first, xr)
+    tl.store(cin_ptr + base + BC + first, xi)
+    for blk in range(0, C, CB):
+        j = blk + j0
+        ok = j < C
+        idx = tl.where(dr == 0, C - 1 - j, j)
+        sb = (dr * 4 * B + row) * C + idx
+        cr = tl.load(sum_ptr + sb, mask=ok, other=1.0)
+        ci = tl.load(sum_ptr + sb + BC, mask=ok, other=0.0)
+        pr = tl.load(sum_ptr + sb + 2 * BC, mask=ok, other=0.0)
+        pi = tl.load(sum_ptr + sb + 3 * BC, mask=ok, other=0.0)
+        cr, ci, pr, pi = tl.associative_scan((cr, ci, pr, pi), 0, _lin_comb)
+        vr, vi = _cmul(cr, ci, xr, xi)
+        vr += pr
+        vi += pi
+        nxt = tl.where(dr == 0, idx - 1, idx + 1)
+        okn = ok & (j + 1 < C)
+        tl.store(cin_ptr + base + nxt, vr, mask=okn)
+        tl.store(cin_ptr + base + BC + nxt, vi, mask=okn)
+        sel = j == tl.minimum(blk + CB, C) - 1
+        xr = tl.sum(tl.where(sel, vr, 0.0), 0)
+        xi = tl.sum(tl.where(sel, vi, 0.0), 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,57 +451,38 @@ def _pivot_carry_kernel(pf_ptr, pb_ptr, qin_ptr, rin_ptr, B, C, S,
 
 
 @triton.jit
-def _fwd_kernel(a_ptr, k_ptr, zri_ptr, mask_ptr, qin_ptr, rin_ptr, out_ptr, d_ptr,
-                N, S, C, CH, k_rs,
+def _fwd_kernel(a_ptr, k_ptr, zri_ptr, mask_ptr, piv_ptr, out_ptr, B, N, C, k_rs,
                 CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_CARRY: tl.constexpr,
-                BLOCK: tl.constexpr):
-    """out (B, N, 2): G (or 1/d when causal) times the mask, as re/im pairs; d (2, CH, S) scratch."""
-    pid = tl.program_id(0)
-    # scratch offsets t * S + s reach 2 * B * N; tl.cast, not .to: S may be specialised to constexpr 1
-    S = tl.cast(S, tl.int64)
-    s, ok, row, start = _seg_ids(pid, S, C, CH, BLOCK)
+                R: tl.constexpr, T: tl.constexpr):
+    """out (B, N, 2): G (or 1/d when causal), times the mask where it is nonzero (0 where it is 0)."""
+    rows, start, t, okr = _tile(tl.program_id(0), B, N, C, R, T)
     zr = tl.load(zri_ptr)
     zi = tl.load(zri_ptr + 1)
-    zero = tl.zeros([BLOCK], a_ptr.dtype.element_ty)
-    SC = CH * S
-    qr, qi = _load_carry(qin_ptr, s, S, ok, zero, HAS_CARRY)
-    # left to right: d_n = alpha_n - k_{n-1} q_{n-1}, q_n = 1 / d_n
-    for t in range(0, CH):
-        n = start + t
-        v = ok & (n < N)
-        alr, ali, kk, dr, di, qr, qi = _pivot_step(v, a_ptr, k_ptr, row, N, n, n - 1, k_rs, zr, zi, zero,
-                                                     qr, qi)
-        if CAUSAL:
-            outr = qr
-            outi = qi
-            if HAS_MASK:
-                mk = tl.load(mask_ptr + row * N + n, mask=v, other=0.0)
-                outr = outr * mk
-                outi = outi * mk
-            tl.store(out_ptr + (row * N + n) * 2, outr, mask=v)
-            tl.store(out_ptr + (row * N + n) * 2 + 1, outi, mask=v)
-        else:
-            tl.store(d_ptr + t * S + s, dr, mask=v)
-            tl.store(d_ptr + SC + t * S + s, di, mask=v)
-    if not CAUSAL:
-        tl.debug_barrier()
-        rr, ri = _load_carry(rin_ptr, s, S, ok, zero, HAS_CARRY)
-        # right to left: e_n = alpha_n - k_n r_{n+1}, r_n = 1 / e_n; G_n = 1 / (d_n + e_n - alpha_n)
-        for tt in range(0, CH):
-            t = CH - 1 - tt
-            n = start + t
-            v = ok & (n < N)
-            alr, ali, kk, er, ei, rr, ri = _pivot_step(v, a_ptr, k_ptr, row, N, n, n, k_rs, zr, zi, zero,
-                                                         rr, ri)
-            dr = tl.load(d_ptr + t * S + s, mask=v, other=1.0)
-            di = tl.load(d_ptr + SC + t * S + s, mask=v, other=0.0)
-            gr, gi = _crecip(dr + er - alr, di + ei - ali)
-            if HAS_MASK:
-                mk = tl.load(mask_ptr + row * N + n, mask=v, other=0.0)
-                gr = gr * mk
-                gi = gi * mk
-            tl.store(out_ptr + (row * N + n) * 2, gr, mask=v)
-            tl.store(out_ptr + (row * N + n) * 2 + 1, gi, mask=v)
+    xd, xdi, yd, ydi, alr, ali, kk, n, v = _pivots(a_ptr, k_ptr, piv_ptr, rows, start, t, okr, B, N, C, k_rs,
+                                                   zr, zi, False, HAS_CARRY)
+    if CAUSAL:
+        # y = 1 / d = y_h / x_h
+        gr, gi = _cdiv(yd, ydi, xd, xdi)
+    else:
+        xe, xei, ye, yei, _, _, _, _, _ = _pivots(a_ptr, k_ptr, piv_ptr, rows, start, t, okr, B, N, C, k_rs,
+                                                  zr, zi, True, HAS_CARRY)
+        xe = _flip(xe, R, T)
+        xei = _flip(xei, R, T)
+        ye = _flip(ye, R, T)
+        yei = _flip(yei, R, T)
+        # G = 1 / (d + e - alpha) = yd ye / (xd ye + xe yd - alpha yd ye)
+        numr, numi = _cmul(yd, ydi, ye, yei)
+        t1r, t1i = _cmul(xd, xdi, ye, yei)
+        t2r, t2i = _cmul(xe, xei, yd, ydi)
+        t3r, t3i = _cmul(alr, ali, numr, numi)
+        gr, gi = _cdiv(numr, numi, t1r + t2r - t3r, t1i + t2i - t3i)
+    if HAS_MASK:
+        mk = tl.load(mask_ptr + rows * N + n, mask=v, other=0.0)
+        gr = tl.where(mk != 0.0, gr * mk, 0.0)
+        gi = tl.where(mk != 0.0, gi * mk, 0.0)
+    off = (rows * N + n) * 2
+    tl.store(out_ptr + off, gr, mask=v)
+    tl.store(out_ptr + off + 1, gi, mask=v)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,288 +490,156 @@ def _fwd_kernel(a_ptr, k_ptr, zri_ptr, mask_ptr, qin_ptr, rin_ptr, out_ptr, d_pt
 
 
 @triton.jit
-def _load_w(g_ptr, mask_ptr, off, v, HAS_MASK: tl.constexpr):
-    """w = conj(g) * mask, and g itself (for the mask gradient)."""
-    gr = tl.load(g_ptr + off * 2, mask=v, other=0.0)
-    gi = tl.load(g_ptr + off * 2 + 1, mask=v, other=0.0)
+def _bwd_kernel(g_ptr, a_ptr, k_ptr, zri_ptr, mask_ptr, piv_ptr, lsum_ptr, cin_ptr,
+                ga_ptr, gk_ptr, gz_ptr, gmask_ptr, B, N, C, k_rs,
+                CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, NEED_GMASK: tl.constexpr,
+                HAS_CARRY: tl.constexpr, SUMMARY: tl.constexpr, R: tl.constexpr, T: tl.constexpr):
+    """SUMMARY: the chunk summaries (c product, local value) of the gradient recurrences into
+    lsum (D, 4, B, C) (direction 0: R or mu, right to left; 1: L). Otherwise, from the values
+    entering the chunk (cin (D, 2, B, C)): grad_a (B, N), per-row grad_k (B, N-1), per-program
+    partial sums gz (2, programs) of A (two-sided) or mu (causal), grad_mask (B, N)."""
+    pid = tl.program_id(0)
+    rows, start, t, okr = _tile(pid, B, N, C, R, T)
+    zr = tl.load(zri_ptr)
+    zi = tl.load(zri_ptr + 1)
+    c = start // T
+    BC = B * C
+    xd, xdi, yd, ydi, alr, ali, kk, n, v = _pivots(a_ptr, k_ptr, piv_ptr, rows, start, t, okr, B, N, C, k_rs,
+                                                   zr, zi, False, HAS_CARRY)
+    goff = (rows * N + n) * 2
+    gr = tl.load(g_ptr + goff, mask=v, other=0.0)
+    gi = tl.load(g_ptr + goff + 1, mask=v, other=0.0)
     wr = gr
     wi = -gi
     if HAS_MASK:
-        mk = tl.load(mask_ptr + off, mask=v, other=0.0)
+        mk = tl.load(mask_ptr + rows * N + n, mask=v, other=0.0)
         wr = wr * mk
         wi = wi * mk
-    return wr, wi, gr, gi
-
-
-@triton.jit
-def _bwd_pass1_kernel(g_ptr, a_ptr, k_ptr, zri_ptr, mask_ptr, qin_ptr, rin_ptr,
-                      d_ptr, e_ptr, p_ptr, sum_ptr, gmask_ptr,
-                      N, S, C, CH, k_rs,
-                      CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, NEED_GMASK: tl.constexpr,
-                      HAS_CARRY: tl.constexpr, BLOCK: tl.constexpr):
-    """Recompute the pivots (d, and e when two-sided) into scratch, the mask gradient, and with
-    carries the chunk summaries (prod c, local x) of the linear gradient recurrences into
-    sum (8, S): R (two-sided) or mu (causal) in rows 0..3, L (two-sided) in rows 4..7."""
-    pid = tl.program_id(0)
-    # scratch offsets t * S + s reach 2 * B * N; tl.cast, not .to: S may be specialised to constexpr 1
-    S = tl.cast(S, tl.int64)
-    s, ok, row, start = _seg_ids(pid, S, C, CH, BLOCK)
-    zr = tl.load(zri_ptr)
-    zi = tl.load(zri_ptr + 1)
-    zero = tl.zeros([BLOCK], a_ptr.dtype.element_ty)
-    one = tl.full([BLOCK], 1.0, a_ptr.dtype.element_ty)
-    SC = CH * S
-    qr, qi = _load_carry(qin_ptr, s, S, ok, zero, HAS_CARRY)
-    for t in range(0, CH):
-        n = start + t
-        v = ok & (n < N)
-        alr, ali, kk, dr, di, qr, qi = _pivot_step(v, a_ptr, k_ptr, row, N, n, n - 1, k_rs, zr, zi, zero,
-                                                     qr, qi)
-        tl.store(d_ptr + t * S + s, dr, mask=v)
-        tl.store(d_ptr + SC + t * S + s, di, mask=v)
-        if CAUSAL:
-            if NEED_GMASK:
-                gr = tl.load(g_ptr + (row * N + n) * 2, mask=v, other=0.0)
-                gi = tl.load(g_ptr + (row * N + n) * 2 + 1, mask=v, other=0.0)
-                tl.store(gmask_ptr + row * N + n, qr * gr + qi * gi, mask=v)
-    tl.debug_barrier()
-    if CAUSAL:
-        if HAS_CARRY:
-            # mu_j = c_j mu_{j+1} + p_j, c_j = k_j / d_j^2, p_j = -w_j / d_j^2 (right to left)
-            cpr = one
-            cpi = zero
-            xr = zero
-            xi = zero
-            for tt in range(0, CH):
-                t = CH - 1 - tt
-                n = start + t
-                v = ok & (n < N)
-                dr = tl.load(d_ptr + t * S + s, mask=v, other=1.0)
-                di = tl.load(d_ptr + SC + t * S + s, mask=v, other=0.0)
-                kk = tl.load(k_ptr + row * k_rs + n, mask=v & (n < N - 1), other=0.0)
-                wr, wi, gr, gi = _load_w(g_ptr, mask_ptr, row * N + n, v, HAS_MASK)
-                ir, ii = _crecip(dr, di)
-                i2r, i2i = _cmul(ir, ii, ir, ii)
-                pr, pi = _cmul(wr, wi, i2r, i2i)
-                ccr = kk * i2r
-                cci = kk * i2i
-                nxr, nxi = _cmul(ccr, cci, xr, xi)
-                npr, npi = _cmul(ccr, cci, cpr, cpi)
-                xr = tl.where(v, nxr - pr, xr)
-                xi = tl.where(v, nxi - pi, xi)
-                cpr = tl.where(v, npr, cpr)
-                cpi = tl.where(v, npi, cpi)
-            tl.store(sum_ptr + 0 * S + s, cpr, mask=ok)
-            tl.store(sum_ptr + 1 * S + s, cpi, mask=ok)
-            tl.store(sum_ptr + 2 * S + s, xr, mask=ok)
-            tl.store(sum_ptr + 3 * S + s, xi, mask=ok)
+        live = v & (mk != 0.0)
     else:
-        rr, ri = _load_carry(rin_ptr, s, S, ok, zero, HAS_CARRY)
-        # right to left: e, G, p = w G^2; R summary with c_j = k_j / d_j^2
-        cpr = one
-        cpi = zero
-        xr = zero
-        xi = zero
-        for tt in range(0, CH):
-            t = CH - 1 - tt
-            n = start + t
-            v = ok & (n < N)
-            alr, ali, kk, er, ei, rr, ri = _pivot_step(v, a_ptr, k_ptr, row, N, n, n, k_rs, zr, zi, zero,
-                                                         rr, ri)
-            tl.store(e_ptr + t * S + s, er, mask=v)
-            tl.store(e_ptr + SC + t * S + s, ei, mask=v)
-            dr = tl.load(d_ptr + t * S + s, mask=v, other=1.0)
-            di = tl.load(d_ptr + SC + t * S + s, mask=v, other=0.0)
-            Gr, Gi = _crecip(dr + er - alr, di + ei - ali)
-            wr, wi, gr, gi = _load_w(g_ptr, mask_ptr, row * N + n, v, HAS_MASK)
-            G2r, G2i = _cmul(Gr, Gi, Gr, Gi)
-            pr, pi = _cmul(wr, wi, G2r, G2i)
-            tl.store(p_ptr + t * S + s, pr, mask=v)
-            tl.store(p_ptr + SC + t * S + s, pi, mask=v)
-            if NEED_GMASK:
-                tl.store(gmask_ptr + row * N + n, Gr * gr + Gi * gi, mask=v)
-            if HAS_CARRY:
-                idr, idi = _crecip(dr, di)
-                i2r, i2i = _cmul(idr, idi, idr, idi)
-                ccr = kk * i2r
-                cci = kk * i2i
-                nxr, nxi = _cmul(ccr, cci, xr, xi)
-                npr, npi = _cmul(ccr, cci, cpr, cpi)
-                xr = tl.where(v, nxr + pr, xr)
-                xi = tl.where(v, nxi + pi, xi)
-                cpr = tl.where(v, npr, cpr)
-                cpi = tl.where(v, npi, cpi)
-        if HAS_CARRY:
-            tl.store(sum_ptr + 0 * S + s, cpr, mask=ok)
-            tl.store(sum_ptr + 1 * S + s, cpi, mask=ok)
-            tl.store(sum_ptr + 2 * S + s, xr, mask=ok)
-            tl.store(sum_ptr + 3 * S + s, xi, mask=ok)
-            tl.debug_barrier()
-            # left to right: L summary with c_j = k_{j-1} / e_j^2
-            cpr = one
-            cpi = zero
-            xr = zero
-            xi = zero
-            for t in range(0, CH):
-                n = start + t
-                v = ok & (n < N)
-                er = tl.load(e_ptr + t * S + s, mask=v, other=1.0)
-                ei = tl.load(e_ptr + SC + t * S + s, mask=v, other=0.0)
-                pr = tl.load(p_ptr + t * S + s, mask=v, other=0.0)
-                pi = tl.load(p_ptr + SC + t * S + s, mask=v, other=0.0)
-                kk = tl.load(k_ptr + row * k_rs + n - 1, mask=v & (n >= 1), other=0.0)
-                ier, iei = _crecip(er, ei)
-                i2r, i2i = _cmul(ier, iei, ier, iei)
-                ccr = kk * i2r
-                cci = kk * i2i
-                nxr, nxi = _cmul(ccr, cci, xr, xi)
-                npr, npi = _cmul(ccr, cci, cpr, cpi)
-                xr = tl.where(v, nxr + pr, xr)
-                xi = tl.where(v, nxi + pi, xi)
-                cpr = tl.where(v, npr, cpr)
-                cpi = tl.where(v, npi, cpi)
-            tl.store(sum_ptr + 4 * S + s, cpr, mask=ok)
-            tl.store(sum_ptr + 5 * S + s, cpi, mask=ok)
-            tl.store(sum_ptr + 6 * S + s, xr, mask=ok)
-            tl.store(sum_ptr + 7 * S + s, xi, mask=ok)
-
-
-@triton.jit
-def _lin_carry_kernel(sum_ptr, cin_ptr, B, C, S, CAUSAL: tl.constexpr, BLOCK: tl.constexpr):
-    """Per row, combine the chunk summaries in order. cin (4, S): the value entering each chunk:
-    R_{end+1} (or mu_{end+1}) in rows 0..1, L_{start-1} in rows 2..3 (two-sided)."""
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = rows < B
-    rows = rows.to(tl.int64)
-    zero = tl.zeros([BLOCK], sum_ptr.dtype.element_ty)
-    xr = zero
-    xi = zero
-    for cc in range(0, C):
-        idx = tl.where(ok, rows * C + (C - 1 - cc), 0)
-        tl.store(cin_ptr + idx, xr, mask=ok)
-        tl.store(cin_ptr + S + idx, xi, mask=ok)
-        pr = tl.load(sum_ptr + 0 * S + idx)
-        pi = tl.load(sum_ptr + 1 * S + idx)
-        lr = tl.load(sum_ptr + 2 * S + idx)
-        li = tl.load(sum_ptr + 3 * S + idx)
-        nr, ni = _cmul(pr, pi, xr, xi)
-        xr = nr + lr
-        xi = ni + li
-    if not CAUSAL:
-        xr = zero
-        xi = zero
-        for c in range(0, C):
-            idx = tl.where(ok, rows * C + c, 0)
-            tl.store(cin_ptr + 2 * S + idx, xr, mask=ok)
-            tl.store(cin_ptr + 3 * S + idx, xi, mask=ok)
-            pr = tl.load(sum_ptr + 4 * S + idx)
-            pi = tl.load(sum_ptr + 5 * S + idx)
-            lr = tl.load(sum_ptr + 6 * S + idx)
-            li = tl.load(sum_ptr + 7 * S + idx)
-            nr, ni = _cmul(pr, pi, xr, xi)
-            xr = nr + lr
-            xi = ni + li
-
-
-@triton.jit
-def _bwd_final_kernel(g_ptr, a_ptr, k_ptr, zri_ptr, mask_ptr, cin_ptr,
-                      d_ptr, e_ptr, p_ptr, r_ptr, ga_ptr, gk_ptr, gz_ptr,
-                      N, S, C, CH, k_rs,
-                      CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_CARRY: tl.constexpr,
-                      BLOCK: tl.constexpr):
-    """grad_a (B, N), per-row grad_k (B, N-1) and per-segment partial sums gz (2, S) of A
-    (two-sided) or mu (causal), from which the host forms grad_z."""
-    pid = tl.program_id(0)
-    # scratch offsets t * S + s reach 2 * B * N; tl.cast, not .to: S may be specialised to constexpr 1
-    S = tl.cast(S, tl.int64)
-    s, ok, row, start = _seg_ids(pid, S, C, CH, BLOCK)
-    zero = tl.zeros([BLOCK], a_ptr.dtype.element_ty)
-    SC = CH * S
-    xr, xi = _load_carry(cin_ptr, s, S, ok, zero, HAS_CARRY)
-    sr = zero
-    si = zero
+        live = v
+    # 1 / d
+    idr, idi = _cdiv(yd, ydi, xd, xdi)
+    id2r, id2i = _cmul(idr, idi, idr, idi)
+    # coupling to the right, k_n (the d chain loaded k_{n-1})
+    kr = tl.load(k_ptr + rows * k_rs + n, mask=v & (n < N - 1), other=0.0)
+    last = okr & (t == T - 1)
     if CAUSAL:
-        # right to left: gk_j = Re(-mu_{j+1} / d_j), mu_j = (k_j mu_{j+1} - w_j) / d_j^2
-        for tt in range(0, CH):
-            t = CH - 1 - tt
-            n = start + t
-            v = ok & (n < N)
-            dr = tl.load(d_ptr + t * S + s, mask=v, other=1.0)
-            di = tl.load(d_ptr + SC + t * S + s, mask=v, other=0.0)
-            kk = tl.load(k_ptr + row * k_rs + n, mask=v & (n < N - 1), other=0.0)
-            wr, wi, gr, gi = _load_w(g_ptr, mask_ptr, row * N + n, v, HAS_MASK)
-            ir, ii = _crecip(dr, di)
-            gkr, gki = _cmul(xr, xi, ir, ii)
-            tl.store(gk_ptr + row * (N - 1) + n, -gkr, mask=v & (n < N - 1))
-            i2r, i2i = _cmul(ir, ii, ir, ii)
-            tr, ti = _cmul(kk * xr - wr, kk * xi - wi, i2r, i2i)
-            xr = tl.where(v, tr, xr)
-            xi = tl.where(v, ti, xi)
-            tl.store(ga_ptr + row * N + n, xr, mask=v)
-            sr += tl.where(v, xr, 0.0)
-            si += tl.where(v, xi, 0.0)
-    else:
-        # right to left: R_j = p_j + (k_j / d_j^2) R_{j+1}, stored
-        for tt in range(0, CH):
-            t = CH - 1 - tt
-            n = start + t
-            v = ok & (n < N)
-            dr = tl.load(d_ptr + t * S + s, mask=v, other=1.0)
-            di = tl.load(d_ptr + SC + t * S + s, mask=v, other=0.0)
-            pr = tl.load(p_ptr + t * S + s, mask=v, other=0.0)
-            pi = tl.load(p_ptr + SC + t * S + s, mask=v, other=0.0)
-            kk = tl.load(k_ptr + row * k_rs + n, mask=v & (n < N - 1), other=0.0)
-            ir, ii = _crecip(dr, di)
-            i2r, i2i = _cmul(ir, ii, ir, ii)
-            tr, ti = _cmul(kk * i2r, kk * i2i, xr, xi)
-            xr = tl.where(v, tr + pr, xr)
-            xi = tl.where(v, ti + pi, xi)
-            tl.store(r_ptr + t * S + s, xr, mask=v)
-            tl.store(r_ptr + SC + t * S + s, xi, mask=v)
-        tl.debug_barrier()
-        # left to right: L_j = (k_{j-1} / e_j^2) L_{j-1} + p_j; A = L + R - p;
-        # gk_{j-1} = Re(L_{j-1} / e_j + R_j / d_{j-1})
-        if HAS_CARRY:
-            lr = tl.load(cin_ptr + 2 * S + s, mask=ok, other=0.0)
-            li = tl.load(cin_ptr + 3 * S + s, mask=ok, other=0.0)
-            # d_{start-1} is the last position of the previous segment of the same row
-            vp = ok & (start >= 1)
-            dpr = tl.load(d_ptr + (CH - 1) * S + s - 1, mask=vp, other=1.0)
-            dpi = tl.load(d_ptr + SC + (CH - 1) * S + s - 1, mask=vp, other=0.0)
+        if NEED_GMASK:
+            tl.store(gmask_ptr + rows * N + n, idr * gr + idi * gi, mask=v)
+        # mu_j = (k_j / d_j^2) mu_{j+1} - w_j / d_j^2, right to left: scanned in reversed tile order
+        pr, pi = _cmul(wr, wi, id2r, id2i)
+        pr = tl.where(live, -pr, 0.0)
+        pi = tl.where(live, -pi, 0.0)
+        ccr = _flip(tl.where(v, kr * id2r, 1.0), R, T)
+        cci = _flip(tl.where(v, kr * id2i, 0.0), R, T)
+        pr = _flip(pr, R, T)
+        pi = _flip(pi, R, T)
+        ccr, cci, pr, pi = tl.associative_scan((ccr, cci, pr, pi), 1, _lin_comb)
+        if SUMMARY:
+            _store_last(lsum_ptr, (0 * 4 * B + rows) * C + c + t * 0, BC, last, ccr, cci, pr, pi)
         else:
-            lr = zero
-            li = zero
-            dpr = zero + 1.0
-            dpi = zero
-        for t in range(0, CH):
-            n = start + t
-            v = ok & (n < N)
-            dr = tl.load(d_ptr + t * S + s, mask=v, other=1.0)
-            di = tl.load(d_ptr + SC + t * S + s, mask=v, other=0.0)
-            er = tl.load(e_ptr + t * S + s, mask=v, other=1.0)
-            ei = tl.load(e_ptr + SC + t * S + s, mask=v, other=0.0)
-            pr = tl.load(p_ptr + t * S + s, mask=v, other=0.0)
-            pi = tl.load(p_ptr + SC + t * S + s, mask=v, other=0.0)
-            Rr = tl.load(r_ptr + t * S + s, mask=v, other=0.0)
-            Ri = tl.load(r_ptr + SC + t * S + s, mask=v, other=0.0)
-            kk = tl.load(k_ptr + row * k_rs + n - 1, mask=v & (n >= 1), other=0.0)
-            ier, iei = _crecip(er, ei)
-            t1r, t1i = _cmul(lr, li, ier, iei)
-            t2r, t2i = _cdiv(Rr, Ri, dpr, dpi)
-            tl.store(gk_ptr + row * (N - 1) + n - 1, t1r + t2r, mask=v & (n >= 1))
-            i2r, i2i = _cmul(ier, iei, ier, iei)
-            tr, ti = _cmul(kk * i2r, kk * i2i, lr, li)
-            lr = tl.where(v, tr + pr, lr)
-            li = tl.where(v, ti + pi, li)
-            Ar = lr + Rr - pr
-            Ai = li + Ri - pi
-            tl.store(ga_ptr + row * N + n, -Ar, mask=v)
-            sr += tl.where(v, Ar, 0.0)
-            si += tl.where(v, Ai, 0.0)
-            dpr = dr
-            dpi = di
-    tl.store(gz_ptr + s, sr, mask=ok)
-    tl.store(gz_ptr + S + s, si, mask=ok)
+            if HAS_CARRY:
+                mir = tl.load(cin_ptr + (0 * 2 * B + rows) * C + c, mask=okr, other=0.0)
+                mii = tl.load(cin_ptr + (0 * 2 * B + rows) * C + c + BC, mask=okr, other=0.0)
+            else:
+                mir = tl.zeros([R, 1], alr.dtype)
+                mii = mir
+            mur, mui = _cmul(ccr, cci, mir, mii)
+            mur += pr
+            mui += pi
+            # reversed tile order from here: n, 1/d, validity reversed
+            nrv = start + (T - 1 - t)
+            vr_ = okr & (nrv < N)
+            nxr = _shift1(mur, mir, R, T)   # mu_{j+1}
+            nxi = _shift1(mui, mii, R, T)
+            fdr = _flip(idr, R, T)
+            fdi = _flip(idi, R, T)
+            gkr, _ = _cmul(nxr, nxi, fdr, fdi)
+            tl.store(gk_ptr + rows * (N - 1) + nrv, -gkr, mask=vr_ & (nrv < N - 1))
+            tl.store(ga_ptr + rows * N + nrv, mur, mask=vr_)
+            sr = tl.sum(tl.sum(tl.where(vr_, mur, 0.0), 1), 0)
+            si = tl.sum(tl.sum(tl.where(vr_, mui, 0.0), 1), 0)
+            tl.store(gz_ptr + pid, sr)
+            tl.store(gz_ptr + tl.num_programs(0) + pid, si)
+    else:
+        xe, xei, ye, yei, _, _, kre, _, _ = _pivots(a_ptr, k_ptr, piv_ptr, rows, start, t, okr, B, N, C, k_rs,
+                                                    zr, zi, True, HAS_CARRY)
+        xe = _flip(xe, R, T)
+        xei = _flip(xei, R, T)
+        ye = _flip(ye, R, T)
+        yei = _flip(yei, R, T)
+        ier, iei = _cdiv(ye, yei, xe, xei)
+        # G = 1 / (d_j - k_j / e_{j+1}) = yd / (xd - k_j yd / e_{j+1}), as the C++ backward forms it:
+        # an infinite pivot d_j (yd = 0) gives G = 0, the limit, where d + e - alpha is inf - inf
+        if HAS_CARRY:
+            ecr = tl.load(piv_ptr + (4 * B + rows) * C + c, mask=okr, other=1.0)
+            eci = tl.load(piv_ptr + (4 * B + rows) * C + c + BC, mask=okr, other=0.0)
+            eyr = tl.load(piv_ptr + (4 * B + rows) * C + c + 2 * BC, mask=okr, other=0.0)
+            eyi = tl.load(piv_ptr + (4 * B + rows) * C + c + 3 * BC, mask=okr, other=0.0)
+            nir, nii = _cdiv(eyr, eyi, ecr, eci)
+        else:
+            nir = tl.zeros([R, 1], alr.dtype)
+            nii = nir
+        t1r, t1i = _cmul(_shift_next(ier, nir, R, T), _shift_next(iei, nii, R, T), yd, ydi)
+        Gr, Gi = _cdiv(yd, ydi, xd - kr * t1r, xdi - kr * t1i)
+        if NEED_GMASK:
+            tl.store(gmask_ptr + rows * N + n, Gr * gr + Gi * gi, mask=v)
+        G2r, G2i = _cmul(Gr, Gi, Gr, Gi)
+        pr, pi = _cmul(wr, wi, G2r, G2i)
+        pr = tl.where(live, pr, 0.0)
+        pi = tl.where(live, pi, 0.0)
+        ie2r, ie2i = _cmul(ier, iei, ier, iei)
+        # L_j = (k_{j-1} / e_j^2) L_{j-1} + p_j, left to right (kk = k_{n-1})
+        lcr, lci, lxr, lxi = tl.associative_scan(
+            (tl.where(v, kk * ie2r, 1.0), tl.where(v, kk * ie2i, 0.0), pr, pi), 1, _lin_comb)
+        # R_j = (k_j / d_j^2) R_{j+1} + p_j, right to left (reversed tile order)
+        rcr, rci, rxr, rxi = tl.associative_scan(
+            (_flip(tl.where(v, kr * id2r, 1.0), R, T), _flip(tl.where(v, kr * id2i, 0.0), R, T),
+             _flip(pr, R, T), _flip(pi, R, T)), 1, _lin_comb)
+        if SUMMARY:
+            _store_last(lsum_ptr, (0 * 4 * B + rows) * C + c + t * 0, BC, last, rcr, rci, rxr, rxi)
+            _store_last(lsum_ptr, (1 * 4 * B + rows) * C + c + t * 0, BC, last, lcr, lci, lxr, lxi)
+        else:
+            if HAS_CARRY:
+                rir = tl.load(cin_ptr + (0 * 2 * B + rows) * C + c, mask=okr, other=0.0)
+                rii = tl.load(cin_ptr + (0 * 2 * B + rows) * C + c + BC, mask=okr, other=0.0)
+                lir = tl.load(cin_ptr + (1 * 2 * B + rows) * C + c, mask=okr, other=0.0)
+                lii = tl.load(cin_ptr + (1 * 2 * B + rows) * C + c + BC, mask=okr, other=0.0)
+                # 1 / d_{start-1}: the homogeneous d entering the chunk
+                dxr = tl.load(piv_ptr + (rows) * C + c, mask=okr, other=1.0)
+                dxi = tl.load(piv_ptr + (rows) * C + c + BC, mask=okr, other=0.0)
+                dyr = tl.load(piv_ptr + (rows) * C + c + 2 * BC, mask=okr, other=0.0)
+                dyi = tl.load(piv_ptr + (rows) * C + c + 3 * BC, mask=okr, other=0.0)
+                pdr, pdi = _cdiv(dyr, dyi, dxr, dxi)
+            else:
+                rir = tl.zeros([R, 1], alr.dtype)
+                rii = rir
+                lir = rir
+                lii = rir
+                pdr = rir
+                pdi = rir
+            Rr, Ri = _cmul(rcr, rci, rir, rii)
+            Rr = _flip(Rr + rxr, R, T)
+            Ri = _flip(Ri + rxi, R, T)
+            Lr, Li = _cmul(lcr, lci, lir, lii)
+            Lr += lxr
+            Li += lxi
+            Ar = Lr + Rr - pr
+            Ai = Li + Ri - pi
+            tl.store(ga_ptr + rows * N + n, -Ar, mask=v)
+            # grad k_{j-1} = Re(L_{j-1} / e_j + R_j / d_{j-1}), written at j
+            plr = _shift1(Lr, lir, R, T)
+            pli = _shift1(Li, lii, R, T)
+            pdr = _shift1(idr, pdr, R, T)
+            pdi = _shift1(idi, pdi, R, T)
+            u1, _ = _cmul(plr, pli, ier, iei)
+            u2, _ = _cmul(Rr, Ri, pdr, pdi)
+            tl.store(gk_ptr + rows * (N - 1) + n - 1, u1 + u2, mask=v & (n >= 1))
+            sr = tl.sum(tl.sum(tl.where(v, Ar, 0.0), 1), 0)
+            si = tl.sum(tl.sum(tl.where(v, Ai, 0.0), 1), 0)
+            tl.store(gz_ptr + pid, sr)
+            tl.store(gz_ptr + tl.num_programs(0) + pid, si)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -619,43 +670,26 @@ if INTERPRETED and not _is_interpreted_fn(tl.zeros):
                            "resnet_bk or triton")
 
 
-def choose_strategy(B: int, N: int) -> str:
-    """The strategy for B rows of length N: "chunked" for few long sequences (B <= 8 and
-    N >= 512), else "lanes". Forced by the ``strategy=`` argument of the kernel entry points or
-    ``RESNET_BK_TRITON_STRATEGY``. The thresholds are a first guess, to be tuned on a GPU."""
-    return "chunked" if (B <= CHUNKED_MAX_B and N >= CHUNKED_MIN_N) else "lanes"
-
-
-def chunk_size(N: int) -> int:
-    """Chunk length of the chunked strategy: about sqrt(N) (a power of two in [16, 4096]), which
-    balances the per-chunk sequential work against the sequential carry pass over N / CH chunks."""
-    return int(min(4096, max(16, triton.next_power_of_2(int(math.isqrt(max(N, 1)))))))
-
-
-def _resolve(B: int, N: int, strategy: Optional[str], chunk: Optional[int]) -> Tuple[str, int, int]:
-    src = "strategy="
-    if strategy is None:
-        strategy = _ENV_STRATEGY_VALUE
-        src = ENV_STRATEGY
-    if strategy is None:
-        strategy = choose_strategy(B, N)
-    if strategy not in STRATEGIES:
-        raise ValueError(f"{src}: expected one of {STRATEGIES}, got {strategy!r}")
-    if strategy == "lanes":
-        return strategy, 1, N
-    src = "chunk="
-    if chunk is None and _ENV_CHUNK_VALUE:
-        src = ENV_CHUNK
+def _pos_pow2(value, src: str) -> int:
+    if isinstance(value, str):
         try:
-            chunk = int(_ENV_CHUNK_VALUE)
+            value = int(value)
         except ValueError:
-            raise ValueError(f"{ENV_CHUNK}: expected a positive integer, got {_ENV_CHUNK_VALUE!r}") from None
-    if chunk is None:
-        chunk = chunk_size(N)
-    if not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"{src}: expected a positive integer chunk length, got {chunk!r}")
-    CH = min(chunk, N)
-    return strategy, triton.cdiv(N, CH), CH
+            raise ValueError(f"{src}: expected a power of two, got {value!r}") from None
+    if not isinstance(value, int) or value < 1 or value & (value - 1):
+        raise ValueError(f"{src}: expected a power of two, got {value!r}")
+    return value
+
+
+def _resolve(B: int, N: int, tile: Optional[int], carry_block: Optional[int]) -> Plan:
+    src = "tile="
+    if tile is None and _ENV_TILE_VALUE:
+        tile, src = _ENV_TILE_VALUE, ENV_TILE
+    if tile is not None:
+        tile = _pos_pow2(tile, src)
+    if carry_block is not None:
+        carry_block = _pos_pow2(carry_block, "carry_block=")
+    return plan(B, N, tile, carry_block)
 
 
 def _check(a: Tensor, k: Tensor, zri: Tensor, mask: Optional[Tensor]) -> None:
@@ -678,25 +712,23 @@ def _launch(kernel, grid, *args, **meta):
     return kernel[grid](*args, **meta)
 
 
-def _pivot_carries(a, k, zri, N, S, C, CH, k_rs, two_sided):
-    B = a.shape[0]
-    pf = torch.empty(8, S, dtype=a.dtype, device=a.device)
-    pb = torch.empty(8, S, dtype=a.dtype, device=a.device) if two_sided else pf
-    _launch(_pivot_summary_kernel, (triton.cdiv(S, BLOCK),), a, k, zri, pf, pb, N, S, C, CH, k_rs,
-            TWO_SIDED=two_sided, BLOCK=BLOCK, num_warps=1)
-    qin = torch.empty(2, S, dtype=a.dtype, device=a.device)
-    rin = torch.empty(2, S, dtype=a.dtype, device=a.device) if two_sided else qin
-    _launch(_pivot_carry_kernel, (triton.cdiv(B, BLOCK),), pf, pb, qin, rin, B, C, S,
-            TWO_SIDED=two_sided, BLOCK=BLOCK, num_warps=1)
-    return qin, rin
+def _pivot_carries(a, k, zri, p: Plan, k_rs, two_sided):
+    B, N = a.shape
+    summ = torch.empty(2, 8, B, p.C, dtype=a.dtype, device=a.device)
+    _launch(_pivot_summary_kernel, (p.programs,), a, k, zri, summ, B, N, p.C, k_rs,
+            TWO_SIDED=two_sided, R=p.R, T=p.T, num_warps=NUM_WARPS)
+    piv = torch.empty(2, 4, B, p.C, dtype=a.dtype, device=a.device)
+    _launch(_pivot_carry_kernel, (B, 2 if two_sided else 1), summ, piv, B, p.C, CB=p.carry_block,
+            num_warps=NUM_WARPS)
+    return piv
 
 
 def bk_core_fwd(a: Tensor, k: Tensor, zri: Tensor, mask: Optional[Tensor], causal: bool, *,
-                strategy: Optional[str] = None, chunk: Optional[int] = None) -> Tensor:
+                tile: Optional[int] = None, carry_block: Optional[int] = None) -> Tensor:
     """Forward on canonical arguments: (B, N) complex G (or 1/d when causal), times mask.
 
-    ``strategy``: "lanes" / "chunked" / None (``choose_strategy`` or RESNET_BK_TRITON_STRATEGY);
-    ``chunk``: chunk length of the chunked strategy (None: ``chunk_size(N)`` or RESNET_BK_TRITON_CHUNK).
+    ``tile``: positions per tile (a power of two; None: ``plan`` or RESNET_BK_TRITON_TILE);
+    ``carry_block``: chunks per step of the carry kernel (a power of two; None: CARRY_BLOCK).
     """
     _check(a, k, zri, mask)
     a, k, zri = a.contiguous(), k.contiguous(), zri.contiguous()
@@ -704,25 +736,21 @@ def bk_core_fwd(a: Tensor, k: Tensor, zri: Tensor, mask: Optional[Tensor], causa
     B, N = a.shape
     cdt = torch.complex128 if a.dtype == torch.float64 else torch.complex64
     out = torch.empty(B, N, dtype=cdt, device=a.device)
-    if B == 0:
+    if B == 0 or N == 0:
         return out
-    _, C, CH = _resolve(B, N, strategy, chunk)
-    S = B * C
+    p = _resolve(B, N, tile, carry_block)
     k_rs = 0 if k.shape[0] == 1 else N - 1
-    if C > 1:
-        qin, rin = _pivot_carries(a, k, zri, N, S, C, CH, k_rs, not causal)
-    else:
-        qin = rin = a  # unused (HAS_CARRY=False)
-    dscr = a if causal else torch.empty(2, CH, S, dtype=a.dtype, device=a.device)
-    _launch(_fwd_kernel, (triton.cdiv(S, BLOCK),), a, k, zri, a if mask is None else mask, qin, rin,
-            torch.view_as_real(out), dscr, N, S, C, CH, k_rs,
-            CAUSAL=bool(causal), HAS_MASK=mask is not None, HAS_CARRY=C > 1, BLOCK=BLOCK, num_warps=1)
+    piv = _pivot_carries(a, k, zri, p, k_rs, not causal) if p.C > 1 else a
+    _launch(_fwd_kernel, (p.programs,), a, k, zri, a if mask is None else mask, piv,
+            torch.view_as_real(out), B, N, p.C, k_rs,
+            CAUSAL=bool(causal), HAS_MASK=mask is not None, HAS_CARRY=p.C > 1, R=p.R, T=p.T,
+            num_warps=NUM_WARPS)
     return out
 
 
 def bk_core_bwd(grad: Tensor, a: Tensor, k: Tensor, zri: Tensor, mask: Optional[Tensor], causal: bool,
-                need_mask_grad: bool = True, *, strategy: Optional[str] = None,
-                chunk: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+                need_mask_grad: bool = True, *, tile: Optional[int] = None,
+                carry_block: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """Exact backward on canonical arguments, same contract as ``bk_core_bwd_ref``:
     (grad_a (B, N), grad_k (Bk, N-1) (summed over rows when Bk == 1), grad_zri (2,),
     grad_mask (B, N) or None). ``grad`` is PyTorch's upstream gradient of the complex output."""
@@ -734,41 +762,32 @@ def bk_core_bwd(grad: Tensor, a: Tensor, k: Tensor, zri: Tensor, mask: Optional[
     if tuple(grad.shape) != (B, N):
         raise ValueError(f"grad: expected shape ({B}, {N}), got {tuple(grad.shape)}")
     need_gmask = mask is not None and need_mask_grad
-    if B == 0:
+    if B == 0 or N == 0:
         return (torch.zeros_like(a), torch.zeros_like(k), torch.zeros_like(zri),
                 torch.zeros_like(mask) if need_gmask else None)
     g = torch.view_as_real(grad.to(cdt).resolve_conj().resolve_neg().contiguous())
-    _, C, CH = _resolve(B, N, strategy, chunk)
-    S = B * C
+    p = _resolve(B, N, tile, carry_block)
     k_rs = 0 if k.shape[0] == 1 else N - 1
     dev, dt = a.device, a.dtype
-    if C > 1:
-        qin, rin = _pivot_carries(a, k, zri, N, S, C, CH, k_rs, not causal)
-    else:
-        qin = rin = a
-    d = torch.empty(2, CH, S, dtype=dt, device=dev)
-    e = d if causal else torch.empty(2, CH, S, dtype=dt, device=dev)
-    p = d if causal else torch.empty(2, CH, S, dtype=dt, device=dev)
-    summ = torch.empty(8, S, dtype=dt, device=dev) if C > 1 else a
-    gmask = torch.empty(B, N, dtype=dt, device=dev) if need_gmask else a
-    grid = (triton.cdiv(S, BLOCK),)
+    D = 1 if causal else 2
     mptr = a if mask is None else mask
-    _launch(_bwd_pass1_kernel, grid, g, a, k, zri, mptr, qin, rin, d, e, p, summ, gmask,
-            N, S, C, CH, k_rs, CAUSAL=bool(causal), HAS_MASK=mask is not None, NEED_GMASK=need_gmask,
-            HAS_CARRY=C > 1, BLOCK=BLOCK, num_warps=1)
-    if C > 1:
-        cin = torch.empty(4, S, dtype=dt, device=dev)
-        _launch(_lin_carry_kernel, (triton.cdiv(B, BLOCK),), summ, cin, B, C, S,
-                CAUSAL=bool(causal), BLOCK=BLOCK, num_warps=1)
-    else:
-        cin = a
-    r = d if causal else torch.empty(2, CH, S, dtype=dt, device=dev)
+    gmask = torch.empty(B, N, dtype=dt, device=dev) if need_gmask else a
     grad_a = torch.empty(B, N, dtype=dt, device=dev)
     gk_rows = torch.empty(B, N - 1, dtype=dt, device=dev)
-    gz = torch.empty(2, S, dtype=dt, device=dev)
-    _launch(_bwd_final_kernel, grid, g, a, k, zri, mptr, cin, d, e, p, r, grad_a, gk_rows, gz,
-            N, S, C, CH, k_rs, CAUSAL=bool(causal), HAS_MASK=mask is not None, HAS_CARRY=C > 1,
-            BLOCK=BLOCK, num_warps=1)
+    gz = torch.empty(2, p.programs, dtype=dt, device=dev)
+    meta = dict(CAUSAL=bool(causal), HAS_MASK=mask is not None, HAS_CARRY=p.C > 1, R=p.R, T=p.T,
+                num_warps=NUM_WARPS)
+    if p.C > 1:
+        piv = _pivot_carries(a, k, zri, p, k_rs, not causal)
+        lsum = torch.empty(D, 4, B, p.C, dtype=dt, device=dev)
+        _launch(_bwd_kernel, (p.programs,), g, a, k, zri, mptr, piv, lsum, a, a, a, a, a, B, N, p.C, k_rs,
+                NEED_GMASK=False, SUMMARY=True, **meta)
+        cin = torch.empty(D, 2, B, p.C, dtype=dt, device=dev)
+        _launch(_lin_carry_kernel, (B, D), lsum, cin, B, p.C, CB=p.carry_block, num_warps=NUM_WARPS)
+    else:
+        piv = cin = a
+    _launch(_bwd_kernel, (p.programs,), g, a, k, zri, mptr, piv, a, cin, grad_a, gk_rows, gz, gmask,
+            B, N, p.C, k_rs, NEED_GMASK=need_gmask, SUMMARY=False, **meta)
     grad_k = gk_rows.sum(0, keepdim=True) if (k.shape[0] == 1 and B != 1) else gk_rows
     tot = gz.sum(1)
     # two-sided: grad_z = conj(sum A); causal: grad_z = -conj(sum mu); zri = [Re, Im]

@@ -24,6 +24,16 @@ BLOCK = 128  # sequences per program
 
 
 @triton.jit
+def _recip_real(x):
+    # 1 / x in IEEE round-to-nearest (float32 `/` lowers to div.full.f32, an approximation;
+    # float64 `/` is div.rn.f64 already), as csrc/bk_math.h divides
+    if x.dtype == tl.float64:
+        return 1.0 / x
+    else:
+        return tl.fdiv(1.0, x, ieee_rounding=True)
+
+
+@triton.jit
 def _step_kernel(a_ptr, b_ptr, c_ptr, zri_ptr, s_ptr, y_ptr, d_ptr, n,
                  B_SHARED: tl.constexpr, C_SHARED: tl.constexpr, HAS_STATE: tl.constexpr, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -44,13 +54,13 @@ def _step_kernel(a_ptr, b_ptr, c_ptr, zri_ptr, s_ptr, y_ptr, d_ptr, n,
         sr = tl.load(s_ptr + 2 * i, mask=ok, other=1.0)
         si = tl.load(s_ptr + 2 * i + 1, mask=ok, other=0.0)
         # k / s = k conj(s) / |s|^2, 0 where |s|^2 is infinite (as csrc/bk_math.h's pivot_step)
-        r = 1.0 / (sr * sr + si * si)
+        r = _recip_real(sr * sr + si * si)
         u = tl.where(r == 0.0, 0.0, sr * r)
         v = tl.where(r == 0.0, 0.0, si * r)
         k = bv * cv
         dr = dr - k * u
         di = di + k * v
-    q = 1.0 / (dr * dr + di * di)
+    q = _recip_real(dr * dr + di * di)
     yr = tl.where(q == 0.0, 0.0, dr * q)
     yi = tl.where(q == 0.0, 0.0, -(di * q))
     tl.store(d_ptr + 2 * i, dr, mask=ok)

@@ -1,13 +1,14 @@
 """Triton BK-Core kernels (triton_kernels/bk_core.py) and the "triton" backend, against the
-reference backend: forward and every gradient, both strategies ("lanes" and "chunked", forced),
-float32/float64, two-sided/causal, with/without mask, shared/per-row off-diagonals.
+reference backend: forward and every gradient, with the planned tiles and with forced short tiles
+(several chunks per row, carried between chunks in several carry blocks), float32/float64,
+two-sided/causal, with/without mask, shared/per-row off-diagonals.
 
 Without a GPU the kernels run in Triton's interpreter on CPU tensors: TRITON_INTERPRET=1 must be
 set before triton is first imported (``@triton.jit`` decides at decoration time, for triton's own
 library functions too); tests/conftest.py sets it on machines without a GPU, and this module sets
 it too when run on its own. The interpreter
-is slow, so shapes are small; the chunked strategy is forced with short chunks so that several
-chunks, a partial last chunk and several programs are exercised.
+is slow, so shapes are small; short tiles are forced so that several chunks, a partial last chunk,
+several carry blocks and several programs are exercised.
 
 Tolerances (shared/BK_CORE_MATH.md): relative to the reference's largest magnitude, 1e-5 for
 float32 and 1e-10 for float64.
@@ -56,8 +57,7 @@ def _interpret(monkeypatch):
     """The backend's check accepts CPU tensors only under TRITON_INTERPRET=1."""
     if not ON_GPU:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.delenv(K.ENV_STRATEGY, raising=False)
-    monkeypatch.delenv(K.ENV_CHUNK, raising=False)
+    monkeypatch.delenv(K.ENV_TILE, raising=False)
     yield
 
 
@@ -92,13 +92,13 @@ def assert_rel(got, ref, tol, what):
     assert err < tol, f"{what}: relative error {err:.3g} >= {tol:g}"
 
 
-def check_kernels(B, N, dtype, causal, masked, shared, strategy, chunk=None, seed=0):
+def check_kernels(B, N, dtype, causal, masked, shared, tile=None, carry_block=None, seed=0):
     a, k, zri, mask = canon_inputs(B, N, dtype, shared, masked, seed)
     tol = TOL[dtype]
-    out = K.bk_core_fwd(a, k, zri, mask, causal, strategy=strategy, chunk=chunk)
+    out = K.bk_core_fwd(a, k, zri, mask, causal, tile=tile, carry_block=carry_block)
     assert_rel(out, bk_core_fwd_ref(a, k, zri, mask, causal), tol, "forward")
     g = upstream(B, N, dtype, seed + 1)
-    got = K.bk_core_bwd(g, a, k, zri, mask, causal, True, strategy=strategy, chunk=chunk)
+    got = K.bk_core_bwd(g, a, k, zri, mask, causal, True, tile=tile, carry_block=carry_block)
     exp = bk_core_bwd_ref(g, a, k, zri, mask, causal)
     for name, x, y in zip(("grad_a", "grad_k", "grad_zri", "grad_mask"), got, exp):
         if y is None:
@@ -114,28 +114,34 @@ def check_kernels(B, N, dtype, causal, masked, shared, strategy, chunk=None, see
 @pytest.mark.parametrize("shared", [False, True], ids=["k_rows", "k_shared"])
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
 @pytest.mark.parametrize("causal", [False, True], ids=["twosided", "causal"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("strategy,chunk", [("lanes", None), ("chunked", 3)], ids=["lanes", "chunked"])
-def test_kernels_match_reference(strategy, chunk, dtype, causal, masked, shared):
-    # N = 11 with chunks of 3: three full chunks and a partial one
-    check_kernels(3, 11, dtype, causal, masked, shared, strategy, chunk)
+# float32 is in the slow lane here (the interpreter runs every scan combine in Python); the fast
+# lane has float32 in test_several_programs_and_long_rows and the backend tests
+@pytest.mark.parametrize("dtype", [torch.float64, pytest.param(torch.float32, marks=pytest.mark.slow)],
+                         ids=["f64", "f32"])
+# the single-tile plan is in the fast lane through the short, several-programs and backend tests
+@pytest.mark.parametrize("tile,carry_block", [pytest.param(None, None, marks=pytest.mark.slow), (4, 2)],
+                         ids=["planned", "chunks"])
+def test_kernels_match_reference(tile, carry_block, dtype, causal, masked, shared):
+    # planned: all 3 rows of 11 in one 4 x 16 tile; chunks: tiles of 4 positions, two full chunks
+    # and a partial one per row, carried in two carry blocks of 2 chunks
+    check_kernels(3, 11, dtype, causal, masked, shared, tile, carry_block)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["twosided", "causal"])
-@pytest.mark.parametrize("N,strategy,chunk", [(1, "lanes", None), (2, "lanes", None), (3, "lanes", None),
-                                              (1, "chunked", 4), (2, "chunked", 1), (3, "chunked", 2),
-                                              (7, "chunked", 1)])
-def test_short_sequences(N, strategy, chunk, causal):
-    check_kernels(2, N, torch.float64, causal, True, False, strategy, chunk)
+@pytest.mark.parametrize("N,tile,carry_block", [(1, None, None), (2, None, None), (3, None, None),
+                                                (1, 4, None), (2, 1, 1), (3, 2, 1), (5, 1, 2)])
+def test_short_sequences(N, tile, carry_block, causal):
+    check_kernels(2, N, torch.float64, causal, True, False, tile, carry_block)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["twosided", "causal"])
-@pytest.mark.parametrize("B,N,strategy,chunk", [(37, 5, "lanes", None), (5, 40, "chunked", 4),
-                                                (1, 48, "chunked", None)])
-def test_several_programs_and_long_rows(B, N, strategy, chunk, causal):
-    """More segments than one program's BLOCK (B = 37 lanes; 5 rows x 10 chunks); a single
-    row of 48 with the default chunk length (sqrt(48) -> 16: three chunks)."""
-    check_kernels(B, N, torch.float32, causal, True, True, strategy, chunk, seed=B + N)
+@pytest.mark.parametrize("B,N,tile,carry_block", [(5, 5, 16, None), (2, 24, 8, None), (1, 48, 8, 2),
+                                                  pytest.param(37, 5, None, None, marks=pytest.mark.slow)])
+def test_several_programs_and_long_rows(B, N, tile, carry_block, causal):
+    """5 rows of 5 in 2 x 8 tiles (three programs, the last one half empty); 2 rows x 3 chunks
+    (one carry block of 4); a single row of 48 in 6 chunks of 8, carried in three blocks of 2;
+    the planned 16 x 8 tiles for 37 rows of 5 (slow lane)."""
+    check_kernels(B, N, torch.float32, causal, True, True, tile, carry_block, seed=B + N)
 
 
 def test_zero_rows_and_bad_arguments():
@@ -145,35 +151,27 @@ def test_zero_rows_and_bad_arguments():
         K.bk_core_fwd(a, k[:, :3], zri, None, False)
     with pytest.raises(ValueError, match="zri: expected"):
         K.bk_core_fwd(a, k, zri.float(), None, False)
-    with pytest.raises(ValueError, match="strategy=: expected one of"):
-        K.bk_core_fwd(a, k, zri, None, False, strategy="diagonal")
-    with pytest.raises(ValueError, match="chunk=: expected a positive integer"):
-        K.bk_core_fwd(a, k, zri, None, False, strategy="chunked", chunk=0)
+    with pytest.raises(ValueError, match="tile=: expected a power of two, got 3"):
+        K.bk_core_fwd(a, k, zri, None, False, tile=3)
+    with pytest.raises(ValueError, match="carry_block=: expected a power of two, got 0"):
+        K.bk_core_fwd(a, k, zri, None, False, tile=2, carry_block=0)
     with pytest.raises(ValueError, match="grad: expected shape"):
         K.bk_core_bwd(upstream(2, 4, torch.float64), a, k, zri, None, False)
 
 
-def test_strategy_selection(monkeypatch):
-    assert K.choose_strategy(1, 1 << 16) == "chunked"
-    assert K.choose_strategy(8, K.CHUNKED_MIN_N) == "chunked"
-    assert K.choose_strategy(9, 1 << 16) == "lanes"
-    assert K.choose_strategy(2, K.CHUNKED_MIN_N - 1) == "lanes"
-    assert K.chunk_size(1 << 16) == 256 and K.chunk_size(10) == 16 and K.chunk_size(1 << 30) == 4096
-    assert K._resolve(2, 15, None, None) == ("lanes", 1, 15)
-    assert K._resolve(2, 15, "chunked", 4) == ("chunked", 4, 4)
-    # the environment is read once, at import: a later change has no effect ...
-    monkeypatch.setenv(K.ENV_STRATEGY, "chunked")
-    assert K._resolve(2, 15, None, None) == ("lanes", 1, 15)
-    # ... the values read then decide (set here as an import would have read them)
-    monkeypatch.setattr(K, "_ENV_STRATEGY_VALUE", "chunked")
-    monkeypatch.setattr(K, "_ENV_CHUNK_VALUE", "6")
-    assert K._resolve(2, 15, None, None) == ("chunked", 3, 6)
-    assert K._resolve(2, 15, "lanes", None) == ("lanes", 1, 15)  # the keyword wins over the env
-    monkeypatch.setattr(K, "_ENV_CHUNK_VALUE", "six")
-    with pytest.raises(ValueError, match=K.ENV_CHUNK):
-        K._resolve(2, 15, None, None)
-    monkeypatch.setattr(K, "_ENV_STRATEGY_VALUE", "fast")
-    with pytest.raises(ValueError, match=K.ENV_STRATEGY):
+def test_tile_override(monkeypatch):
+    """``tile=`` forces the positions per tile (one row per tile unless a whole row fits); the
+    environment value is read once, at import, and the keyword wins over it."""
+    assert K._resolve(2, 15, None, None) == K.plan(2, 15)
+    assert K._resolve(2, 15, 4, None) == K.Plan(R=1, T=4, C=4, programs=8, carry_block=4)
+    assert K._resolve(2, 15, 32, 2) == K.Plan(R=2, T=16, C=1, programs=1, carry_block=1)
+    monkeypatch.setenv(K.ENV_TILE, "4")
+    assert K._resolve(2, 15, None, None) == K.plan(2, 15)  # a later change has no effect
+    monkeypatch.setattr(K, "_ENV_TILE_VALUE", "4")
+    assert K._resolve(2, 15, None, None).T == 4
+    assert K._resolve(2, 15, 8, None).T == 8
+    monkeypatch.setattr(K, "_ENV_TILE_VALUE", "six")
+    with pytest.raises(ValueError, match=K.ENV_TILE):
         K._resolve(2, 15, None, None)
 
 
@@ -195,16 +193,15 @@ def public_inputs(dtype, shared, seed=3):
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["twosided", "causal"])
-@pytest.mark.parametrize("strategy", ["lanes", "chunked"])
+@pytest.mark.parametrize("tile", [None, "4"], ids=["planned", "chunks"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-def test_backend_autograd_matches_reference(monkeypatch, dtype, strategy, causal):
+def test_backend_autograd_matches_reference(monkeypatch, dtype, tile, causal):
     """Every input's gradient (diag, super, sub, learnable complex z, straight-through mask)
-    through ops.bk_core_masked, the strategy forced by the environment."""
-    monkeypatch.setenv(K.ENV_STRATEGY, strategy)
-    monkeypatch.setenv(K.ENV_CHUNK, "4")
+    through ops.bk_core_masked, short tiles forced as by the environment (read at import)."""
+    monkeypatch.setattr(K, "_ENV_TILE_VALUE", tile)
     results = []
     for backend in ("triton", "reference"):
-        inputs = [t.clone().requires_grad_() for t in public_inputs(dtype, shared=(strategy == "chunked"))]
+        inputs = [t.clone().requires_grad_() for t in public_inputs(dtype, shared=tile is not None)]
         out = ops.bk_core_masked(*inputs, causal=causal, backend=backend)
         g = upstream(*out.shape, dtype, seed=7)
         grads = torch.autograd.grad(out, inputs, g)
@@ -276,7 +273,7 @@ def test_kernels_compile_for_gpu():
     r = subprocess.run([sys.executable, "-W", "ignore", "-m", "resnet_bk.triton_kernels.aot_check",
                         "--level", "smoke"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "20 kernel variants compiled for sm_90" in r.stdout
+    assert "18 kernel variants compiled for sm_90" in r.stdout and "IEEE divisions only" in r.stdout
 
 
 # ---------------------------------------------------------------------------------------------
