@@ -19,6 +19,7 @@
 #include "bk_core_cuda.h"
 
 #include <algorithm>
+#include <type_traits>
 
 #include "../bk_math.h"
 
@@ -84,8 +85,8 @@ __device__ __forceinline__ T k_into_chunk(const Problem<T>& pr, const Geo& g) {
 // Cooperative load of W values per position for positions [p0, p0 + TP) of every lane of the
 // block: tile[(r * W + c) * RS + lane] = src[(base + p0 + r) * W + c] - sub, or pad past the lane's
 // length.
-template <class T, int W>
-__device__ __forceinline__ void tile_load(T* tile, const T* src, const int64_t* base, const int64_t* len,
+template <class T, int W, class P>
+__device__ __forceinline__ void tile_load(T* tile, P src, const int64_t* base, const int64_t* len,
                                           int64_t p0, T sub, T pad) {
   constexpr int E = Cfg<T>::TP * W;
   for (int i = threadIdx.x; i < E * NT; i += NT) {
@@ -97,8 +98,8 @@ __device__ __forceinline__ void tile_load(T* tile, const T* src, const int64_t* 
   }
 }
 
-template <class T, int W>
-__device__ __forceinline__ void tile_store(const T* tile, T* dst, const int64_t* base, const int64_t* len,
+template <class T, int W, class P>
+__device__ __forceinline__ void tile_store(const T* tile, P dst, const int64_t* base, const int64_t* len,
                                            int64_t p0) {
   constexpr int E = Cfg<T>::TP * W;
   for (int i = threadIdx.x; i < E * NT; i += NT) {
@@ -124,24 +125,23 @@ __device__ __forceinline__ T max_abs(const Mobius<T>& m) {
 // Device workspace, carved from one buffer in a fixed order (the same for the size query).
 template <class T>
 struct Ws {
-  Cx<T>* S0;  // forward: d; backward: d, then 1/d
-  Cx<T>* IE;  // backward two-sided: 1/e, (Lc + 1) rows
-  Cx<T>* P;   // backward: w G^2 (two-sided) or -w / d^2 (causal)
-  Cx<T>* R;   // backward two-sided: R with zero carry
-  Cx<T>* TS;  // backward two-sided chunked: suffix products of the R coefficients
-  Mobius<T>* mf;
-  Mobius<T>* mb;
-  Cx<T>*din, *ein;                      // pivot carries
-  Cx<T>*r_start, *r_prod, *r_in;        // R / mu summaries and carries
-  Cx<T>*l_end, *l_prod, *l_in;          // L summaries and carries
-  double* zpart;                        // per-lane partial sums of A (two-sided) or mu (causal)
+  gptr<Cx<T>> S0;  // forward: d; backward: d, then 1/d
+  gptr<Cx<T>> IE;  // backward two-sided: 1/e, (Lc + 1) rows
+  gptr<Cx<T>> P;   // backward: w G^2 (two-sided) or -w / d^2 (causal)
+  gptr<Cx<T>> R;   // backward two-sided: R with zero carry
+  gptr<Cx<T>> TS;  // backward two-sided chunked: suffix products of the R coefficients
+  gptr<Mobius<T>> mf, mb;
+  gptr<Cx<T>> din, ein;                 // pivot carries
+  gptr<Cx<T>> r_start, r_prod, r_in;    // R / mu summaries and carries
+  gptr<Cx<T>> l_end, l_prod, l_in;      // L summaries and carries
+  gptr<double> zpart;                       // per-lane partial sums of A (two-sided) or mu (causal)
 };
 
 struct Carver {
   char* base;
   size_t off = 0;
   template <class X>
-  X* take(int64_t n) {
+  gptr<X> take(int64_t n) {
     off = (off + 255) / 256 * 256;
     X* p = base ? reinterpret_cast<X*>(base + off) : nullptr;
     off += size_t(n) * sizeof(X);
@@ -196,7 +196,7 @@ Ws<T> carve(const Plan& pl, bool causal, bool backward, void* base, size_t* byte
 // mb maps e just right of the chunk to e at its first position. Rescaled every other step (only
 // ratios matter), as on the CPU.
 template <class T>
-__global__ void __launch_bounds__(NT) mobius_kernel(Problem<T> pr, Plan pl, Mobius<T>* mf, Mobius<T>* mb) {
+__global__ void __launch_bounds__(NT) mobius_kernel(Problem<T> pr, Plan pl, gptr<Mobius<T>> mf, gptr<Mobius<T>> mb) {
   constexpr int TP = Cfg<T>::TP;
   __shared__ Lanes L;
   __shared__ T sA[TP * RS], sK[TP * RS];
@@ -232,21 +232,21 @@ __global__ void __launch_bounds__(NT) mobius_kernel(Problem<T> pr, Plan pl, Mobi
 // One thread per sequence: din[v] = d just left of chunk v, ein[v] = e just right of it
 // (1 where there is none; the coupling k there is 0, so the value does not matter).
 template <class T>
-__global__ void pivot_carry_kernel(Plan pl, const Mobius<T>* mf, const Mobius<T>* mb, Cx<T>* din, Cx<T>* ein) {
+__global__ void pivot_carry_kernel(Plan pl, gptr<Mobius<T>> mf, gptr<Mobius<T>> mb, gptr<Cx<T>> din, gptr<Cx<T>> ein) {
   const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= pl.B) return;
   const int64_t v0 = b * pl.C;
   Cx<T> d{T(1), T(0)};
   din[v0] = d;
   for (int64_t ch = 1; ch < pl.C; ++ch) {
-    d = bk::mobius_apply(mf[v0 + ch - 1], d);
+    d = bk::mobius_apply(Mobius<T>(mf[v0 + ch - 1]), d);
     din[v0 + ch] = d;
   }
   if (mb) {
     Cx<T> e{T(1), T(0)};
     ein[v0 + pl.C - 1] = e;
     for (int64_t ch = pl.C - 2; ch >= 0; --ch) {
-      e = bk::mobius_apply(mb[v0 + ch + 1], e);
+      e = bk::mobius_apply(Mobius<T>(mb[v0 + ch + 1]), e);
       ein[v0 + ch] = e;
     }
   }
@@ -256,7 +256,7 @@ __global__ void pivot_carry_kernel(Plan pl, const Mobius<T>* mf, const Mobius<T>
 // Forward
 
 template <class T>
-__global__ void __launch_bounds__(NT) fwd_kernel(Problem<T> pr, Plan pl, Ws<T> w, T* out) {
+__global__ void __launch_bounds__(NT) fwd_kernel(Problem<T> pr, Plan pl, Ws<T> w, gptr<T> out) {
   constexpr int TP = Cfg<T>::TP;
   __shared__ Lanes L;
   __shared__ T sA[TP * RS], sK[TP * RS], sM[TP * RS], sO[2 * TP * RS];
@@ -434,7 +434,7 @@ __global__ void __launch_bounds__(NT) bwd2_two_sided(Problem<T> pr, Grads<T> gr,
   auto R_at = [&](int64_t p) -> Cx<T> {  // R with the true carry from the right
     if (p >= Lc) return rin;
     const int64_t idx = p * LP + g.v;
-    return chunked ? w.R[idx] + w.TS[idx] * rin : w.R[idx];
+    return chunked ? Cx<T>(w.R[idx]) + Cx<T>(w.TS[idx]) * rin : Cx<T>(w.R[idx]);
   };
   Cx<T> Rcur = g.act ? R_at(0) : zero;
   double zs_re = 0.0, zs_im = 0.0;
@@ -447,10 +447,10 @@ __global__ void __launch_bounds__(NT) bwd2_two_sided(Problem<T> pr, Grads<T> gr,
       Cx<T> A = zero, gk = zero;
       if (g.act) {
         const Cx<T> P = w.P[idx];
-        Lr = bk::lin_step(bk::k_over_sq(kprev, w.IE[idx]), Lr, P);
+        Lr = bk::lin_step(bk::k_over_sq(kprev, Cx<T>(w.IE[idx])), Lr, P);
         A = Lr + Rcur - P;
         const Cx<T> Rnext = R_at(p + 1);
-        gk = Lr * w.IE[idx + LP] + Rnext * w.S0[idx];
+        gk = Lr * Cx<T>(w.IE[idx + LP]) + Rnext * Cx<T>(w.S0[idx]);
         Rcur = Rnext;
         if (p < g.len) {
           zs_re += double(A.re);
@@ -557,7 +557,7 @@ __global__ void __launch_bounds__(NT) bwd2_causal(Problem<T> pr, Grads<T> gr, Pl
       if (g.act) {
         const Cx<T> y = w.S0[idx];
         gk = mu * y;
-        mu = bk::lin_step(bk::scale(y * y, sK[r * RS + t]), mu, w.P[idx]);
+        mu = bk::lin_step(bk::scale(y * y, sK[r * RS + t]), mu, Cx<T>(w.P[idx]));
         if (p < g.len) {
           zs_re += double(mu.re);
           zs_im += double(mu.im);
@@ -587,14 +587,14 @@ __global__ void grad_carry_kernel(Plan pl, Ws<T> w, bool two_sided) {
   Cx<T> acc{T(0), T(0)};
   w.r_in[v0 + pl.C - 1] = acc;
   for (int64_t ch = pl.C - 2; ch >= 0; --ch) {
-    acc = w.r_start[v0 + ch + 1] + w.r_prod[v0 + ch + 1] * acc;
+    acc = Cx<T>(w.r_start[v0 + ch + 1]) + Cx<T>(w.r_prod[v0 + ch + 1]) * acc;
     w.r_in[v0 + ch] = acc;
   }
   if (two_sided) {
     acc = Cx<T>{T(0), T(0)};
     w.l_in[v0] = acc;
     for (int64_t ch = 1; ch < pl.C; ++ch) {
-      acc = w.l_end[v0 + ch - 1] + w.l_prod[v0 + ch - 1] * acc;
+      acc = Cx<T>(w.l_end[v0 + ch - 1]) + Cx<T>(w.l_prod[v0 + ch - 1]) * acc;
       w.l_in[v0 + ch] = acc;
     }
   }
@@ -603,7 +603,7 @@ __global__ void grad_carry_kernel(Plan pl, Ws<T> w, bool two_sided) {
 // Fixed-order sum of the per-lane partial sums (one block): deterministic grad_z.
 // Two-sided: grad_z = conj(sum A); causal: grad_z = -conj(sum mu).
 template <class T>
-__global__ void __launch_bounds__(kSumThreads) zsum_kernel(const double* zpart, int64_t lanes, bool causal, T* out) {
+__global__ void __launch_bounds__(kSumThreads) zsum_kernel(gptr<double> zpart, int64_t lanes, bool causal, gptr<T> out) {
   __shared__ double sr[kSumThreads], si[kSumThreads];
   double re = 0.0, im = 0.0;
   for (int64_t v = threadIdx.x; v < lanes; v += kSumThreads) {
@@ -627,7 +627,7 @@ __global__ void __launch_bounds__(kSumThreads) zsum_kernel(const double* zpart, 
 }
 
 template <class T>
-__global__ void zero2_kernel(T* out) {
+__global__ void zero2_kernel(gptr<T> out) {
   out[0] = T(0);
   out[1] = T(0);
 }
@@ -655,7 +655,7 @@ Status pivot_carries(const Problem<T>& pr, const Plan& pl, const Ws<T>& w, cudaS
 }
 
 template <class T>
-Status forward_impl(const Problem<T>& pr, T* out, const Plan& pl, void* ws, cudaStream_t st) {
+Status forward_impl(const Problem<T>& pr, gptr<T> out, const Plan& pl, void* ws, cudaStream_t st) {
   if (pr.B == 0) return Status{cudaSuccess, nullptr};
   if (pl.B != pr.B || pl.N != pr.N) return Status{cudaErrorInvalidValue, "bk_core_cuda forward: plan does not match the problem"};
   const Ws<T> w = carve<T>(pl, pr.causal, false, ws, nullptr);
@@ -734,10 +734,10 @@ size_t workspace_bytes(const Plan& pl, bool causal, bool backward, bool is_doubl
 }
 
 Status forward(const Problem<float>& p, float* out, const Plan& pl, void* ws, cudaStream_t st) {
-  return forward_impl(p, out, pl, ws, st);
+  return forward_impl(p, gptr<std::remove_pointer_t<decltype(out)>>(out), pl, ws, st);
 }
 Status forward(const Problem<double>& p, double* out, const Plan& pl, void* ws, cudaStream_t st) {
-  return forward_impl(p, out, pl, ws, st);
+  return forward_impl(p, gptr<std::remove_pointer_t<decltype(out)>>(out), pl, ws, st);
 }
 Status backward(const Problem<float>& p, const Grads<float>& g, const Plan& pl, void* ws, cudaStream_t st) {
   return backward_impl(p, g, pl, ws, st);

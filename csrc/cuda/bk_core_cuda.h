@@ -26,6 +26,17 @@
 
 namespace bk_cuda {
 
+// Global-memory pointers the kernels receive. A plain pointer, except in the CPU emulation build of
+// the tests (tests/kernels/cuda_emu/emu.h defines BK_EMU_TRAFFIC), where it is an accessor that counts
+// the bytes of every load and store: the kernels' global traffic is a test assertion there.
+#if defined(BK_EMU_TRAFFIC)
+template <class T>
+using gptr = bk_emu::GPtr<T>;
+#else
+template <class T>
+using gptr = T*;
+#endif
+
 enum class Strategy : int { kAuto = 0, kLanes = 1, kChunked = 2 };
 
 struct Plan {
@@ -45,22 +56,22 @@ size_t workspace_bytes(const Plan& plan, bool causal, bool backward, bool is_dou
 
 template <class T>
 struct Problem {
-  const T* a;            // (B, N) contiguous
-  const T* k;            // row r at k + r * k_row_stride, length N - 1 (may be null when N == 1)
+  gptr<const T> a;       // (B, N) contiguous
+  gptr<const T> k;       // row r at k + r * k_row_stride, length N - 1 (may be null when N == 1)
   int64_t k_row_stride;  // 0 when shared, else N - 1
-  const T* zri;          // (2,) device pointer: [Re z, Im z]
-  const T* mask;         // (B, N) contiguous, or nullptr
+  gptr<const T> zri;     // (2,) device pointer: [Re z, Im z]
+  gptr<const T> mask;    // (B, N) contiguous, or nullptr
   int64_t B, N;
   bool causal;
 };
 
 template <class T>
 struct Grads {
-  const T* grad;   // (B, N, 2) upstream gradient of the complex output, contiguous
-  T* grad_a;       // (B, N)
-  T* grad_k;       // (B, N - 1), per row (the caller reduces a shared k)
-  T* grad_zri;     // (2,) device pointer, written (not accumulated)
-  T* grad_mask;    // (B, N) or nullptr
+  gptr<const T> grad;  // (B, N, 2) upstream gradient of the complex output, contiguous
+  gptr<T> grad_a;       // (B, N)
+  gptr<T> grad_k;       // (B, N - 1), per row (the caller reduces a shared k)
+  gptr<T> grad_zri;     // (2,) device pointer, written (not accumulated)
+  gptr<T> grad_mask;    // (B, N) or nullptr
 };
 
 // Result of a launcher: err == cudaSuccess, or the CUDA error and the kernel that raised it.

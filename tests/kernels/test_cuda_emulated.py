@@ -76,7 +76,9 @@ def rewrite_launches(src: str) -> str:
         args = src[i + 1:j]
         assert src[j + 1] == ";", src[j:j + 10]
         out.append(src[pos:m.start()])
-        out.append(f"bk_emu::launch(unsigned({cfg[0]}), unsigned({cfg[1]}), [&]() {{ {m.group(1)}({args}); }});")
+        name = m.group(1).split("<")[0]
+        out.append(f"bk_emu::launch(unsigned({cfg[0]}), unsigned({cfg[1]}), [&]() {{ {m.group(1)}({args}); }}, "
+                   f"\"{name}\");")
         pos = j + 2
         count += 1
     assert count > 0, "no kernel launch found to rewrite"
