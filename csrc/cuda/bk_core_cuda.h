@@ -7,11 +7,14 @@
 // the batch), zri = [Re z, Im z] read on the device (never copied to the host: no synchronisation,
 // capturable in a CUDA graph), mask (B, N) contiguous or nullptr.
 //
-// Strategies. A "lane" is one (sequence, chunk) pair handled by one thread. "lanes" uses one chunk
-// per sequence (C = 1); "chunked" cuts each sequence into C chunks whose pivots cross the chunk
-// boundaries through 2x2 Moebius transfer matrices, and whose gradient recurrences cross them
-// through (product, local sum) pairs, joined by a small carry kernel (docs/BK_CORE_MATH.md,
-// "Parallel form"). "auto" chunks when the batch alone cannot fill the GPU.
+// Forward plan: one thread per segment of S <= kSegMax positions, blocks of T threads holding whole
+// rows or T segments of one row; carries by parallel scans of Moebius maps (see Plan).
+// Backward strategies. A "lane" is one (sequence, chunk) pair handled by one thread. "lanes" uses
+// one chunk per sequence (C = 1); "chunked" cuts each sequence into C chunks whose pivots cross the
+// chunk boundaries through 2x2 Moebius transfer matrices, and whose gradient recurrences cross them
+// through (product, local sum) pairs, joined by a parallel per-row scan (docs/BK_CORE_MATH.md,
+// "Parallel form"). "auto" chunks when the batch alone cannot fill the GPU; "lanes" also gives the
+// forward its longest segments.
 #pragma once
 #include <cuda_runtime_api.h>
 
@@ -41,14 +44,35 @@ enum class Strategy : int { kAuto = 0, kLanes = 1, kChunked = 2 };
 
 struct Plan {
   int64_t B = 0, N = 0;
+  // Backward (lane-major scratch): C chunks per sequence of Lc positions, one thread per lane.
   int64_t C = 1;      // chunks per sequence
   int64_t Lc = 0;     // positions per chunk (the last chunk may be shorter)
   int64_t lanes = 0;  // B * C
+  // Forward (on-chip chunks): one thread per segment of S positions, T threads per block. A block
+  // holds rpb whole rows (cb == 1) or T segments of one row (cb > 1 blocks per row, carried by a
+  // scan of the blocks' Moebius maps; block index = chunk * B + row, so the rows' blocks at the same
+  // positions run together and share a coupling row in L2).
+  int64_t S = 1;       // positions per thread segment (1..kSegMax)
+  int64_t segs = 0;    // segments per row: ceil(N / S)
+  int64_t rpb = 1;     // rows per block
+  int64_t cb = 1;      // blocks per row
+  int64_t blocks = 0;  // forward grid
+  int T = 128;         // threads per forward block
   BK_CUDA_HD bool chunked() const { return C > 1; }
 };
 
-// chunk_len > 0 forces that chunk length (chunked strategy); num_sms sizes the automatic choice.
-Plan make_plan(int64_t B, int64_t N, Strategy strategy, int64_t chunk_len, int num_sms);
+constexpr int kSegMax = 8;         // longest forward thread segment
+constexpr int kFwdThreads = 128;   // forward block width (largest)
+constexpr int kRowScanThreads = 256;  // threads of the per-row scan of block maps
+
+// chunk_len > 0 forces that chunk length (backward lanes) and segment length min(chunk_len,
+// kSegMax) (forward); num_sms sizes the automatic choice; threads > 0 forces the forward block width
+// (tests: several blocks per row at small N).
+Plan make_plan(int64_t B, int64_t N, Strategy strategy, int64_t chunk_len, int num_sms, int threads = 0);
+
+// Dependent steps (a pivot step, a Moebius compose or apply) on the longest chain from the first
+// position of a row to its last output, forward: the depth of the carries.
+int64_t forward_carry_depth(const Plan& plan);
 
 // Bytes of device workspace the launchers need for this plan (0 is possible); the caller passes a
 // buffer at least that large, aligned to 256 bytes.

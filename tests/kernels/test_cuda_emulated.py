@@ -117,20 +117,20 @@ def _ptr(t):
     return ctypes.c_void_p(t.data_ptr()) if t is not None and t.numel() else ctypes.c_void_p(0)
 
 
-def emu_forward(lib, a, k, zri, mask, causal, strategy="auto", chunk=0, sms=1):
+def emu_forward(lib, a, k, zri, mask, causal, strategy="auto", chunk=0, sms=1, threads=0):
     B, N = a.shape
     out = torch.full((B, N, 2), float("nan"), dtype=a.dtype)
-    plan = (ctypes.c_int64 * 2)()
+    plan = (ctypes.c_int64 * 8)()
     fn = getattr(lib, f"bk_emu_forward_{'f64' if a.dtype == torch.float64 else 'f32'}")
     ks = 0 if k.shape[0] == 1 else k.shape[1]
     rc = fn(_ptr(a), _ptr(k), ctypes.c_int64(ks), _ptr(zri), _ptr(mask), ctypes.c_int64(B), ctypes.c_int64(N),
             ctypes.c_int(int(causal)), _ptr(out), ctypes.c_int(STRATEGY[strategy]), ctypes.c_int64(chunk),
-            ctypes.c_int(sms), plan)
+            ctypes.c_int(sms), ctypes.c_int(threads), plan)
     assert rc == 0
-    return torch.view_as_complex(out), (plan[0], plan[1])
+    return torch.view_as_complex(out), tuple(plan)
 
 
-def emu_backward(lib, grad, a, k, zri, mask, causal, need_mask_grad, strategy="auto", chunk=0, sms=1):
+def emu_backward(lib, grad, a, k, zri, mask, causal, need_mask_grad, strategy="auto", chunk=0, sms=1, threads=0):
     B, N = a.shape
     nan = float("nan")
     gr = torch.view_as_real(grad.resolve_conj()).contiguous()
@@ -138,16 +138,16 @@ def emu_backward(lib, grad, a, k, zri, mask, causal, need_mask_grad, strategy="a
     gk = torch.full((B, N - 1), nan, dtype=a.dtype)
     gz = torch.full((2,), nan, dtype=a.dtype)
     gm = torch.full((B, N), nan, dtype=a.dtype) if need_mask_grad else None
-    plan = (ctypes.c_int64 * 2)()
+    plan = (ctypes.c_int64 * 8)()
     fn = getattr(lib, f"bk_emu_backward_{'f64' if a.dtype == torch.float64 else 'f32'}")
     ks = 0 if k.shape[0] == 1 else k.shape[1]
     rc = fn(_ptr(a), _ptr(k), ctypes.c_int64(ks), _ptr(zri), _ptr(mask), ctypes.c_int64(B), ctypes.c_int64(N),
             ctypes.c_int(int(causal)), _ptr(gr), _ptr(ga), _ptr(gk), _ptr(gz), _ptr(gm),
-            ctypes.c_int(STRATEGY[strategy]), ctypes.c_int64(chunk), ctypes.c_int(sms), plan)
+            ctypes.c_int(STRATEGY[strategy]), ctypes.c_int64(chunk), ctypes.c_int(sms), ctypes.c_int(threads), plan)
     assert rc == 0
     if k.shape[0] == 1 and B != 1:
         gk = gk.sum(0, keepdim=True)
-    return (ga, gk, gz, gm), (plan[0], plan[1])
+    return (ga, gk, gz, gm), tuple(plan)
 
 
 def make_canon(B, N, dtype, shared, masked, seed):
@@ -367,3 +367,26 @@ def test_emulated_step_decodes_the_causal_sequence(emu_step):
         ys.append(y)
     ref = bk_core_fwd_ref(a, k, zri, None, True)
     assert rel(torch.stack(ys, 1), ref) < 1e-12
+
+
+# Forward geometries forced small (positions per thread S, threads per block T) so that tiny N
+# exercises every carry path: whole rows per block (several, one, a partial last block), rows over
+# several blocks (block maps + per-row scan), a row scan whose threads compose runs of several block
+# maps (cb > 256), one-position segments, and odd N (row starts not 16-byte aligned: scalar
+# heads and tails around the vector loads and stores).
+GEOMS = [(9, 5, 2, 32), (7, 9, 2, 8), (5, 37, 8, 4), (3, 100, 3, 4), (2, 513, 1, 1), (1, 1200, 2, 2),
+         (4, 64, 8, 128), (3, 1, 1, 4)]
+
+
+@pytest.mark.parametrize("B,N,S,T", GEOMS, ids=[f"B{b}-N{n}-S{s}-T{t}" for b, n, s, t in GEOMS])
+@pytest.mark.parametrize("causal", [False, True], ids=["twosided", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_emulated_forward_geometries(emu, B, N, S, T, causal, dtype):
+    for shared, masked in ((False, False), (True, True)):
+        a, k, zri, mask, _ = make_canon(B, N, dtype, shared, masked, B * 31 + N + S)
+        out, plan = emu_forward(emu, a, k, zri, mask, causal, "chunked", S, threads=T)
+        assert plan[2] == min(S, 8) and plan[3] == T
+        segs = -(-N // plan[2])
+        assert plan[6] == (1 if segs <= T else -(-segs // T)), plan
+        ref = bk_core_fwd_ref(a.double(), k.double(), zri.double(), None if mask is None else mask.double(), causal)
+        assert rel(out, ref) < TOL[dtype]

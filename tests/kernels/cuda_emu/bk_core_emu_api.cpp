@@ -19,6 +19,12 @@ void* nan_workspace(size_t bytes) {
   return p;
 }
 
+// plan_out: C, Lc (backward lanes), S, T, segs, rpb, cb, blocks (forward)
+void plan_fields(const bk_cuda::Plan& pl, int64_t* o) {
+  const int64_t v[8] = {pl.C, pl.Lc, pl.S, pl.T, pl.segs, pl.rpb, pl.cb, pl.blocks};
+  for (int i = 0; i < 8; ++i) o[i] = v[i];
+}
+
 template <class T>
 void register_inputs(const T* a, const T* k, int64_t ks, const T* zri, const T* mask, int64_t B, int64_t N) {
   auto& tr = bk_emu::traffic;
@@ -31,10 +37,9 @@ void register_inputs(const T* a, const T* k, int64_t ks, const T* zri, const T* 
 
 template <class T>
 int run_forward(const T* a, const T* k, int64_t k_row_stride, const T* zri, const T* mask, int64_t B, int64_t N,
-                int causal, T* out, int strategy, int64_t chunk, int sms, int64_t* plan_out) {
-  const bk_cuda::Plan pl = bk_cuda::make_plan(B, N, bk_cuda::Strategy(strategy), chunk, sms);
-  plan_out[0] = pl.C;
-  plan_out[1] = pl.Lc;
+                int causal, T* out, int strategy, int64_t chunk, int sms, int threads, int64_t* plan_out) {
+  const bk_cuda::Plan pl = bk_cuda::make_plan(B, N, bk_cuda::Strategy(strategy), chunk, sms, threads);
+  plan_fields(pl, plan_out);
   const size_t wsb = bk_cuda::workspace_bytes(pl, causal, false, sizeof(T) == 8);
   void* ws = nan_workspace(wsb);
   register_inputs(a, k, k_row_stride, zri, mask, B, N);
@@ -50,10 +55,9 @@ int run_forward(const T* a, const T* k, int64_t k_row_stride, const T* zri, cons
 template <class T>
 int run_backward(const T* a, const T* k, int64_t k_row_stride, const T* zri, const T* mask, int64_t B, int64_t N,
                  int causal, const T* grad, T* grad_a, T* grad_k, T* grad_zri, T* grad_mask, int strategy,
-                 int64_t chunk, int sms, int64_t* plan_out) {
-  const bk_cuda::Plan pl = bk_cuda::make_plan(B, N, bk_cuda::Strategy(strategy), chunk, sms);
-  plan_out[0] = pl.C;
-  plan_out[1] = pl.Lc;
+                 int64_t chunk, int sms, int threads, int64_t* plan_out) {
+  const bk_cuda::Plan pl = bk_cuda::make_plan(B, N, bk_cuda::Strategy(strategy), chunk, sms, threads);
+  plan_fields(pl, plan_out);
   const size_t wsb = bk_cuda::workspace_bytes(pl, causal, true, sizeof(T) == 8);
   void* ws = nan_workspace(wsb);
   register_inputs(a, k, k_row_stride, zri, mask, B, N);
@@ -77,14 +81,15 @@ int run_backward(const T* a, const T* k, int64_t k_row_stride, const T* zri, con
 #define BK_EMU_API(T, SUF)                                                                                    \
   extern "C" int bk_emu_forward_##SUF(const T* a, const T* k, int64_t ks, const T* zri, const T* mask,        \
                                       int64_t B, int64_t N, int causal, T* out, int strategy, int64_t chunk,  \
-                                      int sms, int64_t* plan_out) {                                            \
-    return run_forward<T>(a, k, ks, zri, mask, B, N, causal, out, strategy, chunk, sms, plan_out);            \
+                                      int sms, int threads, int64_t* plan_out) {                               \
+    return run_forward<T>(a, k, ks, zri, mask, B, N, causal, out, strategy, chunk, sms, threads, plan_out);   \
   }                                                                                                           \
   extern "C" int bk_emu_backward_##SUF(const T* a, const T* k, int64_t ks, const T* zri, const T* mask,       \
                                        int64_t B, int64_t N, int causal, const T* grad, T* ga, T* gk, T* gz,  \
-                                       T* gm, int strategy, int64_t chunk, int sms, int64_t* plan_out) {      \
+                                       T* gm, int strategy, int64_t chunk, int sms, int threads,            \
+                                       int64_t* plan_out) {                                                   \
     return run_backward<T>(a, k, ks, zri, mask, B, N, causal, grad, ga, gk, gz, gm, strategy, chunk, sms,    \
-                           plan_out);                                                                         \
+                           threads, plan_out);                                                                         \
   }
 
 BK_EMU_API(float, f32)
@@ -100,4 +105,12 @@ extern "C" const char* bk_emu_traffic(int i, uint64_t* bytes, uint64_t* accesses
       accesses[2 * t + s] = bk_emu::traffic.accesses[i][t][s];
     }
   return bk_emu::traffic.names[i];
+}
+
+// The plan of a shape (fields as plan_fields) and its forward carry depth, without running anything.
+extern "C" int64_t bk_emu_plan(int64_t B, int64_t N, int strategy, int64_t chunk, int sms, int threads,
+                               int64_t* plan_out) {
+  const bk_cuda::Plan pl = bk_cuda::make_plan(B, N, bk_cuda::Strategy(strategy), chunk, sms, threads);
+  plan_fields(pl, plan_out);
+  return bk_cuda::forward_carry_depth(pl);
 }
