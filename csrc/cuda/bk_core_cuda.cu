@@ -8,18 +8,10 @@
 // output once; the chunk carries are parallel scans of 2x2 Moebius maps (over the block's threads,
 // and over a row's blocks by row_scan), never a serial walk over a row's chunks.
 //
-// Backward. One thread per lane (sequence, chunk), NT lanes per block. The public (B, N) rows are
-// read and written through shared-memory tiles of TP positions x NT lanes: the block loads a tile
-// cooperatively (consecutive threads read consecutive positions of one row, 64-byte runs), then
-// every thread walks its own column. Per-position scratch (pivots, gradient terms) is lane-major,
-// scratch[p * lanes + v], so a warp's accesses are contiguous. Chunked: mobius_kernel composes each
-// chunk's pivot steps into 2x2 transfer matrices and row_scan gives every chunk the pivots just
-// outside it; phase 1 adds (product, local sum) summaries of the linear recurrences, which
-// grad_maps_kernel writes as affine 2x2 maps for row_scan. With one chunk per sequence these phases
-// are skipped.
-//
-// grad_z: every lane writes its partial sum (in double) and zsum_kernel adds them in a fixed
-// order, so the result is deterministic.
+// Backward (bwd_chunk_kernel): the same plan and tiles; the pivots are recomputed on chip, the
+// upstream gradient read once per pass, and the gradient recurrences (affine maps) carried by the
+// same scans. grad_z: per-block partial sums in double, added in a fixed order (zsum_kernel), so
+// the result is deterministic.
 #include "bk_core_cuda.h"
 
 #include <algorithm>
@@ -33,92 +25,8 @@ namespace {
 using bk::Cx;
 using bk::Mobius;
 
-constexpr int NT = 64;      // lanes (threads) per block
-constexpr int RS = NT + 1;  // shared tile row stride: conflict-free column and row accesses
-constexpr int kCarryThreads = 128;
 constexpr int kSumThreads = 256;
-constexpr int64_t kMinChunk = 64;        // shortest chunk the automatic strategy uses
-constexpr int64_t kMinChunkForced = 4;   // shortest chunk when "chunked" is forced (tests)
-constexpr int64_t kLanesPerSm = 1024;    // lanes the automatic strategy aims for per SM (backward)
-constexpr int64_t kFwdThreadsPerSm = 2048;  // forward threads the automatic plan aims for per SM
-
-template <class T>
-struct Cfg {
-  static constexpr int TP = 64 / int(sizeof(T));  // positions per tile: 64-byte runs
-};
-
-// Per-block lane geometry, in shared memory (used by the cooperative tile loads and stores).
-struct Lanes {
-  int64_t base[NT];    // row * N + start: first position of the lane's chunk in (B, N) arrays
-  int64_t len[NT];     // real positions in the chunk (0 for an inactive lane)
-  int64_t kbase[NT];   // row * k_row_stride + start
-  int64_t gkbase[NT];  // row * (N - 1) + start (grad_k rows)
-  int64_t klen[NT];    // k entries in the chunk: min(len, N - 1 - start)
-};
-
-struct Geo {
-  int64_t v, row, start, len;
-  bool act;  // a real lane (the last block may have idle threads; they still join the tile work)
-};
-
-template <class T>
-__device__ __forceinline__ Geo setup_lanes(const Problem<T>& pr, const Plan& pl, Lanes& L) {
-  Geo g;
-  g.v = int64_t(blockIdx.x) * NT + threadIdx.x;
-  g.act = g.v < pl.lanes;
-  g.row = g.act ? g.v / pl.C : 0;
-  const int64_t ch = g.act ? g.v - g.row * pl.C : 0;
-  g.start = ch * pl.Lc;
-  g.len = g.act ? (pl.Lc < pr.N - g.start ? pl.Lc : pr.N - g.start) : 0;
-  int64_t kl = pr.N - 1 - g.start;
-  kl = kl < g.len ? kl : g.len;
-  L.base[threadIdx.x] = g.row * pr.N + g.start;
-  L.len[threadIdx.x] = g.len;
-  L.kbase[threadIdx.x] = g.row * pr.k_row_stride + g.start;
-  L.gkbase[threadIdx.x] = g.row * (pr.N - 1) + g.start;
-  L.klen[threadIdx.x] = (g.act && kl > 0) ? kl : 0;
-  __syncthreads();
-  return g;
-}
-
-// k coupling the chunk to the position just left of it (0 for the first chunk).
-template <class T>
-__device__ __forceinline__ T k_into_chunk(const Problem<T>& pr, const Geo& g) {
-  return (g.act && g.start > 0) ? pr.k[g.row * pr.k_row_stride + g.start - 1] : T(0);
-}
-
-// Cooperative load of W values per position for positions [p0, p0 + TP) of every lane of the
-// block: tile[(r * W + c) * RS + lane] = src[(base + p0 + r) * W + c] - sub, or pad past the lane's
-// length.
-template <class T, int W, class P>
-__device__ __forceinline__ void tile_load(T* tile, P src, const int64_t* base, const int64_t* len,
-                                          int64_t p0, T sub, T pad) {
-  constexpr int E = Cfg<T>::TP * W;
-  for (int i = threadIdx.x; i < E * NT; i += NT) {
-    const int l = i / E, r = i - l * E;
-    const int64_t q = p0 * W + r;
-    T x = pad;
-    if (q < len[l] * W) x = src[base[l] * W + q] - sub;
-    tile[r * RS + l] = x;
-  }
-}
-
-template <class T, int W, class P>
-__device__ __forceinline__ void tile_store(const T* tile, P dst, const int64_t* base, const int64_t* len,
-                                           int64_t p0) {
-  constexpr int E = Cfg<T>::TP * W;
-  for (int i = threadIdx.x; i < E * NT; i += NT) {
-    const int l = i / E, r = i - l * E;
-    const int64_t q = p0 * W + r;
-    if (q < len[l] * W) dst[base[l] * W + q] = tile[r * RS + l];
-  }
-}
-
-template <class T>
-__device__ __forceinline__ int tile_count(int64_t Lc, int64_t p0) {
-  const int64_t left = Lc - p0;
-  return left < Cfg<T>::TP ? int(left) : Cfg<T>::TP;
-}
+constexpr int64_t kFwdThreadsPerSm = 2048;  // threads the automatic plan aims for per SM
 
 template <class T>
 __device__ __forceinline__ T max_abs(const Mobius<T>& m) {
@@ -130,18 +38,11 @@ __device__ __forceinline__ T max_abs(const Mobius<T>& m) {
 // Device workspace, carved from one buffer in a fixed order (the same for the size query).
 template <class T>
 struct Ws {
-  gptr<Cx<T>> S0;  // forward: d; backward: d, then 1/d
-  gptr<Cx<T>> IE;  // backward two-sided: 1/e, (Lc + 1) rows
-  gptr<Cx<T>> P;   // backward: w G^2 (two-sided) or -w / d^2 (causal)
-  gptr<Cx<T>> R;   // backward two-sided: R with zero carry
-  gptr<Cx<T>> TS;  // backward two-sided chunked: suffix products of the R coefficients
-  gptr<Mobius<T>> mf, mb;
-  gptr<Cx<T>> din, ein;                 // pivot carries
-  gptr<Cx<T>> r_start, r_prod, r_in;    // R / mu summaries and carries
-  gptr<Cx<T>> l_end, l_prod, l_in;      // L summaries and carries
-  gptr<double> zpart;
-  gptr<Mobius<T>> bmf, bmb;              // forward: each block's maps (rows over several blocks)
-  gptr<Cx<T>> bdin, bein;                // forward: the pivots entering each block                       // per-lane partial sums of A (two-sided) or mu (causal)
+  gptr<Mobius<T>> bmf, bmb;  // each block's pivot maps (rows over several blocks); backward: then its
+                             // gradient maps (R or mu in bmf, L in bmb)
+  gptr<Cx<T>> bdin, bein;    // the pivots entering each block
+  gptr<Cx<T>> glin, grin;    // backward: L and R (mu) entering each block
+  gptr<double> zpart;        // backward: per-block partial sums of A (two-sided) or mu (causal)
 };
 
 struct Carver {
@@ -160,84 +61,23 @@ template <class T>
 Ws<T> carve(const Plan& pl, bool causal, bool backward, void* base, size_t* bytes) {
   Ws<T> w{};
   Carver c{static_cast<char*>(base)};
-  if (!backward) {  // forward: block carries only
-    if (pl.cb > 1) {
-      w.bmf = c.take<Mobius<T>>(pl.blocks);
-      w.bdin = c.take<Cx<T>>(pl.blocks);
-      if (!causal) {
-        w.bmb = c.take<Mobius<T>>(pl.blocks);
-        w.bein = c.take<Cx<T>>(pl.blocks);
-      }
-    }
-    if (bytes) *bytes = c.off;
-    return w;
-  }
-  const int64_t cells = pl.Lc * pl.lanes;
-  const bool ch = pl.chunked();
-  w.S0 = c.take<Cx<T>>(cells);
-  w.P = c.take<Cx<T>>(cells);
-  if (!causal) {
-    w.IE = c.take<Cx<T>>(cells + pl.lanes);
-    w.R = c.take<Cx<T>>(cells);
-    if (ch) w.TS = c.take<Cx<T>>(cells);
-  }
-  w.zpart = c.take<double>(2 * pl.lanes);
-  if (ch) {
-    w.mf = c.take<Mobius<T>>(pl.lanes);
-    w.mb = c.take<Mobius<T>>(pl.lanes);  // causal: the gradient maps only
-    w.din = c.take<Cx<T>>(pl.lanes);
-    if (!causal) w.ein = c.take<Cx<T>>(pl.lanes);
-    w.r_start = c.take<Cx<T>>(pl.lanes);
-    w.r_prod = c.take<Cx<T>>(pl.lanes);
-    w.r_in = c.take<Cx<T>>(pl.lanes);
+  // block carries only (rows over several blocks); the backward reuses the pivot maps' storage for
+  // its gradient maps
+  if (pl.cb > 1) {
+    w.bmf = c.take<Mobius<T>>(pl.blocks);
+    w.bdin = c.take<Cx<T>>(pl.blocks);
     if (!causal) {
-      w.l_end = c.take<Cx<T>>(pl.lanes);
-      w.l_prod = c.take<Cx<T>>(pl.lanes);
-      w.l_in = c.take<Cx<T>>(pl.lanes);
+      w.bmb = c.take<Mobius<T>>(pl.blocks);
+      w.bein = c.take<Cx<T>>(pl.blocks);
+    }
+    if (backward) {
+      w.grin = c.take<Cx<T>>(pl.blocks);
+      if (!causal) w.glin = c.take<Cx<T>>(pl.blocks);
     }
   }
+  if (backward) w.zpart = c.take<double>(2 * pl.blocks);
   if (bytes) *bytes = c.off;
   return w;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Chunk carries of the pivots
-
-// Transfer matrices of every chunk: mf maps d just left of the chunk to d at its last position,
-// mb maps e just right of the chunk to e at its first position. Rescaled every other step (only
-// ratios matter), as on the CPU.
-template <class T>
-__global__ void __launch_bounds__(NT) mobius_kernel(Problem<T> pr, Plan pl, gptr<Mobius<T>> mf, gptr<Mobius<T>> mb) {
-  constexpr int TP = Cfg<T>::TP;
-  __shared__ Lanes L;
-  __shared__ T sA[TP * RS], sK[TP * RS];
-  const Geo g = setup_lanes(pr, pl, L);
-  const int t = threadIdx.x;
-  const T zr = pr.zri[0], zi = pr.zri[1];
-  T kprev = k_into_chunk(pr, g);
-  Mobius<T> f = bk::mobius_identity<T>(), b = bk::mobius_identity<T>();
-  for (int64_t p0 = 0; p0 < pl.Lc; p0 += TP) {
-    tile_load<T, 1>(sA, pr.a, L.base, L.len, p0, zr, T(1));
-    tile_load<T, 1>(sK, pr.k, L.kbase, L.klen, p0, T(0), T(0));
-    __syncthreads();
-    const int rn = tile_count<T>(pl.Lc, p0);
-    for (int r = 0; r < rn; ++r) {
-      const Cx<T> al{sA[r * RS + t], -zi};
-      const T kk = sK[r * RS + t];
-      bk::mobius_step(f, al, kprev);
-      if (mb) bk::mobius_step_right(b, al, kk);
-      kprev = kk;
-      if ((p0 + r) & 1) {
-        bk::mobius_rescale(f, T(1) / max_abs(f));
-        if (mb) bk::mobius_rescale(b, T(1) / max_abs(b));
-      }
-    }
-    __syncthreads();
-  }
-  if (g.act) {
-    mf[g.v] = f;
-    if (mb) mb[g.v] = b;
-  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -646,283 +486,194 @@ __global__ void __launch_bounds__(kFwdThreads) fwd_chunk_kernel(Problem<T> pr, P
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward, two-sided.
-//   w = conj(g) (times mask), G = 1 / (d + e - alpha), p = w G^2,
-//   L_j = (k_{j-1} / e_j^2) L_{j-1} + p_j,  R_j = p_j + (k_j / d_j^2) R_{j+1},  A = L + R - p,
-//   grad_a = -Re A, grad_k_j = Re(L_j / e_{j+1} + R_{j+1} / d_j), grad_z = conj(sum A).
-// Phase 1: d pass (stores d), then e pass right to left (stores 1/d, 1/e, p, R with zero carry;
-// chunked: suffix products of the R coefficients and the L summary). Phase 2: L pass left to
-// right with the true carries, grad_a, grad_k and the partial sums of A.
+// Backward on chip (the forward's plan and tiles): pivots recomputed in registers, the upstream
+// gradient read once per pass, the gradient recurrences (L left to right, R or mu right to left:
+// affine x -> c x + p, written as the 2x2 map [[c, p], [0, 1]]) carried by the same scans as the
+// pivots. Rows over several blocks take three passes: the pivot block maps (fwd_block_maps,
+// row_scan), this kernel in summary mode (each block's affine maps, then row_scan from 0), this
+// kernel in final mode. grad_z: per-block partial sums in double, added in a fixed order.
 
 template <class T>
-__global__ void __launch_bounds__(NT) bwd1_two_sided(Problem<T> pr, Grads<T> gr, Plan pl, Ws<T> w) {
-  constexpr int TP = Cfg<T>::TP;
-  __shared__ Lanes L;
-  __shared__ T sA[TP * RS], sK[TP * RS], sG[2 * TP * RS], sM[TP * RS];
-  const Geo g = setup_lanes(pr, pl, L);
-  const int t = threadIdx.x;
-  const T zr = pr.zri[0], zi = pr.zri[1];
-  const int64_t LP = pl.lanes, Lc = pl.Lc;
-  const bool chunked = pl.chunked();
-  const T kin = k_into_chunk(pr, g);
-  T kprev = kin;
-  Cx<T> dprev = (chunked && g.act) ? w.din[g.v] : Cx<T>{T(1), T(0)};
-  for (int64_t p0 = 0; p0 < Lc; p0 += TP) {
-    tile_load<T, 1>(sA, pr.a, L.base, L.len, p0, zr, T(1));
-    tile_load<T, 1>(sK, pr.k, L.kbase, L.klen, p0, T(0), T(0));
-    __syncthreads();
-    const int rn = tile_count<T>(Lc, p0);
-    for (int r = 0; r < rn; ++r) {
-      const Cx<T> al{sA[r * RS + t], -zi};
-      const Cx<T> d = bk::pivot_step(al, kprev, dprev);
-      kprev = sK[r * RS + t];
-      dprev = d;
-      if (g.act) w.S0[(p0 + r) * LP + g.v] = d;
-    }
+__global__ void __launch_bounds__(kFwdThreads) bwd_chunk_kernel(Problem<T> pr, Grads<T> gr, Plan pl,
+                                                                 gptr<Cx<T>> bdin, gptr<Cx<T>> bein,
+                                                                 gptr<Mobius<T>> gmf, gptr<Mobius<T>> gmb,
+                                                                 gptr<Cx<T>> glin, gptr<Cx<T>> grin,
+                                                                 gptr<double> zpart, bool summary) {
+  __shared__ FwdSmem<T> sm;
+  __shared__ double zs[2 * kFwdThreads];
+  __shared__ Cx<T> lr_in[2];
+  const FwdGeo g = fwd_geo(pl);
+  const bool two = !pr.causal, multi = pl.cb > 1;
+  const T zi = fwd_load(pr, pl, g, sm, multi ? bdin : gptr<Cx<T>>(nullptr),
+                        (multi && two) ? bein : gptr<Cx<T>>(nullptr));
+  const Seg s = fwd_seg(pl, g);
+  const int S = int(pl.S), t = threadIdx.x, nt = blockDim.x;
+  const Cx<T> zero{T(0), T(0)}, one{T(1), T(0)};
+  if (t == 0) {
+    const bool carried = multi && !summary;
+    lr_in[0] = (carried && two) ? Cx<T>(glin[blockIdx.x]) : zero;
+    lr_in[1] = carried ? Cx<T>(grin[blockIdx.x]) : zero;
+  }
+  Mobius<T> f, b;
+  seg_maps(sm, s, S, zi, f, b, two);
+  block_scan(sm, f, s, g.nseg, true);
+  Cx<T> dprev = sm.din;
+  if (s.act && s.u > 0) dprev = bk::mobius_apply(Mobius<T>(sm.m[t - 1]), sm.din);
+  __syncthreads();
+  Cx<T> e_right = one;  // e just right of the segment
+  if (two) {
+    block_scan(sm, b, s, g.nseg, false);
+    e_right = sm.ein;
+    if (s.act && s.u + 1 < g.nseg) e_right = bk::mobius_apply(Mobius<T>(sm.m[t + 1]), sm.ein);
     __syncthreads();
   }
-  Cx<T> eprev = (chunked && g.act) ? w.ein[g.v] : Cx<T>{T(1), T(0)};
-  const Cx<T> zero{T(0), T(0)}, one{T(1), T(0)};
-  Cx<T> R = zero, Pi = one, Lend = zero, S = one;
-  const bool gmask = gr.grad_mask != nullptr;
-  for (int64_t p0 = (Lc - 1) / TP * TP; p0 >= 0; p0 -= TP) {
-    tile_load<T, 1>(sA, pr.a, L.base, L.len, p0, zr, T(1));
-    tile_load<T, 1>(sK, pr.k, L.kbase, L.klen, p0, T(0), T(0));
-    tile_load<T, 2>(sG, gr.grad, L.base, L.len, p0, T(0), T(0));
-    if (pr.mask) tile_load<T, 1>(sM, pr.mask, L.base, L.len, p0, T(0), T(0));
-    __syncthreads();
-    for (int r = tile_count<T>(Lc, p0) - 1; r >= 0; --r) {
-      const int64_t p = p0 + r, idx = p * LP + g.v;
-      const Cx<T> al{sA[r * RS + t], -zi};
-      const T kk = sK[r * RS + t];
-      // e_p = alpha_p - k_p / e_{p+1}; the division also gives 1 / e_{p+1}.
-      const T inv = T(1) / bk::norm2(eprev);
-      const Cx<T> ie_next{bk::mul_or_zero(eprev.re, inv), -bk::mul_or_zero(eprev.im, inv)};
-      const T q = kk * inv;
-      const Cx<T> e{al.re - bk::mul_or_zero(eprev.re, q), al.im + bk::mul_or_zero(eprev.im, q)};
-      const Cx<T> d = g.act ? w.S0[idx] : al;
-      const Cx<T> id = bk::recip(d);
-      const Cx<T> G = bk::combine(d, e, al);
-      Cx<T> wv{sG[(2 * r) * RS + t], -sG[(2 * r + 1) * RS + t]};
+  // the segment's pivots, upstream gradient and recurrence terms, in registers
+  const int64_t row = g.r0 + s.slot, p_seg = g.p0 + s.u * pl.S;
+  const int64_t gbase = row * pl.N + p_seg;
+  Cx<T> id[kSegMax], ie[kSegMax], P[kSegMax], X[kSegMax];
+  T kseg[kSegMax];
+  const T kin = k_left(sm, s, S);
+  {
+    T kprev = kin;
+#pragma unroll
+    for (int j = 0; j < kSegMax; ++j) {
+      if (j < s.len) {
+        const int i = sidx(s.q + j, S);
+        const Cx<T> al{sm.ak[i], -zi};
+        const Cx<T> d = bk::pivot_step(al, kprev, dprev);
+        kprev = sm.ak[kTile + i];
+        kseg[j] = kprev;
+        dprev = d;
+        id[j] = bk::recip(d);
+      }
+    }
+  }
+  if (two) {
+    Cx<T> eprev = e_right;
+#pragma unroll
+    for (int j = kSegMax - 1; j >= 0; --j) {
+      if (j < s.len) {
+        const int i = sidx(s.q + j, S);
+        const Cx<T> al{sm.ak[i], -zi};
+        const Cx<T> e = bk::pivot_step(al, kseg[j], eprev);
+        eprev = e;
+        ie[j] = bk::recip(e);
+        X[j] = bk::combine(bk::recip(id[j]), e, al);  // G (recip of 1/d: d itself is not kept)
+      }
+    }
+  }
+  const bool gmask = !summary && gr.grad_mask;
+#pragma unroll
+  for (int j = 0; j < kSegMax; ++j) {
+    if (j < s.len) {
+      const Cx<T> y = two ? X[j] : id[j];  // G, or the causal output 1/d
+      Cx<T> wv{T(gr.grad[2 * (gbase + j)]), -T(gr.grad[2 * (gbase + j) + 1])};
       if (pr.mask) {
-        const T m = sM[r * RS + t];
-        if (gmask) sM[r * RS + t] = G.re * wv.re - G.im * wv.im;  // Re(conj(G) g)
+        const T m = pr.mask[gbase + j];
+        if (gmask) gr.grad_mask[gbase + j] = y.re * wv.re - y.im * wv.im;  // Re(conj(y) g)
         wv = bk::scale(wv, m);
       }
-      const Cx<T> P = wv * (G * G);
-      const Cx<T> cr = bk::k_over_sq(kk, id);
-      R = bk::lin_step(cr, R, P);
-      if (chunked) {
-        Pi = Pi * cr;
-        if (p < Lc - 1) S = S * bk::k_over_sq(kk, ie_next);  // S = prod_{j > p} (k_{j-1} / e_j^2)
-        Lend = Lend + S * P;
-        if (g.act) w.TS[idx] = Pi;
-      }
-      if (g.act) {
-        w.S0[idx] = id;
-        w.IE[idx + LP] = ie_next;
-        w.P[idx] = P;
-        w.R[idx] = R;
-      }
-      eprev = e;
-    }
-    __syncthreads();
-    if (gmask) {
-      tile_store<T, 1>(sM, gr.grad_mask, L.base, L.len, p0);
-      __syncthreads();
+      const Cx<T> wy2 = wv * (y * y);
+      P[j] = two ? wy2 : Cx<T>{-wy2.re, -wy2.im};
     }
   }
-  const Cx<T> ie0 = bk::recip(eprev);
-  if (g.act) {
-    w.IE[g.v] = ie0;
-    if (chunked) {
-      S = S * bk::k_over_sq(kin, ie0);
-      w.r_start[g.v] = R;
-      w.r_prod[g.v] = Pi;
-      w.l_end[g.v] = Lend;
-      w.l_prod[g.v] = S;
+  // the segment's affine summaries: R (or mu) right to left, L left to right
+  Cx<T> rloc = zero, rpi = one, lloc = zero, lpi = one;
+#pragma unroll
+  for (int j = kSegMax - 1; j >= 0; --j) {
+    if (j < s.len) {
+      const Cx<T> c = two ? bk::k_over_sq(kseg[j], id[j]) : bk::scale(id[j] * id[j], kseg[j]);
+      rloc = bk::lin_step(c, rloc, P[j]);
+      rpi = rpi * c;
     }
   }
-}
-
-template <class T>
-__global__ void __launch_bounds__(NT) bwd2_two_sided(Problem<T> pr, Grads<T> gr, Plan pl, Ws<T> w) {
-  constexpr int TP = Cfg<T>::TP;
-  __shared__ Lanes L;
-  __shared__ T sK[TP * RS], sGA[TP * RS], sGK[TP * RS];
-  const Geo g = setup_lanes(pr, pl, L);
-  const int t = threadIdx.x;
-  const int64_t LP = pl.lanes, Lc = pl.Lc;
-  const bool chunked = pl.chunked();
-  const Cx<T> zero{T(0), T(0)};
-  T kprev = k_into_chunk(pr, g);
-  const Cx<T> rin = (chunked && g.act) ? w.r_in[g.v] : zero;
-  Cx<T> Lr = (chunked && g.act) ? w.l_in[g.v] : zero;
-  auto R_at = [&](int64_t p) -> Cx<T> {  // R with the true carry from the right
-    if (p >= Lc) return rin;
-    const int64_t idx = p * LP + g.v;
-    return chunked ? Cx<T>(w.R[idx]) + Cx<T>(w.TS[idx]) * rin : Cx<T>(w.R[idx]);
-  };
-  Cx<T> Rcur = g.act ? R_at(0) : zero;
-  double zs_re = 0.0, zs_im = 0.0;
-  for (int64_t p0 = 0; p0 < Lc; p0 += TP) {
-    tile_load<T, 1>(sK, pr.k, L.kbase, L.klen, p0, T(0), T(0));
-    __syncthreads();
-    const int rn = tile_count<T>(Lc, p0);
-    for (int r = 0; r < rn; ++r) {
-      const int64_t p = p0 + r, idx = p * LP + g.v;
-      Cx<T> A = zero, gk = zero;
-      if (g.act) {
-        const Cx<T> P = w.P[idx];
-        Lr = bk::lin_step(bk::k_over_sq(kprev, Cx<T>(w.IE[idx])), Lr, P);
-        A = Lr + Rcur - P;
-        const Cx<T> Rnext = R_at(p + 1);
-        gk = Lr * Cx<T>(w.IE[idx + LP]) + Rnext * Cx<T>(w.S0[idx]);
-        Rcur = Rnext;
-        if (p < g.len) {
-          zs_re += double(A.re);
-          zs_im += double(A.im);
+  if (two) {
+#pragma unroll
+    for (int j = 0; j < kSegMax; ++j) {
+      if (j < s.len) {
+        const Cx<T> c = bk::k_over_sq(j > 0 ? kseg[j - 1] : kin, ie[j]);
+        lloc = bk::lin_step(c, lloc, P[j]);
+        lpi = lpi * c;
+      }
+    }
+  }
+  const Mobius<T> mr{rpi, zero, rloc, one}, ml{lpi, zero, lloc, one};
+  __syncthreads();
+  Cx<T> r_in = lr_in[1];
+  block_scan(sm, mr, s, g.nseg, false);
+  if (summary && t == 0) gmb[blockIdx.x] = Mobius<T>(sm.m[0]);
+  if (s.act && s.u + 1 < g.nseg) r_in = bk::mobius_apply(Mobius<T>(sm.m[t + 1]), lr_in[1]);
+  __syncthreads();
+  Cx<T> l_in = lr_in[0];
+  if (two) {
+    block_scan(sm, ml, s, g.nseg, true);
+    if (summary && t == 0) gmf[blockIdx.x] = Mobius<T>(sm.m[g.nseg - 1]);
+    if (s.act && s.u > 0) l_in = bk::mobius_apply(Mobius<T>(sm.m[t - 1]), lr_in[0]);
+  }
+  if (summary) return;
+  // final: R (mu) right to left into X, then L left to right with the outputs
+  double zr_ = 0.0, zi_ = 0.0;
+  Cx<T> R = r_in;
+#pragma unroll
+  for (int j = kSegMax - 1; j >= 0; --j) {
+    if (j < s.len) {
+      const int64_t p = p_seg + j;
+      if (two) {
+        const Cx<T> c = bk::k_over_sq(kseg[j], id[j]);
+        X[j] = R;  // R_{j+1}
+        R = bk::lin_step(c, R, P[j]);
+      } else {
+        const Cx<T> gk = R * id[j];  // mu_{j+1} / d_j
+        if (p < pl.N - 1) gr.grad_k[row * (pl.N - 1) + p] = -gk.re;
+        R = bk::lin_step(bk::scale(id[j] * id[j], kseg[j]), R, P[j]);
+        gr.grad_a[gbase + j] = R.re;
+        zr_ += double(R.re);
+        zi_ += double(R.im);
+      }
+    }
+  }
+  if (two) {
+    Cx<T> Lr = l_in;
+#pragma unroll
+    for (int j = 0; j < kSegMax; ++j) {
+      if (j < s.len) {
+        const int64_t p = p_seg + j;
+        Lr = bk::lin_step(bk::k_over_sq(j > 0 ? kseg[j - 1] : kin, ie[j]), Lr, P[j]);
+        const Cx<T> Rnext = X[j];
+        const Cx<T> Rj = P[j] + bk::k_over_sq(kseg[j], id[j]) * Rnext;
+        const Cx<T> A = Lr + Rj - P[j];
+        gr.grad_a[gbase + j] = -A.re;
+        if (p < pl.N - 1) {
+          const Cx<T> ie_next = j + 1 < s.len ? ie[j + 1 < kSegMax ? j + 1 : j] : bk::recip(e_right);
+          gr.grad_k[row * (pl.N - 1) + p] = (Lr * ie_next + Rnext * id[j]).re;
         }
+        zr_ += double(A.re);
+        zi_ += double(A.im);
       }
-      sGA[r * RS + t] = -A.re;
-      sGK[r * RS + t] = gk.re;
-      kprev = sK[r * RS + t];
     }
-    __syncthreads();
-    tile_store<T, 1>(sGA, gr.grad_a, L.base, L.len, p0);
-    tile_store<T, 1>(sGK, gr.grad_k, L.gkbase, L.klen, p0);
-    __syncthreads();
   }
-  if (g.act) {
-    w.zpart[2 * g.v] = zs_re;
-    w.zpart[2 * g.v + 1] = zs_im;
+  // the block's partial sum, in a fixed order
+  zs[2 * t] = zr_;
+  zs[2 * t + 1] = zi_;
+  __syncthreads();
+  if (t == 0) {
+    double a0 = 0.0, a1 = 0.0;
+    for (int i = 0; i < nt; ++i) {
+      a0 += zs[2 * i];
+      a1 += zs[2 * i + 1];
+    }
+    zpart[2 * blockIdx.x] = a0;
+    zpart[2 * blockIdx.x + 1] = a1;
   }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Backward, causal: y = 1/d, mu_j = (k_j / d_j^2) mu_{j+1} - w_j / d_j^2,
-//   grad_a = Re mu, grad_k_j = Re(-mu_{j+1} / d_j), grad_z = -conj(sum mu).
-// Phase 1 (left to right) stores y and q = -w y^2 (and the mu summary when chunked); phase 2 runs
-// mu right to left with the true carry.
-
-template <class T>
-__global__ void __launch_bounds__(NT) bwd1_causal(Problem<T> pr, Grads<T> gr, Plan pl, Ws<T> w) {
-  constexpr int TP = Cfg<T>::TP;
-  __shared__ Lanes L;
-  __shared__ T sA[TP * RS], sK[TP * RS], sG[2 * TP * RS], sM[TP * RS];
-  const Geo g = setup_lanes(pr, pl, L);
-  const int t = threadIdx.x;
-  const T zr = pr.zri[0], zi = pr.zri[1];
-  const int64_t LP = pl.lanes, Lc = pl.Lc;
-  const bool chunked = pl.chunked();
-  const bool gmask = gr.grad_mask != nullptr;
-  T kprev = k_into_chunk(pr, g);
-  Cx<T> dprev = (chunked && g.act) ? w.din[g.v] : Cx<T>{T(1), T(0)};
-  Cx<T> S{T(0), T(0)}, Pi{T(1), T(0)};
-  for (int64_t p0 = 0; p0 < Lc; p0 += TP) {
-    tile_load<T, 1>(sA, pr.a, L.base, L.len, p0, zr, T(1));
-    tile_load<T, 1>(sK, pr.k, L.kbase, L.klen, p0, T(0), T(0));
-    tile_load<T, 2>(sG, gr.grad, L.base, L.len, p0, T(0), T(0));
-    if (pr.mask) tile_load<T, 1>(sM, pr.mask, L.base, L.len, p0, T(0), T(0));
-    __syncthreads();
-    const int rn = tile_count<T>(Lc, p0);
-    for (int r = 0; r < rn; ++r) {
-      const int64_t idx = (p0 + r) * LP + g.v;
-      const Cx<T> al{sA[r * RS + t], -zi};
-      const Cx<T> d = bk::pivot_step(al, kprev, dprev);
-      const T kk = sK[r * RS + t];
-      kprev = kk;
-      dprev = d;
-      const Cx<T> y = bk::recip(d);
-      const Cx<T> y2 = y * y;
-      Cx<T> wv{sG[(2 * r) * RS + t], -sG[(2 * r + 1) * RS + t]};
-      if (pr.mask) {
-        const T m = sM[r * RS + t];
-        if (gmask) sM[r * RS + t] = y.re * wv.re - y.im * wv.im;  // Re(conj(y) g)
-        wv = bk::scale(wv, m);
-      }
-      const Cx<T> wy2 = wv * y2;
-      const Cx<T> q{-wy2.re, -wy2.im};
-      if (chunked) {
-        S = S + Pi * q;
-        Pi = Pi * bk::scale(y2, kk);
-      }
-      if (g.act) {
-        w.S0[idx] = y;
-        w.P[idx] = q;
-      }
-    }
-    __syncthreads();
-    if (gmask) {
-      tile_store<T, 1>(sM, gr.grad_mask, L.base, L.len, p0);
-      __syncthreads();
-    }
-  }
-  if (chunked && g.act) {
-    w.r_start[g.v] = S;
-    w.r_prod[g.v] = Pi;
-  }
-}
-
-template <class T>
-__global__ void __launch_bounds__(NT) bwd2_causal(Problem<T> pr, Grads<T> gr, Plan pl, Ws<T> w) {
-  constexpr int TP = Cfg<T>::TP;
-  __shared__ Lanes L;
-  __shared__ T sK[TP * RS], sGA[TP * RS], sGK[TP * RS];
-  const Geo g = setup_lanes(pr, pl, L);
-  const int t = threadIdx.x;
-  const int64_t LP = pl.lanes, Lc = pl.Lc;
-  const Cx<T> zero{T(0), T(0)};
-  Cx<T> mu = (pl.chunked() && g.act) ? w.r_in[g.v] : zero;
-  double zs_re = 0.0, zs_im = 0.0;
-  for (int64_t p0 = (Lc - 1) / TP * TP; p0 >= 0; p0 -= TP) {
-    tile_load<T, 1>(sK, pr.k, L.kbase, L.klen, p0, T(0), T(0));
-    __syncthreads();
-    for (int r = tile_count<T>(Lc, p0) - 1; r >= 0; --r) {
-      const int64_t p = p0 + r, idx = p * LP + g.v;
-      Cx<T> gk = zero;
-      if (g.act) {
-        const Cx<T> y = w.S0[idx];
-        gk = mu * y;
-        mu = bk::lin_step(bk::scale(y * y, sK[r * RS + t]), mu, Cx<T>(w.P[idx]));
-        if (p < g.len) {
-          zs_re += double(mu.re);
-          zs_im += double(mu.im);
-        }
-      }
-      sGK[r * RS + t] = -gk.re;
-      sGA[r * RS + t] = mu.re;
-    }
-    __syncthreads();
-    tile_store<T, 1>(sGA, gr.grad_a, L.base, L.len, p0);
-    tile_store<T, 1>(sGK, gr.grad_k, L.gkbase, L.klen, p0);
-    __syncthreads();
-  }
-  if (g.act) {
-    w.zpart[2 * g.v] = zs_re;
-    w.zpart[2 * g.v + 1] = zs_im;
-  }
-}
-
-// The gradient recurrences' chunk summaries as affine maps x -> c x + p = [[c, p], [0, 1]] for row_scan
-// (into the pivot maps' storage, free after phase 1): r_in[v] = R (or mu) at the first position
-// right of chunk v (backward maps), l_in[v] = L at the last position left of it (forward maps).
-template <class T>
-__global__ void grad_maps_kernel(Plan pl, Ws<T> w, bool two_sided) {
-  const int64_t v = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (v >= pl.lanes) return;
-  const Cx<T> zero{T(0), T(0)}, one{T(1), T(0)};
-  w.mb[v] = Mobius<T>{Cx<T>(w.r_prod[v]), zero, Cx<T>(w.r_start[v]), one};
-  if (two_sided) w.mf[v] = Mobius<T>{Cx<T>(w.l_prod[v]), zero, Cx<T>(w.l_end[v]), one};
-}
-
-// Fixed-order sum of the per-lane partial sums (one block): deterministic grad_z.
+// Fixed-order sum of the per-block partial sums (one block): deterministic grad_z.
 // Two-sided: grad_z = conj(sum A); causal: grad_z = -conj(sum mu).
 template <class T>
-__global__ void __launch_bounds__(kSumThreads) zsum_kernel(gptr<double> zpart, int64_t lanes, bool causal, gptr<T> out) {
+__global__ void __launch_bounds__(kSumThreads) zsum_kernel(gptr<double> zpart, int64_t n, bool causal, gptr<T> out) {
   __shared__ double sr[kSumThreads], si[kSumThreads];
   double re = 0.0, im = 0.0;
-  for (int64_t v = threadIdx.x; v < lanes; v += kSumThreads) {
+  for (int64_t v = threadIdx.x; v < n; v += kSumThreads) {
     re += zpart[2 * v];
     im += zpart[2 * v + 1];
   }
@@ -960,17 +711,6 @@ __global__ void zero2_kernel(gptr<T> out) {
 inline unsigned blocks_for(int64_t n, int per) { return unsigned((n + per - 1) / per); }
 
 template <class T>
-Status pivot_carries(const Problem<T>& pr, const Plan& pl, const Ws<T>& w, cudaStream_t st) {
-  if (!pl.chunked()) return Status{cudaSuccess, nullptr};
-  mobius_kernel<T><<<blocks_for(pl.lanes, NT), NT, 0, st>>>(pr, pl, w.mf, pr.causal ? nullptr : w.mb);
-  BK_LAUNCH_CHECK("bk_core_cuda mobius_kernel");
-  row_scan<T><<<unsigned(pl.B), kRowScanThreads, 0, st>>>(pl.C, 1, pl.C, w.mf, pr.causal ? nullptr : w.mb, w.din,
-                                                           w.ein, Cx<T>{T(1), T(0)});
-  BK_LAUNCH_CHECK("bk_core_cuda pivot row_scan");
-  return Status{cudaSuccess, nullptr};
-}
-
-template <class T>
 Status forward_impl(const Problem<T>& pr, gptr<T> out, const Plan& pl, void* ws, cudaStream_t st) {
   if (pr.B == 0) return Status{cudaSuccess, nullptr};
   if (pl.B != pr.B || pl.N != pr.N) return Status{cudaErrorInvalidValue, "bk_core_cuda forward: plan does not match the problem"};
@@ -997,27 +737,25 @@ Status backward_impl(const Problem<T>& pr, const Grads<T>& gr, const Plan& pl, v
   }
   if (pl.B != pr.B || pl.N != pr.N) return Status{cudaErrorInvalidValue, "bk_core_cuda backward: plan does not match the problem"};
   const Ws<T> w = carve<T>(pl, pr.causal, true, ws, nullptr);
-  Status s = pivot_carries(pr, pl, w, st);
-  if (!s.ok()) return s;
-  const unsigned nb = blocks_for(pl.lanes, NT);
-  if (pr.causal)
-    bwd1_causal<T><<<nb, NT, 0, st>>>(pr, gr, pl, w);
-  else
-    bwd1_two_sided<T><<<nb, NT, 0, st>>>(pr, gr, pl, w);
-  BK_LAUNCH_CHECK("bk_core_cuda backward phase 1");
-  if (pl.chunked()) {
-    grad_maps_kernel<T><<<blocks_for(pl.lanes, kCarryThreads), kCarryThreads, 0, st>>>(pl, w, !pr.causal);
-    BK_LAUNCH_CHECK("bk_core_cuda grad_maps_kernel");
-    row_scan<T><<<unsigned(pl.B), kRowScanThreads, 0, st>>>(pl.C, 1, pl.C, pr.causal ? nullptr : w.mf, w.mb, w.l_in,
-                                                             w.r_in, Cx<T>{T(0), T(0)});
-    BK_LAUNCH_CHECK("bk_core_cuda gradient row_scan");
+  const unsigned nb = unsigned(pl.blocks), nt = unsigned(pl.T);
+  const bool two = !pr.causal;
+  // gradient maps in the pivot maps' storage: R (mu) backward in bmf, L forward in bmb
+  const gptr<Mobius<T>> gmb = w.bmf, gmf = two ? w.bmb : gptr<Mobius<T>>(nullptr);
+  if (pl.cb > 1) {
+    fwd_block_maps<T><<<nb, nt, 0, st>>>(pr, pl, w.bmf, two ? w.bmb : nullptr);
+    BK_LAUNCH_CHECK("bk_core_cuda backward fwd_block_maps");
+    row_scan<T><<<unsigned(pl.B), kRowScanThreads, 0, st>>>(pl.cb, pl.B, 1, w.bmf, two ? w.bmb : nullptr, w.bdin,
+                                                             w.bein, Cx<T>{T(1), T(0)});
+    BK_LAUNCH_CHECK("bk_core_cuda backward pivot row_scan");
+    bwd_chunk_kernel<T><<<nb, nt, 0, st>>>(pr, gr, pl, w.bdin, w.bein, gmf, gmb, w.glin, w.grin, w.zpart, true);
+    BK_LAUNCH_CHECK("bk_core_cuda bwd_chunk_kernel (summary)");
+    row_scan<T><<<unsigned(pl.B), kRowScanThreads, 0, st>>>(pl.cb, pl.B, 1, gmf, gmb, w.glin, w.grin,
+                                                             Cx<T>{T(0), T(0)});
+    BK_LAUNCH_CHECK("bk_core_cuda backward gradient row_scan");
   }
-  if (pr.causal)
-    bwd2_causal<T><<<nb, NT, 0, st>>>(pr, gr, pl, w);
-  else
-    bwd2_two_sided<T><<<nb, NT, 0, st>>>(pr, gr, pl, w);
-  BK_LAUNCH_CHECK("bk_core_cuda backward phase 2");
-  zsum_kernel<T><<<1, kSumThreads, 0, st>>>(w.zpart, pl.lanes, pr.causal, gr.grad_zri);
+  bwd_chunk_kernel<T><<<nb, nt, 0, st>>>(pr, gr, pl, w.bdin, w.bein, gmf, gmb, w.glin, w.grin, w.zpart, false);
+  BK_LAUNCH_CHECK("bk_core_cuda bwd_chunk_kernel");
+  zsum_kernel<T><<<1, kSumThreads, 0, st>>>(w.zpart, pl.blocks, pr.causal, gr.grad_zri);
   BK_LAUNCH_CHECK("bk_core_cuda zsum_kernel");
   return Status{cudaSuccess, nullptr};
 }
@@ -1028,25 +766,7 @@ Plan make_plan(int64_t B, int64_t N, Strategy strategy, int64_t chunk_len, int n
   Plan pl;
   pl.B = B;
   pl.N = N;
-  pl.C = 1;
-  if (N >= 2 && B > 0) {
-    if (chunk_len > 0) {
-      pl.C = (N + chunk_len - 1) / chunk_len;
-    } else if (strategy != Strategy::kLanes) {
-      const int64_t want = kLanesPerSm * std::max(1, num_sms);
-      const int64_t min_chunk = strategy == Strategy::kChunked ? kMinChunkForced : kMinChunk;
-      if (B < want || strategy == Strategy::kChunked) {
-        int64_t C = (want + B - 1) / B;
-        C = std::min<int64_t>(C, std::max<int64_t>(1, N / min_chunk));
-        if (strategy == Strategy::kChunked) C = std::max<int64_t>(C, std::min<int64_t>(N, 2));
-        pl.C = C;
-      }
-    }
-  }
-  pl.Lc = N > 0 ? (N + pl.C - 1) / pl.C : 0;
-  if (pl.Lc > 0) pl.C = (N + pl.Lc - 1) / pl.Lc;  // no empty chunk
-  pl.lanes = B * pl.C;
-  // forward: segments of S positions, enough threads to fill the GPU (kFwdThreadsPerSm per SM)
+  // segments of S positions, enough threads to fill the GPU (kFwdThreadsPerSm per SM)
   pl.T = threads > 0 ? std::min(threads, kFwdThreads) : kFwdThreads;
   if (chunk_len > 0) {
     pl.S = std::min<int64_t>(chunk_len, kSegMax);

@@ -7,14 +7,11 @@
 // the batch), zri = [Re z, Im z] read on the device (never copied to the host: no synchronisation,
 // capturable in a CUDA graph), mask (B, N) contiguous or nullptr.
 //
-// Forward plan: one thread per segment of S <= kSegMax positions, blocks of T threads holding whole
-// rows or T segments of one row; carries by parallel scans of Moebius maps (see Plan).
-// Backward strategies. A "lane" is one (sequence, chunk) pair handled by one thread. "lanes" uses
-// one chunk per sequence (C = 1); "chunked" cuts each sequence into C chunks whose pivots cross the
-// chunk boundaries through 2x2 Moebius transfer matrices, and whose gradient recurrences cross them
-// through (product, local sum) pairs, joined by a parallel per-row scan (docs/BK_CORE_MATH.md,
-// "Parallel form"). "auto" chunks when the batch alone cannot fill the GPU; "lanes" also gives the
-// forward its longest segments.
+// Plan: one thread per segment of S <= kSegMax positions, blocks of T threads holding whole rows
+// or T segments of one row; a block keeps its tile on chip and its carries come from parallel
+// scans of 2x2 Moebius maps (pivots) and affine maps (gradient recurrences), docs/BK_CORE_MATH.md
+// "Parallel form". Strategy: "auto" (and "chunked") size the segments to fill the GPU; "lanes"
+// takes the longest segments.
 #pragma once
 #include <cuda_runtime_api.h>
 
@@ -44,30 +41,24 @@ enum class Strategy : int { kAuto = 0, kLanes = 1, kChunked = 2 };
 
 struct Plan {
   int64_t B = 0, N = 0;
-  // Backward (lane-major scratch): C chunks per sequence of Lc positions, one thread per lane.
-  int64_t C = 1;      // chunks per sequence
-  int64_t Lc = 0;     // positions per chunk (the last chunk may be shorter)
-  int64_t lanes = 0;  // B * C
-  // Forward (on-chip chunks): one thread per segment of S positions, T threads per block. A block
-  // holds rpb whole rows (cb == 1) or T segments of one row (cb > 1 blocks per row, carried by a
-  // scan of the blocks' Moebius maps; block index = chunk * B + row, so the rows' blocks at the same
-  // positions run together and share a coupling row in L2).
+  // One thread per segment of S positions, T threads per block. A block holds rpb whole rows
+  // (cb == 1) or T segments of one row (cb > 1 blocks per row, carried by a scan of the blocks'
+  // Moebius maps; block index = chunk * B + row, so the rows' blocks at the same positions run
+  // together and share a coupling row in L2).
   int64_t S = 1;       // positions per thread segment (1..kSegMax)
   int64_t segs = 0;    // segments per row: ceil(N / S)
   int64_t rpb = 1;     // rows per block
   int64_t cb = 1;      // blocks per row
-  int64_t blocks = 0;  // forward grid
-  int T = 128;         // threads per forward block
-  BK_CUDA_HD bool chunked() const { return C > 1; }
+  int64_t blocks = 0;  // grid
+  int T = 128;         // threads per block
 };
 
 constexpr int kSegMax = 8;         // longest forward thread segment
 constexpr int kFwdThreads = 128;   // forward block width (largest)
 constexpr int kRowScanThreads = 256;  // threads of the per-row scan of block maps
 
-// chunk_len > 0 forces that chunk length (backward lanes) and segment length min(chunk_len,
-// kSegMax) (forward); num_sms sizes the automatic choice; threads > 0 forces the forward block width
-// (tests: several blocks per row at small N).
+// chunk_len > 0 forces the segment length min(chunk_len, kSegMax); num_sms sizes the automatic
+// choice; threads > 0 forces the block width (tests: several blocks per row at small N).
 Plan make_plan(int64_t B, int64_t N, Strategy strategy, int64_t chunk_len, int num_sms, int threads = 0);
 
 // Dependent steps (a pivot step, a Moebius compose or apply) on the longest chain from the first

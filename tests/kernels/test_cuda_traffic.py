@@ -78,7 +78,7 @@ def per_element(tr, B, N, shared_k):
 # Per-block costs (the block maps, the carries, z) are per 1024 positions, as at full size.
 SHAPES = [(1, 16384, 1), (64, 2048, 1), (4096, 64, 16)]
 
-# Counted before the on-chip forward (commit e690cc4: lane-major d scratch, serial chunk carries),
+# Counted before the on-chip kernels (commit e690cc4: lane-major scratch, serial chunk carries),
 # float32, shared k, model bytes/element at these shapes with the 132-SM plan:
 BEFORE = {1: (50.87, 153.06), 64: (38.91, 137.08), 4096: (32.13, 112.69)}
 
@@ -118,9 +118,9 @@ def test_forward_bytes_per_element(emu, B, N, sms, causal):
     shared row is a full-size input: + 4 B per read of a); a per-row coupling adds 4 B per read of
     a, the mask 4 B."""
     t, plan = run_fwd(emu, B, N, sms, causal=causal)
-    assert plan[2] == 8 and plan[3] == 128, plan  # the full-size segment and block
-    passes = 2 if plan[6] > 1 else 1
-    assert (plan[6] > 1) == (B < 4096)
+    assert plan[0] == 8 and plan[1] == 128, plan  # the full-size segment and block
+    passes = 2 if plan[4] > 1 else 1
+    assert (plan[4] > 1) == (B < 4096)
     assert t["a"] == pytest.approx(4.0 * passes)
     assert t["out"] == pytest.approx(8.0)
     assert t["k"] <= 4.0 * passes / B + 0.01
@@ -145,23 +145,33 @@ def test_forward_bytes_float64(emu):
     assert t["a"] == pytest.approx(16.0) and t["out"] == pytest.approx(16.0)
 
 
-@pytest.mark.xfail(strict=True, reason="the backward still uses lane-major scratch (about 140 B/element)")
-@pytest.mark.parametrize("B,N,sms", SHAPES[:1], ids=["B1"])
-def test_backward_grad_a_bytes_goal(emu, B, N, sms):
-    t, _ = run_bwd(emu, B, N, sms)
-    assert sum(t.values()) <= 32.0, t
-
-
-def test_backward_bytes_recorded(emu):
-    """The backward's traffic as it stands (lane-major scratch; its chunk carries now by row_scan, which
-    reads each lane's 32-byte map twice), so that it cannot grow unnoticed."""
-    for B, N, sms in SHAPES:
-        t, _ = run_bwd(emu, B, N, sms)
-        assert sum(t.values()) <= BEFORE[B][1] + 5.0, (B, t)  # + the parallel carries: 2 reads of 32-B maps per lane
+@pytest.mark.parametrize("B,N,sms", _SHAPE_PARAMS)
+@pytest.mark.parametrize("causal", [False, True], ids=["twosided", "causal"])
+def test_backward_bytes_per_element(emu, B, N, sms, causal):
+    """float32: a and the upstream gradient are read once per pass (rows over several blocks: the
+    pivot maps read a, the gradient maps a and grad, the final pass a and grad; rows in one block:
+    one pass), grad a written once: grad a alone <= 32 B/element. grad k (4 B) is always written
+    (the op asks for it whenever k needs a gradient; it is computed per row), z's partial sums once
+    per block; a shared coupling row adds 4 B per pass for all rows, the mask 4 B (+ 4 B for its
+    gradient)."""
+    t, plan = run_bwd(emu, B, N, sms, causal=causal)
+    passes = 3 if plan[4] > 1 else 1
+    assert t["a"] == pytest.approx(4.0 * passes)
+    assert t["grad"] == pytest.approx(8.0 * min(passes, 2))
+    assert t["grad_a"] == pytest.approx(4.0) and t["grad_k"] <= 4.0
+    assert t["a"] + t["grad"] + t["grad_a"] <= 32.0
+    overhead = t.get("ws", 0.0) + t.get("zri", 0.0) + t.get("grad_zri", 0.0)
+    assert overhead <= 0.6, t
+    assert t["k"] <= 4.0 * passes / B + 0.02
+    total = sum(t.values())
+    assert total <= 36.0 + 4.0 * passes / B + overhead + 0.02, t
+    assert total < BEFORE[B][1] / 3
+    tm, _ = run_bwd(emu, B, N, sms, masked=True, causal=causal)
+    assert tm["mask"] == pytest.approx(4.0 * min(passes, 2)) and tm["grad_mask"] == pytest.approx(4.0)
 
 
 def plan_of(emu, B, N, sms=132, strategy=0):
-    p = (ctypes.c_int64 * 8)()
+    p = (ctypes.c_int64 * 6)()
     emu.bk_emu_plan.restype = ctypes.c_int64
     depth = emu.bk_emu_plan(ctypes.c_int64(B), ctypes.c_int64(N), ctypes.c_int(strategy), ctypes.c_int64(0),
                             ctypes.c_int(sms), ctypes.c_int(0), p)
@@ -169,15 +179,15 @@ def plan_of(emu, B, N, sms=132, strategy=0):
 
 
 def test_forward_carry_depth(emu):
-    """Dependent steps from a row's first position to its last output, B = 1, N = 2^24, 132 SMs.
-    Before: the chunked plan's lanes (C chunks of Lc) walked all C chunk carries of the row in one
-    thread: Lc + (C - 1) + Lc steps. Now: segment maps, a block scan, the per-row scan of block maps
-    (runs of cb / 256), the segment's pivots."""
+    """Dependent steps from a row's first position to its last output, B = 1, N = 2^24, 132 SMs
+    (forward; the backward's scans are the same, twice). Before: the chunked plan's lanes (C chunks
+    of Lc) walked all C chunk carries of the row in one thread: Lc + (C - 1) + Lc steps. Now: segment
+    maps, a block scan, the per-row scan of block maps (runs of cb / 256), the segment's pivots."""
     depth, p = plan_of(emu, 1, 1 << 24)
-    C, Lc = p[0], p[1]
-    before = Lc + (C - 1) + Lc  # the backward still uses this plan and carry
-    assert before > 100000
-    S, T, segs, rpb, cb = p[2:7]
+    # the former plan at this shape: 1024 lanes per SM, chunks of Lc = 125, C = 134218 chunks
+    C, Lc = 134218, 125
+    before = Lc + (C - 1) + Lc
+    S, T, segs, rpb, cb = p[0:5]
     assert (S, T, cb) == (8, 128, 16384)
     assert depth == 8 + 7 + 1 + 64 + 8 + 1 + 64 + 8
     assert depth < before / 500
@@ -185,12 +195,13 @@ def test_forward_carry_depth(emu):
     for B in (1, 64, 4096):
         for N in (1, 1000, 1 << 14, (1 << 26) // B):
             _, p = plan_of(emu, B, N)
-            threads = p[7] * p[3]
+            threads = p[5] * p[1]
             assert threads >= min(2048 * 132, B * N // 8), (B, N, p)
 
 
 if __name__ == "__main__":
     import pathlib
+    import sys
     import tempfile
 
     class _F:

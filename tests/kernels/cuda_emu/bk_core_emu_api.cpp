@@ -19,10 +19,10 @@ void* nan_workspace(size_t bytes) {
   return p;
 }
 
-// plan_out: C, Lc (backward lanes), S, T, segs, rpb, cb, blocks (forward)
+// plan_out: S, T, segs, rpb, cb, blocks
 void plan_fields(const bk_cuda::Plan& pl, int64_t* o) {
-  const int64_t v[8] = {pl.C, pl.Lc, pl.S, pl.T, pl.segs, pl.rpb, pl.cb, pl.blocks};
-  for (int i = 0; i < 8; ++i) o[i] = v[i];
+  const int64_t v[6] = {pl.S, pl.T, pl.segs, pl.rpb, pl.cb, pl.blocks};
+  for (int i = 0; i < 6; ++i) o[i] = v[i];
 }
 
 template <class T>
