@@ -1,24 +1,21 @@
 // BK-Core CUDA kernels: forward and exact backward, two-sided and causal, optional mask.
 // No torch headers here (see bk_core_cuda.h); the arithmetic is csrc/bk_math.h, shared with the
-// CPU kernels, so the CPU tests exercise the same formulas.
+// CPU kernels, so the CPU tests exercise the same formulas. Global pointers are bk_cuda::gptr<T>
+// (plain pointers; counting accessors in the tests' CPU emulation, which asserts the traffic).
 //
-// Layout. One thread per lane (sequence, chunk), NT lanes per block. The public (B, N) rows are
-// read and written through shared-memory tiles of TP positions x NT lanes: the block loads a tile
-// cooperatively (consecutive threads read consecutive positions of one row, 64-byte runs), then
-// every thread walks its own column. Per-position scratch (pivots, gradient terms) is lane-major,
-// scratch[p * lanes + v], so a warp's accesses are contiguous.
+// Forward (fwd_chunk_kernel, see "Forward: on-chip chunks" below): a block keeps a tile of lanes x
+// positions of a and k in shared memory and the pivots in registers, reads a once and writes the
+// output once; the chunk carries are parallel scans of 2x2 Moebius maps (over the block's threads,
+// and over a row's blocks by row_scan), never a serial walk over a row's chunks.
 //
-// Chunked strategy. Phase 0 (mobius_kernel) composes each chunk's pivot steps into 2x2 transfer
-// matrices (forward and, by right multiplication in the same pass, backward); pivot_carry_kernel
-// walks the chunks of each sequence and gives every chunk the pivots just outside it. The backward
-// pass adds (product, local sum) summaries of its linear recurrences and grad_carry_kernel joins
-// them. With one chunk per sequence these phases are skipped.
-//
-// grad_z: every lane writes its partial sum (in double) and zsum_kernel adds them in a fixed
-// order, so the result is deterministic.
+// Backward (bwd_chunk_kernel): the same plan and tiles; the pivots are recomputed on chip, the
+// upstream gradient read once per pass, and the gradient recurrences (affine maps) carried by the
+// same scans. grad_z: per-block partial sums in double, added in a fixed order (zsum_kernel), so
+// the result is deterministic.
 #include "bk_core_cuda.h"
 
 #include <algorithm>
+#include <type_traits>
 
 #include "../bk_math.h"
 
@@ -28,91 +25,8 @@ namespace {
 using bk::Cx;
 using bk::Mobius;
 
-constexpr int NT = 64;      // lanes (threads) per block
-constexpr int RS = NT + 1;  // shared tile row stride: conflict-free column and row accesses
-constexpr int kCarryThreads = 128;
 constexpr int kSumThreads = 256;
-constexpr int64_t kMinChunk = 64;        // shortest chunk the automatic strategy uses
-constexpr int64_t kMinChunkForced = 4;   // shortest chunk when "chunked" is forced (tests)
-constexpr int64_t kLanesPerSm = 1024;    // lanes the automatic strategy aims for per SM
-
-template <class T>
-struct Cfg {
-  static constexpr int TP = 64 / int(sizeof(T));  // positions per tile: 64-byte runs
-};
-
-// Per-block lane geometry, in shared memory (used by the cooperative tile loads and stores).
-struct Lanes {
-  int64_t base[NT];    // row * N + start: first position of the lane's chunk in (B, N) arrays
-  int64_t len[NT];     // real positions in the chunk (0 for an inactive lane)
-  int64_t kbase[NT];   // row * k_row_stride + start
-  int64_t gkbase[NT];  // row * (N - 1) + start (grad_k rows)
-  int64_t klen[NT];    // k entries in the chunk: min(len, N - 1 - start)
-};
-
-struct Geo {
-  int64_t v, row, start, len;
-  bool act;  // a real lane (the last block may have idle threads; they still join the tile work)
-};
-
-template <class T>
-__device__ __forceinline__ Geo setup_lanes(const Problem<T>& pr, const Plan& pl, Lanes& L) {
-  Geo g;
-  g.v = int64_t(blockIdx.x) * NT + threadIdx.x;
-  g.act = g.v < pl.lanes;
-  g.row = g.act ? g.v / pl.C : 0;
-  const int64_t ch = g.act ? g.v - g.row * pl.C : 0;
-  g.start = ch * pl.Lc;
-  g.len = g.act ? (pl.Lc < pr.N - g.start ? pl.Lc : pr.N - g.start) : 0;
-  int64_t kl = pr.N - 1 - g.start;
-  kl = kl < g.len ? kl : g.len;
-  L.base[threadIdx.x] = g.row * pr.N + g.start;
-  L.len[threadIdx.x] = g.len;
-  L.kbase[threadIdx.x] = g.row * pr.k_row_stride + g.start;
-  L.gkbase[threadIdx.x] = g.row * (pr.N - 1) + g.start;
-  L.klen[threadIdx.x] = (g.act && kl > 0) ? kl : 0;
-  __syncthreads();
-  return g;
-}
-
-// k coupling the chunk to the position just left of it (0 for the first chunk).
-template <class T>
-__device__ __forceinline__ T k_into_chunk(const Problem<T>& pr, const Geo& g) {
-  return (g.act && g.start > 0) ? pr.k[g.row * pr.k_row_stride + g.start - 1] : T(0);
-}
-
-// Cooperative load of W values per position for positions [p0, p0 + TP) of every lane of the
-// block: tile[(r * W + c) * RS + lane] = src[(base + p0 + r) * W + c] - sub, or pad past the lane's
-// length.
-template <class T, int W>
-__device__ __forceinline__ void tile_load(T* tile, const T* src, const int64_t* base, const int64_t* len,
-                                          int64_t p0, T sub, T pad) {
-  constexpr int E = Cfg<T>::TP * W;
-  for (int i = threadIdx.x; i < E * NT; i += NT) {
-    const int l = i / E, r = i - l * E;
-    const int64_t q = p0 * W + r;
-    T x = pad;
-    if (q < len[l] * W) x = src[base[l] * W + q] - sub;
-    tile[r * RS + l] = x;
-  }
-}
-
-template <class T, int W>
-__device__ __forceinline__ void tile_store(const T* tile, T* dst, const int64_t* base, const int64_t* len,
-                                           int64_t p0) {
-  constexpr int E = Cfg<T>::TP * W;
-  for (int i = threadIdx.x; i < E * NT; i += NT) {
-    const int l = i / E, r = i - l * E;
-    const int64_t q = p0 * W + r;
-    if (q < len[l] * W) dst[base[l] * W + q] = tile[r * RS + l];
-  }
-}
-
-template <class T>
-__device__ __forceinline__ int tile_count(int64_t Lc, int64_t p0) {
-  const int64_t left = Lc - p0;
-  return left < Cfg<T>::TP ? int(left) : Cfg<T>::TP;
-}
+constexpr int64_t kFwdThreadsPerSm = 2048;  // threads the automatic plan aims for per SM
 
 template <class T>
 __device__ __forceinline__ T max_abs(const Mobius<T>& m) {
@@ -124,24 +38,18 @@ __device__ __forceinline__ T max_abs(const Mobius<T>& m) {
 // Device workspace, carved from one buffer in a fixed order (the same for the size query).
 template <class T>
 struct Ws {
-  Cx<T>* S0;  // forward: d; backward: d, then 1/d
-  Cx<T>* IE;  // backward two-sided: 1/e, (Lc + 1) rows
-  Cx<T>* P;   // backward: w G^2 (two-sided) or -w / d^2 (causal)
-  Cx<T>* R;   // backward two-sided: R with zero carry
-  Cx<T>* TS;  // backward two-sided chunked: suffix products of the R coefficients
-  Mobius<T>* mf;
-  Mobius<T>* mb;
-  Cx<T>*din, *ein;                      // pivot carries
-  Cx<T>*r_start, *r_prod, *r_in;        // R / mu summaries and carries
-  Cx<T>*l_end, *l_prod, *l_in;          // L summaries and carries
-  double* zpart;                        // per-lane partial sums of A (two-sided) or mu (causal)
+  gptr<Mobius<T>> bmf, bmb;  // each block's pivot maps (rows over several blocks); backward: then its
+                             // gradient maps (R or mu in bmf, L in bmb)
+  gptr<Cx<T>> bdin, bein;    // the pivots entering each block
+  gptr<Cx<T>> glin, grin;    // backward: L and R (mu) entering each block
+  gptr<double> zpart;        // backward: per-block partial sums of A (two-sided) or mu (causal)
 };
 
 struct Carver {
   char* base;
   size_t off = 0;
   template <class X>
-  X* take(int64_t n) {
+  gptr<X> take(int64_t n) {
     off = (off + 255) / 256 * 256;
     X* p = base ? reinterpret_cast<X*>(base + off) : nullptr;
     off += size_t(n) * sizeof(X);
@@ -153,460 +61,619 @@ template <class T>
 Ws<T> carve(const Plan& pl, bool causal, bool backward, void* base, size_t* bytes) {
   Ws<T> w{};
   Carver c{static_cast<char*>(base)};
-  const int64_t cells = pl.Lc * pl.lanes;
-  const bool ch = pl.chunked();
-  if (!backward) {
-    if (!causal) w.S0 = c.take<Cx<T>>(cells);
-  } else {
-    w.S0 = c.take<Cx<T>>(cells);
-    w.P = c.take<Cx<T>>(cells);
+  // block carries only (rows over several blocks); the backward reuses the pivot maps' storage for
+  // its gradient maps
+  if (pl.cb > 1) {
+    w.bmf = c.take<Mobius<T>>(pl.blocks);
+    w.bdin = c.take<Cx<T>>(pl.blocks);
     if (!causal) {
-      w.IE = c.take<Cx<T>>(cells + pl.lanes);
-      w.R = c.take<Cx<T>>(cells);
-      if (ch) w.TS = c.take<Cx<T>>(cells);
-    }
-    w.zpart = c.take<double>(2 * pl.lanes);
-  }
-  if (ch) {
-    w.mf = c.take<Mobius<T>>(pl.lanes);
-    w.din = c.take<Cx<T>>(pl.lanes);
-    if (!causal) {
-      w.mb = c.take<Mobius<T>>(pl.lanes);
-      w.ein = c.take<Cx<T>>(pl.lanes);
+      w.bmb = c.take<Mobius<T>>(pl.blocks);
+      w.bein = c.take<Cx<T>>(pl.blocks);
     }
     if (backward) {
-      w.r_start = c.take<Cx<T>>(pl.lanes);
-      w.r_prod = c.take<Cx<T>>(pl.lanes);
-      w.r_in = c.take<Cx<T>>(pl.lanes);
-      if (!causal) {
-        w.l_end = c.take<Cx<T>>(pl.lanes);
-        w.l_prod = c.take<Cx<T>>(pl.lanes);
-        w.l_in = c.take<Cx<T>>(pl.lanes);
-      }
+      w.grin = c.take<Cx<T>>(pl.blocks);
+      if (!causal) w.glin = c.take<Cx<T>>(pl.blocks);
     }
   }
+  if (backward) w.zpart = c.take<double>(2 * pl.blocks);
   if (bytes) *bytes = c.off;
   return w;
 }
 
 // ---------------------------------------------------------------------------------------------
-// Chunk carries of the pivots
+// Forward: on-chip chunks (see Plan). Every block loads its tile of a and k once (16-byte vector
+// loads of a where aligned), each thread composes the Moebius maps of its segment (forward and
+// backward), a Hillis-Steele scan over the block's threads gives every segment the pivots entering
+// it from either side, the thread runs its pivots in registers and the block stores the outputs
+// once (16-byte vector stores). A row longer than one block takes its block carries from
+// fwd_block_maps (the same tile work, one map pair per block) and fwd_row_scan (a parallel scan of
+// the maps of each row's blocks): a twice read, out written once.
 
-// Transfer matrices of every chunk: mf maps d just left of the chunk to d at its last position,
-// mb maps e just right of the chunk to e at its first position. Rescaled every other step (only
-// ratios matter), as on the CPU.
 template <class T>
-__global__ void __launch_bounds__(NT) mobius_kernel(Problem<T> pr, Plan pl, Mobius<T>* mf, Mobius<T>* mb) {
-  constexpr int TP = Cfg<T>::TP;
-  __shared__ Lanes L;
-  __shared__ T sA[TP * RS], sK[TP * RS];
-  const Geo g = setup_lanes(pr, pl, L);
-  const int t = threadIdx.x;
-  const T zr = pr.zri[0], zi = pr.zri[1];
-  T kprev = k_into_chunk(pr, g);
-  Mobius<T> f = bk::mobius_identity<T>(), b = bk::mobius_identity<T>();
-  for (int64_t p0 = 0; p0 < pl.Lc; p0 += TP) {
-    tile_load<T, 1>(sA, pr.a, L.base, L.len, p0, zr, T(1));
-    tile_load<T, 1>(sK, pr.k, L.kbase, L.klen, p0, T(0), T(0));
-    __syncthreads();
-    const int rn = tile_count<T>(pl.Lc, p0);
-    for (int r = 0; r < rn; ++r) {
-      const Cx<T> al{sA[r * RS + t], -zi};
-      const T kk = sK[r * RS + t];
-      bk::mobius_step(f, al, kprev);
-      if (mb) bk::mobius_step_right(b, al, kk);
-      kprev = kk;
-      if ((p0 + r) & 1) {
-        bk::mobius_rescale(f, T(1) / max_abs(f));
-        if (mb) bk::mobius_rescale(b, T(1) / max_abs(b));
-      }
-    }
-    __syncthreads();
+struct Vec16;
+template <>
+struct Vec16<float> {
+  using type = float4;
+  static __device__ __forceinline__ float4 make(const float* e) { return float4{e[0], e[1], e[2], e[3]}; }
+};
+template <>
+struct Vec16<double> {
+  using type = double2;
+  static __device__ __forceinline__ double2 make(const double* e) { return double2{e[0], e[1]}; }
+};
+
+#if defined(BK_EMU_TRAFFIC)
+template <class P>
+__device__ __forceinline__ uintptr_t address_of(const P& p) {
+  return reinterpret_cast<uintptr_t>(p.raw());
+}
+#else
+template <class X>
+__device__ __forceinline__ uintptr_t address_of(X* p) {
+  return reinterpret_cast<uintptr_t>(p);
+}
+template <class V, class X>
+__device__ __forceinline__ V ld_vec(const X* p) {
+  return *reinterpret_cast<const V*>(p);
+}
+template <class V, class X>
+__device__ __forceinline__ void st_vec(X* p, const V& v) {
+  __stcs(reinterpret_cast<V*>(p), v);  // streaming: the output is not read again by this kernel
+}
+#endif
+
+constexpr int kTile = kFwdThreads * kSegMax + kFwdThreads;  // padded: segment t starts at t * (S + 1)
+
+// The block's piece of the (B, N) arrays: the contiguous range [g0, g0 + glen), rows r0.. (cb == 1)
+// or positions p0.. of row r0 (cb > 1); local position q of global offset o (from g0) is
+// (o / rowlen) * (segs * S) + o % rowlen.
+struct FwdGeo {
+  int64_t r0, p0, g0, glen, rowlen, rows;
+  int nseg;  // segments of one row in this block
+};
+
+__device__ __forceinline__ FwdGeo fwd_geo(const Plan& pl) {
+  FwdGeo g;
+  const int64_t blk = blockIdx.x;
+  if (pl.cb == 1) {
+    g.r0 = blk * pl.rpb;
+    g.rows = pl.B - g.r0 < pl.rpb ? pl.B - g.r0 : pl.rpb;
+    g.p0 = 0;
+    g.rowlen = pl.N;
+    g.glen = g.rows * pl.N;
+    g.nseg = int(pl.segs);
+  } else {
+    const int64_t ci = blk / pl.B;
+    g.r0 = blk - ci * pl.B;
+    g.rows = 1;
+    g.p0 = ci * pl.T * pl.S;
+    g.rowlen = pl.N - g.p0 < int64_t(pl.T) * pl.S ? pl.N - g.p0 : int64_t(pl.T) * pl.S;
+    g.glen = g.rowlen;
+    g.nseg = int((g.rowlen + pl.S - 1) / pl.S);
   }
-  if (g.act) {
-    mf[g.v] = f;
-    if (mb) mb[g.v] = b;
-  }
+  g.g0 = g.r0 * pl.N + g.p0;
+  return g;
 }
 
-// One thread per sequence: din[v] = d just left of chunk v, ein[v] = e just right of it
-// (1 where there is none; the coupling k there is 0, so the value does not matter).
-template <class T>
-__global__ void pivot_carry_kernel(Plan pl, const Mobius<T>* mf, const Mobius<T>* mb, Cx<T>* din, Cx<T>* ein) {
-  const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b >= pl.B) return;
-  const int64_t v0 = b * pl.C;
-  Cx<T> d{T(1), T(0)};
-  din[v0] = d;
-  for (int64_t ch = 1; ch < pl.C; ++ch) {
-    d = bk::mobius_apply(mf[v0 + ch - 1], d);
-    din[v0 + ch] = d;
-  }
-  if (mb) {
-    Cx<T> e{T(1), T(0)};
-    ein[v0 + pl.C - 1] = e;
-    for (int64_t ch = pl.C - 2; ch >= 0; --ch) {
-      e = bk::mobius_apply(mb[v0 + ch + 1], e);
-      ein[v0 + ch] = e;
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Forward
+// Shared-memory slot of local position q: one padding slot per segment (conflict-free walks).
+__device__ __forceinline__ int sidx(int64_t q, int S) { return int(q + q / S); }
 
 template <class T>
-__global__ void __launch_bounds__(NT) fwd_kernel(Problem<T> pr, Plan pl, Ws<T> w, T* out) {
-  constexpr int TP = Cfg<T>::TP;
-  __shared__ Lanes L;
-  __shared__ T sA[TP * RS], sK[TP * RS], sM[TP * RS], sO[2 * TP * RS];
-  const Geo g = setup_lanes(pr, pl, L);
-  const int t = threadIdx.x;
-  const T zr = pr.zri[0], zi = pr.zri[1];
-  const int64_t LP = pl.lanes, Lc = pl.Lc;
-  const bool chunked = pl.chunked();
-  T kprev = k_into_chunk(pr, g);
-  Cx<T> dprev = (chunked && g.act) ? w.din[g.v] : Cx<T>{T(1), T(0)};
-  // d pass, left to right. Causal: y = 1 / d is the output.
-  for (int64_t p0 = 0; p0 < Lc; p0 += TP) {
-    tile_load<T, 1>(sA, pr.a, L.base, L.len, p0, zr, T(1));
-    tile_load<T, 1>(sK, pr.k, L.kbase, L.klen, p0, T(0), T(0));
-    if (pr.causal && pr.mask) tile_load<T, 1>(sM, pr.mask, L.base, L.len, p0, T(0), T(0));
-    __syncthreads();
-    const int rn = tile_count<T>(Lc, p0);
-    for (int r = 0; r < rn; ++r) {
-      const Cx<T> al{sA[r * RS + t], -zi};
-      const Cx<T> d = bk::pivot_step(al, kprev, dprev);
-      kprev = sK[r * RS + t];
-      dprev = d;
-      if (pr.causal) {
-        Cx<T> y = bk::recip(d);
-        if (pr.mask) y = bk::scale(y, sM[r * RS + t]);
-        sO[(2 * r) * RS + t] = y.re;
-        sO[(2 * r + 1) * RS + t] = y.im;
-      } else if (g.act) {
-        w.S0[(p0 + r) * LP + g.v] = d;
-      }
-    }
-    __syncthreads();
-    if (pr.causal) {
-      tile_store<T, 2>(sO, out, L.base, L.len, p0);
-      __syncthreads();
-    }
-  }
-  if (pr.causal) return;
-  // e pass, right to left, and the combine G = 1 / (d + e - alpha).
-  Cx<T> eprev = (chunked && g.act) ? w.ein[g.v] : Cx<T>{T(1), T(0)};
-  for (int64_t p0 = (Lc - 1) / TP * TP; p0 >= 0; p0 -= TP) {
-    tile_load<T, 1>(sA, pr.a, L.base, L.len, p0, zr, T(1));
-    tile_load<T, 1>(sK, pr.k, L.kbase, L.klen, p0, T(0), T(0));
-    if (pr.mask) tile_load<T, 1>(sM, pr.mask, L.base, L.len, p0, T(0), T(0));
-    __syncthreads();
-    for (int r = tile_count<T>(Lc, p0) - 1; r >= 0; --r) {
-      const Cx<T> al{sA[r * RS + t], -zi};
-      const Cx<T> e = bk::pivot_step(al, sK[r * RS + t], eprev);
-      const Cx<T> d = g.act ? w.S0[(p0 + r) * LP + g.v] : al;
-      Cx<T> G = bk::combine(d, e, al);
-      if (pr.mask) G = bk::scale(G, sM[r * RS + t]);
-      sO[(2 * r) * RS + t] = G.re;
-      sO[(2 * r + 1) * RS + t] = G.im;
-      eprev = e;
-    }
-    __syncthreads();
-    tile_store<T, 2>(sO, out, L.base, L.len, p0);
-    __syncthreads();
-  }
-}
+struct FwdSmem {
+  // [0, kTile): alpha.re (a - Re z), pad 1; [kTile, 2 kTile): k at the same position (coupling to
+  // the next), pad 0. Reused for the outputs (2 values per position).
+  T ak[2 * kTile];
+  Mobius<T> m[kFwdThreads];
+  T kin;       // k coupling the block's first position to the one left of it (0 at a row start)
+  T zr, zi;    // z, read once per block
+  Cx<T> din, ein;  // the pivots entering the block (rows over several blocks)
+};
 
-// ---------------------------------------------------------------------------------------------
-// Backward, two-sided.
-//   w = conj(g) (times mask), G = 1 / (d + e - alpha), p = w G^2,
-//   L_j = (k_{j-1} / e_j^2) L_{j-1} + p_j,  R_j = p_j + (k_j / d_j^2) R_{j+1},  A = L + R - p,
-//   grad_a = -Re A, grad_k_j = Re(L_j / e_{j+1} + R_{j+1} / d_j), grad_z = conj(sum A).
-// Phase 1: d pass (stores d), then e pass right to left (stores 1/d, 1/e, p, R with zero carry;
-// chunked: suffix products of the R coefficients and the L summary). Phase 2: L pass left to
-// right with the true carries, grad_a, grad_k and the partial sums of A.
-
+// Loads a and k of the block's tile (and kin). Threads past the block's range only help.
+// Every global value a block needs once (z, kin, the block carries) is read by thread 0 into shared
+// memory: one load per block, not one per thread.
 template <class T>
-__global__ void __launch_bounds__(NT) bwd1_two_sided(Problem<T> pr, Grads<T> gr, Plan pl, Ws<T> w) {
-  constexpr int TP = Cfg<T>::TP;
-  __shared__ Lanes L;
-  __shared__ T sA[TP * RS], sK[TP * RS], sG[2 * TP * RS], sM[TP * RS];
-  const Geo g = setup_lanes(pr, pl, L);
-  const int t = threadIdx.x;
-  const T zr = pr.zri[0], zi = pr.zri[1];
-  const int64_t LP = pl.lanes, Lc = pl.Lc;
-  const bool chunked = pl.chunked();
-  const T kin = k_into_chunk(pr, g);
-  T kprev = kin;
-  Cx<T> dprev = (chunked && g.act) ? w.din[g.v] : Cx<T>{T(1), T(0)};
-  for (int64_t p0 = 0; p0 < Lc; p0 += TP) {
-    tile_load<T, 1>(sA, pr.a, L.base, L.len, p0, zr, T(1));
-    tile_load<T, 1>(sK, pr.k, L.kbase, L.klen, p0, T(0), T(0));
-    __syncthreads();
-    const int rn = tile_count<T>(Lc, p0);
-    for (int r = 0; r < rn; ++r) {
-      const Cx<T> al{sA[r * RS + t], -zi};
-      const Cx<T> d = bk::pivot_step(al, kprev, dprev);
-      kprev = sK[r * RS + t];
-      dprev = d;
-      if (g.act) w.S0[(p0 + r) * LP + g.v] = d;
-    }
-    __syncthreads();
+__device__ __forceinline__ T fwd_load(const Problem<T>& pr, const Plan& pl, const FwdGeo& g, FwdSmem<T>& sm,
+                                      gptr<Cx<T>> bdin, gptr<Cx<T>> bein) {
+  const int S = int(pl.S), t = threadIdx.x, nt = blockDim.x;
+  const int64_t rowq = pl.segs * pl.S;
+  for (int i = t; i < kTile; i += nt) {
+    sm.ak[i] = T(1);
+    sm.ak[kTile + i] = T(0);
   }
-  Cx<T> eprev = (chunked && g.act) ? w.ein[g.v] : Cx<T>{T(1), T(0)};
-  const Cx<T> zero{T(0), T(0)}, one{T(1), T(0)};
-  Cx<T> R = zero, Pi = one, Lend = zero, S = one;
-  const bool gmask = gr.grad_mask != nullptr;
-  for (int64_t p0 = (Lc - 1) / TP * TP; p0 >= 0; p0 -= TP) {
-    tile_load<T, 1>(sA, pr.a, L.base, L.len, p0, zr, T(1));
-    tile_load<T, 1>(sK, pr.k, L.kbase, L.klen, p0, T(0), T(0));
-    tile_load<T, 2>(sG, gr.grad, L.base, L.len, p0, T(0), T(0));
-    if (pr.mask) tile_load<T, 1>(sM, pr.mask, L.base, L.len, p0, T(0), T(0));
-    __syncthreads();
-    for (int r = tile_count<T>(Lc, p0) - 1; r >= 0; --r) {
-      const int64_t p = p0 + r, idx = p * LP + g.v;
-      const Cx<T> al{sA[r * RS + t], -zi};
-      const T kk = sK[r * RS + t];
-      // e_p = alpha_p - k_p / e_{p+1}; the division also gives 1 / e_{p+1}.
-      const T inv = T(1) / bk::norm2(eprev);
-      const Cx<T> ie_next{bk::mul_or_zero(eprev.re, inv), -bk::mul_or_zero(eprev.im, inv)};
-      const T q = kk * inv;
-      const Cx<T> e{al.re - bk::mul_or_zero(eprev.re, q), al.im + bk::mul_or_zero(eprev.im, q)};
-      const Cx<T> d = g.act ? w.S0[idx] : al;
-      const Cx<T> id = bk::recip(d);
-      const Cx<T> G = bk::combine(d, e, al);
-      Cx<T> wv{sG[(2 * r) * RS + t], -sG[(2 * r + 1) * RS + t]};
-      if (pr.mask) {
-        const T m = sM[r * RS + t];
-        if (gmask) sM[r * RS + t] = G.re * wv.re - G.im * wv.im;  // Re(conj(G) g)
-        wv = bk::scale(wv, m);
-      }
-      const Cx<T> P = wv * (G * G);
-      const Cx<T> cr = bk::k_over_sq(kk, id);
-      R = bk::lin_step(cr, R, P);
-      if (chunked) {
-        Pi = Pi * cr;
-        if (p < Lc - 1) S = S * bk::k_over_sq(kk, ie_next);  // S = prod_{j > p} (k_{j-1} / e_j^2)
-        Lend = Lend + S * P;
-        if (g.act) w.TS[idx] = Pi;
-      }
-      if (g.act) {
-        w.S0[idx] = id;
-        w.IE[idx + LP] = ie_next;
-        w.P[idx] = P;
-        w.R[idx] = R;
-      }
-      eprev = e;
-    }
-    __syncthreads();
-    if (gmask) {
-      tile_store<T, 1>(sM, gr.grad_mask, L.base, L.len, p0);
-      __syncthreads();
-    }
+  if (t == 0) {
+    sm.zr = pr.zri[0];
+    sm.zi = pr.zri[1];
+    sm.kin = g.p0 > 0 ? T(pr.k[g.r0 * pr.k_row_stride + g.p0 - 1]) : T(0);
+    const Cx<T> one{T(1), T(0)};
+    sm.din = bdin ? Cx<T>(bdin[blockIdx.x]) : one;
+    sm.ein = bein ? Cx<T>(bein[blockIdx.x]) : one;
   }
-  const Cx<T> ie0 = bk::recip(eprev);
-  if (g.act) {
-    w.IE[g.v] = ie0;
-    if (chunked) {
-      S = S * bk::k_over_sq(kin, ie0);
-      w.r_start[g.v] = R;
-      w.r_prod[g.v] = Pi;
-      w.l_end[g.v] = Lend;
-      w.l_prod[g.v] = S;
-    }
-  }
-}
-
-template <class T>
-__global__ void __launch_bounds__(NT) bwd2_two_sided(Problem<T> pr, Grads<T> gr, Plan pl, Ws<T> w) {
-  constexpr int TP = Cfg<T>::TP;
-  __shared__ Lanes L;
-  __shared__ T sK[TP * RS], sGA[TP * RS], sGK[TP * RS];
-  const Geo g = setup_lanes(pr, pl, L);
-  const int t = threadIdx.x;
-  const int64_t LP = pl.lanes, Lc = pl.Lc;
-  const bool chunked = pl.chunked();
-  const Cx<T> zero{T(0), T(0)};
-  T kprev = k_into_chunk(pr, g);
-  const Cx<T> rin = (chunked && g.act) ? w.r_in[g.v] : zero;
-  Cx<T> Lr = (chunked && g.act) ? w.l_in[g.v] : zero;
-  auto R_at = [&](int64_t p) -> Cx<T> {  // R with the true carry from the right
-    if (p >= Lc) return rin;
-    const int64_t idx = p * LP + g.v;
-    return chunked ? w.R[idx] + w.TS[idx] * rin : w.R[idx];
+  __syncthreads();
+  const T zr = sm.zr;
+  auto put_a = [&](int64_t o, T v) {
+    const int64_t r = o / g.rowlen, p = o - r * g.rowlen;
+    sm.ak[sidx(r * rowq + p, S)] = v - zr;
   };
-  Cx<T> Rcur = g.act ? R_at(0) : zero;
-  double zs_re = 0.0, zs_im = 0.0;
-  for (int64_t p0 = 0; p0 < Lc; p0 += TP) {
-    tile_load<T, 1>(sK, pr.k, L.kbase, L.klen, p0, T(0), T(0));
+  // a: scalar head up to 16-byte alignment, 16-byte vectors, scalar tail
+  constexpr int VW = 16 / int(sizeof(T));
+  using V = typename Vec16<T>::type;
+  const auto base = pr.a + g.g0;
+  const uintptr_t ad = address_of(base);
+  int64_t head = ad % sizeof(T) ? g.glen : int64_t((16 - ad % 16) % 16 / sizeof(T));
+  head = head < g.glen ? head : g.glen;
+  const int64_t nvec = (g.glen - head) / VW, tail0 = head + nvec * VW;
+  for (int64_t o = t; o < head; o += nt) put_a(o, base[o]);
+  for (int64_t v = t; v < nvec; v += nt) {
+    const V x = ld_vec<V>(base + (head + v * VW));
+    const T* e = reinterpret_cast<const T*>(&x);
+#pragma unroll
+    for (int c = 0; c < VW; ++c) put_a(head + v * VW + c, e[c]);
+  }
+  for (int64_t o = tail0 + t; o < g.glen; o += nt) put_a(o, base[o]);
+  // k (rows of N - 1; 0 at a row's last position)
+  for (int64_t o = t; o < g.glen; o += nt) {
+    const int64_t r = o / g.rowlen, pl_ = o - r * g.rowlen, p = g.p0 + pl_;
+    if (p < pl.N - 1) sm.ak[kTile + sidx(r * rowq + pl_, S)] = pr.k[(g.r0 + r) * pr.k_row_stride + p];
+  }
+  __syncthreads();
+  return sm.zi;
+}
+
+// This thread's segment: row slot, index in the block's part of the row, local start q, length.
+struct Seg {
+  int64_t slot, u, q, len;
+  bool act;
+};
+
+__device__ __forceinline__ Seg fwd_seg(const Plan& pl, const FwdGeo& g) {
+  Seg s;
+  const int t = threadIdx.x;
+  s.slot = t / g.nseg;
+  s.u = t - s.slot * g.nseg;
+  s.act = s.slot < g.rows;
+  s.q = s.slot * pl.segs * pl.S + s.u * pl.S;
+  const int64_t p = s.u * pl.S;  // position in the block's part of the row
+  const int64_t left = g.rowlen - p;
+  s.len = s.act ? (left < pl.S ? left : pl.S) : 0;
+  return s;
+}
+
+// k coupling position q - 1 to q in the tile (the block's kin before its first position).
+template <class T>
+__device__ __forceinline__ T k_left(const FwdSmem<T>& sm, const Seg& s, int S) {
+  if (s.u > 0) return sm.ak[kTile + sidx(s.q - 1, S)];
+  return sm.kin;  // 0 at a row start (cb == 1, or the first block of a row)
+}
+
+template <class T>
+__device__ __forceinline__ Mobius<T> mul_rescaled(const Mobius<T>& x, const Mobius<T>& y) {
+  // x * y as matrices on (d, 1) columns: apply y first, then x
+  Mobius<T> r;
+  r.x0 = x.x0 * y.x0 + x.x1 * y.y0;
+  r.y0 = x.y0 * y.x0 + x.y1 * y.y0;
+  r.x1 = x.x0 * y.x1 + x.x1 * y.y1;
+  r.y1 = x.y0 * y.x1 + x.y1 * y.y1;
+  const T s = max_abs(r);
+  if (s > T(0) && s < T(INFINITY)) bk::mobius_rescale(r, T(1) / s);
+  return r;
+}
+
+// Inclusive Hillis-Steele scan of the threads' maps within each row part of nseg threads.
+// forward: m_t <- m_t * m_{t-off} (prefix, left to right); backward: m_t <- m_t * m_{t+off}.
+template <class T>
+__device__ __forceinline__ Mobius<T> block_scan(FwdSmem<T>& sm, Mobius<T> m, const Seg& s, int nseg, bool fwd) {
+  const int t = threadIdx.x;
+  sm.m[t] = m;
+  __syncthreads();
+  for (int off = 1; off < nseg; off <<= 1) {
+    const bool take = s.act && (fwd ? s.u >= off : s.u + off < nseg);
+    Mobius<T> o;
+    if (take) o = sm.m[fwd ? t - off : t + off];
     __syncthreads();
-    const int rn = tile_count<T>(Lc, p0);
-    for (int r = 0; r < rn; ++r) {
-      const int64_t p = p0 + r, idx = p * LP + g.v;
-      Cx<T> A = zero, gk = zero;
-      if (g.act) {
-        const Cx<T> P = w.P[idx];
-        Lr = bk::lin_step(bk::k_over_sq(kprev, w.IE[idx]), Lr, P);
-        A = Lr + Rcur - P;
-        const Cx<T> Rnext = R_at(p + 1);
-        gk = Lr * w.IE[idx + LP] + Rnext * w.S0[idx];
-        Rcur = Rnext;
-        if (p < g.len) {
-          zs_re += double(A.re);
-          zs_im += double(A.im);
-        }
-      }
-      sGA[r * RS + t] = -A.re;
-      sGK[r * RS + t] = gk.re;
-      kprev = sK[r * RS + t];
+    if (take) {
+      m = mul_rescaled(m, o);
+      sm.m[t] = m;
     }
     __syncthreads();
-    tile_store<T, 1>(sGA, gr.grad_a, L.base, L.len, p0);
-    tile_store<T, 1>(sGK, gr.grad_k, L.gkbase, L.klen, p0);
+  }
+  return m;  // sm.m holds the inclusive scan
+}
+
+// The segment's maps: f maps d left of the segment to d at its last position; b maps e right of
+// it to e at its first position.
+template <class T>
+__device__ __forceinline__ void seg_maps(const FwdSmem<T>& sm, const Seg& s, int S, T zi, Mobius<T>& f,
+                                         Mobius<T>& b, bool two_sided) {
+  f = bk::mobius_identity<T>();
+  b = bk::mobius_identity<T>();
+  T kprev = k_left(sm, s, S);
+  for (int j = 0; j < s.len; ++j) {
+    const int i = sidx(s.q + j, S);
+    const Cx<T> al{sm.ak[i], -zi};
+    const T kk = sm.ak[kTile + i];
+    bk::mobius_step(f, al, kprev);
+    if (two_sided) bk::mobius_step_right(b, al, kk);
+    kprev = kk;
+    if (j & 1) {
+      bk::mobius_rescale(f, T(1) / max_abs(f));
+      if (two_sided) bk::mobius_rescale(b, T(1) / max_abs(b));
+    }
+  }
+}
+
+// Pass 1 (rows spanning several blocks): each block's total maps.
+template <class T>
+__global__ void __launch_bounds__(kFwdThreads) fwd_block_maps(Problem<T> pr, Plan pl, gptr<Mobius<T>> bmf,
+                                                               gptr<Mobius<T>> bmb) {
+  __shared__ FwdSmem<T> sm;
+  const FwdGeo g = fwd_geo(pl);
+  const T zi = fwd_load(pr, pl, g, sm, gptr<Cx<T>>(nullptr), gptr<Cx<T>>(nullptr));
+  const Seg s = fwd_seg(pl, g);
+  const int S = int(pl.S);
+  const bool two = !pr.causal;
+  Mobius<T> f, b;
+  seg_maps(sm, s, S, zi, f, b, two);
+  block_scan(sm, f, s, g.nseg, true);
+  if (threadIdx.x == 0) bmf[blockIdx.x] = Mobius<T>(sm.m[g.nseg - 1]);
+  __syncthreads();
+  if (two) {
+    block_scan(sm, b, s, g.nseg, false);
+    if (threadIdx.x == 0) bmb[blockIdx.x] = Mobius<T>(sm.m[0]);
+  }
+}
+
+// Pass 2: one block per row scans the row's `count` maps (map c of row r at c * cstride + r * rstride):
+// fin[c] = the value left of piece c (maps mf, left to right, from `start`), bin[c] = the value
+// right of it (maps mb, right to left); either map array may be null. Each thread composes a run
+// of ceil(count / threads) maps, a Hillis-Steele scan joins the runs, each thread applies its
+// run. The forward uses it for the pivots entering each block (start 1: the coupling there is 0);
+// the backward for the pivots entering each lane and, with affine maps x -> c x + p written as
+// [[c, p], [0, 1]], for its gradient recurrences (start 0).
+template <class T>
+__global__ void __launch_bounds__(kRowScanThreads) row_scan(int64_t count, int64_t cstride, int64_t rstride,
+                                                            gptr<Mobius<T>> mf, gptr<Mobius<T>> mb, gptr<Cx<T>> fin,
+                                                            gptr<Cx<T>> bin, Cx<T> start) {
+  __shared__ Mobius<T> sm[kRowScanThreads];
+  const int t = threadIdx.x, nt = blockDim.x;
+  const int64_t row = blockIdx.x, cb = count, run = (cb + nt - 1) / nt;
+  const int64_t c0 = t * run, c1 = c0 + run < cb ? c0 + run : cb;
+  for (int dir = 0; dir < 2; ++dir) {
+    const bool fwd = dir == 0;
+    const gptr<Mobius<T>> maps = fwd ? mf : mb;
+    if (!maps) continue;
+    auto at = [&](int64_t c) { return c * cstride + row * rstride; };
+    // the run's composed map (forward: applied left to right; backward: right to left)
+    Mobius<T> m = bk::mobius_identity<T>();
+    for (int64_t c = c0; c < c1; ++c) {
+      if (fwd)
+        m = mul_rescaled(Mobius<T>(maps[at(c)]), m);
+      else
+        m = mul_rescaled(m, Mobius<T>(maps[at(c)]));
+    }
+    sm[t] = m;
     __syncthreads();
+    for (int off = 1; off < nt; off <<= 1) {
+      const bool take = fwd ? t >= off : t + off < nt;
+      Mobius<T> o;
+      if (take) o = sm[fwd ? t - off : t + off];
+      __syncthreads();
+      if (take) {
+        m = mul_rescaled(m, o);
+        sm[t] = m;
+      }
+      __syncthreads();
+    }
+    // exclusive: the maps of all runs before (forward) or after (backward) this one
+    Mobius<T> ex = bk::mobius_identity<T>();
+    if (fwd ? t > 0 : t + 1 < nt) ex = sm[fwd ? t - 1 : t + 1];
+    __syncthreads();
+    if (c0 < c1) {
+      if (fwd) {
+        Cx<T> d = t > 0 ? bk::mobius_apply(ex, start) : start;
+        for (int64_t c = c0; c < c1; ++c) {
+          fin[at(c)] = d;
+          d = bk::mobius_apply(Mobius<T>(maps[at(c)]), d);
+        }
+      } else {
+        Cx<T> e = (t + 1 < nt && c1 < cb) ? bk::mobius_apply(ex, start) : start;
+        for (int64_t c = c1 - 1; c >= c0; --c) {
+          bin[at(c)] = e;
+          e = bk::mobius_apply(Mobius<T>(maps[at(c)]), e);
+        }
+      }
+    }
   }
-  if (g.act) {
-    w.zpart[2 * g.v] = zs_re;
-    w.zpart[2 * g.v + 1] = zs_im;
+}
+
+// Pass 3 (the only one when a block holds whole rows): pivots and outputs.
+template <class T>
+__global__ void __launch_bounds__(kFwdThreads) fwd_chunk_kernel(Problem<T> pr, Plan pl, gptr<Cx<T>> bdin,
+                                                                 gptr<Cx<T>> bein, gptr<T> out) {
+  __shared__ FwdSmem<T> sm;
+  const FwdGeo g = fwd_geo(pl);
+  const bool two = !pr.causal, multi = pl.cb > 1;
+  const T zi = fwd_load(pr, pl, g, sm, multi ? bdin : gptr<Cx<T>>(nullptr),
+                        (multi && two) ? bein : gptr<Cx<T>>(nullptr));
+  const Seg s = fwd_seg(pl, g);
+  const int S = int(pl.S), t = threadIdx.x;
+  const Cx<T> one{T(1), T(0)};
+  Mobius<T> f, b;
+  seg_maps(sm, s, S, zi, f, b, two);
+  // pivot entering the segment from the left
+  const Cx<T> din_blk = sm.din;
+  block_scan(sm, f, s, g.nseg, true);
+  Cx<T> dprev = din_blk;
+  if (s.act && s.u > 0) dprev = bk::mobius_apply(Mobius<T>(sm.m[t - 1]), din_blk);
+  __syncthreads();
+  Cx<T> eprev = one;
+  if (two) {
+    const Cx<T> ein_blk = sm.ein;
+    block_scan(sm, b, s, g.nseg, false);
+    eprev = ein_blk;
+    if (s.act && s.u + 1 < g.nseg) eprev = bk::mobius_apply(Mobius<T>(sm.m[t + 1]), ein_blk);
   }
+  // pivots in registers
+  Cx<T> v[kSegMax];
+  T kprev = k_left(sm, s, S);
+#pragma unroll
+  for (int j = 0; j < kSegMax; ++j) {
+    if (j < s.len) {
+      const int i = sidx(s.q + j, S);
+      const Cx<T> al{sm.ak[i], -zi};
+      const Cx<T> d = bk::pivot_step(al, kprev, dprev);
+      kprev = sm.ak[kTile + i];
+      dprev = d;
+      v[j] = two ? d : bk::recip(d);
+    }
+  }
+  if (two) {
+#pragma unroll
+    for (int j = kSegMax - 1; j >= 0; --j) {
+      if (j < s.len) {
+        const int i = sidx(s.q + j, S);
+        const Cx<T> al{sm.ak[i], -zi};
+        const Cx<T> e = bk::pivot_step(al, sm.ak[kTile + i], eprev);
+        v[j] = bk::combine(v[j], e, al);
+        eprev = e;
+      }
+    }
+  }
+  __syncthreads();  // every thread is done with the a and k tiles: they become the output tile
+  T* so = sm.ak;
+#pragma unroll
+  for (int j = 0; j < kSegMax; ++j) {
+    if (j < s.len) {
+      const int i = sidx(s.q + j, S);
+      so[2 * i] = v[j].re;
+      so[2 * i + 1] = v[j].im;
+    }
+  }
+  __syncthreads();
+  // out[2 (g0 + o) + c] for o in [0, glen): 16-byte vectors where aligned; the mask scales
+  const int nt = blockDim.x;
+  const int64_t rowq = pl.segs * pl.S;
+  int64_t mo = -1;  // the element whose mask value mv this thread read last (read once per element)
+  T mv = T(1);
+  auto val = [&](int64_t w) -> T {  // w: index into the block's 2 * glen output values
+    const int64_t o = w >> 1, r = o / g.rowlen, p = o - r * g.rowlen;
+    T x = so[2 * sidx(r * rowq + p, S) + (w & 1)];
+    if (pr.mask) {
+      if (o != mo) {
+        mo = o;
+        mv = pr.mask[g.g0 + o];
+      }
+      x *= mv;
+    }
+    return x;
+  };
+  constexpr int VW = 16 / int(sizeof(T));
+  using V = typename Vec16<T>::type;
+  const auto base = out + 2 * g.g0;
+  const int64_t n2 = 2 * g.glen;
+  const uintptr_t ad = address_of(base);
+  int64_t head = ad % sizeof(T) ? n2 : int64_t((16 - ad % 16) % 16 / sizeof(T));
+  head = head < n2 ? head : n2;
+  const int64_t nvec = (n2 - head) / VW, tail0 = head + nvec * VW;
+  for (int64_t w = t; w < head; w += nt) base[w] = val(w);
+  for (int64_t q = t; q < nvec; q += nt) {
+    T e[VW];
+#pragma unroll
+    for (int c = 0; c < VW; ++c) e[c] = val(head + q * VW + c);
+    st_vec(base + (head + q * VW), Vec16<T>::make(e));
+  }
+  for (int64_t w = tail0 + t; w < n2; w += nt) base[w] = val(w);
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward, causal: y = 1/d, mu_j = (k_j / d_j^2) mu_{j+1} - w_j / d_j^2,
-//   grad_a = Re mu, grad_k_j = Re(-mu_{j+1} / d_j), grad_z = -conj(sum mu).
-// Phase 1 (left to right) stores y and q = -w y^2 (and the mu summary when chunked); phase 2 runs
-// mu right to left with the true carry.
+// Backward on chip (the forward's plan and tiles): pivots recomputed in registers, the upstream
+// gradient read once per pass, the gradient recurrences (L left to right, R or mu right to left:
+// affine x -> c x + p, written as the 2x2 map [[c, p], [0, 1]]) carried by the same scans as the
+// pivots. Rows over several blocks take three passes: the pivot block maps (fwd_block_maps,
+// row_scan), this kernel in summary mode (each block's affine maps, then row_scan from 0), this
+// kernel in final mode. grad_z: per-block partial sums in double, added in a fixed order.
 
 template <class T>
-__global__ void __launch_bounds__(NT) bwd1_causal(Problem<T> pr, Grads<T> gr, Plan pl, Ws<T> w) {
-  constexpr int TP = Cfg<T>::TP;
-  __shared__ Lanes L;
-  __shared__ T sA[TP * RS], sK[TP * RS], sG[2 * TP * RS], sM[TP * RS];
-  const Geo g = setup_lanes(pr, pl, L);
-  const int t = threadIdx.x;
-  const T zr = pr.zri[0], zi = pr.zri[1];
-  const int64_t LP = pl.lanes, Lc = pl.Lc;
-  const bool chunked = pl.chunked();
-  const bool gmask = gr.grad_mask != nullptr;
-  T kprev = k_into_chunk(pr, g);
-  Cx<T> dprev = (chunked && g.act) ? w.din[g.v] : Cx<T>{T(1), T(0)};
-  Cx<T> S{T(0), T(0)}, Pi{T(1), T(0)};
-  for (int64_t p0 = 0; p0 < Lc; p0 += TP) {
-    tile_load<T, 1>(sA, pr.a, L.base, L.len, p0, zr, T(1));
-    tile_load<T, 1>(sK, pr.k, L.kbase, L.klen, p0, T(0), T(0));
-    tile_load<T, 2>(sG, gr.grad, L.base, L.len, p0, T(0), T(0));
-    if (pr.mask) tile_load<T, 1>(sM, pr.mask, L.base, L.len, p0, T(0), T(0));
+__global__ void __launch_bounds__(kFwdThreads) bwd_chunk_kernel(Problem<T> pr, Grads<T> gr, Plan pl,
+                                                                 gptr<Cx<T>> bdin, gptr<Cx<T>> bein,
+                                                                 gptr<Mobius<T>> gmf, gptr<Mobius<T>> gmb,
+                                                                 gptr<Cx<T>> glin, gptr<Cx<T>> grin,
+                                                                 gptr<double> zpart, bool summary) {
+  __shared__ FwdSmem<T> sm;
+  __shared__ double zs[2 * kFwdThreads];
+  __shared__ Cx<T> lr_in[2];
+  const FwdGeo g = fwd_geo(pl);
+  const bool two = !pr.causal, multi = pl.cb > 1;
+  const T zi = fwd_load(pr, pl, g, sm, multi ? bdin : gptr<Cx<T>>(nullptr),
+                        (multi && two) ? bein : gptr<Cx<T>>(nullptr));
+  const Seg s = fwd_seg(pl, g);
+  const int S = int(pl.S), t = threadIdx.x, nt = blockDim.x;
+  const Cx<T> zero{T(0), T(0)}, one{T(1), T(0)};
+  if (t == 0) {
+    const bool carried = multi && !summary;
+    lr_in[0] = (carried && two) ? Cx<T>(glin[blockIdx.x]) : zero;
+    lr_in[1] = carried ? Cx<T>(grin[blockIdx.x]) : zero;
+  }
+  Mobius<T> f, b;
+  seg_maps(sm, s, S, zi, f, b, two);
+  block_scan(sm, f, s, g.nseg, true);
+  Cx<T> dprev = sm.din;
+  if (s.act && s.u > 0) dprev = bk::mobius_apply(Mobius<T>(sm.m[t - 1]), sm.din);
+  __syncthreads();
+  Cx<T> e_right = one;  // e just right of the segment
+  if (two) {
+    block_scan(sm, b, s, g.nseg, false);
+    e_right = sm.ein;
+    if (s.act && s.u + 1 < g.nseg) e_right = bk::mobius_apply(Mobius<T>(sm.m[t + 1]), sm.ein);
     __syncthreads();
-    const int rn = tile_count<T>(Lc, p0);
-    for (int r = 0; r < rn; ++r) {
-      const int64_t idx = (p0 + r) * LP + g.v;
-      const Cx<T> al{sA[r * RS + t], -zi};
-      const Cx<T> d = bk::pivot_step(al, kprev, dprev);
-      const T kk = sK[r * RS + t];
-      kprev = kk;
-      dprev = d;
-      const Cx<T> y = bk::recip(d);
-      const Cx<T> y2 = y * y;
-      Cx<T> wv{sG[(2 * r) * RS + t], -sG[(2 * r + 1) * RS + t]};
+  }
+  // the segment's pivots, upstream gradient and recurrence terms, in registers
+  const int64_t row = g.r0 + s.slot, p_seg = g.p0 + s.u * pl.S;
+  const int64_t gbase = row * pl.N + p_seg;
+  Cx<T> id[kSegMax], ie[kSegMax], P[kSegMax], X[kSegMax];
+  T kseg[kSegMax];
+  const T kin = k_left(sm, s, S);
+  {
+    T kprev = kin;
+#pragma unroll
+    for (int j = 0; j < kSegMax; ++j) {
+      if (j < s.len) {
+        const int i = sidx(s.q + j, S);
+        const Cx<T> al{sm.ak[i], -zi};
+        const Cx<T> d = bk::pivot_step(al, kprev, dprev);
+        kprev = sm.ak[kTile + i];
+        kseg[j] = kprev;
+        dprev = d;
+        id[j] = bk::recip(d);
+      }
+    }
+  }
+  if (two) {
+    Cx<T> eprev = e_right;
+#pragma unroll
+    for (int j = kSegMax - 1; j >= 0; --j) {
+      if (j < s.len) {
+        const int i = sidx(s.q + j, S);
+        const Cx<T> al{sm.ak[i], -zi};
+        const Cx<T> e = bk::pivot_step(al, kseg[j], eprev);
+        eprev = e;
+        ie[j] = bk::recip(e);
+        X[j] = bk::combine(bk::recip(id[j]), e, al);  // G (recip of 1/d: d itself is not kept)
+      }
+    }
+  }
+  const bool gmask = !summary && gr.grad_mask;
+#pragma unroll
+  for (int j = 0; j < kSegMax; ++j) {
+    if (j < s.len) {
+      const Cx<T> y = two ? X[j] : id[j];  // G, or the causal output 1/d
+      Cx<T> wv{T(gr.grad[2 * (gbase + j)]), -T(gr.grad[2 * (gbase + j) + 1])};
       if (pr.mask) {
-        const T m = sM[r * RS + t];
-        if (gmask) sM[r * RS + t] = y.re * wv.re - y.im * wv.im;  // Re(conj(y) g)
+        const T m = pr.mask[gbase + j];
+        if (gmask) gr.grad_mask[gbase + j] = y.re * wv.re - y.im * wv.im;  // Re(conj(y) g)
         wv = bk::scale(wv, m);
       }
-      const Cx<T> wy2 = wv * y2;
-      const Cx<T> q{-wy2.re, -wy2.im};
-      if (chunked) {
-        S = S + Pi * q;
-        Pi = Pi * bk::scale(y2, kk);
-      }
-      if (g.act) {
-        w.S0[idx] = y;
-        w.P[idx] = q;
-      }
-    }
-    __syncthreads();
-    if (gmask) {
-      tile_store<T, 1>(sM, gr.grad_mask, L.base, L.len, p0);
-      __syncthreads();
+      const Cx<T> wy2 = wv * (y * y);
+      P[j] = two ? wy2 : Cx<T>{-wy2.re, -wy2.im};
     }
   }
-  if (chunked && g.act) {
-    w.r_start[g.v] = S;
-    w.r_prod[g.v] = Pi;
+  // the segment's affine summaries: R (or mu) right to left, L left to right
+  Cx<T> rloc = zero, rpi = one, lloc = zero, lpi = one;
+#pragma unroll
+  for (int j = kSegMax - 1; j >= 0; --j) {
+    if (j < s.len) {
+      const Cx<T> c = two ? bk::k_over_sq(kseg[j], id[j]) : bk::scale(id[j] * id[j], kseg[j]);
+      rloc = bk::lin_step(c, rloc, P[j]);
+      rpi = rpi * c;
+    }
   }
-}
-
-template <class T>
-__global__ void __launch_bounds__(NT) bwd2_causal(Problem<T> pr, Grads<T> gr, Plan pl, Ws<T> w) {
-  constexpr int TP = Cfg<T>::TP;
-  __shared__ Lanes L;
-  __shared__ T sK[TP * RS], sGA[TP * RS], sGK[TP * RS];
-  const Geo g = setup_lanes(pr, pl, L);
-  const int t = threadIdx.x;
-  const int64_t LP = pl.lanes, Lc = pl.Lc;
-  const Cx<T> zero{T(0), T(0)};
-  Cx<T> mu = (pl.chunked() && g.act) ? w.r_in[g.v] : zero;
-  double zs_re = 0.0, zs_im = 0.0;
-  for (int64_t p0 = (Lc - 1) / TP * TP; p0 >= 0; p0 -= TP) {
-    tile_load<T, 1>(sK, pr.k, L.kbase, L.klen, p0, T(0), T(0));
-    __syncthreads();
-    for (int r = tile_count<T>(Lc, p0) - 1; r >= 0; --r) {
-      const int64_t p = p0 + r, idx = p * LP + g.v;
-      Cx<T> gk = zero;
-      if (g.act) {
-        const Cx<T> y = w.S0[idx];
-        gk = mu * y;
-        mu = bk::lin_step(bk::scale(y * y, sK[r * RS + t]), mu, w.P[idx]);
-        if (p < g.len) {
-          zs_re += double(mu.re);
-          zs_im += double(mu.im);
+  if (two) {
+#pragma unroll
+    for (int j = 0; j < kSegMax; ++j) {
+      if (j < s.len) {
+        const Cx<T> c = bk::k_over_sq(j > 0 ? kseg[j - 1] : kin, ie[j]);
+        lloc = bk::lin_step(c, lloc, P[j]);
+        lpi = lpi * c;
+      }
+    }
+  }
+  const Mobius<T> mr{rpi, zero, rloc, one}, ml{lpi, zero, lloc, one};
+  __syncthreads();
+  Cx<T> r_in = lr_in[1];
+  block_scan(sm, mr, s, g.nseg, false);
+  if (summary && t == 0) gmb[blockIdx.x] = Mobius<T>(sm.m[0]);
+  if (s.act && s.u + 1 < g.nseg) r_in = bk::mobius_apply(Mobius<T>(sm.m[t + 1]), lr_in[1]);
+  __syncthreads();
+  Cx<T> l_in = lr_in[0];
+  if (two) {
+    block_scan(sm, ml, s, g.nseg, true);
+    if (summary && t == 0) gmf[blockIdx.x] = Mobius<T>(sm.m[g.nseg - 1]);
+    if (s.act && s.u > 0) l_in = bk::mobius_apply(Mobius<T>(sm.m[t - 1]), lr_in[0]);
+  }
+  if (summary) return;
+  // final: R (mu) right to left into X, then L left to right with the outputs
+  double zr_ = 0.0, zi_ = 0.0;
+  Cx<T> R = r_in;
+#pragma unroll
+  for (int j = kSegMax - 1; j >= 0; --j) {
+    if (j < s.len) {
+      const int64_t p = p_seg + j;
+      if (two) {
+        const Cx<T> c = bk::k_over_sq(kseg[j], id[j]);
+        X[j] = R;  // R_{j+1}
+        R = bk::lin_step(c, R, P[j]);
+      } else {
+        const Cx<T> gk = R * id[j];  // mu_{j+1} / d_j
+        if (p < pl.N - 1) gr.grad_k[row * (pl.N - 1) + p] = -gk.re;
+        R = bk::lin_step(bk::scale(id[j] * id[j], kseg[j]), R, P[j]);
+        gr.grad_a[gbase + j] = R.re;
+        zr_ += double(R.re);
+        zi_ += double(R.im);
+      }
+    }
+  }
+  if (two) {
+    Cx<T> Lr = l_in;
+#pragma unroll
+    for (int j = 0; j < kSegMax; ++j) {
+      if (j < s.len) {
+        const int64_t p = p_seg + j;
+        Lr = bk::lin_step(bk::k_over_sq(j > 0 ? kseg[j - 1] : kin, ie[j]), Lr, P[j]);
+        const Cx<T> Rnext = X[j];
+        const Cx<T> Rj = P[j] + bk::k_over_sq(kseg[j], id[j]) * Rnext;
+        const Cx<T> A = Lr + Rj - P[j];
+        gr.grad_a[gbase + j] = -A.re;
+        if (p < pl.N - 1) {
+          const Cx<T> ie_next = j + 1 < s.len ? ie[j + 1 < kSegMax ? j + 1 : j] : bk::recip(e_right);
+          gr.grad_k[row * (pl.N - 1) + p] = (Lr * ie_next + Rnext * id[j]).re;
         }
+        zr_ += double(A.re);
+        zi_ += double(A.im);
       }
-      sGK[r * RS + t] = -gk.re;
-      sGA[r * RS + t] = mu.re;
     }
-    __syncthreads();
-    tile_store<T, 1>(sGA, gr.grad_a, L.base, L.len, p0);
-    tile_store<T, 1>(sGK, gr.grad_k, L.gkbase, L.klen, p0);
-    __syncthreads();
   }
-  if (g.act) {
-    w.zpart[2 * g.v] = zs_re;
-    w.zpart[2 * g.v + 1] = zs_im;
+  // the block's partial sum, in a fixed order
+  zs[2 * t] = zr_;
+  zs[2 * t + 1] = zi_;
+  __syncthreads();
+  if (t == 0) {
+    double a0 = 0.0, a1 = 0.0;
+    for (int i = 0; i < nt; ++i) {
+      a0 += zs[2 * i];
+      a1 += zs[2 * i + 1];
+    }
+    zpart[2 * blockIdx.x] = a0;
+    zpart[2 * blockIdx.x + 1] = a1;
   }
 }
 
-// One thread per sequence: r_in[v] = R (or mu) at the first position right of chunk v, l_in[v] =
-// L at the last position left of it (0 where there is none).
-template <class T>
-__global__ void grad_carry_kernel(Plan pl, Ws<T> w, bool two_sided) {
-  const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b >= pl.B) return;
-  const int64_t v0 = b * pl.C;
-  Cx<T> acc{T(0), T(0)};
-  w.r_in[v0 + pl.C - 1] = acc;
-  for (int64_t ch = pl.C - 2; ch >= 0; --ch) {
-    acc = w.r_start[v0 + ch + 1] + w.r_prod[v0 + ch + 1] * acc;
-    w.r_in[v0 + ch] = acc;
-  }
-  if (two_sided) {
-    acc = Cx<T>{T(0), T(0)};
-    w.l_in[v0] = acc;
-    for (int64_t ch = 1; ch < pl.C; ++ch) {
-      acc = w.l_end[v0 + ch - 1] + w.l_prod[v0 + ch - 1] * acc;
-      w.l_in[v0 + ch] = acc;
-    }
-  }
-}
-
-// Fixed-order sum of the per-lane partial sums (one block): deterministic grad_z.
+// Fixed-order sum of the per-block partial sums (one block): deterministic grad_z.
 // Two-sided: grad_z = conj(sum A); causal: grad_z = -conj(sum mu).
 template <class T>
-__global__ void __launch_bounds__(kSumThreads) zsum_kernel(const double* zpart, int64_t lanes, bool causal, T* out) {
+__global__ void __launch_bounds__(kSumThreads) zsum_kernel(gptr<double> zpart, int64_t n, bool causal, gptr<T> out) {
   __shared__ double sr[kSumThreads], si[kSumThreads];
   double re = 0.0, im = 0.0;
-  for (int64_t v = threadIdx.x; v < lanes; v += kSumThreads) {
+  for (int64_t v = threadIdx.x; v < n; v += kSumThreads) {
     re += zpart[2 * v];
     im += zpart[2 * v + 1];
   }
@@ -627,7 +694,7 @@ __global__ void __launch_bounds__(kSumThreads) zsum_kernel(const double* zpart, 
 }
 
 template <class T>
-__global__ void zero2_kernel(T* out) {
+__global__ void zero2_kernel(gptr<T> out) {
   out[0] = T(0);
   out[1] = T(0);
 }
@@ -644,25 +711,20 @@ __global__ void zero2_kernel(T* out) {
 inline unsigned blocks_for(int64_t n, int per) { return unsigned((n + per - 1) / per); }
 
 template <class T>
-Status pivot_carries(const Problem<T>& pr, const Plan& pl, const Ws<T>& w, cudaStream_t st) {
-  if (!pl.chunked()) return Status{cudaSuccess, nullptr};
-  mobius_kernel<T><<<blocks_for(pl.lanes, NT), NT, 0, st>>>(pr, pl, w.mf, pr.causal ? nullptr : w.mb);
-  BK_LAUNCH_CHECK("bk_core_cuda mobius_kernel");
-  pivot_carry_kernel<T><<<blocks_for(pl.B, kCarryThreads), kCarryThreads, 0, st>>>(
-      pl, w.mf, pr.causal ? nullptr : w.mb, w.din, w.ein);
-  BK_LAUNCH_CHECK("bk_core_cuda pivot_carry_kernel");
-  return Status{cudaSuccess, nullptr};
-}
-
-template <class T>
-Status forward_impl(const Problem<T>& pr, T* out, const Plan& pl, void* ws, cudaStream_t st) {
+Status forward_impl(const Problem<T>& pr, gptr<T> out, const Plan& pl, void* ws, cudaStream_t st) {
   if (pr.B == 0) return Status{cudaSuccess, nullptr};
   if (pl.B != pr.B || pl.N != pr.N) return Status{cudaErrorInvalidValue, "bk_core_cuda forward: plan does not match the problem"};
   const Ws<T> w = carve<T>(pl, pr.causal, false, ws, nullptr);
-  Status s = pivot_carries(pr, pl, w, st);
-  if (!s.ok()) return s;
-  fwd_kernel<T><<<blocks_for(pl.lanes, NT), NT, 0, st>>>(pr, pl, w, out);
-  BK_LAUNCH_CHECK("bk_core_cuda fwd_kernel");
+  const unsigned nb = unsigned(pl.blocks), nt = unsigned(pl.T);
+  if (pl.cb > 1) {
+    fwd_block_maps<T><<<nb, nt, 0, st>>>(pr, pl, w.bmf, pr.causal ? nullptr : w.bmb);
+    BK_LAUNCH_CHECK("bk_core_cuda fwd_block_maps");
+    row_scan<T><<<unsigned(pl.B), kRowScanThreads, 0, st>>>(pl.cb, pl.B, 1, w.bmf, pr.causal ? nullptr : w.bmb,
+                                                             w.bdin, w.bein, Cx<T>{T(1), T(0)});
+    BK_LAUNCH_CHECK("bk_core_cuda fwd_row_scan");
+  }
+  fwd_chunk_kernel<T><<<nb, nt, 0, st>>>(pr, pl, w.bdin, w.bein, out);
+  BK_LAUNCH_CHECK("bk_core_cuda fwd_chunk_kernel");
   return Status{cudaSuccess, nullptr};
 }
 
@@ -675,53 +737,76 @@ Status backward_impl(const Problem<T>& pr, const Grads<T>& gr, const Plan& pl, v
   }
   if (pl.B != pr.B || pl.N != pr.N) return Status{cudaErrorInvalidValue, "bk_core_cuda backward: plan does not match the problem"};
   const Ws<T> w = carve<T>(pl, pr.causal, true, ws, nullptr);
-  Status s = pivot_carries(pr, pl, w, st);
-  if (!s.ok()) return s;
-  const unsigned nb = blocks_for(pl.lanes, NT);
-  if (pr.causal)
-    bwd1_causal<T><<<nb, NT, 0, st>>>(pr, gr, pl, w);
-  else
-    bwd1_two_sided<T><<<nb, NT, 0, st>>>(pr, gr, pl, w);
-  BK_LAUNCH_CHECK("bk_core_cuda backward phase 1");
-  if (pl.chunked()) {
-    grad_carry_kernel<T><<<blocks_for(pl.B, kCarryThreads), kCarryThreads, 0, st>>>(pl, w, !pr.causal);
-    BK_LAUNCH_CHECK("bk_core_cuda grad_carry_kernel");
+  const unsigned nb = unsigned(pl.blocks), nt = unsigned(pl.T);
+  const bool two = !pr.causal;
+  // gradient maps in the pivot maps' storage: R (mu) backward in bmf, L forward in bmb
+  const gptr<Mobius<T>> gmb = w.bmf, gmf = two ? w.bmb : gptr<Mobius<T>>(nullptr);
+  if (pl.cb > 1) {
+    fwd_block_maps<T><<<nb, nt, 0, st>>>(pr, pl, w.bmf, two ? w.bmb : nullptr);
+    BK_LAUNCH_CHECK("bk_core_cuda backward fwd_block_maps");
+    row_scan<T><<<unsigned(pl.B), kRowScanThreads, 0, st>>>(pl.cb, pl.B, 1, w.bmf, two ? w.bmb : nullptr, w.bdin,
+                                                             w.bein, Cx<T>{T(1), T(0)});
+    BK_LAUNCH_CHECK("bk_core_cuda backward pivot row_scan");
+    bwd_chunk_kernel<T><<<nb, nt, 0, st>>>(pr, gr, pl, w.bdin, w.bein, gmf, gmb, w.glin, w.grin, w.zpart, true);
+    BK_LAUNCH_CHECK("bk_core_cuda bwd_chunk_kernel (summary)");
+    row_scan<T><<<unsigned(pl.B), kRowScanThreads, 0, st>>>(pl.cb, pl.B, 1, gmf, gmb, w.glin, w.grin,
+                                                             Cx<T>{T(0), T(0)});
+    BK_LAUNCH_CHECK("bk_core_cuda backward gradient row_scan");
   }
-  if (pr.causal)
-    bwd2_causal<T><<<nb, NT, 0, st>>>(pr, gr, pl, w);
-  else
-    bwd2_two_sided<T><<<nb, NT, 0, st>>>(pr, gr, pl, w);
-  BK_LAUNCH_CHECK("bk_core_cuda backward phase 2");
-  zsum_kernel<T><<<1, kSumThreads, 0, st>>>(w.zpart, pl.lanes, pr.causal, gr.grad_zri);
+  bwd_chunk_kernel<T><<<nb, nt, 0, st>>>(pr, gr, pl, w.bdin, w.bein, gmf, gmb, w.glin, w.grin, w.zpart, false);
+  BK_LAUNCH_CHECK("bk_core_cuda bwd_chunk_kernel");
+  zsum_kernel<T><<<1, kSumThreads, 0, st>>>(w.zpart, pl.blocks, pr.causal, gr.grad_zri);
   BK_LAUNCH_CHECK("bk_core_cuda zsum_kernel");
   return Status{cudaSuccess, nullptr};
 }
 
 }  // namespace
 
-Plan make_plan(int64_t B, int64_t N, Strategy strategy, int64_t chunk_len, int num_sms) {
+Plan make_plan(int64_t B, int64_t N, Strategy strategy, int64_t chunk_len, int num_sms, int threads) {
   Plan pl;
   pl.B = B;
   pl.N = N;
-  pl.C = 1;
-  if (N >= 2 && B > 0) {
-    if (chunk_len > 0) {
-      pl.C = (N + chunk_len - 1) / chunk_len;
-    } else if (strategy != Strategy::kLanes) {
-      const int64_t want = kLanesPerSm * std::max(1, num_sms);
-      const int64_t min_chunk = strategy == Strategy::kChunked ? kMinChunkForced : kMinChunk;
-      if (B < want || strategy == Strategy::kChunked) {
-        int64_t C = (want + B - 1) / B;
-        C = std::min<int64_t>(C, std::max<int64_t>(1, N / min_chunk));
-        if (strategy == Strategy::kChunked) C = std::max<int64_t>(C, std::min<int64_t>(N, 2));
-        pl.C = C;
-      }
-    }
+  // segments of S positions, enough threads to fill the GPU (kFwdThreadsPerSm per SM)
+  pl.T = threads > 0 ? std::min(threads, kFwdThreads) : kFwdThreads;
+  if (chunk_len > 0) {
+    pl.S = std::min<int64_t>(chunk_len, kSegMax);
+  } else if (strategy == Strategy::kLanes) {
+    pl.S = kSegMax;
+  } else {
+    const int64_t want = kFwdThreadsPerSm * std::max(1, num_sms);
+    pl.S = std::clamp<int64_t>((B * N + want - 1) / std::max<int64_t>(want, 1), 1, kSegMax);
   }
-  pl.Lc = N > 0 ? (N + pl.C - 1) / pl.C : 0;
-  if (pl.Lc > 0) pl.C = (N + pl.Lc - 1) / pl.Lc;  // no empty chunk
-  pl.lanes = B * pl.C;
+  pl.segs = N > 0 ? (N + pl.S - 1) / pl.S : 0;
+  if (threads <= 0) {  // a tiny problem gets a narrower block (a warp at least), not idle threads
+    int64_t need = 32;
+    while (need < kFwdThreads && need < B * pl.segs) need *= 2;
+    pl.T = int(need);
+  }
+  if (pl.segs <= pl.T) {
+    pl.rpb = pl.segs > 0 ? pl.T / pl.segs : 1;
+    pl.cb = 1;
+    pl.blocks = (B + pl.rpb - 1) / pl.rpb;
+  } else {
+    pl.rpb = 1;
+    pl.cb = (pl.segs + pl.T - 1) / pl.T;
+    pl.blocks = B * pl.cb;
+  }
   return pl;
+}
+
+int64_t forward_carry_depth(const Plan& pl) {
+  auto log2c = [](int64_t n) {
+    int64_t l = 0;
+    while ((int64_t(1) << l) < n) ++l;
+    return l;
+  };
+  // segment maps, block scan and its apply, pivots of the segment
+  int64_t d = pl.S + log2c(std::min<int64_t>(pl.segs, pl.T)) + 1 + pl.S;
+  if (pl.cb > 1) {  // per-row scan: compose a run, scan the runs, apply the run
+    const int64_t run = (pl.cb + kRowScanThreads - 1) / kRowScanThreads;
+    d += run + log2c(std::min<int64_t>(pl.cb, kRowScanThreads)) + 1 + run;
+  }
+  return d;
 }
 
 size_t workspace_bytes(const Plan& pl, bool causal, bool backward, bool is_double) {
@@ -734,10 +819,10 @@ size_t workspace_bytes(const Plan& pl, bool causal, bool backward, bool is_doubl
 }
 
 Status forward(const Problem<float>& p, float* out, const Plan& pl, void* ws, cudaStream_t st) {
-  return forward_impl(p, out, pl, ws, st);
+  return forward_impl(p, gptr<std::remove_pointer_t<decltype(out)>>(out), pl, ws, st);
 }
 Status forward(const Problem<double>& p, double* out, const Plan& pl, void* ws, cudaStream_t st) {
-  return forward_impl(p, out, pl, ws, st);
+  return forward_impl(p, gptr<std::remove_pointer_t<decltype(out)>>(out), pl, ws, st);
 }
 Status backward(const Problem<float>& p, const Grads<float>& g, const Plan& pl, void* ws, cudaStream_t st) {
   return backward_impl(p, g, pl, ws, st);

@@ -7,11 +7,11 @@
 // the batch), zri = [Re z, Im z] read on the device (never copied to the host: no synchronisation,
 // capturable in a CUDA graph), mask (B, N) contiguous or nullptr.
 //
-// Strategies. A "lane" is one (sequence, chunk) pair handled by one thread. "lanes" uses one chunk
-// per sequence (C = 1); "chunked" cuts each sequence into C chunks whose pivots cross the chunk
-// boundaries through 2x2 Moebius transfer matrices, and whose gradient recurrences cross them
-// through (product, local sum) pairs, joined by a small carry kernel (docs/BK_CORE_MATH.md,
-// "Parallel form"). "auto" chunks when the batch alone cannot fill the GPU.
+// Plan: one thread per segment of S <= kSegMax positions, blocks of T threads holding whole rows
+// or T segments of one row; a block keeps its tile on chip and its carries come from parallel
+// scans of 2x2 Moebius maps (pivots) and affine maps (gradient recurrences), docs/BK_CORE_MATH.md
+// "Parallel form". Strategy: "auto" (and "chunked") size the segments to fill the GPU; "lanes"
+// takes the longest segments.
 #pragma once
 #include <cuda_runtime_api.h>
 
@@ -26,18 +26,44 @@
 
 namespace bk_cuda {
 
+// Global-memory pointers the kernels receive. A plain pointer, except in the CPU emulation build of
+// the tests (tests/kernels/cuda_emu/emu.h defines BK_EMU_TRAFFIC), where it is an accessor that counts
+// the bytes of every load and store: the kernels' global traffic is a test assertion there.
+#if defined(BK_EMU_TRAFFIC)
+template <class T>
+using gptr = bk_emu::GPtr<T>;
+#else
+template <class T>
+using gptr = T*;
+#endif
+
 enum class Strategy : int { kAuto = 0, kLanes = 1, kChunked = 2 };
 
 struct Plan {
   int64_t B = 0, N = 0;
-  int64_t C = 1;      // chunks per sequence
-  int64_t Lc = 0;     // positions per chunk (the last chunk may be shorter)
-  int64_t lanes = 0;  // B * C
-  BK_CUDA_HD bool chunked() const { return C > 1; }
+  // One thread per segment of S positions, T threads per block. A block holds rpb whole rows
+  // (cb == 1) or T segments of one row (cb > 1 blocks per row, carried by a scan of the blocks'
+  // Moebius maps; block index = chunk * B + row, so the rows' blocks at the same positions run
+  // together and share a coupling row in L2).
+  int64_t S = 1;       // positions per thread segment (1..kSegMax)
+  int64_t segs = 0;    // segments per row: ceil(N / S)
+  int64_t rpb = 1;     // rows per block
+  int64_t cb = 1;      // blocks per row
+  int64_t blocks = 0;  // grid
+  int T = 128;         // threads per block
 };
 
-// chunk_len > 0 forces that chunk length (chunked strategy); num_sms sizes the automatic choice.
-Plan make_plan(int64_t B, int64_t N, Strategy strategy, int64_t chunk_len, int num_sms);
+constexpr int kSegMax = 8;         // longest forward thread segment
+constexpr int kFwdThreads = 128;   // forward block width (largest)
+constexpr int kRowScanThreads = 256;  // threads of the per-row scan of block maps
+
+// chunk_len > 0 forces the segment length min(chunk_len, kSegMax); num_sms sizes the automatic
+// choice; threads > 0 forces the block width (tests: several blocks per row at small N).
+Plan make_plan(int64_t B, int64_t N, Strategy strategy, int64_t chunk_len, int num_sms, int threads = 0);
+
+// Dependent steps (a pivot step, a Moebius compose or apply) on the longest chain from the first
+// position of a row to its last output, forward: the depth of the carries.
+int64_t forward_carry_depth(const Plan& plan);
 
 // Bytes of device workspace the launchers need for this plan (0 is possible); the caller passes a
 // buffer at least that large, aligned to 256 bytes.
@@ -45,22 +71,22 @@ size_t workspace_bytes(const Plan& plan, bool causal, bool backward, bool is_dou
 
 template <class T>
 struct Problem {
-  const T* a;            // (B, N) contiguous
-  const T* k;            // row r at k + r * k_row_stride, length N - 1 (may be null when N == 1)
+  gptr<const T> a;       // (B, N) contiguous
+  gptr<const T> k;       // row r at k + r * k_row_stride, length N - 1 (may be null when N == 1)
   int64_t k_row_stride;  // 0 when shared, else N - 1
-  const T* zri;          // (2,) device pointer: [Re z, Im z]
-  const T* mask;         // (B, N) contiguous, or nullptr
+  gptr<const T> zri;     // (2,) device pointer: [Re z, Im z]
+  gptr<const T> mask;    // (B, N) contiguous, or nullptr
   int64_t B, N;
   bool causal;
 };
 
 template <class T>
 struct Grads {
-  const T* grad;   // (B, N, 2) upstream gradient of the complex output, contiguous
-  T* grad_a;       // (B, N)
-  T* grad_k;       // (B, N - 1), per row (the caller reduces a shared k)
-  T* grad_zri;     // (2,) device pointer, written (not accumulated)
-  T* grad_mask;    // (B, N) or nullptr
+  gptr<const T> grad;  // (B, N, 2) upstream gradient of the complex output, contiguous
+  gptr<T> grad_a;       // (B, N)
+  gptr<T> grad_k;       // (B, N - 1), per row (the caller reduces a shared k)
+  gptr<T> grad_zri;     // (2,) device pointer, written (not accumulated)
+  gptr<T> grad_mask;    // (B, N) or nullptr
 };
 
 // Result of a launcher: err == cudaSuccess, or the CUDA error and the kernel that raised it.

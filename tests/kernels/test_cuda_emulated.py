@@ -3,8 +3,8 @@ CUDA execution model (tests/cuda_emu/emu.h: each block's threads are real concur
 a real barrier), against the pure-PyTorch reference.
 
 This checks, without a GPU, everything in the kernels that is not GPU hardware: lane geometry,
-shared-memory tiling and padding, the lane-major scratch layout, both strategies (lanes and
-chunked, with their Moebius and gradient carries), the mask, shared/per-row k, grad_z's
+shared-memory tiling and padding, the plans (whole rows per block, rows over several blocks,
+with their Moebius and affine scans for the carries), the mask, shared/per-row k, grad_z's
 deterministic reduction and that every scratch cell read was written (the workspace is NaN-filled).
 What it cannot check: the torch binding (tests/cuda/test_cuda_ops.py on a GPU), real memory-model
 races beyond what concurrent threads expose, and speed.
@@ -76,7 +76,9 @@ def rewrite_launches(src: str) -> str:
         args = src[i + 1:j]
         assert src[j + 1] == ";", src[j:j + 10]
         out.append(src[pos:m.start()])
-        out.append(f"bk_emu::launch(unsigned({cfg[0]}), unsigned({cfg[1]}), [&]() {{ {m.group(1)}({args}); }});")
+        name = m.group(1).split("<")[0]
+        out.append(f"bk_emu::launch(unsigned({cfg[0]}), unsigned({cfg[1]}), [&]() {{ {m.group(1)}({args}); }}, "
+                   f"\"{name}\");")
         pos = j + 2
         count += 1
     assert count > 0, "no kernel launch found to rewrite"
@@ -115,20 +117,20 @@ def _ptr(t):
     return ctypes.c_void_p(t.data_ptr()) if t is not None and t.numel() else ctypes.c_void_p(0)
 
 
-def emu_forward(lib, a, k, zri, mask, causal, strategy="auto", chunk=0, sms=1):
+def emu_forward(lib, a, k, zri, mask, causal, strategy="auto", chunk=0, sms=1, threads=0):
     B, N = a.shape
     out = torch.full((B, N, 2), float("nan"), dtype=a.dtype)
-    plan = (ctypes.c_int64 * 2)()
+    plan = (ctypes.c_int64 * 6)()
     fn = getattr(lib, f"bk_emu_forward_{'f64' if a.dtype == torch.float64 else 'f32'}")
     ks = 0 if k.shape[0] == 1 else k.shape[1]
     rc = fn(_ptr(a), _ptr(k), ctypes.c_int64(ks), _ptr(zri), _ptr(mask), ctypes.c_int64(B), ctypes.c_int64(N),
             ctypes.c_int(int(causal)), _ptr(out), ctypes.c_int(STRATEGY[strategy]), ctypes.c_int64(chunk),
-            ctypes.c_int(sms), plan)
+            ctypes.c_int(sms), ctypes.c_int(threads), plan)
     assert rc == 0
-    return torch.view_as_complex(out), (plan[0], plan[1])
+    return torch.view_as_complex(out), tuple(plan)
 
 
-def emu_backward(lib, grad, a, k, zri, mask, causal, need_mask_grad, strategy="auto", chunk=0, sms=1):
+def emu_backward(lib, grad, a, k, zri, mask, causal, need_mask_grad, strategy="auto", chunk=0, sms=1, threads=0):
     B, N = a.shape
     nan = float("nan")
     gr = torch.view_as_real(grad.resolve_conj()).contiguous()
@@ -136,16 +138,16 @@ def emu_backward(lib, grad, a, k, zri, mask, causal, need_mask_grad, strategy="a
     gk = torch.full((B, N - 1), nan, dtype=a.dtype)
     gz = torch.full((2,), nan, dtype=a.dtype)
     gm = torch.full((B, N), nan, dtype=a.dtype) if need_mask_grad else None
-    plan = (ctypes.c_int64 * 2)()
+    plan = (ctypes.c_int64 * 6)()
     fn = getattr(lib, f"bk_emu_backward_{'f64' if a.dtype == torch.float64 else 'f32'}")
     ks = 0 if k.shape[0] == 1 else k.shape[1]
     rc = fn(_ptr(a), _ptr(k), ctypes.c_int64(ks), _ptr(zri), _ptr(mask), ctypes.c_int64(B), ctypes.c_int64(N),
             ctypes.c_int(int(causal)), _ptr(gr), _ptr(ga), _ptr(gk), _ptr(gz), _ptr(gm),
-            ctypes.c_int(STRATEGY[strategy]), ctypes.c_int64(chunk), ctypes.c_int(sms), plan)
+            ctypes.c_int(STRATEGY[strategy]), ctypes.c_int64(chunk), ctypes.c_int(sms), ctypes.c_int(threads), plan)
     assert rc == 0
     if k.shape[0] == 1 and B != 1:
         gk = gk.sum(0, keepdim=True)
-    return (ga, gk, gz, gm), (plan[0], plan[1])
+    return (ga, gk, gz, gm), tuple(plan)
 
 
 def make_canon(B, N, dtype, shared, masked, seed):
@@ -190,10 +192,11 @@ def test_emulated_forward_backward(emu, B, N, strategy, chunk, causal, dtype):
     for shared, masked in ((False, False), (True, True)):
         a, k, zri, mask, grad = make_canon(B, N, dtype, shared, masked, seed)
         out, plan = emu_forward(emu, a, k, zri, mask, causal, strategy, chunk)
-        if strategy == "lanes" or N == 1:
-            assert plan[0] == 1
-        elif strategy == "chunked":
-            assert plan[0] > 1, plan
+        # plan: S, T, segs, rpb, cb, blocks
+        if strategy == "lanes":
+            assert plan[0] == 8
+        elif chunk:
+            assert plan[0] == min(chunk, 8), plan
         ref = bk_core_fwd_ref(a.double(), k.double(), zri.double(), None if mask is None else mask.double(), causal)
         assert rel(out, ref) < TOL[dtype]
         grads, plan_b = emu_backward(emu, grad, a, k, zri, mask, causal, masked, strategy, chunk)
@@ -211,7 +214,7 @@ def test_emulated_deterministic_and_long(emu):
     """Chunked float32 at N = 20,000 (one sequence) stays within 1e-5 of float64; two runs agree bitwise."""
     a, k, zri, _, grad = make_canon(1, 20000, torch.float32, True, False, 3)
     outs = [emu_forward(emu, a, k, zri, None, False, "auto", 0, sms=4) for _ in range(2)]
-    assert outs[0][1][0] > 1
+    assert outs[0][1][4] > 1  # several blocks per row
     assert torch.equal(outs[0][0], outs[1][0])
     ref = bk_core_fwd_ref(a.double(), k.double(), zri.double(), None, False)
     assert rel(outs[0][0], ref) < 1e-5
@@ -365,3 +368,33 @@ def test_emulated_step_decodes_the_causal_sequence(emu_step):
         ys.append(y)
     ref = bk_core_fwd_ref(a, k, zri, None, True)
     assert rel(torch.stack(ys, 1), ref) < 1e-12
+
+
+# Geometries forced small (positions per thread S, threads per block T) so that tiny N
+# exercises every carry path: whole rows per block (several, one, a partial last block), rows over
+# several blocks (block maps + per-row scan), a row scan whose threads compose runs of several block
+# maps (cb > 256), one-position segments, and odd N (row starts not 16-byte aligned: scalar
+# heads and tails around the vector loads and stores).
+GEOMS = [(9, 5, 2, 32), (7, 9, 2, 8), (5, 37, 8, 4), (3, 100, 3, 4), (2, 513, 1, 1), (1, 1200, 2, 2),
+         (4, 64, 8, 128), (3, 1, 1, 4)]
+
+
+@pytest.mark.parametrize("B,N,S,T", GEOMS, ids=[f"B{b}-N{n}-S{s}-T{t}" for b, n, s, t in GEOMS])
+@pytest.mark.parametrize("causal", [False, True], ids=["twosided", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_emulated_forward_geometries(emu, B, N, S, T, causal, dtype):
+    for shared, masked in ((False, False), (True, True)):
+        a, k, zri, mask, grad = make_canon(B, N, dtype, shared, masked, B * 31 + N + S)
+        out, plan = emu_forward(emu, a, k, zri, mask, causal, "chunked", S, threads=T)
+        assert plan[0] == min(S, 8) and plan[1] == T
+        segs = -(-N // plan[0])
+        assert plan[4] == (1 if segs <= T else -(-segs // T)), plan
+        md = None if mask is None else mask.double()
+        ref = bk_core_fwd_ref(a.double(), k.double(), zri.double(), md, causal)
+        assert rel(out, ref) < TOL[dtype]
+        grads, _ = emu_backward(emu, grad, a, k, zri, mask, causal, masked, "chunked", S, threads=T)
+        want = bk_core_bwd_ref(grad.to(torch.complex128), a.double(), k.double(), zri.double(), md, causal)
+        for name, x, y in zip(("grad_a", "grad_k", "grad_zri", "grad_mask"), grads, want):
+            if y is None or y.numel() == 0:
+                continue
+            assert rel(x, y) < TOL[dtype], name

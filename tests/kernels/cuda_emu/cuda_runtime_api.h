@@ -7,3 +7,11 @@ enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
 typedef struct bk_emu_stream* cudaStream_t;
 
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+
+// 16-byte vector types (the kernels' vector loads and stores)
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+struct alignas(16) double2 {
+  double x, y;
+};

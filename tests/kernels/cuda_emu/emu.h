@@ -8,10 +8,14 @@
 #pragma once
 #include <math.h>
 
+#include <atomic>
 #include <chrono>
+#include <cstddef>
+#include <cstdint>
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <mutex>
 #include <thread>
@@ -59,8 +63,115 @@ class Barrier {
 inline thread_local bk_emu_dim3 tid{0, 0, 0}, bid{0, 0, 0}, bdim{1, 1, 1}, gdim{1, 1, 1};
 inline thread_local Barrier* cur_barrier = nullptr;
 
-inline void launch(unsigned grid, unsigned block, const std::function<void()>& body) {
+// ---- Global-memory traffic counter ---------------------------------------------------------------
+// Kernels that wrap their global pointers in GPtr<T> (bk_core_cuda.h does, when BK_EMU_TRAFFIC is
+// defined, as here) count the bytes of every load and store. The test registers each buffer (inputs,
+// outputs, workspace) with a tag; every access is charged to (current kernel, tag of the buffer it
+// falls in, load/store). An access outside every registered buffer is charged to kUnknownTag: the
+// tests require that to stay 0 (an out-of-bounds check of every global access).
+#define BK_EMU_TRAFFIC 1
+constexpr int kMaxKernels = 32, kMaxTags = 16, kUnknownTag = kMaxTags - 1;
+
+struct Traffic {
+  struct Range {
+    uintptr_t lo, hi;
+    int tag;
+  };
+  std::vector<Range> ranges;                     // set before a launch, read-only during it
+  std::atomic<uint64_t> bytes[kMaxKernels][kMaxTags][2];  // [kernel][tag][0 load, 1 store]
+  std::atomic<uint64_t> accesses[kMaxKernels][kMaxTags][2];
+  const char* names[kMaxKernels] = {};
+  std::atomic<int> cur{0};
+  bool on = false;
+  void reset() {
+    ranges.clear();
+    for (auto& k : bytes)
+      for (auto& t : k) t[0] = t[1] = 0;
+    for (auto& k : accesses)
+      for (auto& t : k) t[0] = t[1] = 0;
+    for (auto& n : names) n = nullptr;
+    on = false;
+  }
+  void add_range(const void* p, size_t n, int tag) {
+    if (p && n) ranges.push_back(Range{uintptr_t(p), uintptr_t(p) + n, tag});
+    on = true;
+  }
+  void set_kernel(const char* name) {
+    for (int i = 0; i < kMaxKernels; ++i) {
+      if (names[i] == nullptr) names[i] = name;
+      if (names[i] == name || std::strcmp(names[i], name) == 0) {
+        cur = i;
+        return;
+      }
+    }
+    cur = kMaxKernels - 1;
+  }
+  void count(const void* p, size_t n, int st) {
+    if (!on) return;
+    const uintptr_t a = uintptr_t(p);
+    int tag = kUnknownTag;
+    for (const Range& r : ranges)
+      if (a >= r.lo && a + n <= r.hi) {
+        tag = r.tag;
+        break;
+      }
+    bytes[cur][tag][st] += n;
+    accesses[cur][tag][st] += 1;
+  }
+};
+inline Traffic traffic;
+
+// A global pointer that counts: loads through conversion of the reference proxy, stores through
+// its assignment. Vector accesses (ld_vec/st_vec) count as one access of the vector's size.
+template <class T>
+struct GRef {
+  T* p;
+  operator T() const {
+    traffic.count(p, sizeof(T), 0);
+    return *p;
+  }
+  const GRef& operator=(const T& v) const {
+    traffic.count(p, sizeof(T), 1);
+    *p = v;
+    return *this;
+  }
+  const GRef& operator=(const GRef& o) const { return *this = T(o); }
+};
+
+template <class T>
+struct GPtr {
+  T* p = nullptr;
+  GPtr() = default;
+  GPtr(T* q) : p(q) {}  // NOLINT: implicit, like a plain pointer
+  GPtr(std::nullptr_t) : p(nullptr) {}
+  template <class U>
+  GPtr(const GPtr<U>& o) : p(o.p) {}  // T* from U* (adds const)
+  GRef<T> operator[](int64_t i) const { return GRef<T>{p + i}; }
+  GRef<T> operator*() const { return GRef<T>{p}; }
+  GPtr operator+(int64_t i) const { return GPtr(p + i); }
+  explicit operator bool() const { return p != nullptr; }
+  bool operator==(std::nullptr_t) const { return p == nullptr; }
+  bool operator!=(std::nullptr_t) const { return p != nullptr; }
+  T* raw() const { return p; }
+};
+
+// Counted vector load/store of V (e.g. 16 bytes) at a GPtr's address.
+template <class V, class T>
+inline V ld_vec(const GPtr<T>& q) {
+  traffic.count(q.p, sizeof(V), 0);
+  V v;
+  std::memcpy(&v, q.p, sizeof(V));
+  return v;
+}
+template <class V, class T>
+inline void st_vec(const GPtr<T>& q, const V& v) {
+  traffic.count(q.p, sizeof(V), 1);
+  std::memcpy(q.p, &v, sizeof(V));
+}
+
+inline void launch(unsigned grid, unsigned block, const std::function<void()>& body, const char* name = nullptr) {
   if (grid == 0 || block == 0) return;
+  if (name) traffic.set_kernel(name);
   // One std::thread per thread of a block, reused for every block: a block's threads run
   // concurrently; blocks run one after another (a barrier between them, since __shared__
   // variables are statics).

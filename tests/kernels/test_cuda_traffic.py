@@ -1,0 +1,221 @@
+"""Global-memory traffic of the BK-Core CUDA kernels, counted under the CPU emulation.
+
+The emulation build (tests/kernels/cuda_emu/emu.h) wraps every global pointer the kernels receive
+in an accessor that counts the bytes of each load and store and charges them to (kernel, buffer).
+Here those counts become assertions: bytes per element (B * N) of the forward and the backward at
+B = 1, 64 and 4096, each at a small N that emulates quickly but with the plan the kernels choose
+for an H100/H200-sized GPU (132 SMs) for that shape, against the design goals of issue 23:
+
+* forward <= 16 B/element (float32, shared coupling) for a and the output; the shared coupling row
+  adds 4 B per pass over the positions for all B rows together (4 per pass per element at B = 1),
+  a per-row coupling 4 B per pass, the mask 4 B;
+* backward <= 32 B/element for grad a alone (no grad k, no grad z, no mask).
+
+"Model" bytes count a shared coupling row (k of shape (1, N-1)) once per pass over a position for
+the whole batch: the B rows read the same N-1 values, which stay in L2 (at most 4 MB at B >= 64
+and B * N <= 2^26); at B = 1 shared and per-row coupling are the same bytes. Every other load and
+store counts in full. "Raw" bytes count every load as issued.
+"""
+import ctypes
+
+import pytest
+import torch
+
+from test_cuda_emulated import CXX, build_emulated, emu_backward, emu_forward, make_canon  # noqa: E402
+
+pytestmark = pytest.mark.skipif(CXX is None, reason="no C++ compiler (g++/c++) on PATH")
+
+TAGS = ["a", "k", "zri", "mask", "out", "grad", "grad_a", "grad_k", "grad_zri", "grad_mask", "ws"]
+UNKNOWN = 15
+SMS = 132
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    return build_emulated(tmp_path_factory, "bk_core_cuda.cu", "bk_core_emu_api.cpp")
+
+
+def traffic(lib):
+    """{kernel: {(tag, 'ld'|'st'): bytes}} of the last emulated run."""
+    fn = lib.bk_emu_traffic
+    fn.restype = ctypes.c_char_p
+    out = {}
+    for i in range(32):
+        b = (ctypes.c_uint64 * 32)()
+        n = (ctypes.c_uint64 * 32)()
+        name = fn(ctypes.c_int(i), b, n)
+        if name is None:
+            break
+        d = {}
+        for t in range(16):
+            for s, kind in enumerate(("ld", "st")):
+                if b[2 * t + s]:
+                    d[(TAGS[t] if t < len(TAGS) else "unknown" if t == UNKNOWN else f"tag{t}", kind)] = b[2 * t + s]
+        out[name.decode()] = d
+    return out
+
+
+def per_element(tr, B, N, shared_k):
+    """(model, raw) bytes per element summed over kernels, and {kernel: model bytes per element}."""
+    model = raw = 0.0
+    per_kernel = {}
+    for name, d in tr.items():
+        assert ("unknown", "ld") not in d and ("unknown", "st") not in d, f"{name}: access outside every buffer"
+        m = 0.0
+        for (tag, kind), v in d.items():
+            raw += v
+            m += v / B if (tag == "k" and shared_k) else v
+        per_kernel[name] = m / (B * N)
+        model += m
+    return model / (B * N), raw / (B * N), per_kernel
+
+
+# (B, N, sms): a small N, and an SM count that gives the emulated shape the plan (positions per
+# thread S = 8, 128 threads per block, one or two passes over a) of the full-size shape on 132 SMs:
+#   B = 1, N = 16384 (sms 1): S 8, 16 blocks per row  ~ B = 1, N = 2^24 (16384 blocks per row)
+#   B = 64, N = 2048 (sms 1): S 8, 2 blocks per row   ~ B = 64, N = 2^18 (256 blocks per row)
+#   B = 4096, N = 64 (sms 16): S 8, 16 rows per block ~ B = 4096, N <= 1024 (N = 2^14 is the B = 64 case)
+# Per-block costs (the block maps, the carries, z) are per 1024 positions, as at full size.
+SHAPES = [(1, 16384, 1), (64, 2048, 1), (4096, 64, 16)]
+
+# Counted before the on-chip kernels (commit e690cc4: lane-major scratch, serial chunk carries),
+# float32, shared k, model bytes/element at these shapes with the 132-SM plan:
+BEFORE = {1: (50.87, 153.06), 64: (38.91, 137.08), 4096: (32.13, 112.69)}
+
+
+def by_tag(tr, B, N, shared_k):
+    """{tag: model bytes per element} summed over kernels."""
+    out = {}
+    for name, d in tr.items():
+        assert ("unknown", "ld") not in d and ("unknown", "st") not in d, f"{name}: access outside every buffer"
+        for (tag, kind), v in d.items():
+            out[tag] = out.get(tag, 0.0) + (v / B if (tag == "k" and shared_k) else v) / (B * N)
+    return out
+
+
+def run_fwd(emu, B, N, sms, shared=True, masked=False, causal=False, dtype=torch.float32):
+    a, k, zri, mask, _ = make_canon(B, N, dtype, shared, masked, 5)
+    _, plan = emu_forward(emu, a, k, zri, mask, causal, "auto", 0, sms=sms)
+    return by_tag(traffic(emu), B, N, shared), plan
+
+
+def run_bwd(emu, B, N, sms, shared=True, masked=False, causal=False, dtype=torch.float32):
+    a, k, zri, mask, grad = make_canon(B, N, dtype, shared, masked, 5)
+    _, plan = emu_backward(emu, grad, a, k, zri, mask, causal, masked, "auto", 0, sms=sms)
+    return by_tag(traffic(emu), B, N, shared), plan
+
+
+# the emulation runs a block's threads as OS threads: the larger shapes take 10-25 s each
+_SHAPE_PARAMS = [pytest.param(*s, id=f"B{s[0]}", marks=[pytest.mark.slow] if s[0] > 1 else []) for s in SHAPES]
+
+
+@pytest.mark.parametrize("B,N,sms", _SHAPE_PARAMS)
+@pytest.mark.parametrize("causal", [False, True], ids=["twosided", "causal"])
+def test_forward_bytes_per_element(emu, B, N, sms, causal):
+    """float32: a is read once (rows in one block) or twice (rows over several blocks: the block
+    maps, then the chunk pass), the output written once, every value a block needs once (z, the
+    carries) read once per block. Goal: <= 16 B/element with a shared coupling (B >= 64; at B = 1 the
+    shared row is a full-size input: + 4 B per read of a); a per-row coupling adds 4 B per read of
+    a, the mask 4 B."""
+    t, plan = run_fwd(emu, B, N, sms, causal=causal)
+    assert plan[0] == 8 and plan[1] == 128, plan  # the full-size segment and block
+    passes = 2 if plan[4] > 1 else 1
+    assert (plan[4] > 1) == (B < 4096)
+    assert t["a"] == pytest.approx(4.0 * passes)
+    assert t["out"] == pytest.approx(8.0)
+    assert t["k"] <= 4.0 * passes / B + 0.01
+    overhead = t.get("ws", 0.0) + t.get("zri", 0.0)
+    assert overhead <= 0.3, t  # block maps and carries, z: per block of 1024 positions
+    total = sum(t.values())
+    assert t["a"] + t["out"] <= 16.0
+    # + the shared coupling row (4 B per pass over a position, for all B rows) and kin (4 B per block)
+    assert total <= 16.0 + 4.0 * passes / B + overhead + 0.01, t
+    assert total < BEFORE[B][0] / (2 if causal else 1)
+    tp, _ = run_fwd(emu, B, N, sms, shared=False, causal=causal)
+    assert tp["k"] <= 4.0 * passes + 0.01 and sum(tp.values()) <= total + 4.0 * passes + 0.01
+    tm, _ = run_fwd(emu, B, N, sms, masked=True, causal=causal)
+    assert tm["mask"] == pytest.approx(4.0) and sum(tm.values()) == pytest.approx(total + 4.0)
+
+
+@pytest.mark.slow
+def test_forward_bytes_float64(emu):
+    """float64: twice float32's bytes (16-byte vectors of 2 values)."""
+    B, N, sms = SHAPES[1]
+    t, plan = run_fwd(emu, B, N, sms, dtype=torch.float64)
+    assert t["a"] == pytest.approx(16.0) and t["out"] == pytest.approx(16.0)
+
+
+@pytest.mark.parametrize("B,N,sms", _SHAPE_PARAMS)
+@pytest.mark.parametrize("causal", [False, True], ids=["twosided", "causal"])
+def test_backward_bytes_per_element(emu, B, N, sms, causal):
+    """float32: a and the upstream gradient are read once per pass (rows over several blocks: the
+    pivot maps read a, the gradient maps a and grad, the final pass a and grad; rows in one block:
+    one pass), grad a written once: grad a alone <= 32 B/element. grad k (4 B) is always written
+    (the op asks for it whenever k needs a gradient; it is computed per row), z's partial sums once
+    per block; a shared coupling row adds 4 B per pass for all rows, the mask 4 B (+ 4 B for its
+    gradient)."""
+    t, plan = run_bwd(emu, B, N, sms, causal=causal)
+    passes = 3 if plan[4] > 1 else 1
+    assert t["a"] == pytest.approx(4.0 * passes)
+    assert t["grad"] == pytest.approx(8.0 * min(passes, 2))
+    assert t["grad_a"] == pytest.approx(4.0) and t["grad_k"] <= 4.0
+    assert t["a"] + t["grad"] + t["grad_a"] <= 32.0
+    overhead = t.get("ws", 0.0) + t.get("zri", 0.0) + t.get("grad_zri", 0.0)
+    assert overhead <= 0.6, t
+    assert t["k"] <= 4.0 * passes / B + 0.02
+    total = sum(t.values())
+    assert total <= 36.0 + 4.0 * passes / B + overhead + 0.02, t
+    assert total < BEFORE[B][1] / 3
+    tm, _ = run_bwd(emu, B, N, sms, masked=True, causal=causal)
+    assert tm["mask"] == pytest.approx(4.0 * min(passes, 2)) and tm["grad_mask"] == pytest.approx(4.0)
+
+
+def plan_of(emu, B, N, sms=132, strategy=0):
+    p = (ctypes.c_int64 * 6)()
+    emu.bk_emu_plan.restype = ctypes.c_int64
+    depth = emu.bk_emu_plan(ctypes.c_int64(B), ctypes.c_int64(N), ctypes.c_int(strategy), ctypes.c_int64(0),
+                            ctypes.c_int(sms), ctypes.c_int(0), p)
+    return depth, tuple(p)
+
+
+def test_forward_carry_depth(emu):
+    """Dependent steps from a row's first position to its last output, B = 1, N = 2^24, 132 SMs
+    (forward; the backward's scans are the same, twice). Before: the chunked plan's lanes (C chunks
+    of Lc) walked all C chunk carries of the row in one thread: Lc + (C - 1) + Lc steps. Now: segment
+    maps, a block scan, the per-row scan of block maps (runs of cb / 256), the segment's pivots."""
+    depth, p = plan_of(emu, 1, 1 << 24)
+    # the former plan at this shape: 1024 lanes per SM, chunks of Lc = 125, C = 134218 chunks
+    C, Lc = 134218, 125
+    before = Lc + (C - 1) + Lc
+    S, T, segs, rpb, cb = p[0:5]
+    assert (S, T, cb) == (8, 128, 16384)
+    assert depth == 8 + 7 + 1 + 64 + 8 + 1 + 64 + 8
+    assert depth < before / 500
+    # every shape fills the GPU: at least 2048 threads per SM of work, or one thread per 8 positions
+    for B in (1, 64, 4096):
+        for N in (1, 1000, 1 << 14, (1 << 26) // B):
+            _, p = plan_of(emu, B, N)
+            threads = p[5] * p[1]
+            assert threads >= min(2048 * 132, B * N // 8), (B, N, p)
+
+
+if __name__ == "__main__":
+    import pathlib
+    import sys
+    import tempfile
+
+    class _F:
+        def mktemp(self, n):
+            return pathlib.Path(tempfile.mkdtemp())
+
+    lib = build_emulated(_F(), "bk_core_cuda.cu", "bk_core_emu_api.cpp")
+    print("carry depth B=1 N=2^24:", plan_of(lib, 1, 1 << 24))
+    for B, N, sms in SHAPES:
+        for causal in (False, True):
+            for shared, masked in ((True, False), (False, False), (True, True)):
+                f, plan = run_fwd(lib, B, N, sms, shared, masked, causal)
+                b, _ = run_bwd(lib, B, N, sms, shared, masked, causal)
+                print(f"B={B} N={N} {'causal' if causal else 'two-sided'} {'shared' if shared else 'per-row'}"
+                      f"{' mask' if masked else ''}: fwd {sum(f.values()):.2f} bwd {sum(b.values()):.2f} plan {plan}")
+                print("   fwd", {k: round(v, 3) for k, v in f.items()})
+                print("   bwd", {k: round(v, 3) for k, v in b.items()})
