@@ -4,8 +4,8 @@
 // TORCH_LIBRARY_IMPL(resnet_bk, CUDA). The schemas are in csrc/schemas.cpp; the autograd is C++
 // (csrc/autograd.cpp, every device); fake kernels are registered from Python (resnet_bk/ops).
 //
-// Strategy (see bk_core_cuda.h): RESNET_BK_CUDA_STRATEGY=auto|lanes|chunked (default auto) and
-// RESNET_BK_CUDA_CHUNK=<positions per chunk> (forces the chunked strategy with that chunk length)
+// Plan (see bk_core_cuda.h): RESNET_BK_CUDA_STRATEGY=auto|lanes|chunked (default auto; lanes: the
+// longest thread segments) and RESNET_BK_CUDA_CHUNK=<positions per thread segment, capped at 8>
 // are read once per process, at the first CUDA call (set them before it). A bad value raises,
 // naming the variable, at that call and at every later one (a value is kept only once it parsed).
 #ifdef RESNET_BK_WITH_CUDA
