@@ -24,20 +24,9 @@ import torch.nn.functional as F
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
-ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
-DEVICE = "cuda" if ON_GPU else "cpu"
-_PREV_INTERPRET = os.environ.get("TRITON_INTERPRET")
-if not ON_GPU:
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
-    triton = importlib.import_module("triton")
-    K = importlib.import_module("resnet_bk.triton_kernels.bk_core")
-    P = importlib.import_module("resnet_bk.triton_kernels.pooling")
-finally:
-    if _PREV_INTERPRET is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _PREV_INTERPRET
+from triton_env import DEVICE, ON_GPU, import_kernels  # noqa: E402
+
+triton, K, P = import_kernels("triton", "resnet_bk.triton_kernels.bk_core", "resnet_bk.triton_kernels.pooling")
 
 from resnet_bk import ops  # noqa: E402
 from resnet_bk.ops import _registry, _triton  # noqa: E402

@@ -20,18 +20,9 @@ import torch
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
-ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
-DEVICE = "cuda" if ON_GPU else "cpu"
-_PREV_INTERPRET = os.environ.get("TRITON_INTERPRET")
-if not ON_GPU:
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
-    K = importlib.import_module("resnet_bk.triton_kernels.bk_core")
-finally:
-    if _PREV_INTERPRET is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _PREV_INTERPRET
+from triton_env import DEVICE, ON_GPU, import_kernels  # noqa: E402
+
+K, = import_kernels("resnet_bk.triton_kernels.bk_core")
 
 from resnet_bk import ops  # noqa: E402
 
