@@ -4,6 +4,7 @@ of csrc/cpu/pool_ops_cpu.cpp written in PyTorch (float64 autograd). All four sto
 bf16/fp16 go through emulated conversions bit-compatible with torch's.
 """
 import ctypes
+import zlib
 
 import pytest
 import torch
@@ -97,7 +98,8 @@ def test_downsample(lib, dtype, causal, B, M, r, D):
                          ids=["res-scale", "scale", "plain", "res"])
 def test_upsample(lib, dtype, bias_shape, with_res, with_scale):
     B, M, r, D = 3, 4, 2, 5
-    g = torch.Generator().manual_seed(hash((bias_shape, with_res, with_scale)) % 1000)
+    # a seed fixed across processes (str hashes are randomised per process)
+    g = torch.Generator().manual_seed(zlib.crc32(repr((bias_shape, with_res, with_scale)).encode()) % 1000)
     adt = acc_of(dtype)
     Mb = M if bias_shape.startswith("m") else 1
     Db = D if bias_shape.endswith("d") else 1
@@ -121,4 +123,7 @@ def test_upsample(lib, dtype, bias_shape, with_res, with_scale):
     wy, wb, ws = torch.autograd.grad(ref, (yr, br, sr), grad.double())
     assert rel(gy, wy) < TOL[dtype]
     assert rel(gb, wb) < TOL_ACC[dtype]
-    assert rel(gs, ws) < TOL_ACC[dtype]
+    # grad scale is a sum of B*M*r*D products that may cancel: its rounding is relative to the sum
+    # of their magnitudes, not to the (possibly small) result
+    mag = (grad.double() * up_ref(y.double(), bias.double(), None, None)).abs().sum()
+    assert torch.isfinite(gs) and abs(gs.double() - ws).item() <= TOL_ACC[dtype] * mag.item()

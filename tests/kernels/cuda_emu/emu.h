@@ -1,25 +1,28 @@
 // Test-only CPU emulation of the CUDA execution model, force-included (g++ -include emu.h) when
-// tests/kernels/test_cuda_emulated.py compiles csrc/cuda/*.cu as C++. Every block runs its threads as
-// real concurrent std::threads with a real barrier for __syncthreads, so the kernels' indexing,
-// tiling, chunk carries and synchronisation are exercised without a GPU. `__shared__` variables
-// become function statics: shared by the threads of a block; blocks run one after another.
-// Kernel launches (`k<<<grid, block, smem, stream>>>(args)`) are rewritten by the test into
-// bk_emu::launch(grid, block, [&] { k(args); }).
+// tests/kernels/test_cuda_emulated.py compiles csrc/cuda/*.cu as C++. A block's threads run as
+// fibers (ucontext) on one OS thread: each runs until its next __syncthreads, then the next thread
+// runs; when every thread still running has reached the barrier, the next phase starts. The order
+// of the threads alternates between phases (0..n-1, then n-1..0), so a missing barrier between a
+// thread's store and another thread's load shows in one of the two orders. All threads at one
+// barrier must be at the same __syncthreads (source line): a kernel whose threads reach different
+// barriers (a deadlock or a race on a GPU) aborts with a message. Threads that have returned count
+// as arrived, as on the GPU. `__shared__` variables become function statics: shared by the threads
+// of a block; blocks run one after another. Kernel launches (`k<<<grid, block, smem, stream>>>(args)`)
+// are rewritten by the test into bk_emu::launch(grid, block, [&] { k(args); }).
 #pragma once
 #include <math.h>
 
 #include <atomic>
-#include <chrono>
 #include <cstddef>
 #include <cstdint>
-#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
-#include <mutex>
-#include <thread>
 #include <vector>
+
+#include <sys/mman.h>
+#include <ucontext.h>
 
 #define __global__
 #define __device__
@@ -34,34 +37,7 @@ struct bk_emu_dim3 {
 
 namespace bk_emu {
 
-class Barrier {
- public:
-  explicit Barrier(unsigned n) : n_(n) {}
-  void wait() {
-    std::unique_lock<std::mutex> lk(m_);
-    const unsigned gen = gen_;
-    if (++count_ == n_) {
-      count_ = 0;
-      ++gen_;
-      cv_.notify_all();
-      return;
-    }
-    // A kernel whose threads reach different numbers of __syncthreads deadlocks on a GPU; here it
-    // aborts with a message instead of hanging the test run.
-    if (!cv_.wait_for(lk, std::chrono::seconds(60), [&] { return gen_ != gen; })) {
-      std::fprintf(stderr, "bk_emu: __syncthreads deadlock (threads reached different barriers)\n");
-      std::abort();
-    }
-  }
-
- private:
-  std::mutex m_;
-  std::condition_variable cv_;
-  unsigned n_, count_ = 0, gen_ = 0;
-};
-
 inline thread_local bk_emu_dim3 tid{0, 0, 0}, bid{0, 0, 0}, bdim{1, 1, 1}, gdim{1, 1, 1};
-inline thread_local Barrier* cur_barrier = nullptr;
 
 // ---- Global-memory traffic counter ---------------------------------------------------------------
 // Kernels that wrap their global pointers in GPtr<T> (bk_core_cuda.h does, when BK_EMU_TRAFFIC is
@@ -169,28 +145,92 @@ inline void st_vec(const GPtr<T>& q, const V& v) {
   std::memcpy(q.p, &v, sizeof(V));
 }
 
+// ---- Fibers: a block's threads on one OS thread ----------------------------------------------------
+struct Fiber {
+  ucontext_t ctx;
+  bool done = false;
+  int barrier_line = 0;  // the __syncthreads it waits at (0: none)
+};
+
+struct Block {
+  ucontext_t sched;
+  std::vector<Fiber> fibers;
+  Fiber* cur = nullptr;
+  const std::function<void()>* body = nullptr;
+};
+inline thread_local Block* cur_block = nullptr;
+
+inline void fiber_main() {
+  Block* blk = cur_block;
+  (*blk->body)();
+  blk->cur->done = true;  // returns to blk->sched through uc_link
+}
+
+inline void sync_threads(int line) {
+  Block* blk = cur_block;
+  if (blk == nullptr) {
+    std::fprintf(stderr, "bk_emu: __syncthreads outside a kernel launch\n");
+    std::abort();
+  }
+  Fiber* f = blk->cur;
+  f->barrier_line = line;
+  swapcontext(&f->ctx, &blk->sched);
+}
+
 inline void launch(unsigned grid, unsigned block, const std::function<void()>& body, const char* name = nullptr) {
   if (grid == 0 || block == 0) return;
   if (name) traffic.set_kernel(name);
-  // One std::thread per thread of a block, reused for every block: a block's threads run
-  // concurrently; blocks run one after another (a barrier between them, since __shared__
-  // variables are statics).
-  Barrier bar(block);
-  std::vector<std::thread> ts;
-  ts.reserve(block);
-  for (unsigned t = 0; t < block; ++t)
-    ts.emplace_back([&, t] {
-      tid = bk_emu_dim3{t, 0, 0};
-      bdim = bk_emu_dim3{block, 1, 1};
-      gdim = bk_emu_dim3{grid, 1, 1};
-      cur_barrier = &bar;
-      for (unsigned b = 0; b < grid; ++b) {
-        bid = bk_emu_dim3{b, 0, 0};
-        body();
-        bar.wait();
+  constexpr size_t kStack = 256 * 1024;
+  const size_t bytes = kStack * block;
+  void* mem = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (mem == MAP_FAILED) {
+    std::fprintf(stderr, "bk_emu: cannot map %zu bytes of fiber stacks\n", bytes);
+    std::abort();
+  }
+  Block blk;
+  blk.body = &body;
+  blk.fibers.resize(block);
+  Block* const outer = cur_block;
+  cur_block = &blk;
+  bdim = bk_emu_dim3{block, 1, 1};
+  gdim = bk_emu_dim3{grid, 1, 1};
+  for (unsigned b = 0; b < grid; ++b) {
+    bid = bk_emu_dim3{b, 0, 0};
+    for (unsigned t = 0; t < block; ++t) {
+      Fiber& f = blk.fibers[t];
+      f.done = false;
+      f.barrier_line = 0;
+      getcontext(&f.ctx);
+      f.ctx.uc_stack.ss_sp = static_cast<char*>(mem) + kStack * t;
+      f.ctx.uc_stack.ss_size = kStack;
+      f.ctx.uc_link = &blk.sched;
+      makecontext(&f.ctx, fiber_main, 0);
+    }
+    for (unsigned phase = 0;; ++phase) {
+      unsigned alive = 0;
+      int line = 0;
+      for (unsigned i = 0; i < block; ++i) {
+        const unsigned t = (phase & 1) ? block - 1 - i : i;
+        Fiber& f = blk.fibers[t];
+        if (f.done) continue;
+        tid = bk_emu_dim3{t, 0, 0};
+        blk.cur = &f;
+        f.barrier_line = 0;
+        swapcontext(&blk.sched, &f.ctx);
+        if (f.done) continue;
+        ++alive;
+        if (line == 0) line = f.barrier_line;
+        if (f.barrier_line != line) {
+          std::fprintf(stderr, "bk_emu: block %u: threads wait at different __syncthreads (lines %d and %d): a "
+                       "deadlock or a race on a GPU\n", b, line, f.barrier_line);
+          std::abort();
+        }
       }
-    });
-  for (auto& th : ts) th.join();
+      if (alive == 0) break;
+    }
+  }
+  cur_block = outer;
+  munmap(mem, bytes);
 }
 
 }  // namespace bk_emu
@@ -199,4 +239,4 @@ inline void launch(unsigned grid, unsigned block, const std::function<void()>& b
 #define blockIdx (bk_emu::bid)
 #define blockDim (bk_emu::bdim)
 #define gridDim (bk_emu::gdim)
-inline void __syncthreads() { bk_emu::cur_barrier->wait(); }
+#define __syncthreads() bk_emu::sync_threads(__LINE__)
