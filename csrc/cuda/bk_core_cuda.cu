@@ -12,6 +12,12 @@
 // upstream gradient read once per pass, and the gradient recurrences (affine maps) carried by the
 // same scans. grad_z: per-block partial sums in double, added in a fixed order (zsum_kernel), so
 // the result is deterministic.
+//
+// A carried state (causal; Problem::d_in, k_in) enters where a row starts: the row's first segment
+// starts its chain from d_in with the coupling k_in (rows over several blocks: the row's block maps
+// include that coupling and the per-row scan starts at d_in). No extra pass, O(B) more traffic; the
+// backward also writes mu at position 0 (Grads::mu0), from which the op layer forms the state's
+// gradients.
 #include "bk_core_cuda.h"
 
 #include <algorithm>
