@@ -11,6 +11,9 @@ from resnet_bk.ops import _extension
 # op -> the dispatch keys it must have kernels for ("CUDA" only when torch was built with CUDA)
 EXPECTED = {
     "bk_core_fwd": ("CPU", "CUDA", "Autograd"), "bk_core_bwd": ("CPU", "CUDA"),
+    # the carried-state forms (their autograd is Python: resnet_bk/ops/bk_core/stream.py)
+    "bk_core_fwd_state": ("CPU", "CUDA"), "bk_core_bwd_state": ("CPU", "CUDA"),
+    "bk_core_step": ("CPU", "CUDA", "Autograd"), "bk_core_step_out": ("CPU", "CUDA"),
     "learned_downsample_fwd": ("CPU", "CUDA", "Autograd"), "learned_downsample_bwd": ("CPU", "CUDA"),
     "learned_upsample_fwd": ("CPU", "CUDA", "Autograd"), "learned_upsample_bwd": ("CPU", "CUDA"),
     "moe_top1_infer": ("CPU",),  # CPU-only op (inference MoE)

@@ -5,8 +5,8 @@
 //   op                        CPU kernel               CUDA kernel               autograd
 //   bk_core_fwd               cpu/bk_ops_cpu.cpp       cuda/bk_ops_cuda.cpp      csrc/autograd.cpp
 //   bk_core_bwd               cpu/bk_ops_cpu.cpp       cuda/bk_ops_cuda.cpp      (none: no double backward)
-//   bk_core_fwd_state         cpu/bk_ops_cpu.cpp       -                         ops/bk_core/stream.py
-//   bk_core_bwd_state         cpu/bk_ops_cpu.cpp       -                         (none)
+//   bk_core_fwd_state         cpu/bk_ops_cpu.cpp       cuda/bk_ops_cuda.cpp      ops/bk_core/stream.py
+//   bk_core_bwd_state         cpu/bk_ops_cpu.cpp       cuda/bk_ops_cuda.cpp      (none)
 //   bk_core_step              cpu/bk_step_cpu.cpp      cuda/bk_ops_cuda.cpp      csrc/autograd.cpp
 //   bk_core_step_out          cpu/bk_step_cpu.cpp      cuda/bk_ops_cuda.cpp      (none: writes its outputs)
 //   learned_downsample_fwd    cpu/pool_ops_cpu.cpp     cuda/pool_ops_cuda.cpp    csrc/autograd.cpp
@@ -36,7 +36,7 @@
 //   each row; k_in (B,) real, that position's coupling to position 0 (d_0 = a_0 - z - k_in / d_in).
 //   The backward also returns mu0 (B,) complex, the recurrence's mu at position 0, from which the
 //   Python op layer forms the gradients of d_in and k_in (resnet_bk/ops/bk_core/stream.py); its
-//   autograd is there too. CPU only.
+//   autograd is there too. CPU and CUDA kernels (other backends build it from ghost positions).
 // bk_core_step(Tensor a, Tensor b, Tensor c, Tensor zri, Tensor? state) -> (Tensor y, Tensor d)
 //   The causal BK-Core's one-token decode step. a: the diagonal entries of one position for a
 //   batch of sequences, any shape, float32/float64; b, c: the off-diagonal entries coupling the
@@ -104,7 +104,7 @@ TORCH_LIBRARY(resnet_bk, m) {
   m.def(
       "bk_core_bwd(Tensor grad, Tensor a, Tensor k, Tensor zri, Tensor? mask, bool causal, bool need_mask_grad, "
       "bool need_k_grad=True, bool need_z_grad=True, Tensor? out=None) -> (Tensor, Tensor, Tensor, Tensor)");
-  // Causal BK-Core with a carried state (CPU kernel only; other devices build it from ghost positions)
+  // Causal BK-Core with a carried state (CPU and CUDA kernels; other backends build it from ghost positions)
   m.def("bk_core_fwd_state(Tensor a, Tensor k, Tensor zri, Tensor? mask, Tensor d_in, Tensor k_in) -> Tensor");
   m.def(
       "bk_core_bwd_state(Tensor grad, Tensor a, Tensor k, Tensor zri, Tensor? mask, Tensor d_in, Tensor k_in, "

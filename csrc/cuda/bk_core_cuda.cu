@@ -12,6 +12,12 @@
 // upstream gradient read once per pass, and the gradient recurrences (affine maps) carried by the
 // same scans. grad_z: per-block partial sums in double, added in a fixed order (zsum_kernel), so
 // the result is deterministic.
+//
+// A carried state (causal; Problem::d_in, k_in) enters where a row starts: the row's first segment
+// starts its chain from d_in with the coupling k_in (rows over several blocks: the row's block maps
+// include that coupling and the per-row scan starts at d_in). No extra pass, O(B) more traffic; the
+// backward also writes mu at position 0 (Grads::mu0), from which the op layer forms the state's
+// gradients.
 #include "bk_core_cuda.h"
 
 #include <algorithm>
@@ -164,14 +170,19 @@ struct FwdSmem {
   // the next), pad 0. Reused for the outputs (2 values per position).
   T ak[2 * kTile];
   Mobius<T> m[kFwdThreads];
-  T kin;       // k coupling the block's first position to the one left of it (0 at a row start)
+  // per row slot of the block: k coupling the row's first position in the block to the one left of
+  // it, and the pivot there (a row start: 0 and 1, or a carried state's k_in and d_in; rows over
+  // several blocks: the block carries)
+  T kin[kFwdThreads];
+  Cx<T> din[kFwdThreads];
   T zr, zi;    // z, read once per block
-  Cx<T> din, ein;  // the pivots entering the block (rows over several blocks)
+  Cx<T> ein;   // the pivot entering the block from the right (rows over several blocks)
 };
 
-// Loads a and k of the block's tile (and kin). Threads past the block's range only help.
-// Every global value a block needs once (z, kin, the block carries) is read by thread 0 into shared
-// memory: one load per block, not one per thread.
+// Loads a and k of the block's tile (and kin, din). Threads past the block's range only help.
+// Every global value a block needs once (z, the block carries) is read by thread 0 into shared
+// memory: one load per block, not one per thread; the values of each row it holds (kin, din) by
+// one thread per row.
 template <class T>
 __device__ __forceinline__ T fwd_load(const Problem<T>& pr, const Plan& pl, const FwdGeo& g, FwdSmem<T>& sm,
                                       gptr<Cx<T>> bdin, gptr<Cx<T>> bein) {
@@ -184,10 +195,17 @@ __device__ __forceinline__ T fwd_load(const Problem<T>& pr, const Plan& pl, cons
   if (t == 0) {
     sm.zr = pr.zri[0];
     sm.zi = pr.zri[1];
-    sm.kin = g.p0 > 0 ? T(pr.k[g.r0 * pr.k_row_stride + g.p0 - 1]) : T(0);
-    const Cx<T> one{T(1), T(0)};
-    sm.din = bdin ? Cx<T>(bdin[blockIdx.x]) : one;
-    sm.ein = bein ? Cx<T>(bein[blockIdx.x]) : one;
+    sm.ein = bein ? Cx<T>(bein[blockIdx.x]) : Cx<T>{T(1), T(0)};
+  }
+  if (t < g.rows) {  // rows <= rpb <= blockDim.x
+    const int64_t r = g.r0 + t;
+    const bool start = g.p0 == 0;
+    sm.kin[t] = !start ? T(pr.k[r * pr.k_row_stride + g.p0 - 1]) : pr.k_in ? T(pr.k_in[r]) : T(0);
+    // rows over several blocks: the block carry (from the row scan, which starts at the state; the
+    // block maps need none); whole rows: the state, or a fresh start
+    sm.din[t] = bdin                            ? Cx<T>(bdin[blockIdx.x])
+                : (start && pr.d_in && pl.cb == 1) ? Cx<T>{T(pr.d_in[2 * r]), T(pr.d_in[2 * r + 1])}
+                                                   : Cx<T>{T(1), T(0)};
   }
   __syncthreads();
   const T zr = sm.zr;
@@ -239,11 +257,17 @@ __device__ __forceinline__ Seg fwd_seg(const Plan& pl, const FwdGeo& g) {
   return s;
 }
 
-// k coupling position q - 1 to q in the tile (the block's kin before its first position).
+// k coupling position q - 1 to q in the tile (the row's kin before its first position in the block).
 template <class T>
 __device__ __forceinline__ T k_left(const FwdSmem<T>& sm, const Seg& s, int S) {
   if (s.u > 0) return sm.ak[kTile + sidx(s.q - 1, S)];
-  return sm.kin;  // 0 at a row start (cb == 1, or the first block of a row)
+  return s.act ? sm.kin[s.slot] : T(0);  // a row start: 0, or a carried state's k_in
+}
+
+// The pivot left of the row's first position in the block (see FwdSmem::din).
+template <class T>
+__device__ __forceinline__ Cx<T> d_left(const FwdSmem<T>& sm, const Seg& s) {
+  return s.act ? Cx<T>(sm.din[s.slot]) : Cx<T>{T(1), T(0)};
 }
 
 template <class T>
@@ -324,7 +348,8 @@ __global__ void __launch_bounds__(kFwdThreads) fwd_block_maps(Problem<T> pr, Pla
 }
 
 // Pass 2: one block per row scans the row's `count` maps (map c of row r at c * cstride + r * rstride):
-// fin[c] = the value left of piece c (maps mf, left to right, from `start`), bin[c] = the value
+// fin[c] = the value left of piece c (maps mf, left to right, from `start`, or from the row's entry
+// of start_rows ((rows, 2) interleaved complex: a carried state) when given), bin[c] = the value
 // right of it (maps mb, right to left); either map array may be null. Each thread composes a run
 // of ceil(count / threads) maps, a Hillis-Steele scan joins the runs, each thread applies its
 // run. The forward uses it for the pivots entering each block (start 1: the coupling there is 0);
@@ -333,11 +358,16 @@ __global__ void __launch_bounds__(kFwdThreads) fwd_block_maps(Problem<T> pr, Pla
 template <class T>
 __global__ void __launch_bounds__(kRowScanThreads) row_scan(int64_t count, int64_t cstride, int64_t rstride,
                                                             gptr<Mobius<T>> mf, gptr<Mobius<T>> mb, gptr<Cx<T>> fin,
-                                                            gptr<Cx<T>> bin, Cx<T> start) {
+                                                            gptr<Cx<T>> bin, Cx<T> start_all,
+                                                            gptr<const T> start_rows) {
   __shared__ Mobius<T> sm[kRowScanThreads];
+  __shared__ Cx<T> start_sm;
   const int t = threadIdx.x, nt = blockDim.x;
   const int64_t row = blockIdx.x, cb = count, run = (cb + nt - 1) / nt;
   const int64_t c0 = t * run, c1 = c0 + run < cb ? c0 + run : cb;
+  if (t == 0) start_sm = start_rows ? Cx<T>{T(start_rows[2 * row]), T(start_rows[2 * row + 1])} : start_all;
+  __syncthreads();
+  const Cx<T> start = start_sm;
   for (int dir = 0; dir < 2; ++dir) {
     const bool fwd = dir == 0;
     const gptr<Mobius<T>> maps = fwd ? mf : mb;
@@ -401,7 +431,7 @@ __global__ void __launch_bounds__(kFwdThreads) fwd_chunk_kernel(Problem<T> pr, P
   Mobius<T> f, b;
   seg_maps(sm, s, S, zi, f, b, two);
   // pivot entering the segment from the left
-  const Cx<T> din_blk = sm.din;
+  const Cx<T> din_blk = d_left(sm, s);
   block_scan(sm, f, s, g.nseg, true);
   Cx<T> dprev = din_blk;
   if (s.act && s.u > 0) dprev = bk::mobius_apply(Mobius<T>(sm.m[t - 1]), din_blk);
@@ -517,8 +547,9 @@ __global__ void __launch_bounds__(kFwdThreads) bwd_chunk_kernel(Problem<T> pr, G
   Mobius<T> f, b;
   seg_maps(sm, s, S, zi, f, b, two);
   block_scan(sm, f, s, g.nseg, true);
-  Cx<T> dprev = sm.din;
-  if (s.act && s.u > 0) dprev = bk::mobius_apply(Mobius<T>(sm.m[t - 1]), sm.din);
+  const Cx<T> din_blk = d_left(sm, s);
+  Cx<T> dprev = din_blk;
+  if (s.act && s.u > 0) dprev = bk::mobius_apply(Mobius<T>(sm.m[t - 1]), din_blk);
   __syncthreads();
   Cx<T> e_right = one;  // e just right of the segment
   if (two) {
@@ -623,10 +654,16 @@ __global__ void __launch_bounds__(kFwdThreads) bwd_chunk_kernel(Problem<T> pr, G
         X[j] = R;  // R_{j+1}
         R = bk::lin_step(c, R, P[j]);
       } else {
-        const Cx<T> gk = R * id[j];  // mu_{j+1} / d_j
-        if (p < pl.N - 1) gr.grad_k[row * (pl.N - 1) + p] = -gk.re;
+        if (gr.grad_k && p < pl.N - 1) {
+          const Cx<T> gk = R * id[j];  // mu_{j+1} / d_j
+          gr.grad_k[row * (pl.N - 1) + p] = -gk.re;
+        }
         R = bk::lin_step(bk::scale(id[j] * id[j], kseg[j]), R, P[j]);
         gr.grad_a[gbase + j] = R.re;
+        if (p == 0 && gr.mu0) {  // mu_0: a carried state's gradients come from it
+          gr.mu0[2 * row] = R.re;
+          gr.mu0[2 * row + 1] = R.im;
+        }
         zr_ += double(R.re);
         zi_ += double(R.im);
       }
@@ -643,7 +680,7 @@ __global__ void __launch_bounds__(kFwdThreads) bwd_chunk_kernel(Problem<T> pr, G
         const Cx<T> Rj = P[j] + bk::k_over_sq(kseg[j], id[j]) * Rnext;
         const Cx<T> A = Lr + Rj - P[j];
         gr.grad_a[gbase + j] = -A.re;
-        if (p < pl.N - 1) {
+        if (gr.grad_k && p < pl.N - 1) {
           const Cx<T> ie_next = j + 1 < s.len ? ie[j + 1 < kSegMax ? j + 1 : j] : bk::recip(e_right);
           gr.grad_k[row * (pl.N - 1) + p] = (Lr * ie_next + Rnext * id[j]).re;
         }
@@ -710,17 +747,25 @@ __global__ void zero2_kernel(gptr<T> out) {
 
 inline unsigned blocks_for(int64_t n, int per) { return unsigned((n + per - 1) / per); }
 
+// A carried state: both pointers or neither, causal only.
+template <class T>
+bool state_ok(const Problem<T>& pr) {
+  const bool d = pr.d_in != nullptr, k = pr.k_in != nullptr;
+  return d == k && (!d || pr.causal);
+}
+
 template <class T>
 Status forward_impl(const Problem<T>& pr, gptr<T> out, const Plan& pl, void* ws, cudaStream_t st) {
   if (pr.B == 0) return Status{cudaSuccess, nullptr};
   if (pl.B != pr.B || pl.N != pr.N) return Status{cudaErrorInvalidValue, "bk_core_cuda forward: plan does not match the problem"};
+  if (!state_ok(pr)) return Status{cudaErrorInvalidValue, "bk_core_cuda forward: a carried state needs causal, d_in and k_in"};
   const Ws<T> w = carve<T>(pl, pr.causal, false, ws, nullptr);
   const unsigned nb = unsigned(pl.blocks), nt = unsigned(pl.T);
   if (pl.cb > 1) {
     fwd_block_maps<T><<<nb, nt, 0, st>>>(pr, pl, w.bmf, pr.causal ? nullptr : w.bmb);
     BK_LAUNCH_CHECK("bk_core_cuda fwd_block_maps");
     row_scan<T><<<unsigned(pl.B), kRowScanThreads, 0, st>>>(pl.cb, pl.B, 1, w.bmf, pr.causal ? nullptr : w.bmb,
-                                                             w.bdin, w.bein, Cx<T>{T(1), T(0)});
+                                                             w.bdin, w.bein, Cx<T>{T(1), T(0)}, pr.d_in);
     BK_LAUNCH_CHECK("bk_core_cuda fwd_row_scan");
   }
   fwd_chunk_kernel<T><<<nb, nt, 0, st>>>(pr, pl, w.bdin, w.bein, out);
@@ -736,6 +781,8 @@ Status backward_impl(const Problem<T>& pr, const Grads<T>& gr, const Plan& pl, v
     return Status{cudaSuccess, nullptr};
   }
   if (pl.B != pr.B || pl.N != pr.N) return Status{cudaErrorInvalidValue, "bk_core_cuda backward: plan does not match the problem"};
+  if (!state_ok(pr)) return Status{cudaErrorInvalidValue, "bk_core_cuda backward: a carried state needs causal, d_in and k_in"};
+  if (gr.mu0 && !pr.causal) return Status{cudaErrorInvalidValue, "bk_core_cuda backward: mu0 is defined for the causal op only"};
   const Ws<T> w = carve<T>(pl, pr.causal, true, ws, nullptr);
   const unsigned nb = unsigned(pl.blocks), nt = unsigned(pl.T);
   const bool two = !pr.causal;
@@ -745,12 +792,12 @@ Status backward_impl(const Problem<T>& pr, const Grads<T>& gr, const Plan& pl, v
     fwd_block_maps<T><<<nb, nt, 0, st>>>(pr, pl, w.bmf, two ? w.bmb : nullptr);
     BK_LAUNCH_CHECK("bk_core_cuda backward fwd_block_maps");
     row_scan<T><<<unsigned(pl.B), kRowScanThreads, 0, st>>>(pl.cb, pl.B, 1, w.bmf, two ? w.bmb : nullptr, w.bdin,
-                                                             w.bein, Cx<T>{T(1), T(0)});
+                                                             w.bein, Cx<T>{T(1), T(0)}, pr.d_in);
     BK_LAUNCH_CHECK("bk_core_cuda backward pivot row_scan");
     bwd_chunk_kernel<T><<<nb, nt, 0, st>>>(pr, gr, pl, w.bdin, w.bein, gmf, gmb, w.glin, w.grin, w.zpart, true);
     BK_LAUNCH_CHECK("bk_core_cuda bwd_chunk_kernel (summary)");
     row_scan<T><<<unsigned(pl.B), kRowScanThreads, 0, st>>>(pl.cb, pl.B, 1, gmf, gmb, w.glin, w.grin,
-                                                             Cx<T>{T(0), T(0)});
+                                                             Cx<T>{T(0), T(0)}, gptr<const T>(nullptr));
     BK_LAUNCH_CHECK("bk_core_cuda backward gradient row_scan");
   }
   bwd_chunk_kernel<T><<<nb, nt, 0, st>>>(pr, gr, pl, w.bdin, w.bein, gmf, gmb, w.glin, w.grin, w.zpart, false);
@@ -807,6 +854,30 @@ int64_t forward_carry_depth(const Plan& pl) {
     d += run + log2c(std::min<int64_t>(pl.cb, kRowScanThreads)) + 1 + run;
   }
   return d;
+}
+
+int64_t backward_carry_depth(const Plan& pl) {
+  auto log2c = [](int64_t n) {
+    int64_t l = 0;
+    while ((int64_t(1) << l) < n) ++l;
+    return l;
+  };
+  // the passes of backward_impl, in order (two-sided: its d and e chains, and its R and L chains,
+  // run side by side: the same depth as the causal pivots and mu)
+  const int64_t bscan = log2c(std::min<int64_t>(pl.segs, pl.T));  // block scan over segments
+  const int64_t seg_maps = pl.S;     // a segment's composed pivot map
+  const int64_t pivots = 1 + pl.S;   // apply the carry entering the segment, its pivots
+  const int64_t grad_sum = pl.S;     // the segment's affine summary of mu (R, L), from its pivots
+  const int64_t walk = 1 + pl.S;     // apply the gradient carry entering the segment, walk it
+  if (pl.cb == 1)  // one kernel: pivot maps, block scan, pivots, summaries, block scan, walk
+    return seg_maps + bscan + pivots + grad_sum + bscan + walk;
+  const int64_t run = (pl.cb + kRowScanThreads - 1) / kRowScanThreads;
+  const int64_t row_scan = run + log2c(std::min<int64_t>(pl.cb, kRowScanThreads)) + 1 + run;
+  return (seg_maps + bscan)               // fwd_block_maps: each block's pivot map
+         + row_scan                       // pivot row_scan: the pivot entering each block
+         + (pivots + grad_sum + bscan)    // bwd_chunk_kernel (summary): each block's gradient map
+         + row_scan                       // gradient row_scan: mu (R, L) entering each block
+         + walk;                          // bwd_chunk_kernel (final): the gradients
 }
 
 size_t workspace_bytes(const Plan& pl, bool causal, bool backward, bool is_double) {

@@ -64,6 +64,10 @@ Plan make_plan(int64_t B, int64_t N, Strategy strategy, int64_t chunk_len, int n
 // Dependent steps (a pivot step, a Moebius compose or apply) on the longest chain from the first
 // position of a row to its last output, forward: the depth of the carries.
 int64_t forward_carry_depth(const Plan& plan);
+// The same for the backward (the launcher's passes: pivot block maps, pivot row scan, gradient
+// summaries, gradient row scan, final pass; one pass when a block holds whole rows), to the last
+// gradient written.
+int64_t backward_carry_depth(const Plan& plan);
 
 // Bytes of device workspace the launchers need for this plan (0 is possible); the caller passes a
 // buffer at least that large, aligned to 256 bytes.
@@ -78,15 +82,22 @@ struct Problem {
   gptr<const T> mask;    // (B, N) contiguous, or nullptr
   int64_t B, N;
   bool causal;
+  // A carried state (causal only; both or neither): d_in (B, 2) interleaved complex, the pivot of
+  // the position before each row; k_in (B,), its coupling to position 0 (d_0 = a_0 - z - k_in /
+  // d_in). nullptr: each row starts afresh (d_0 = a_0 - z).
+  gptr<const T> d_in;
+  gptr<const T> k_in;
 };
 
 template <class T>
 struct Grads {
   gptr<const T> grad;  // (B, N, 2) upstream gradient of the complex output, contiguous
   gptr<T> grad_a;       // (B, N)
-  gptr<T> grad_k;       // (B, N - 1), per row (the caller reduces a shared k)
+  gptr<T> grad_k;       // (B, N - 1), per row (the caller reduces a shared k), or nullptr: not written
   gptr<T> grad_zri;     // (2,) device pointer, written (not accumulated)
   gptr<T> grad_mask;    // (B, N) or nullptr
+  gptr<T> mu0;          // (B, 2) interleaved complex: mu at each row's position 0 (causal; with a
+                        // carried state, for its gradients), or nullptr
 };
 
 // Result of a launcher: err == cudaSuccess, or the CUDA error and the kernel that raised it.

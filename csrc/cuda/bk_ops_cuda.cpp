@@ -1,7 +1,9 @@
 // Torch binding of the BK-Core CUDA kernels: argument checks, output and workspace allocation
 // (torch's caching allocator, so CUDA-graph capture works), device guard and current stream
 // (c10::cuda::getCurrentCUDAStream, which at::cuda::getCurrentCUDAStream forwards to), and
-// TORCH_LIBRARY_IMPL(resnet_bk, CUDA). The schemas are in csrc/schemas.cpp; the autograd is C++
+// TORCH_LIBRARY_IMPL(resnet_bk, CUDA): bk_core_fwd / bk_core_bwd, their carried-state forms
+// bk_core_fwd_state / bk_core_bwd_state (the same kernels, each row's first block entered from the
+// state), and the decode step. The schemas are in csrc/schemas.cpp; the autograd is C++
 // (csrc/autograd.cpp, every device); fake kernels are registered from Python (resnet_bk/ops).
 //
 // Plan (see bk_core_cuda.h): RESNET_BK_CUDA_STRATEGY=auto|lanes|chunked (default auto; lanes: the
@@ -20,6 +22,8 @@
 #include <cstdlib>
 #include <mutex>
 #include <string>
+#include <tuple>
+#include <utility>
 
 #include "bk_core_cuda.h"
 #include "bk_step_cuda.h"
@@ -128,10 +132,32 @@ at::Tensor workspace(const at::Tensor& a, const bk_cuda::Plan& plan, bool causal
   return at::empty({static_cast<int64_t>(bytes)}, a.options().dtype(at::kByte));
 }
 
-at::Tensor bk_core_fwd_cuda(const at::Tensor& a_, const at::Tensor& k_, const at::Tensor& zri_,
-                            const c10::optional<at::Tensor>& mask_, bool causal) {
+using OptT = c10::optional<at::Tensor>;
+
+// A carried state (causal only; see csrc/schemas.cpp): d_in (B,) complex of a's precision, the pivot
+// before each row; k_in (B,) of a's dtype, its coupling to position 0. Returned as contiguous real
+// views ((B, 2) and (B,)) for Problem::d_in / k_in; undefined tensors without a state.
+std::pair<at::Tensor, at::Tensor> state_args(const at::Tensor& a, bool causal, const OptT& d_in, const OptT& k_in) {
+  TORCH_CHECK(d_in.has_value() == k_in.has_value(), "d_in, k_in: expected both or neither");
+  if (!d_in.has_value()) return {};
+  TORCH_CHECK(causal, "d_in: a carried state is defined for the causal op only");
+  const auto cdt = a.scalar_type() == at::kDouble ? at::kComplexDouble : at::kComplexFloat;
+  TORCH_CHECK(d_in->sizes() == at::IntArrayRef({a.size(0)}) && d_in->scalar_type() == cdt,
+              "d_in: expected a ", cdt, " tensor of shape (", a.size(0), "), got ", d_in->scalar_type(), " ",
+              d_in->sizes());
+  check_cuda_tensor("d_in", *d_in, a);
+  TORCH_CHECK(k_in->sizes() == at::IntArrayRef({a.size(0)}) && k_in->scalar_type() == a.scalar_type(),
+              "k_in: expected a ", a.scalar_type(), " tensor of shape (", a.size(0), "), got ", k_in->scalar_type(),
+              " ", k_in->sizes());
+  check_cuda_tensor("k_in", *k_in, a);
+  return {at::view_as_real(d_in->resolve_conj().resolve_neg().contiguous()).contiguous(), k_in->contiguous()};
+}
+
+at::Tensor fwd_impl(const at::Tensor& a_, const at::Tensor& k_, const at::Tensor& zri_, const OptT& mask_, bool causal,
+                    const OptT& d_in_, const OptT& k_in_) {
   check_args(a_, k_, zri_, mask_);
   const c10::cuda::CUDAGuard guard(a_.device());
+  const auto st = state_args(a_, causal, d_in_, k_in_);
   at::Tensor a = a_.contiguous(), k = k_.contiguous(), zri = zri_.contiguous();
   c10::optional<at::Tensor> mask;
   if (mask_.has_value()) mask = mask_->contiguous();
@@ -143,16 +169,29 @@ at::Tensor bk_core_fwd_cuda(const at::Tensor& a_, const at::Tensor& k_, const at
   at::Tensor ws = workspace(a, plan, causal, false);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "bk_core_fwd_cuda", [&] {
-    const auto p = make_problem<scalar_t>(a, k, zri, mask, causal);
+    auto p = make_problem<scalar_t>(a, k, zri, mask, causal);
+    if (st.first.defined()) {
+      p.d_in = st.first.data_ptr<scalar_t>();
+      p.k_in = st.second.data_ptr<scalar_t>();
+    }
     check_status(bk_cuda::forward(p, outr.data_ptr<scalar_t>(), plan, ws.data_ptr(), stream));
   });
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bk_core_bwd_cuda(
-    const at::Tensor& grad_, const at::Tensor& a_, const at::Tensor& k_, const at::Tensor& zri_,
-    const c10::optional<at::Tensor>& mask_, bool causal, bool need_mask_grad, bool need_k_grad, bool need_z_grad,
-    const c10::optional<at::Tensor>& /*out: the forward's output, used by the CPU kernel only*/) {
+at::Tensor bk_core_fwd_cuda(const at::Tensor& a, const at::Tensor& k, const at::Tensor& zri, const OptT& mask,
+                            bool causal) {
+  return fwd_impl(a, k, zri, mask, causal, {}, {});
+}
+
+at::Tensor bk_core_fwd_state_cuda(const at::Tensor& a, const at::Tensor& k, const at::Tensor& zri, const OptT& mask,
+                                  const at::Tensor& d_in, const at::Tensor& k_in) {
+  return fwd_impl(a, k, zri, mask, true, d_in, k_in);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_impl(
+    const at::Tensor& grad_, const at::Tensor& a_, const at::Tensor& k_, const at::Tensor& zri_, const OptT& mask_,
+    bool causal, bool need_mask_grad, bool need_k_grad, bool need_z_grad, const OptT& d_in_, const OptT& k_in_) {
   check_args(a_, k_, zri_, mask_);
   const auto cdt = a_.scalar_type() == at::kDouble ? at::kComplexDouble : at::kComplexFloat;
   TORCH_CHECK(grad_.sizes() == a_.sizes() && grad_.scalar_type() == cdt, "grad: expected a ", cdt,
@@ -160,6 +199,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bk_core_bwd_cuda(
   check_cuda_tensor("grad", grad_, a_);
   TORCH_CHECK(!need_mask_grad || mask_.has_value(), "need_mask_grad: requires a mask");
   const c10::cuda::CUDAGuard guard(a_.device());
+  const auto st = state_args(a_, causal, d_in_, k_in_);
   at::Tensor a = a_.contiguous(), k = k_.contiguous(), zri = zri_.contiguous();
   // view_as_real needs the conjugation resolved; the kernel reads (B, N, 2) contiguous.
   at::Tensor gradr = at::view_as_real(grad_.resolve_conj().contiguous()).contiguous();
@@ -167,27 +207,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bk_core_bwd_cuda(
   if (mask_.has_value()) mask = mask_->contiguous();
   const int64_t B = a.size(0), N = a.size(1);
   at::Tensor grad_a = at::empty_like(a);
-  at::Tensor grad_k_rows = at::empty({B, N - 1}, a.options());
+  // grad k is written only when asked for (the kernel gets a null pointer otherwise: no traffic)
+  at::Tensor grad_k_rows = need_k_grad ? at::empty({B, N - 1}, a.options()) : at::empty({0}, a.options());
   at::Tensor grad_mask = need_mask_grad ? at::empty_like(a) : at::empty({0}, a.options());
   at::Tensor grad_z = at::empty({2}, a.options());
+  // mu at each row's position 0, from which the op layer forms the state's gradients
+  at::Tensor mu0 = st.first.defined() ? at::empty({B}, a.options().dtype(cdt)) : at::empty({0}, a.options().dtype(cdt));
   const bk_cuda::Plan plan = plan_for(a);
   at::Tensor ws = workspace(a, plan, causal, true);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "bk_core_bwd_cuda", [&] {
-    const auto p = make_problem<scalar_t>(a, k, zri, mask, causal);
+    auto p = make_problem<scalar_t>(a, k, zri, mask, causal);
     bk_cuda::Grads<scalar_t> g;
     g.grad = gradr.data_ptr<scalar_t>();
     g.grad_a = grad_a.data_ptr<scalar_t>();
     g.grad_k = grad_k_rows.numel() > 0 ? grad_k_rows.data_ptr<scalar_t>() : nullptr;
     g.grad_zri = grad_z.data_ptr<scalar_t>();
     g.grad_mask = need_mask_grad ? grad_mask.data_ptr<scalar_t>() : nullptr;
+    if (st.first.defined()) {
+      p.d_in = st.first.data_ptr<scalar_t>();
+      p.k_in = st.second.data_ptr<scalar_t>();
+      if (B > 0) g.mu0 = static_cast<scalar_t*>(mu0.data_ptr());
+    }
     check_status(bk_cuda::backward(p, g, plan, ws.data_ptr(), stream));
   });
-  // A shared k (one row for the whole batch) gets the sum of the per-row gradients.
-  // (grad k and grad z are always computed here; one not asked for is returned empty, as on CPU)
-  if (!need_k_grad) return {grad_a, at::empty({0}, a.options()), need_z_grad ? grad_z : at::empty({0}, a.options()), grad_mask};
-  at::Tensor grad_k = (k.size(0) == 1 && B != 1) ? grad_k_rows.sum(0, true) : grad_k_rows;
-  return {grad_a, grad_k, need_z_grad ? grad_z : at::empty({0}, a.options()), grad_mask};
+  // A shared k (one row for the whole batch) gets the sum of the per-row gradients. (grad z is
+  // always computed here, from the per-block partial sums; one not asked for is returned empty, as
+  // on CPU.)
+  at::Tensor grad_k = (need_k_grad && k.size(0) == 1 && B != 1) ? grad_k_rows.sum(0, true) : grad_k_rows;
+  return {grad_a, grad_k, need_z_grad ? grad_z : at::empty({0}, a.options()), grad_mask, mu0};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bk_core_bwd_cuda(
+    const at::Tensor& grad, const at::Tensor& a, const at::Tensor& k, const at::Tensor& zri, const OptT& mask,
+    bool causal, bool need_mask_grad, bool need_k_grad, bool need_z_grad,
+    const OptT& /*out: the forward's output, used by the CPU kernel only*/) {
+  auto r = bwd_impl(grad, a, k, zri, mask, causal, need_mask_grad, need_k_grad, need_z_grad, {}, {});
+  return {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bk_core_bwd_state_cuda(
+    const at::Tensor& grad, const at::Tensor& a, const at::Tensor& k, const at::Tensor& zri, const OptT& mask,
+    const at::Tensor& d_in, const at::Tensor& k_in, bool need_mask_grad, bool need_k_grad, bool need_z_grad,
+    const OptT& /*out: used by the CPU kernel only*/) {
+  return bwd_impl(grad, a, k, zri, mask, true, need_mask_grad, need_k_grad, need_z_grad, d_in, k_in);
 }
 
 }  // namespace
@@ -195,6 +258,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bk_core_bwd_cuda(
 TORCH_LIBRARY_IMPL(resnet_bk, CUDA, m) {
   m.impl("bk_core_fwd", &bk_core_fwd_cuda);
   m.impl("bk_core_bwd", &bk_core_bwd_cuda);
+  m.impl("bk_core_fwd_state", &bk_core_fwd_state_cuda);
+  m.impl("bk_core_bwd_state", &bk_core_bwd_state_cuda);
 }
 
 // ---- BK-Core decode step (bk_step_cuda.h): one launch, no host reads, no workspace -------------

@@ -345,3 +345,71 @@ def test_empty_batch():
     assert out.shape == (0, 5)
     ga, gk, gz, gm = BWD(torch.zeros(0, 5, dtype=torch.complex64, device="cuda"), a, k, zri, None, False, False)
     assert ga.shape == (0, 5) and gk.shape == (1, 4) and torch.equal(gz, torch.zeros(2, device="cuda"))
+
+
+# ---- the carried state (bk_core_fwd_state / bk_core_bwd_state) ------------------------------------
+
+STATE_GRID = [(B, N) for N in (1, 17, 1000, 70000) for B in (1, 3, 64) if B * N <= 200000]
+
+
+@pytest.mark.parametrize("B,N", STATE_GRID, ids=[f"B{b}-N{n}" for b, n in STATE_GRID])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("variant", ["perrow", "shared-masked"])
+def test_state_ops_vs_cpu_kernel(strategy, B, N, dtype, variant):
+    """The CUDA state ops == the CPU kernel's in float64 (y, grad a, k, z, mask, mu0); grad k not
+    asked for comes back empty."""
+    shared = masked = variant == "shared-masked"
+    dev, ref = canon(B, N, dtype, shared, masked, seed=B * 5 + N)
+    a, k, zri, mask, grad = dev
+    g = torch.Generator().manual_seed(N)
+    cdt = torch.complex128 if dtype == torch.float64 else torch.complex64
+    d_in = torch.complex(torch.randn(B, generator=g, dtype=torch.float64),
+                         -(0.3 + torch.rand(B, generator=g, dtype=torch.float64))).to(cdt)
+    k_in = torch.rand(B, generator=g, dtype=torch.float64).to(dtype)
+    ops_ = torch.ops.resnet_bk
+    args = (a, k, zri, mask, d_in.cuda(), k_in.cuda())
+    args64 = (*ref[:4], d_in.to(torch.complex128), k_in.double())
+    assert rel(ops_.bk_core_fwd_state(*args), ops_.bk_core_fwd_state(*args64)) < TOL[dtype]
+    got = ops_.bk_core_bwd_state(grad, *args, masked, True, True)
+    want = ops_.bk_core_bwd_state(ref[4], *args64, masked, True, True)
+    for name, x, y in zip(("grad_a", "grad_k", "grad_zri", "grad_mask", "mu0"), got, want):
+        assert x.shape == y.shape, name
+        if y.numel():
+            assert rel(x, y) < (TOL_Z if name == "grad_zri" else TOL)[dtype], name
+    lean = ops_.bk_core_bwd_state(grad, *args, False, False, False)
+    assert lean[1].numel() == 0 and lean[2].numel() == 0
+    assert torch.equal(lean[0], got[0]) and torch.equal(lean[4], got[4])
+
+
+def test_state_through_the_public_api_with_real_z(strategy):
+    """On a CUDA tensor the carried state enters the CUDA kernel itself (no ghost positions, which
+    would need Im z != 0): chained chunks == the whole sequence with a real z, values and gradients."""
+    g = torch.Generator().manual_seed(3)
+    B, N, cut = 3, 40, 17
+    diag = (torch.rand(B, N, generator=g, dtype=torch.float64) * 2 + 3).cuda().requires_grad_()
+    off = (torch.rand(N - 1, generator=g, dtype=torch.float64) + 0.5).cuda().requires_grad_()
+    z = torch.tensor(0.25, dtype=torch.complex128, device="cuda", requires_grad=True)
+    whole = ops.bk_core(diag, off, off, z, causal=True)
+    y1, d1 = ops.bk_core(diag[:, :cut], off[:cut - 1], off[:cut - 1], z, causal=True, output_final_state=True)
+    y2 = ops.bk_core(diag[:, cut:], off[cut - 1:], off[cut - 1:], z, causal=True, initial_state=d1)
+    chained = torch.cat([y1, y2], 1)
+    tol = ops.tolerance(torch.float64)
+    ops.assert_close(chained, whole, tol=tol)
+    w = torch.randn(B, N, generator=g, dtype=torch.complex128).cuda()
+    gw = torch.autograd.grad((whole * w).real.sum(), [diag, off, z])
+    gc = torch.autograd.grad((chained * w).real.sum(), [diag, off, z])
+    for x, y in zip(gc, gw):
+        ops.assert_close(x, y, tol=tol)
+
+
+def test_state_binding_errors():
+    dev, _ = canon(2, 10, torch.float32, shared=False, masked=False, seed=0)
+    a, k, zri, _, grad = dev
+    d_in = torch.ones(2, dtype=torch.complex64, device="cuda")
+    k_in = torch.ones(2, device="cuda")
+    with pytest.raises(RuntimeError, match="d_in: expected a CUDA tensor"):
+        torch.ops.resnet_bk.bk_core_fwd_state(a, k, zri, None, d_in.cpu(), k_in)
+    with pytest.raises(RuntimeError, match=r"d_in: expected a ComplexFloat tensor of shape \(2\)"):
+        torch.ops.resnet_bk.bk_core_fwd_state(a, k, zri, None, d_in[:1], k_in)
+    with pytest.raises(RuntimeError, match="k_in: expected a Float tensor"):
+        torch.ops.resnet_bk.bk_core_bwd_state(grad, a, k, zri, None, d_in, k_in.double(), False, True, True)

@@ -117,36 +117,55 @@ def _ptr(t):
     return ctypes.c_void_p(t.data_ptr()) if t is not None and t.numel() else ctypes.c_void_p(0)
 
 
-def emu_forward(lib, a, k, zri, mask, causal, strategy="auto", chunk=0, sms=1, threads=0):
+def _state_ptrs(d_in, k_in):
+    """A carried state (d_in (B,) complex, k_in (B,) real) as the kernels' pointers ((B, 2) real)."""
+    assert (d_in is None) == (k_in is None)
+    if d_in is None:
+        return None, None
+    return torch.view_as_real(d_in.resolve_conj()).contiguous(), k_in.contiguous()
+
+
+def emu_forward(lib, a, k, zri, mask, causal, strategy="auto", chunk=0, sms=1, threads=0, d_in=None, k_in=None):
     B, N = a.shape
+    dr, kr = _state_ptrs(d_in, k_in)
     out = torch.full((B, N, 2), float("nan"), dtype=a.dtype)
     plan = (ctypes.c_int64 * 6)()
     fn = getattr(lib, f"bk_emu_forward_{'f64' if a.dtype == torch.float64 else 'f32'}")
     ks = 0 if k.shape[0] == 1 else k.shape[1]
     rc = fn(_ptr(a), _ptr(k), ctypes.c_int64(ks), _ptr(zri), _ptr(mask), ctypes.c_int64(B), ctypes.c_int64(N),
-            ctypes.c_int(int(causal)), _ptr(out), ctypes.c_int(STRATEGY[strategy]), ctypes.c_int64(chunk),
+            ctypes.c_int(int(causal)), _ptr(dr), _ptr(kr), _ptr(out), ctypes.c_int(STRATEGY[strategy]),
+            ctypes.c_int64(chunk),
             ctypes.c_int(sms), ctypes.c_int(threads), plan)
     assert rc == 0
     return torch.view_as_complex(out), tuple(plan)
 
 
-def emu_backward(lib, grad, a, k, zri, mask, causal, need_mask_grad, strategy="auto", chunk=0, sms=1, threads=0):
+def emu_backward(lib, grad, a, k, zri, mask, causal, need_mask_grad, strategy="auto", chunk=0, sms=1, threads=0,
+                 need_k_grad=True, d_in=None, k_in=None):
+    """((grad_a, grad_k, grad_z, grad_mask), plan); grad_k is None when not asked for (the kernel gets
+    a null pointer), grad_mask None without need_mask_grad. With a carried state (d_in, k_in) the
+    grads end with mu0 (B,) complex, mu at each row's position 0."""
     B, N = a.shape
     nan = float("nan")
+    dr, kr = _state_ptrs(d_in, k_in)
     gr = torch.view_as_real(grad.resolve_conj()).contiguous()
     ga = torch.full((B, N), nan, dtype=a.dtype)
-    gk = torch.full((B, N - 1), nan, dtype=a.dtype)
+    gk = torch.full((B, N - 1), nan, dtype=a.dtype) if need_k_grad else None
     gz = torch.full((2,), nan, dtype=a.dtype)
     gm = torch.full((B, N), nan, dtype=a.dtype) if need_mask_grad else None
+    mu0 = torch.full((B, 2), nan, dtype=a.dtype) if d_in is not None else None
     plan = (ctypes.c_int64 * 6)()
     fn = getattr(lib, f"bk_emu_backward_{'f64' if a.dtype == torch.float64 else 'f32'}")
     ks = 0 if k.shape[0] == 1 else k.shape[1]
     rc = fn(_ptr(a), _ptr(k), ctypes.c_int64(ks), _ptr(zri), _ptr(mask), ctypes.c_int64(B), ctypes.c_int64(N),
-            ctypes.c_int(int(causal)), _ptr(gr), _ptr(ga), _ptr(gk), _ptr(gz), _ptr(gm),
-            ctypes.c_int(STRATEGY[strategy]), ctypes.c_int64(chunk), ctypes.c_int(sms), ctypes.c_int(threads), plan)
+            ctypes.c_int(int(causal)), _ptr(dr), _ptr(kr), _ptr(gr), _ptr(ga), _ptr(gk), _ptr(gz), _ptr(gm),
+            _ptr(mu0), ctypes.c_int(STRATEGY[strategy]), ctypes.c_int64(chunk), ctypes.c_int(sms),
+            ctypes.c_int(threads), plan)
     assert rc == 0
-    if k.shape[0] == 1 and B != 1:
+    if gk is not None and k.shape[0] == 1 and B != 1:
         gk = gk.sum(0, keepdim=True)
+    if mu0 is not None:
+        return (ga, gk, gz, gm, torch.view_as_complex(mu0)), tuple(plan)
     return (ga, gk, gz, gm), tuple(plan)
 
 
@@ -398,3 +417,86 @@ def test_emulated_forward_geometries(emu, B, N, S, T, causal, dtype):
             if y is None or y.numel() == 0:
                 continue
             assert rel(x, y) < TOL[dtype], name
+
+
+# ---- grad k not asked for: not written (a null pointer), grad a and grad z unchanged -------------
+
+@pytest.mark.parametrize("B,N,S,T", [(3, 100, 3, 4), (5, 37, 8, 4)], ids=["multi-block", "rows-per-block"])
+@pytest.mark.parametrize("causal", [False, True], ids=["twosided", "causal"])
+def test_emulated_backward_without_grad_k(emu, B, N, S, T, causal):
+    a, k, zri, mask, grad = make_canon(B, N, torch.float64, False, True, B + N)
+    full, _ = emu_backward(emu, grad, a, k, zri, mask, causal, True, "chunked", S, threads=T)
+    lean, _ = emu_backward(emu, grad, a, k, zri, mask, causal, True, "chunked", S, threads=T, need_k_grad=False)
+    assert lean[1] is None and full[1] is not None
+    for i in (0, 2, 3):  # grad a, grad z, grad mask: bitwise the same
+        assert torch.equal(lean[i], full[i]), i
+
+
+# ---- a carried state (causal): the CUDA kernels against the CPU kernel's state ops ---------------
+
+HAS_STATE_CPU = hasattr(torch.ops, "resnet_bk") and hasattr(torch.ops.resnet_bk, "bk_core_fwd_state")
+
+
+def make_state(B, dtype, seed):
+    """d_in (B,) complex (Im < 0, as the pivots of Im z > 0), k_in (B,) real of both signs."""
+    g = torch.Generator().manual_seed(seed)
+    cdt = torch.complex128 if dtype == torch.float64 else torch.complex64
+    d_in = torch.complex(torch.randn(B, generator=g, dtype=torch.float64) * 2,
+                         -(0.3 + torch.rand(B, generator=g, dtype=torch.float64))).to(cdt)
+    k_in = ((torch.rand(B, generator=g, dtype=torch.float64) - 0.3) * 2).to(dtype)
+    return d_in, k_in
+
+
+# (B, N, S, T): whole rows per block (several, partial last block), rows over several blocks (a row's
+# first block starts from the state, through the per-row scan), a row scan with runs (cb > 256),
+# N = 1 (the state's coupling only), B = 64 with several rows per block and over several blocks.
+# The emulation runs each block's threads as OS threads: the cases with many blocks are slow.
+STATE_GEOMS = [(1, 1, 1, 4), (1, 37, 2, 4), (3, 17, 8, 32), (64, 5, 1, 32)]
+STATE_GEOMS_SLOW = [(1, 1200, 2, 2), (3, 100, 3, 4), (3, 301, 8, 128), (64, 24, 8, 2)]
+_STATE_PARAMS = [pytest.param(*g, id=f"B{g[0]}-N{g[1]}-S{g[2]}-T{g[3]}") for g in STATE_GEOMS] + [
+    pytest.param(*g, id=f"B{g[0]}-N{g[1]}-S{g[2]}-T{g[3]}", marks=pytest.mark.slow) for g in STATE_GEOMS_SLOW]
+
+
+@pytest.mark.skipif(not HAS_STATE_CPU, reason="resnet_bk._C without the CPU state ops")
+@pytest.mark.parametrize("B,N,S,T", _STATE_PARAMS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_emulated_carried_state(emu, B, N, S, T, dtype):
+    """bk_core_fwd_state / bk_core_bwd_state on the emulated CUDA kernels (the state entering each row's
+    first block) == the CPU kernel's ops: y, grad a, grad k, grad z, grad mask and mu0."""
+    ops = torch.ops.resnet_bk
+    for shared, masked in ((False, False), (True, False), (False, True), (True, True)):
+        seed = B * 131 + N + S * 7 + 2 * shared + masked
+        a, k, zri, mask, grad = make_canon(B, N, dtype, shared, masked, seed)
+        d_in, k_in = make_state(B, dtype, seed)
+        out, plan = emu_forward(emu, a, k, zri, mask, True, "chunked", S, threads=T, d_in=d_in, k_in=k_in)
+        assert plan[0] == min(S, 8) and plan[1] == T
+        md = None if mask is None else mask.double()
+        c128 = torch.complex128
+        args64 = (a.double(), k.double(), zri.double(), md, d_in.to(c128), k_in.double())
+        ref = ops.bk_core_fwd_state(*args64)
+        assert rel(out, ref) < TOL[dtype], (shared, masked)
+        # the state matters: a fresh start differs
+        assert rel(emu_forward(emu, a, k, zri, mask, True, "chunked", S, threads=T)[0], ref) > 10 * TOL[dtype]
+        grads, _ = emu_backward(emu, grad, a, k, zri, mask, True, masked, "chunked", S, threads=T,
+                                d_in=d_in, k_in=k_in)
+        want = ops.bk_core_bwd_state(grad.to(c128), *args64, masked, True, True)
+        for name, x, y in zip(("grad_a", "grad_k", "grad_zri", "grad_mask", "mu0"), grads, want):
+            if y.numel() == 0:  # no mask gradient asked for; grad k of N = 1
+                assert x is None or x.numel() == 0, name
+                continue
+            assert x.shape == y.shape, name
+            assert rel(x, y) < TOL[dtype], (name, shared, masked)
+
+
+def test_emulated_state_argument_errors(emu):
+    """The launchers refuse a state on the two-sided op and half a state (d_in without k_in)."""
+    a, k, zri, _, _ = make_canon(2, 9, torch.float64, False, False, 1)
+    d_in, k_in = make_state(2, torch.float64, 1)
+    dr = torch.view_as_real(d_in).contiguous()
+    out = torch.empty(2, 9, 2, dtype=torch.float64)
+    plan = (ctypes.c_int64 * 6)()
+    for causal, din, kin in ((False, dr, k_in), (True, dr, None), (True, None, k_in)):
+        rc = emu.bk_emu_forward_f64(_ptr(a), _ptr(k), ctypes.c_int64(8), _ptr(zri), _ptr(None), ctypes.c_int64(2),
+                                    ctypes.c_int64(9), ctypes.c_int(int(causal)), _ptr(din), _ptr(kin), _ptr(out),
+                                    ctypes.c_int(0), ctypes.c_int64(0), ctypes.c_int(1), ctypes.c_int(0), plan)
+        assert rc != 0, (causal, din is None, kin is None)

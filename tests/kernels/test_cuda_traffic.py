@@ -9,7 +9,9 @@ for an H100/H200-sized GPU (132 SMs) for that shape, against the design goals of
 * forward <= 16 B/element (float32, shared coupling) for a and the output; the shared coupling row
   adds 4 B per pass over the positions for all B rows together (4 per pass per element at B = 1),
   a per-row coupling 4 B per pass, the mask 4 B;
-* backward <= 32 B/element for grad a alone (no grad k, no grad z, no mask).
+* backward <= 32 B/element for grad a alone (no grad k, no grad z, no mask): grad k not asked for
+  is not written (the kernels get a null pointer);
+* a carried state (causal: d_in, k_in, and mu0 from the backward) adds O(B) bytes, the rest unchanged.
 
 "Model" bytes count a shared coupling row (k of shape (1, N-1)) once per pass over a position for
 the whole batch: the B rows read the same N-1 values, which stay in L2 (at most 4 MB at B >= 64
@@ -25,7 +27,8 @@ from test_cuda_emulated import CXX, build_emulated, emu_backward, emu_forward, m
 
 pytestmark = pytest.mark.skipif(CXX is None, reason="no C++ compiler (g++/c++) on PATH")
 
-TAGS = ["a", "k", "zri", "mask", "out", "grad", "grad_a", "grad_k", "grad_zri", "grad_mask", "ws"]
+TAGS = ["a", "k", "zri", "mask", "out", "grad", "grad_a", "grad_k", "grad_zri", "grad_mask", "ws", "d_in", "k_in",
+        "mu0"]
 UNKNOWN = 15
 SMS = 132
 
@@ -93,15 +96,24 @@ def by_tag(tr, B, N, shared_k):
     return out
 
 
-def run_fwd(emu, B, N, sms, shared=True, masked=False, causal=False, dtype=torch.float32):
+def _state(B, dtype, state):
+    if not state:
+        return {}
+    cdt = torch.complex128 if dtype == torch.float64 else torch.complex64
+    return dict(d_in=torch.full((B,), 1.5 - 0.7j, dtype=cdt), k_in=torch.full((B,), 0.8, dtype=dtype))
+
+
+def run_fwd(emu, B, N, sms, shared=True, masked=False, causal=False, dtype=torch.float32, state=False):
     a, k, zri, mask, _ = make_canon(B, N, dtype, shared, masked, 5)
-    _, plan = emu_forward(emu, a, k, zri, mask, causal, "auto", 0, sms=sms)
+    _, plan = emu_forward(emu, a, k, zri, mask, causal, "auto", 0, sms=sms, **_state(B, dtype, state))
     return by_tag(traffic(emu), B, N, shared), plan
 
 
-def run_bwd(emu, B, N, sms, shared=True, masked=False, causal=False, dtype=torch.float32):
+def run_bwd(emu, B, N, sms, shared=True, masked=False, causal=False, dtype=torch.float32, need_k_grad=True,
+            state=False):
     a, k, zri, mask, grad = make_canon(B, N, dtype, shared, masked, 5)
-    _, plan = emu_backward(emu, grad, a, k, zri, mask, causal, masked, "auto", 0, sms=sms)
+    _, plan = emu_backward(emu, grad, a, k, zri, mask, causal, masked, "auto", 0, sms=sms, need_k_grad=need_k_grad,
+                           **_state(B, dtype, state))
     return by_tag(traffic(emu), B, N, shared), plan
 
 
@@ -150,15 +162,15 @@ def test_forward_bytes_float64(emu):
 def test_backward_bytes_per_element(emu, B, N, sms, causal):
     """float32: a and the upstream gradient are read once per pass (rows over several blocks: the
     pivot maps read a, the gradient maps a and grad, the final pass a and grad; rows in one block:
-    one pass), grad a written once: grad a alone <= 32 B/element. grad k (4 B) is always written
-    (the op asks for it whenever k needs a gradient; it is computed per row), z's partial sums once
-    per block; a shared coupling row adds 4 B per pass for all rows, the mask 4 B (+ 4 B for its
-    gradient)."""
+    one pass), grad a written once: grad a alone <= 32 B/element (+ the coupling row, + the
+    per-block carries and z's partial sums). grad k (4 B) is written only when asked for (per row;
+    the binding reduces a shared k); a shared coupling row adds 4 B per pass for all rows, the mask
+    4 B (+ 4 B for its gradient)."""
     t, plan = run_bwd(emu, B, N, sms, causal=causal)
     passes = 3 if plan[4] > 1 else 1
     assert t["a"] == pytest.approx(4.0 * passes)
     assert t["grad"] == pytest.approx(8.0 * min(passes, 2))
-    assert t["grad_a"] == pytest.approx(4.0) and t["grad_k"] <= 4.0
+    assert t["grad_a"] == pytest.approx(4.0) and t["grad_k"] == pytest.approx(4.0 * (N - 1) / N)
     assert t["a"] + t["grad"] + t["grad_a"] <= 32.0
     overhead = t.get("ws", 0.0) + t.get("zri", 0.0) + t.get("grad_zri", 0.0)
     assert overhead <= 0.6, t
@@ -166,8 +178,30 @@ def test_backward_bytes_per_element(emu, B, N, sms, causal):
     total = sum(t.values())
     assert total <= 36.0 + 4.0 * passes / B + overhead + 0.02, t
     assert total < BEFORE[B][1] / 3
+    # grad a alone: grad k not written, the rest the same bytes
+    tl, _ = run_bwd(emu, B, N, sms, causal=causal, need_k_grad=False)
+    assert "grad_k" not in tl, tl
+    assert tl == pytest.approx({tag: v for tag, v in t.items() if tag != "grad_k"})
+    assert sum(tl.values()) <= 32.0 + 4.0 * passes / B + overhead + 0.02, tl
     tm, _ = run_bwd(emu, B, N, sms, masked=True, causal=causal)
     assert tm["mask"] == pytest.approx(4.0 * min(passes, 2)) and tm["grad_mask"] == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("B,N,sms", _SHAPE_PARAMS)
+def test_state_bytes(emu, B, N, sms):
+    """A carried state (causal): every buffer's bytes as without it; d_in, k_in and mu0 add O(B):
+    per row, k_in read by each pass whose block starts the row, d_in once (by the pass or the row
+    scan that starts the row's pivots), mu0 written once."""
+    for kind, run in (("fwd", run_fwd), ("bwd", run_bwd)):
+        t, plan = run(emu, B, N, sms, causal=True)
+        ts, _ = run(emu, B, N, sms, causal=True, state=True)
+        extra = {tag: ts.pop(tag) for tag in ("d_in", "k_in", "mu0") if tag in ts}
+        assert ts == pytest.approx(t), kind
+        multi = plan[4] > 1
+        want = {"d_in": 8.0, "k_in": 4.0 * ((2 if multi else 1) if kind == "fwd" else (3 if multi else 1))}
+        if kind == "bwd":
+            want["mu0"] = 8.0
+        assert extra == pytest.approx({tag: v / N for tag, v in want.items()}), (kind, extra)
 
 
 def plan_of(emu, B, N, sms=132, strategy=0):
@@ -180,7 +214,7 @@ def plan_of(emu, B, N, sms=132, strategy=0):
 
 def test_forward_carry_depth(emu):
     """Dependent steps from a row's first position to its last output, B = 1, N = 2^24, 132 SMs
-    (forward; the backward's scans are the same, twice). Before: the chunked plan's lanes (C chunks
+    (forward; the backward below, from its passes). Before: the chunked plan's lanes (C chunks
     of Lc) walked all C chunk carries of the row in one thread: Lc + (C - 1) + Lc steps. Now: segment
     maps, a block scan, the per-row scan of block maps (runs of cb / 256), the segment's pivots."""
     depth, p = plan_of(emu, 1, 1 << 24)
@@ -191,12 +225,28 @@ def test_forward_carry_depth(emu):
     assert (S, T, cb) == (8, 128, 16384)
     assert depth == 8 + 7 + 1 + 64 + 8 + 1 + 64 + 8
     assert depth < before / 500
+    # the backward, pass by pass (backward_impl): block pivot maps (segment maps 8, block scan 7),
+    # the pivot row scan (runs of 64, scan 8, apply 1, runs 64), the gradient summaries (apply 1,
+    # pivots 8, mu summary 8, block scan 7), the gradient row scan (137 again), the final pass
+    # (apply 1, walk 8)
+    row_scan = 64 + 8 + 1 + 64
+    assert backward_depth(emu, 1, 1 << 24) == (8 + 7) + row_scan + (1 + 8 + 8 + 7) + row_scan + (1 + 8) == 322
+    # rows in one block (B = 4096, N = 1024: S 8, 128 segments): one pass, two block scans
+    _, p = plan_of(emu, 4096, 1024)
+    assert p[4] == 1 and p[0] == 8 and p[2] == 128
+    assert backward_depth(emu, 4096, 1024) == 8 + 7 + (1 + 8) + 8 + 7 + (1 + 8)
     # every shape fills the GPU: at least 2048 threads per SM of work, or one thread per 8 positions
     for B in (1, 64, 4096):
         for N in (1, 1000, 1 << 14, (1 << 26) // B):
             _, p = plan_of(emu, B, N)
             threads = p[5] * p[1]
             assert threads >= min(2048 * 132, B * N // 8), (B, N, p)
+
+
+def backward_depth(emu, B, N, sms=132, strategy=0):
+    emu.bk_emu_backward_depth.restype = ctypes.c_int64
+    return emu.bk_emu_backward_depth(ctypes.c_int64(B), ctypes.c_int64(N), ctypes.c_int(strategy),
+                                     ctypes.c_int64(0), ctypes.c_int(sms), ctypes.c_int(0))
 
 
 if __name__ == "__main__":
@@ -209,7 +259,21 @@ if __name__ == "__main__":
             return pathlib.Path(tempfile.mkdtemp())
 
     lib = build_emulated(_F(), "bk_core_cuda.cu", "bk_core_emu_api.cpp")
-    print("carry depth B=1 N=2^24:", plan_of(lib, 1, 1 << 24))
+    print("carry depth B=1 N=2^24: forward", plan_of(lib, 1, 1 << 24), "backward", backward_depth(lib, 1, 1 << 24))
+    print("bytes/element, float32, shared k (model bytes): fwd, bwd (grad a, k, z), bwd without grad k;"
+          " causal with a carried state: fwd, bwd")
+    for B, N, sms in SHAPES:
+        for causal in (False, True):
+            f, _ = run_fwd(lib, B, N, sms, causal=causal)
+            b, _ = run_bwd(lib, B, N, sms, causal=causal)
+            bl, _ = run_bwd(lib, B, N, sms, causal=causal, need_k_grad=False)
+            line = (f"  B={B:<5d} {'causal   ' if causal else 'two-sided'}  fwd {sum(f.values()):6.2f}  "
+                    f"bwd {sum(b.values()):6.2f}  bwd-no-grad_k {sum(bl.values()):6.2f}")
+            if causal:
+                fs, _ = run_fwd(lib, B, N, sms, causal=True, state=True)
+                bs, _ = run_bwd(lib, B, N, sms, causal=True, state=True)
+                line += f"  state: fwd {sum(fs.values()):6.3f}  bwd {sum(bs.values()):6.3f}"
+            print(line)
     for B, N, sms in SHAPES:
         for causal in (False, True):
             for shared, masked in ((True, False), (False, False), (True, True)):

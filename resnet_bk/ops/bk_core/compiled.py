@@ -13,7 +13,7 @@ arguments):
 ``out`` is the forward's output when it was saved (causal without a mask: it holds every pivot),
 else None; a gradient that is not needed comes back as an empty (0,) tensor.
 
-The CPU kernel also has the causal op entered from a carried state (``bk_core_fwd_state`` /
+The CPU and CUDA kernels also have the causal op entered from a carried state (``bk_core_fwd_state`` /
 ``bk_core_bwd_state``, with d_in (B,) complex and k_in (B,); the backward returns mu at position 0
 too): its autograd and use are in ``stream.py``; its fake kernels are here.
 """

@@ -7,12 +7,12 @@ the coupling k_in = super_diag[..., 0] * sub_diag[..., 0] of that position to th
 whose first pivot is then d_0 = (a_0 - z) - k_in / d_prev. The chunk's final state is the pivot of
 its last position, d_{N-1} = 1 / y_{N-1}.
 
-How it is computed, exactly. The CPU kernel (the cpp backend) takes the state itself: its chains
-start from d_prev with the coupling k_in into position 0 (``bk_core_fwd_state``), and its backward
-returns mu at position 0 (the conjugate of the gradient gt_0 reaching d_0), from which the state's
-gradients follow as in the decode step: grad d_prev = gt_0 conj(1 / d_prev)^2 k_in and
-grad k_in = -Re(gt_0 conj(1 / d_prev)).
-Every other backend (and the CPU one under torch.compile or verify mode) takes real diagonals and one
+How it is computed, exactly. The CPU and CUDA kernels (the cpp and cuda backends) take the state
+itself: their chains start from d_prev with the coupling k_in into position 0
+(``bk_core_fwd_state``), and their backward returns mu at position 0 (the conjugate of the gradient
+gt_0 reaching d_0), from which the state's gradients follow as in the decode step:
+grad d_prev = gt_0 conj(1 / d_prev)^2 k_in and grad k_in = -Re(gt_0 conj(1 / d_prev)).
+Every other backend (and those two under torch.compile or verify mode) takes real diagonals and one
 shared z, so the complex self-energy k_in / d_prev is produced by two real *ghost* positions placed before the chunk
 (the construction ``distributed.py`` uses at chunk ends, in a form with no division): a ghost g2 with
 diagonal Re z starts the chain (its pivot is -i Im z), a ghost g1 with diagonal Re z + s Re d_prev
@@ -59,7 +59,7 @@ HAS_STATE_OP = _extension.has_op("bk_core_fwd_state")
 
 
 class _CarriedState(torch.autograd.Function):
-    """The CPU kernel's causal op entered from a carried state: (a (B, N), k (Bk, N-1), zri,
+    """The CPU or CUDA kernel's causal op entered from a carried state: (a (B, N), k (Bk, N-1), zri,
     mask or None, d_in (B,) complex, k_in (B,)) -> y (B, N) complex, with gradients for every input
     (see the module doc for d_in's and k_in's)."""
 
@@ -87,15 +87,24 @@ class _CarriedState(torch.autograd.Function):
                 g_din, g_kin)
 
 
+# per device type: the backend whose compiled kernels take the state, if the build has its kernel
+_STATE_BACKEND = {dev: be for dev, be in (("cpu", "cpp"), ("cuda", "cuda"))
+                  if _extension.has_kernel("bk_core_fwd_state", dev.upper())}
+
+
 def _native_state(args: BKArgs, kmask: Optional[Tensor], backend: Optional[str]) -> bool:
-    """Whether a causal call with a carried state runs on the CPU kernel's own entry (the backend
-    the dispatch would choose for these arguments is cpp; not while tracing or verifying)."""
-    if (not HAS_STATE_OP or args.a.device.type != "cpu" or args.B == 0 or torch.compiler.is_compiling()
+    """Whether a causal call with a carried state runs on the compiled kernels' own entry: the
+    backend the dispatch would choose for these arguments is cpp (CPU tensors) or cuda (CUDA
+    tensors) and the build has the state op's kernel for that device; not while tracing or
+    verifying."""
+    dev = args.a.device.type
+    want = _STATE_BACKEND.get(dev)
+    if (want is None or not HAS_STATE_OP or args.B == 0 or torch.compiler.is_compiling()
             or _verify.verify_enabled() or args.a.dtype not in _registry.FAST_CPU_DTYPES):
         return False
     choice = _registry.choose_warned("bk_core", args.a.device, (args.a, args.k[:, 1:], args.zri, kmask, True),
                                      backend)
-    return choice.backend == "cpp"
+    return choice.backend == want
 
 
 def _dispatch(a: Tensor, k: Tensor, zri: Tensor, mask: Optional[Tensor], causal: bool,

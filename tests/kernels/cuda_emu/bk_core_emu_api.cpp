@@ -10,7 +10,7 @@
 namespace {
 
 // Buffer tags of the traffic counter (tests/kernels/test_cuda_traffic.py names them).
-enum Tag { kA = 0, kK, kZri, kMask, kOut, kGrad, kGradA, kGradK, kGradZ, kGradMask, kWs };
+enum Tag { kA = 0, kK, kZri, kMask, kOut, kGrad, kGradA, kGradK, kGradZ, kGradMask, kWs, kDin, kKin, kMu0 };
 
 void* nan_workspace(size_t bytes) {
   const size_t n = (bytes + 256) / 256 * 256;
@@ -25,27 +25,32 @@ void plan_fields(const bk_cuda::Plan& pl, int64_t* o) {
   for (int i = 0; i < 6; ++i) o[i] = v[i];
 }
 
+// d_in ((B, 2) interleaved complex) and k_in ((B,)): a carried state, or both null.
 template <class T>
-void register_inputs(const T* a, const T* k, int64_t ks, const T* zri, const T* mask, int64_t B, int64_t N) {
+void register_inputs(const T* a, const T* k, int64_t ks, const T* zri, const T* mask, int64_t B, int64_t N,
+                     const T* d_in, const T* k_in) {
   auto& tr = bk_emu::traffic;
   tr.reset();
   tr.add_range(a, sizeof(T) * B * N, kA);
   tr.add_range(k, sizeof(T) * (ks ? B : 1) * (N - 1), kK);
   tr.add_range(zri, sizeof(T) * 2, kZri);
   tr.add_range(mask, sizeof(T) * B * N, kMask);
+  tr.add_range(d_in, sizeof(T) * 2 * B, kDin);
+  tr.add_range(k_in, sizeof(T) * B, kKin);
 }
 
 template <class T>
 int run_forward(const T* a, const T* k, int64_t k_row_stride, const T* zri, const T* mask, int64_t B, int64_t N,
-                int causal, T* out, int strategy, int64_t chunk, int sms, int threads, int64_t* plan_out) {
+                int causal, const T* d_in, const T* k_in, T* out, int strategy, int64_t chunk, int sms, int threads,
+                int64_t* plan_out) {
   const bk_cuda::Plan pl = bk_cuda::make_plan(B, N, bk_cuda::Strategy(strategy), chunk, sms, threads);
   plan_fields(pl, plan_out);
   const size_t wsb = bk_cuda::workspace_bytes(pl, causal, false, sizeof(T) == 8);
   void* ws = nan_workspace(wsb);
-  register_inputs(a, k, k_row_stride, zri, mask, B, N);
+  register_inputs(a, k, k_row_stride, zri, mask, B, N, d_in, k_in);
   bk_emu::traffic.add_range(out, sizeof(T) * 2 * B * N, kOut);
   bk_emu::traffic.add_range(ws, wsb, kWs);
-  const bk_cuda::Problem<T> p{a, k, k_row_stride, zri, mask, B, N, causal != 0};
+  const bk_cuda::Problem<T> p{a, k, k_row_stride, zri, mask, B, N, causal != 0, d_in, k_in};
   const bk_cuda::Status s = bk_cuda::forward(p, out, pl, ws, nullptr);
   bk_emu::traffic.on = false;
   std::free(ws);
@@ -54,22 +59,23 @@ int run_forward(const T* a, const T* k, int64_t k_row_stride, const T* zri, cons
 
 template <class T>
 int run_backward(const T* a, const T* k, int64_t k_row_stride, const T* zri, const T* mask, int64_t B, int64_t N,
-                 int causal, const T* grad, T* grad_a, T* grad_k, T* grad_zri, T* grad_mask, int strategy,
-                 int64_t chunk, int sms, int threads, int64_t* plan_out) {
+                 int causal, const T* d_in, const T* k_in, const T* grad, T* grad_a, T* grad_k, T* grad_zri,
+                 T* grad_mask, T* mu0, int strategy, int64_t chunk, int sms, int threads, int64_t* plan_out) {
   const bk_cuda::Plan pl = bk_cuda::make_plan(B, N, bk_cuda::Strategy(strategy), chunk, sms, threads);
   plan_fields(pl, plan_out);
   const size_t wsb = bk_cuda::workspace_bytes(pl, causal, true, sizeof(T) == 8);
   void* ws = nan_workspace(wsb);
-  register_inputs(a, k, k_row_stride, zri, mask, B, N);
+  register_inputs(a, k, k_row_stride, zri, mask, B, N, d_in, k_in);
   auto& tr = bk_emu::traffic;
   tr.add_range(grad, sizeof(T) * 2 * B * N, kGrad);
   tr.add_range(grad_a, sizeof(T) * B * N, kGradA);
   tr.add_range(grad_k, sizeof(T) * B * (N - 1), kGradK);
   tr.add_range(grad_zri, sizeof(T) * 2, kGradZ);
   tr.add_range(grad_mask, sizeof(T) * B * N, kGradMask);
+  tr.add_range(mu0, sizeof(T) * 2 * B, kMu0);
   tr.add_range(ws, wsb, kWs);
-  const bk_cuda::Problem<T> p{a, k, k_row_stride, zri, mask, B, N, causal != 0};
-  const bk_cuda::Grads<T> g{grad, grad_a, grad_k, grad_zri, grad_mask};
+  const bk_cuda::Problem<T> p{a, k, k_row_stride, zri, mask, B, N, causal != 0, d_in, k_in};
+  const bk_cuda::Grads<T> g{grad, grad_a, grad_k, grad_zri, grad_mask, mu0};
   const bk_cuda::Status s = bk_cuda::backward(p, g, pl, ws, nullptr);
   tr.on = false;
   std::free(ws);
@@ -78,18 +84,20 @@ int run_backward(const T* a, const T* k, int64_t k_row_stride, const T* zri, con
 
 }  // namespace
 
+// d_in, k_in: a carried state or null; gk (grad k) and mu0 may be null (not asked for).
 #define BK_EMU_API(T, SUF)                                                                                    \
   extern "C" int bk_emu_forward_##SUF(const T* a, const T* k, int64_t ks, const T* zri, const T* mask,        \
-                                      int64_t B, int64_t N, int causal, T* out, int strategy, int64_t chunk,  \
-                                      int sms, int threads, int64_t* plan_out) {                               \
-    return run_forward<T>(a, k, ks, zri, mask, B, N, causal, out, strategy, chunk, sms, threads, plan_out);   \
+                                      int64_t B, int64_t N, int causal, const T* d_in, const T* k_in, T* out, \
+                                      int strategy, int64_t chunk, int sms, int threads, int64_t* plan_out) { \
+    return run_forward<T>(a, k, ks, zri, mask, B, N, causal, d_in, k_in, out, strategy, chunk, sms, threads,  \
+                          plan_out);                                                                          \
   }                                                                                                           \
   extern "C" int bk_emu_backward_##SUF(const T* a, const T* k, int64_t ks, const T* zri, const T* mask,       \
-                                       int64_t B, int64_t N, int causal, const T* grad, T* ga, T* gk, T* gz,  \
-                                       T* gm, int strategy, int64_t chunk, int sms, int threads,            \
-                                       int64_t* plan_out) {                                                   \
-    return run_backward<T>(a, k, ks, zri, mask, B, N, causal, grad, ga, gk, gz, gm, strategy, chunk, sms,    \
-                           threads, plan_out);                                                                         \
+                                       int64_t B, int64_t N, int causal, const T* d_in, const T* k_in,        \
+                                       const T* grad, T* ga, T* gk, T* gz, T* gm, T* mu0, int strategy,      \
+                                       int64_t chunk, int sms, int threads, int64_t* plan_out) {             \
+    return run_backward<T>(a, k, ks, zri, mask, B, N, causal, d_in, k_in, grad, ga, gk, gz, gm, mu0,         \
+                           strategy, chunk, sms, threads, plan_out);                                          \
   }
 
 BK_EMU_API(float, f32)
@@ -107,10 +115,14 @@ extern "C" const char* bk_emu_traffic(int i, uint64_t* bytes, uint64_t* accesses
   return bk_emu::traffic.names[i];
 }
 
-// The plan of a shape (fields as plan_fields) and its forward carry depth, without running anything.
+// The plan of a shape (fields as plan_fields) and its forward carry depth (backward: its backward
+// carry depth), without running anything.
 extern "C" int64_t bk_emu_plan(int64_t B, int64_t N, int strategy, int64_t chunk, int sms, int threads,
                                int64_t* plan_out) {
   const bk_cuda::Plan pl = bk_cuda::make_plan(B, N, bk_cuda::Strategy(strategy), chunk, sms, threads);
   plan_fields(pl, plan_out);
   return bk_cuda::forward_carry_depth(pl);
+}
+extern "C" int64_t bk_emu_backward_depth(int64_t B, int64_t N, int strategy, int64_t chunk, int sms, int threads) {
+  return bk_cuda::backward_carry_depth(bk_cuda::make_plan(B, N, bk_cuda::Strategy(strategy), chunk, sms, threads));
 }
