@@ -243,6 +243,23 @@ def test_forward_carry_depth(emu):
             assert threads >= min(2048 * 132, B * N // 8), (B, N, p)
 
 
+
+@pytest.mark.parametrize("S,L", [(64, 2048), (4096, 64), (8, 1 << 20), (1000, 1000)])
+def test_packed_row_fills_the_gpu_as_its_batch(emu, S, L):
+    """Packed sequences (ops.bk_core(..., cu_seqlens=...)) run as one row of T = S * L positions with
+    the couplings into each sequence start zeroed: the plan for (1, T) puts as many threads to work
+    as the plan for the batch (S, L) of the same positions, and the carries stay shallow (a packed
+    row does not fall back to a long serial walk)."""
+    _, packed = plan_of(emu, 1, S * L)
+    _, batch = plan_of(emu, S, L)
+    assert packed[0] == batch[0]  # the same positions per thread
+    # busy threads (one per segment): the packed row's segments are the batch's, less the batch
+    # rows' rounding of their last segments; every segment has a thread
+    assert packed[2] >= S * batch[2] - S, (packed, batch)
+    assert packed[5] * packed[1] >= packed[2]
+    depth, _ = plan_of(emu, 1, S * L)
+    assert depth <= 2 * 161, depth  # at most the B = 1, N = 2^24 forward's depth, twice
+
 def backward_depth(emu, B, N, sms=132, strategy=0):
     emu.bk_emu_backward_depth.restype = ctypes.c_int64
     return emu.bk_emu_backward_depth(ctypes.c_int64(B), ctypes.c_int64(N), ctypes.c_int(strategy),
