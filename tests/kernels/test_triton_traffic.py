@@ -162,6 +162,16 @@ def test_backward_bytes_per_element(B, N, sms, causal):
     assert_coalesced(trm)
 
 
+def test_plan_sm_override():
+    """``plan(sms=)`` (the tests' way to give a small shape a full-size plan): 132 is the default,
+    fewer SMs give larger tiles, a bad count is an error naming it."""
+    for B, N in [(1, 1 << 24), (64, 2048), (4096, 64), (3, 1000)]:
+        assert K.plan(B, N, sms=K.SM_COUNT) == K.plan(B, N)
+    assert K.plan(1, 4096).T == 128 and K.plan(1, 4096, sms=1).T == 1024
+    with pytest.raises(ValueError, match="plan: expected sms >= 1, got 0"):
+        K.plan(1, 5, sms=0)
+
+
 def test_counter_catches_out_of_bounds_and_scatter():
     """The counter itself: an access past a registered buffer is reported, a stride-2 access is
     not contiguous."""

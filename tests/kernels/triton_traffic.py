@@ -9,7 +9,7 @@ inside tests: nothing is patched outside the block.
 Buffers are address ranges. The test registers the tensors it passes in (``a``, ``k``, ...) under
 their tags; every other tensor argument of a launch that overlaps none of them (the outputs and the
 scratch the host code allocates) is registered for that launch only, tagged by its kernel argument
-name (``ARG_TAGS``, default "ws"). An access outside every registered buffer is recorded in
+name (``ARG_TAGS``; scratch is "ws"; otherwise the name without "_ptr"). An access outside every registered buffer is recorded in
 ``Traffic.outside`` (the out-of-bounds check: tests assert it is empty).
 
 Coalescing, per access: the pointer block is viewed as (first axis, everything else) and, along
@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-# kernel argument name -> tag, for tensors the host code allocates
+# kernel argument name -> tag, for tensors the host code allocates (others: the name without _ptr)
 ARG_TAGS = {
-    "out_ptr": "out", "y_ptr": "out", "d_ptr": "out",
+    "out_ptr": "out",
     "ga_ptr": "grad_a", "gk_ptr": "grad_k", "gz_ptr": "grad_zri", "gmask_ptr": "grad_mask",
     "gx_ptr": "grad_x", "gy_ptr": "grad_y", "gb_ptr": "grad_bias", "gs_ptr": "grad_scale",
     "u_ptr": "ws", "piv_ptr": "ws", "sum_ptr": "ws", "lsum_ptr": "ws", "cin_ptr": "ws",
@@ -223,7 +223,7 @@ def count(select=None, fast_scan: bool = True, **tensors):
             if isinstance(v, torch.Tensor) and v.numel() > 0:
                 lo, hi = tr._range(v)
                 if not tr._overlaps(lo, hi):
-                    launch.append((lo, hi, ARG_TAGS.get(name, "ws")))
+                    launch.append((lo, hi, ARG_TAGS.get(name, name[:-4] if name.endswith("_ptr") else name)))
         prev = (tr.kernel, tr.launch)
         name = self.fn.__name__
         tr.kernel, tr.launch = name, launch
