@@ -9,8 +9,9 @@ inside tests: nothing is patched outside the block.
 Buffers are address ranges. The test registers the tensors it passes in (``a``, ``k``, ...) under
 their tags; every other tensor argument of a launch that overlaps none of them (the outputs and the
 scratch the host code allocates) is registered for that launch only, tagged by its kernel argument
-name (``ARG_TAGS``; scratch is "ws"; otherwise the name without "_ptr"). An access outside every registered buffer is recorded in
-``Traffic.outside`` (the out-of-bounds check: tests assert it is empty).
+name (``ARG_TAGS``; scratch is "ws"; otherwise the name without "_ptr"). An access outside every
+registered buffer is recorded in ``Traffic.outside`` (the out-of-bounds check: tests assert it is
+empty).
 
 Coalescing, per access: the pointer block is viewed as (first axis, everything else) and, along
 the second (the program's vector axis: consecutive lanes), each pair of neighbouring active lanes
