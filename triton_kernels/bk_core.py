@@ -13,8 +13,10 @@ Complex numbers are carried as (re, im) pairs of real tensors.
 
 Work decomposition (``plan``): a program owns a *tile* of R rows x T consecutive positions
 (R x T between MIN_TILE and MAX_TILE elements, both powers of two; R > 1 only when a whole row fits
-in T), loaded with coalesced accesses (consecutive threads, consecutive addresses). Nothing in a
-tile is sequential: every recurrence is an associative scan along the tile (``tl.associative_scan``)
+in T), loaded with coalesced accesses (consecutive threads, consecutive addresses; a complex value
+as one access of interleaved (re, im) pairs), each input once per kernel (the e chain scans the
+d chain's leaves in reversed tile order; tests/kernels/test_triton_traffic.py counts the bytes).
+Nothing in a tile is sequential: every recurrence is an associative scan along the tile (``tl.associative_scan``)
 
 * the pivot chains d (left to right) and e (right to left) as products of the 2x2 Moebius
   matrices ``M_i = [[alpha_i, -k], [1, 0]]`` acting on homogeneous pivots ``(x, y)``, d = x / y;
@@ -89,16 +91,21 @@ def _make(B: int, N: int, R: int, T: int, carry_block: int) -> Plan:
     return Plan(R, T, C, -(-B // R) * C, min(carry_block, _pow2(C)))
 
 
-def plan(B: int, N: int, tile: Optional[int] = None, carry_block: Optional[int] = None) -> Plan:
+def plan(B: int, N: int, tile: Optional[int] = None, carry_block: Optional[int] = None,
+         sms: Optional[int] = None) -> Plan:
     """The launch for B rows of length N. Tiles of E = R x T elements, E the largest power of two
     in [MIN_TILE, MAX_TILE] that still gives TARGET_PROGRAMS (4 per SM of a 132-SM GPU) programs;
     T = min(E, next_pow2(N)), R = min(E / T, next_pow2(B)). "Fills the GPU" (checked over
     B = 1..4096, N = 1..2^24 in tests/kernels/test_triton_plan.py): programs >= TARGET_PROGRAMS,
     or the problem is so small that programs >= ceil(B N / MIN_TILE), i.e. at most one element per
     thread. ``tile`` forces T (a power of two, R = 1 unless a whole row fits); ``carry_block``
-    forces the carry kernel's block (a power of two)."""
+    forces the carry kernel's block (a power of two). ``sms`` replaces SM_COUNT (tests: a small shape
+    given the plan of a full-size one on a 132-SM GPU)."""
     if B < 1 or N < 1:
         raise ValueError(f"plan: expected B >= 1 and N >= 1, got B={B}, N={N}")
+    if sms is not None and (not isinstance(sms, int) or sms < 1):
+        raise ValueError(f"plan: expected sms >= 1, got {sms!r}")
+    target = TARGET_PROGRAMS if sms is None else sms * PROGRAMS_PER_SM
     cb = CARRY_BLOCK if carry_block is None else carry_block
     npow, bpow = _pow2(N), _pow2(B)
     if tile is not None:
@@ -107,7 +114,7 @@ def plan(B: int, N: int, tile: Optional[int] = None, carry_block: Optional[int] 
     E = MAX_TILE
     while E > MIN_TILE:
         T = min(E, npow)
-        if _make(B, N, min(E // T, bpow), T, cb).programs >= TARGET_PROGRAMS:
+        if _make(B, N, min(E // T, bpow), T, cb).programs >= target:
             break
         E //= 2
     T = min(E, npow)
@@ -265,6 +272,19 @@ def _flip(x, R: tl.constexpr, T: tl.constexpr):
 
 
 @triton.jit
+def _load_complex(ptr, idx, m):
+    """Complex entries idx of an interleaved (re, im) array: one load of consecutive reals."""
+    off = idx[:, :, None] * 2 + tl.arange(0, 2)[None, None, :]
+    return tl.split(tl.load(ptr + off, mask=m[:, :, None], other=0.0))
+
+
+@triton.jit
+def _store_complex(ptr, idx, re, im, m):
+    off = idx[:, :, None] * 2 + tl.arange(0, 2)[None, None, :]
+    tl.store(ptr + off, tl.join(re, im), mask=m[:, :, None])
+
+
+@triton.jit
 def _tile(pid, B, N, C, R: tl.constexpr, T: tl.constexpr):
     """Rows (R, 1) int64, chunk start, t (1, T), row validity (R, 1)."""
     rb = pid // C
@@ -286,38 +306,38 @@ def _load_vec(ptr, off, stride, okr, HAS: tl.constexpr, zero):
 
 
 @triton.jit
-def _chain(a_ptr, k_ptr, rows, n, v, N, k_rs, zr, zi, REV: tl.constexpr):
-    """The Moebius leaves of the d chain (positions n, coupling k_{n-1}) or, REV, the e chain
-    (coupling k_n), and alpha."""
+def _leaves(a_ptr, k_ptr, rows, start, t, okr, N, k_rs, zr, zi, R: tl.constexpr, T: tl.constexpr):
+    """One coalesced read of the tile's a and k: positions n, validity, alpha = a - z, k_n (the e
+    chain's coupling) and k_{n-1} (the d chain's: k_n shifted by one lane, the lane entering the
+    tile one value per row)."""
+    n = start + t
+    v = okr & (n < N)
     alr = tl.load(a_ptr + rows * N + n, mask=v, other=0.0) - zr
     ali = tl.zeros_like(alr) - zi
-    if REV:
-        kk = tl.load(k_ptr + rows * k_rs + n, mask=v & (n < N - 1), other=0.0)
-    else:
-        kk = tl.load(k_ptr + rows * k_rs + n - 1, mask=v & (n >= 1), other=0.0)
-    m00r, m00i, m01r, m01i, m10r, m10i, m11r, m11i = _mob_leaf(v, alr, ali, kk)
-    return alr, ali, kk, m00r, m00i, m01r, m01i, m10r, m10i, m11r, m11i
+    kr = tl.load(k_ptr + rows * k_rs + n, mask=v & (n < N - 1), other=0.0)
+    kp = tl.load(k_ptr + rows * k_rs + (start - 1), mask=okr & (rows * 0 + start >= 1), other=0.0)
+    kk = _shift1(kr, kp, R, T)
+    return n, v, alr, ali, kr, kk
 
 
 @triton.jit
-def _pivots(a_ptr, k_ptr, piv_ptr, rows, start, t, okr, B, N, C, k_rs, zr, zi,
-            REV: tl.constexpr, HAS_CARRY: tl.constexpr):
-    """Homogeneous pivots (x, y) of the d chain, or REV the e chain in reversed tile order, from the
-    carry entering the chunk (piv (2, 4, B, C)); alpha and k as loaded."""
-    if REV:
-        n = start + (t.shape[1] - 1 - t)
-    else:
-        n = start + t
-    v = okr & (n < N)
-    alr, ali, kk, m00r, m00i, m01r, m01i, m10r, m10i, m11r, m11i = _chain(a_ptr, k_ptr, rows, n, v, N, k_rs,
-                                                                          zr, zi, REV)
+def _rev_valid(start, t, okr, N, T: tl.constexpr):
+    """Validity in reversed tile order (lane t holds position start + T - 1 - t)."""
+    return okr & (start + (T - 1 - t) < N)
+
+
+@triton.jit
+def _scan_chain(piv_ptr, rows, start, okr, B, C, alr, ali, kk, v,
+                REV: tl.constexpr, HAS_CARRY: tl.constexpr, T: tl.constexpr):
+    """Homogeneous pivots (x, y) of the d chain, or REV the e chain (its leaves given in reversed
+    tile order), from the carry entering the chunk (piv (2, 4, B, C))."""
+    m00r, m00i, m01r, m01i, m10r, m10i, m11r, m11i = _mob_leaf(v, alr, ali, kk)
     p00r, p00i, p01r, p01i, p10r, p10i, p11r, p11i = tl.associative_scan(
         (m00r, m00i, m01r, m01i, m10r, m10i, m11r, m11i), 1, _mob_comb)
-    c = start // t.shape[1]
+    c = start // T
     off = (REV * 4 * B + rows) * C + c
     xr, xi, yr, yi = _load_vec(piv_ptr, off, B * C, okr, HAS_CARRY, tl.zeros([rows.shape[0], 1], alr.dtype))
-    xr, xi, yr, yi = _mob_apply(p00r, p00i, p01r, p01i, p10r, p10i, p11r, p11i, xr, xi, yr, yi)
-    return xr, xi, yr, yi, alr, ali, kk, n, v
+    return _mob_apply(p00r, p00i, p01r, p01i, p10r, p10i, p11r, p11i, xr, xi, yr, yi)
 
 
 @triton.jit
@@ -329,15 +349,8 @@ def _store_last(ptr, off, stride, sel, a, b, c, d):
 
 
 @triton.jit
-def _summary_dir(a_ptr, k_ptr, sum_ptr, rows, start, t, okr, B, N, C, k_rs, zr, zi,
-                 REV: tl.constexpr, T: tl.constexpr):
-    if REV:
-        n = start + (T - 1 - t)
-    else:
-        n = start + t
-    v = okr & (n < N)
-    _, _, _, m00r, m00i, m01r, m01i, m10r, m10i, m11r, m11i = _chain(a_ptr, k_ptr, rows, n, v, N, k_rs,
-                                                                      zr, zi, REV)
+def _summary_dir(sum_ptr, rows, start, t, okr, B, C, alr, ali, kk, v, REV: tl.constexpr, T: tl.constexpr):
+    m00r, m00i, m01r, m01i, m10r, m10i, m11r, m11i = _mob_leaf(v, alr, ali, kk)
     p00r, p00i, p01r, p01i, p10r, p10i, p11r, p11i = tl.associative_scan(
         (m00r, m00i, m01r, m01i, m10r, m10i, m11r, m11i), 1, _mob_comb)
     off = (REV * 8 * B + rows) * (C * 1) + start // T + t * 0
@@ -350,13 +363,15 @@ def _summary_dir(a_ptr, k_ptr, sum_ptr, rows, start, t, okr, B, N, C, k_rs, zr, 
 @triton.jit
 def _pivot_summary_kernel(a_ptr, k_ptr, zri_ptr, sum_ptr, B, N, C, k_rs,
                           TWO_SIDED: tl.constexpr, R: tl.constexpr, T: tl.constexpr):
-    """sum (2, 8, B, C): each chunk's Moebius product, d chain then e chain."""
+    """sum (2, 8, B, C): each chunk's Moebius product, d chain then e chain (a and k read once)."""
     rows, start, t, okr = _tile(tl.program_id(0), B, N, C, R, T)
     zr = tl.load(zri_ptr)
     zi = tl.load(zri_ptr + 1)
-    _summary_dir(a_ptr, k_ptr, sum_ptr, rows, start, t, okr, B, N, C, k_rs, zr, zi, False, T)
+    n, v, alr, ali, kr, kk = _leaves(a_ptr, k_ptr, rows, start, t, okr, N, k_rs, zr, zi, R, T)
+    _summary_dir(sum_ptr, rows, start, t, okr, B, C, alr, ali, kk, v, False, T)
     if TWO_SIDED:
-        _summary_dir(a_ptr, k_ptr, sum_ptr, rows, start, t, okr, B, N, C, k_rs, zr, zi, True, T)
+        _summary_dir(sum_ptr, rows, start, t, okr, B, C, _flip(alr, R, T), ali, _flip(kr, R, T),
+                     _rev_valid(start, t, okr, N, T), True, T)
 
 
 @triton.jit
@@ -458,14 +473,14 @@ def _fwd_kernel(a_ptr, k_ptr, zri_ptr, mask_ptr, piv_ptr, out_ptr, B, N, C, k_rs
     rows, start, t, okr = _tile(tl.program_id(0), B, N, C, R, T)
     zr = tl.load(zri_ptr)
     zi = tl.load(zri_ptr + 1)
-    xd, xdi, yd, ydi, alr, ali, kk, n, v = _pivots(a_ptr, k_ptr, piv_ptr, rows, start, t, okr, B, N, C, k_rs,
-                                                   zr, zi, False, HAS_CARRY)
+    n, v, alr, ali, kr, kk = _leaves(a_ptr, k_ptr, rows, start, t, okr, N, k_rs, zr, zi, R, T)
+    xd, xdi, yd, ydi = _scan_chain(piv_ptr, rows, start, okr, B, C, alr, ali, kk, v, False, HAS_CARRY, T)
     if CAUSAL:
         # y = 1 / d = y_h / x_h
         gr, gi = _cdiv(yd, ydi, xd, xdi)
     else:
-        xe, xei, ye, yei, _, _, _, _, _ = _pivots(a_ptr, k_ptr, piv_ptr, rows, start, t, okr, B, N, C, k_rs,
-                                                  zr, zi, True, HAS_CARRY)
+        xe, xei, ye, yei = _scan_chain(piv_ptr, rows, start, okr, B, C, _flip(alr, R, T), ali, _flip(kr, R, T),
+                                       _rev_valid(start, t, okr, N, T), True, HAS_CARRY, T)
         xe = _flip(xe, R, T)
         xei = _flip(xei, R, T)
         ye = _flip(ye, R, T)
@@ -480,9 +495,8 @@ def _fwd_kernel(a_ptr, k_ptr, zri_ptr, mask_ptr, piv_ptr, out_ptr, B, N, C, k_rs
         mk = tl.load(mask_ptr + rows * N + n, mask=v, other=0.0)
         gr = tl.where(mk != 0.0, gr * mk, 0.0)
         gi = tl.where(mk != 0.0, gi * mk, 0.0)
-    off = (rows * N + n) * 2
-    tl.store(out_ptr + off, gr, mask=v)
-    tl.store(out_ptr + off + 1, gi, mask=v)
+    # (re, im) interleaved: one store of (R, T, 2) consecutive reals (coalesced), not two of stride 2
+    _store_complex(out_ptr, rows * N + n, gr, gi, v)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -504,11 +518,9 @@ def _bwd_kernel(g_ptr, a_ptr, k_ptr, zri_ptr, mask_ptr, piv_ptr, lsum_ptr, cin_p
     zi = tl.load(zri_ptr + 1)
     c = start // T
     BC = B * C
-    xd, xdi, yd, ydi, alr, ali, kk, n, v = _pivots(a_ptr, k_ptr, piv_ptr, rows, start, t, okr, B, N, C, k_rs,
-                                                   zr, zi, False, HAS_CARRY)
-    goff = (rows * N + n) * 2
-    gr = tl.load(g_ptr + goff, mask=v, other=0.0)
-    gi = tl.load(g_ptr + goff + 1, mask=v, other=0.0)
+    n, v, alr, ali, kr, kk = _leaves(a_ptr, k_ptr, rows, start, t, okr, N, k_rs, zr, zi, R, T)
+    xd, xdi, yd, ydi = _scan_chain(piv_ptr, rows, start, okr, B, C, alr, ali, kk, v, False, HAS_CARRY, T)
+    gr, gi = _load_complex(g_ptr, rows * N + n, v)
     wr = gr
     wi = -gi
     if HAS_MASK:
@@ -521,8 +533,7 @@ def _bwd_kernel(g_ptr, a_ptr, k_ptr, zri_ptr, mask_ptr, piv_ptr, lsum_ptr, cin_p
     # 1 / d
     idr, idi = _cdiv(yd, ydi, xd, xdi)
     id2r, id2i = _cmul(idr, idi, idr, idi)
-    # coupling to the right, k_n (the d chain loaded k_{n-1})
-    kr = tl.load(k_ptr + rows * k_rs + n, mask=v & (n < N - 1), other=0.0)
+    # kr: the coupling to the right, k_n; kk: k_{n-1}
     last = okr & (t == T - 1)
     if CAUSAL:
         if NEED_GMASK:
@@ -563,8 +574,8 @@ def _bwd_kernel(g_ptr, a_ptr, k_ptr, zri_ptr, mask_ptr, piv_ptr, lsum_ptr, cin_p
             tl.store(gz_ptr + pid, sr)
             tl.store(gz_ptr + tl.num_programs(0) + pid, si)
     else:
-        xe, xei, ye, yei, _, _, kre, _, _ = _pivots(a_ptr, k_ptr, piv_ptr, rows, start, t, okr, B, N, C, k_rs,
-                                                    zr, zi, True, HAS_CARRY)
+        xe, xei, ye, yei = _scan_chain(piv_ptr, rows, start, okr, B, C, _flip(alr, R, T), ali, _flip(kr, R, T),
+                                       _rev_valid(start, t, okr, N, T), True, HAS_CARRY, T)
         xe = _flip(xe, R, T)
         xei = _flip(xei, R, T)
         ye = _flip(ye, R, T)
@@ -681,7 +692,7 @@ def _pos_pow2(value, src: str) -> int:
     return value
 
 
-def _resolve(B: int, N: int, tile: Optional[int], carry_block: Optional[int]) -> Plan:
+def _resolve(B: int, N: int, tile: Optional[int], carry_block: Optional[int], sms: Optional[int] = None) -> Plan:
     src = "tile="
     if tile is None and _ENV_TILE_VALUE:
         tile, src = _ENV_TILE_VALUE, ENV_TILE
@@ -689,7 +700,7 @@ def _resolve(B: int, N: int, tile: Optional[int], carry_block: Optional[int]) ->
         tile = _pos_pow2(tile, src)
     if carry_block is not None:
         carry_block = _pos_pow2(carry_block, "carry_block=")
-    return plan(B, N, tile, carry_block)
+    return plan(B, N, tile, carry_block, sms)
 
 
 def _check(a: Tensor, k: Tensor, zri: Tensor, mask: Optional[Tensor]) -> None:
@@ -724,11 +735,12 @@ def _pivot_carries(a, k, zri, p: Plan, k_rs, two_sided):
 
 
 def bk_core_fwd(a: Tensor, k: Tensor, zri: Tensor, mask: Optional[Tensor], causal: bool, *,
-                tile: Optional[int] = None, carry_block: Optional[int] = None) -> Tensor:
+                tile: Optional[int] = None, carry_block: Optional[int] = None, sms: Optional[int] = None) -> Tensor:
     """Forward on canonical arguments: (B, N) complex G (or 1/d when causal), times mask.
 
     ``tile``: positions per tile (a power of two; None: ``plan`` or RESNET_BK_TRITON_TILE);
-    ``carry_block``: chunks per step of the carry kernel (a power of two; None: CARRY_BLOCK).
+    ``carry_block``: chunks per step of the carry kernel (a power of two; None: CARRY_BLOCK);
+    ``sms``: the SM count ``plan`` assumes (None: SM_COUNT; tests only).
     """
     _check(a, k, zri, mask)
     a, k, zri = a.contiguous(), k.contiguous(), zri.contiguous()
@@ -738,7 +750,7 @@ def bk_core_fwd(a: Tensor, k: Tensor, zri: Tensor, mask: Optional[Tensor], causa
     out = torch.empty(B, N, dtype=cdt, device=a.device)
     if B == 0 or N == 0:
         return out
-    p = _resolve(B, N, tile, carry_block)
+    p = _resolve(B, N, tile, carry_block, sms)
     k_rs = 0 if k.shape[0] == 1 else N - 1
     piv = _pivot_carries(a, k, zri, p, k_rs, not causal) if p.C > 1 else a
     _launch(_fwd_kernel, (p.programs,), a, k, zri, a if mask is None else mask, piv,
@@ -750,7 +762,8 @@ def bk_core_fwd(a: Tensor, k: Tensor, zri: Tensor, mask: Optional[Tensor], causa
 
 def bk_core_bwd(grad: Tensor, a: Tensor, k: Tensor, zri: Tensor, mask: Optional[Tensor], causal: bool,
                 need_mask_grad: bool = True, *, tile: Optional[int] = None,
-                carry_block: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+                carry_block: Optional[int] = None, sms: Optional[int] = None
+                ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """Exact backward on canonical arguments, same contract as ``bk_core_bwd_ref``:
     (grad_a (B, N), grad_k (Bk, N-1) (summed over rows when Bk == 1), grad_zri (2,),
     grad_mask (B, N) or None). ``grad`` is PyTorch's upstream gradient of the complex output."""
@@ -766,7 +779,7 @@ def bk_core_bwd(grad: Tensor, a: Tensor, k: Tensor, zri: Tensor, mask: Optional[
         return (torch.zeros_like(a), torch.zeros_like(k), torch.zeros_like(zri),
                 torch.zeros_like(mask) if need_gmask else None)
     g = torch.view_as_real(grad.to(cdt).resolve_conj().resolve_neg().contiguous())
-    p = _resolve(B, N, tile, carry_block)
+    p = _resolve(B, N, tile, carry_block, sms)
     k_rs = 0 if k.shape[0] == 1 else N - 1
     dev, dt = a.device, a.dtype
     D = 1 if causal else 2

@@ -51,8 +51,9 @@ def _step_kernel(a_ptr, b_ptr, c_ptr, zri_ptr, s_ptr, y_ptr, d_ptr, n,
             cv = tl.load(c_ptr + i * 0, mask=ok, other=0.0)
         else:
             cv = tl.load(c_ptr + i, mask=ok, other=0.0)
-        sr = tl.load(s_ptr + 2 * i, mask=ok, other=1.0)
-        si = tl.load(s_ptr + 2 * i + 1, mask=ok, other=0.0)
+        # (re, im) interleaved: one load of (BLOCK, 2) consecutive reals (coalesced), not two of stride 2
+        sr, si = tl.split(tl.load(s_ptr + (2 * i)[:, None] + tl.arange(0, 2)[None, :], mask=ok[:, None], other=1.0))
+        si = tl.where(ok, si, 0.0)
         # k / s = k conj(s) / |s|^2, 0 where |s|^2 is infinite (as csrc/bk_math.h's pivot_step)
         r = _recip_real(sr * sr + si * si)
         u = tl.where(r == 0.0, 0.0, sr * r)
@@ -63,10 +64,9 @@ def _step_kernel(a_ptr, b_ptr, c_ptr, zri_ptr, s_ptr, y_ptr, d_ptr, n,
     q = _recip_real(dr * dr + di * di)
     yr = tl.where(q == 0.0, 0.0, dr * q)
     yi = tl.where(q == 0.0, 0.0, -(di * q))
-    tl.store(d_ptr + 2 * i, dr, mask=ok)
-    tl.store(d_ptr + 2 * i + 1, di, mask=ok)
-    tl.store(y_ptr + 2 * i, yr, mask=ok)
-    tl.store(y_ptr + 2 * i + 1, yi, mask=ok)
+    off = (2 * i)[:, None] + tl.arange(0, 2)[None, :]
+    tl.store(d_ptr + off, tl.join(dr, di), mask=ok[:, None])
+    tl.store(y_ptr + off, tl.join(yr, yi), mask=ok[:, None])
 
 
 INTERPRETED = type(_step_kernel).__name__ == "InterpretedFunction"  # TRITON_INTERPRET=1 at import
