@@ -15,11 +15,14 @@
 #include <cstring>
 #include <string>
 
+#include "../bk_core_args.h"
 #include "bk_core_cpu.h"
 #include "bk_ops_cpu.h"
 #include "huge_pages.h"
 
 namespace {
+
+using resnet_bk::OptT;
 
 void par_for(int64_t n, void* ctx, void (*fn)(void*, int64_t, int64_t)) {
   at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) { fn(ctx, b, e); });
@@ -83,23 +86,13 @@ void run_backward(const bk_cpu::Problem<T>& p, bk_cpu::Grads<T>& g) {
   }
 }
 
-void check_args(const at::Tensor& a, const at::Tensor& k, const at::Tensor& zri, const c10::optional<at::Tensor>& mask) {
-  TORCH_CHECK(a.dim() == 2, "a: expected shape (B, N), got ", a.sizes());
-  TORCH_CHECK(a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble,
-              "a: expected float32 or float64, got ", a.scalar_type());
-  TORCH_CHECK(a.size(1) >= 1, "a: expected N >= 1, got shape ", a.sizes());
-  TORCH_CHECK(k.dim() == 2 && k.size(1) == a.size(1) - 1 && (k.size(0) == 1 || k.size(0) == a.size(0)),
-              "k: expected shape (1, N-1) or (B, N-1) = (", a.size(0), ", ", a.size(1) - 1, "), got ", k.sizes());
-  TORCH_CHECK(k.scalar_type() == a.scalar_type(), "k: expected dtype ", a.scalar_type(), ", got ", k.scalar_type());
-  TORCH_CHECK(zri.dim() == 1 && zri.size(0) == 2 && zri.scalar_type() == a.scalar_type(),
-              "zri: expected shape (2,) of dtype ", a.scalar_type(), ", got ", zri.sizes(), " ", zri.scalar_type());
-  TORCH_CHECK(a.device().is_cpu() && k.device().is_cpu() && zri.device().is_cpu(),
-              "resnet_bk CPU kernel: expected CPU tensors");
-  if (mask.has_value()) {
-    TORCH_CHECK(mask->sizes() == a.sizes() && mask->scalar_type() == a.scalar_type() && mask->device().is_cpu(),
-                "mask: expected a CPU tensor of shape ", a.sizes(), " and dtype ", a.scalar_type(), ", got ",
-                mask->sizes(), " ", mask->scalar_type());
-  }
+// the CPU kernels' device rule for check_bk_args / state_args
+void on_cpu(const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got one on ", t.device());
+}
+
+void check_args(const at::Tensor& a, const at::Tensor& k, const at::Tensor& zri, const OptT& mask) {
+  resnet_bk::check_bk_args(a, k, zri, mask, on_cpu);
 }
 
 template <class T>
@@ -119,24 +112,8 @@ bk_cpu::Problem<T> make_problem(const at::Tensor& a, const at::Tensor& k, const 
   return p;
 }
 
-// A carried state (causal only): d_in (B,) complex of a's precision, the pivot before each row;
-// k_in (B,) of a's dtype, the coupling from that position to position 0. Returned as contiguous
-// real views ((B, 2) and (B,)) for Problem::d_in / k_in.
-using OptT = c10::optional<at::Tensor>;
-
 std::pair<at::Tensor, at::Tensor> state_args(const at::Tensor& a, bool causal, const OptT& d_in, const OptT& k_in) {
-  TORCH_CHECK(d_in.has_value() == k_in.has_value(), "d_in, k_in: expected both or neither");
-  if (!d_in.has_value()) return {};
-  TORCH_CHECK(causal, "d_in: a carried state is defined for the causal op only");
-  const auto cdt = a.scalar_type() == at::kDouble ? at::kComplexDouble : at::kComplexFloat;
-  TORCH_CHECK(d_in->sizes() == at::IntArrayRef({a.size(0)}) && d_in->scalar_type() == cdt && d_in->device().is_cpu(),
-              "d_in: expected a CPU ", cdt, " tensor of shape (", a.size(0), "), got ", d_in->scalar_type(), " ",
-              d_in->sizes(), " on ", d_in->device());
-  TORCH_CHECK(k_in->sizes() == at::IntArrayRef({a.size(0)}) && k_in->scalar_type() == a.scalar_type() &&
-                  k_in->device().is_cpu(),
-              "k_in: expected a CPU ", a.scalar_type(), " tensor of shape (", a.size(0), "), got ",
-              k_in->scalar_type(), " ", k_in->sizes(), " on ", k_in->device());
-  return {at::view_as_real(d_in->resolve_conj().resolve_neg().contiguous()).contiguous(), k_in->contiguous()};
+  return resnet_bk::state_args(a, causal, d_in, k_in, on_cpu);
 }
 
 at::Tensor fwd_impl(const at::Tensor& a_, const at::Tensor& k_, const at::Tensor& zri_, const OptT& mask_, bool causal,

@@ -25,10 +25,13 @@
 #include <tuple>
 #include <utility>
 
+#include "../bk_core_args.h"
 #include "bk_core_cuda.h"
 #include "bk_step_cuda.h"
 
 namespace {
+
+using resnet_bk::OptT;
 
 bk_cuda::Strategy parse_strategy(const char* env) {
   if (env == nullptr || env[0] == '\0') return bk_cuda::Strategy::kAuto;
@@ -86,24 +89,8 @@ void check_cuda_tensor(const char* name, const at::Tensor& t, const at::Tensor& 
               t.device());
 }
 
-void check_args(const at::Tensor& a, const at::Tensor& k, const at::Tensor& zri, const c10::optional<at::Tensor>& mask) {
-  TORCH_CHECK(a.dim() == 2, "a: expected shape (B, N), got ", a.sizes());
-  TORCH_CHECK(a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble,
-              "a: expected float32 or float64, got ", a.scalar_type());
-  TORCH_CHECK(a.size(1) >= 1, "a: expected N >= 1, got shape ", a.sizes());
-  TORCH_CHECK(a.is_cuda(), "a: expected a CUDA tensor, got one on ", a.device());
-  TORCH_CHECK(k.dim() == 2 && k.size(1) == a.size(1) - 1 && (k.size(0) == 1 || k.size(0) == a.size(0)),
-              "k: expected shape (1, N-1) or (B, N-1) = (", a.size(0), ", ", a.size(1) - 1, "), got ", k.sizes());
-  TORCH_CHECK(k.scalar_type() == a.scalar_type(), "k: expected dtype ", a.scalar_type(), ", got ", k.scalar_type());
-  check_cuda_tensor("k", k, a);
-  TORCH_CHECK(zri.dim() == 1 && zri.size(0) == 2 && zri.scalar_type() == a.scalar_type(),
-              "zri: expected shape (2,) of dtype ", a.scalar_type(), ", got ", zri.sizes(), " ", zri.scalar_type());
-  check_cuda_tensor("zri", zri, a);
-  if (mask.has_value()) {
-    TORCH_CHECK(mask->sizes() == a.sizes() && mask->scalar_type() == a.scalar_type(), "mask: expected shape ",
-                a.sizes(), " and dtype ", a.scalar_type(), ", got ", mask->sizes(), " ", mask->scalar_type());
-    check_cuda_tensor("mask", *mask, a);
-  }
+void check_args(const at::Tensor& a, const at::Tensor& k, const at::Tensor& zri, const OptT& mask) {
+  resnet_bk::check_bk_args(a, k, zri, mask, [&a](const char* name, const at::Tensor& t) { check_cuda_tensor(name, t, a); });
 }
 
 void check_status(const bk_cuda::Status& s) {
@@ -132,25 +119,9 @@ at::Tensor workspace(const at::Tensor& a, const bk_cuda::Plan& plan, bool causal
   return at::empty({static_cast<int64_t>(bytes)}, a.options().dtype(at::kByte));
 }
 
-using OptT = c10::optional<at::Tensor>;
-
-// A carried state (causal only; see csrc/schemas.cpp): d_in (B,) complex of a's precision, the pivot
-// before each row; k_in (B,) of a's dtype, its coupling to position 0. Returned as contiguous real
-// views ((B, 2) and (B,)) for Problem::d_in / k_in; undefined tensors without a state.
 std::pair<at::Tensor, at::Tensor> state_args(const at::Tensor& a, bool causal, const OptT& d_in, const OptT& k_in) {
-  TORCH_CHECK(d_in.has_value() == k_in.has_value(), "d_in, k_in: expected both or neither");
-  if (!d_in.has_value()) return {};
-  TORCH_CHECK(causal, "d_in: a carried state is defined for the causal op only");
-  const auto cdt = a.scalar_type() == at::kDouble ? at::kComplexDouble : at::kComplexFloat;
-  TORCH_CHECK(d_in->sizes() == at::IntArrayRef({a.size(0)}) && d_in->scalar_type() == cdt,
-              "d_in: expected a ", cdt, " tensor of shape (", a.size(0), "), got ", d_in->scalar_type(), " ",
-              d_in->sizes());
-  check_cuda_tensor("d_in", *d_in, a);
-  TORCH_CHECK(k_in->sizes() == at::IntArrayRef({a.size(0)}) && k_in->scalar_type() == a.scalar_type(),
-              "k_in: expected a ", a.scalar_type(), " tensor of shape (", a.size(0), "), got ", k_in->scalar_type(),
-              " ", k_in->sizes());
-  check_cuda_tensor("k_in", *k_in, a);
-  return {at::view_as_real(d_in->resolve_conj().resolve_neg().contiguous()).contiguous(), k_in->contiguous()};
+  return resnet_bk::state_args(a, causal, d_in, k_in,
+                               [&a](const char* name, const at::Tensor& t) { check_cuda_tensor(name, t, a); });
 }
 
 at::Tensor fwd_impl(const at::Tensor& a_, const at::Tensor& k_, const at::Tensor& zri_, const OptT& mask_, bool causal,
