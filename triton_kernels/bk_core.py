@@ -507,11 +507,12 @@ def _fwd_kernel(a_ptr, k_ptr, zri_ptr, mask_ptr, piv_ptr, out_ptr, B, N, C, k_rs
 def _bwd_kernel(g_ptr, a_ptr, k_ptr, zri_ptr, mask_ptr, piv_ptr, lsum_ptr, cin_ptr,
                 ga_ptr, gk_ptr, gz_ptr, gmask_ptr, B, N, C, k_rs,
                 CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, NEED_GMASK: tl.constexpr,
-                HAS_CARRY: tl.constexpr, SUMMARY: tl.constexpr, R: tl.constexpr, T: tl.constexpr):
+                HAS_CARRY: tl.constexpr, SUMMARY: tl.constexpr, R: tl.constexpr, T: tl.constexpr,
+                NEED_GK: tl.constexpr = True):
     """SUMMARY: the chunk summaries (c product, local value) of the gradient recurrences into
     lsum (D, 4, B, C) (direction 0: R or mu, right to left; 1: L). Otherwise, from the values
-    entering the chunk (cin (D, 2, B, C)): grad_a (B, N), per-row grad_k (B, N-1), per-program
-    partial sums gz (2, programs) of A (two-sided) or mu (causal), grad_mask (B, N)."""
+    entering the chunk (cin (D, 2, B, C)): grad_a (B, N), per-row grad_k (B, N-1) when NEED_GK,
+    per-program partial sums gz (2, programs) of A (two-sided) or mu (causal), grad_mask (B, N)."""
     pid = tl.program_id(0)
     rows, start, t, okr = _tile(pid, B, N, C, R, T)
     zr = tl.load(zri_ptr)
@@ -566,8 +567,9 @@ def _bwd_kernel(g_ptr, a_ptr, k_ptr, zri_ptr, mask_ptr, piv_ptr, lsum_ptr, cin_p
             nxi = _shift1(mui, mii, R, T)
             fdr = _flip(idr, R, T)
             fdi = _flip(idi, R, T)
-            gkr, _ = _cmul(nxr, nxi, fdr, fdi)
-            tl.store(gk_ptr + rows * (N - 1) + nrv, -gkr, mask=vr_ & (nrv < N - 1))
+            if NEED_GK:
+                gkr, _ = _cmul(nxr, nxi, fdr, fdi)
+                tl.store(gk_ptr + rows * (N - 1) + nrv, -gkr, mask=vr_ & (nrv < N - 1))
             tl.store(ga_ptr + rows * N + nrv, mur, mask=vr_)
             sr = tl.sum(tl.sum(tl.where(vr_, mur, 0.0), 1), 0)
             si = tl.sum(tl.sum(tl.where(vr_, mui, 0.0), 1), 0)
@@ -640,13 +642,14 @@ def _bwd_kernel(g_ptr, a_ptr, k_ptr, zri_ptr, mask_ptr, piv_ptr, lsum_ptr, cin_p
             Ai = Li + Ri - pi
             tl.store(ga_ptr + rows * N + n, -Ar, mask=v)
             # grad k_{j-1} = Re(L_{j-1} / e_j + R_j / d_{j-1}), written at j
-            plr = _shift1(Lr, lir, R, T)
-            pli = _shift1(Li, lii, R, T)
-            pdr = _shift1(idr, pdr, R, T)
-            pdi = _shift1(idi, pdi, R, T)
-            u1, _ = _cmul(plr, pli, ier, iei)
-            u2, _ = _cmul(Rr, Ri, pdr, pdi)
-            tl.store(gk_ptr + rows * (N - 1) + n - 1, u1 + u2, mask=v & (n >= 1))
+            if NEED_GK:
+                plr = _shift1(Lr, lir, R, T)
+                pli = _shift1(Li, lii, R, T)
+                pdr = _shift1(idr, pdr, R, T)
+                pdi = _shift1(idi, pdi, R, T)
+                u1, _ = _cmul(plr, pli, ier, iei)
+                u2, _ = _cmul(Rr, Ri, pdr, pdi)
+                tl.store(gk_ptr + rows * (N - 1) + n - 1, u1 + u2, mask=v & (n >= 1))
             sr = tl.sum(tl.sum(tl.where(v, Ar, 0.0), 1), 0)
             si = tl.sum(tl.sum(tl.where(v, Ai, 0.0), 1), 0)
             tl.store(gz_ptr + pid, sr)
@@ -761,12 +764,13 @@ def bk_core_fwd(a: Tensor, k: Tensor, zri: Tensor, mask: Optional[Tensor], causa
 
 
 def bk_core_bwd(grad: Tensor, a: Tensor, k: Tensor, zri: Tensor, mask: Optional[Tensor], causal: bool,
-                need_mask_grad: bool = True, *, tile: Optional[int] = None,
+                need_mask_grad: bool = True, need_k_grad: bool = True, *, tile: Optional[int] = None,
                 carry_block: Optional[int] = None, sms: Optional[int] = None
-                ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+                ) -> Tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
     """Exact backward on canonical arguments, same contract as ``bk_core_bwd_ref``:
-    (grad_a (B, N), grad_k (Bk, N-1) (summed over rows when Bk == 1), grad_zri (2,),
-    grad_mask (B, N) or None). ``grad`` is PyTorch's upstream gradient of the complex output."""
+    (grad_a (B, N), grad_k (Bk, N-1) (summed over rows when Bk == 1) or None without
+    ``need_k_grad`` (then never stored), grad_zri (2,), grad_mask (B, N) or None). ``grad`` is
+    PyTorch's upstream gradient of the complex output."""
     _check(a, k, zri, mask)
     a, k, zri = a.contiguous(), k.contiguous(), zri.contiguous()
     mask = None if mask is None else mask.contiguous()
@@ -776,7 +780,7 @@ def bk_core_bwd(grad: Tensor, a: Tensor, k: Tensor, zri: Tensor, mask: Optional[
         raise ValueError(f"grad: expected shape ({B}, {N}), got {tuple(grad.shape)}")
     need_gmask = mask is not None and need_mask_grad
     if B == 0 or N == 0:
-        return (torch.zeros_like(a), torch.zeros_like(k), torch.zeros_like(zri),
+        return (torch.zeros_like(a), torch.zeros_like(k) if need_k_grad else None, torch.zeros_like(zri),
                 torch.zeros_like(mask) if need_gmask else None)
     g = torch.view_as_real(grad.to(cdt).resolve_conj().resolve_neg().contiguous())
     p = _resolve(B, N, tile, carry_block, sms)
@@ -786,7 +790,7 @@ def bk_core_bwd(grad: Tensor, a: Tensor, k: Tensor, zri: Tensor, mask: Optional[
     mptr = a if mask is None else mask
     gmask = torch.empty(B, N, dtype=dt, device=dev) if need_gmask else a
     grad_a = torch.empty(B, N, dtype=dt, device=dev)
-    gk_rows = torch.empty(B, N - 1, dtype=dt, device=dev)
+    gk_rows = torch.empty(B, N - 1, dtype=dt, device=dev) if need_k_grad else a
     gz = torch.empty(2, p.programs, dtype=dt, device=dev)
     meta = dict(CAUSAL=bool(causal), HAS_MASK=mask is not None, HAS_CARRY=p.C > 1, R=p.R, T=p.T,
                 num_warps=NUM_WARPS)
@@ -800,8 +804,10 @@ def bk_core_bwd(grad: Tensor, a: Tensor, k: Tensor, zri: Tensor, mask: Optional[
     else:
         piv = cin = a
     _launch(_bwd_kernel, (p.programs,), g, a, k, zri, mptr, piv, a, cin, grad_a, gk_rows, gz, gmask,
-            B, N, p.C, k_rs, NEED_GMASK=need_gmask, SUMMARY=False, **meta)
-    grad_k = gk_rows.sum(0, keepdim=True) if (k.shape[0] == 1 and B != 1) else gk_rows
+            B, N, p.C, k_rs, NEED_GMASK=need_gmask, SUMMARY=False, NEED_GK=bool(need_k_grad), **meta)
+    grad_k = None
+    if need_k_grad:
+        grad_k = gk_rows.sum(0, keepdim=True) if (k.shape[0] == 1 and B != 1) else gk_rows
     tot = gz.sum(1)
     # two-sided: grad_z = conj(sum A); causal: grad_z = -conj(sum mu); zri = [Re, Im]
     grad_zri = torch.stack([tot[0], -tot[1]]) if not causal else torch.stack([-tot[0], tot[1]])

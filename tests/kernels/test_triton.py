@@ -117,6 +117,19 @@ def test_kernels_match_reference(tile, carry_block, dtype, causal, masked, share
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["twosided", "causal"])
+@pytest.mark.parametrize("tile,carry_block", [(None, None), (4, 2)], ids=["planned", "chunks"])
+def test_without_grad_k_the_rest_is_unchanged(tile, carry_block, causal):
+    """need_k_grad=False: no grad k (never stored), and grad a, grad z, grad mask bit for bit."""
+    a, k, zri, mask = canon_inputs(3, 11, torch.float64, True, True, 3)
+    g = upstream(3, 11, torch.float64, 4)
+    full = K.bk_core_bwd(g, a, k, zri, mask, causal, True, tile=tile, carry_block=carry_block)
+    lean = K.bk_core_bwd(g, a, k, zri, mask, causal, True, False, tile=tile, carry_block=carry_block)
+    assert full[1] is not None and lean[1] is None
+    for name, i in (("grad_a", 0), ("grad_zri", 2), ("grad_mask", 3)):
+        assert torch.equal(lean[i], full[i]), f"{name}: differs without grad k"
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["twosided", "causal"])
 @pytest.mark.parametrize("N,tile,carry_block", [(1, None, None), (2, None, None), (3, None, None),
                                                 (1, 4, None), (2, 1, 1), (3, 2, 1), (5, 1, 2)])
 def test_short_sequences(N, tile, carry_block, causal):

@@ -77,14 +77,14 @@ def _selector(p, B):
     return select, len(owned)
 
 
-def measure(B, N, sms, bwd, causal, shared=True, masked=False):
+def measure(B, N, sms, bwd, causal, shared=True, masked=False, need_k_grad=True):
     """({tag: model bytes per element}, {kernel: model bytes per element}, Traffic, plan)."""
     a, k, zri, mask, grad = make(B, N, shared, masked)
     p = K.plan(B, N, sms=sms)
     select, rows = _selector(p, B)
     with count(select=select, a=a, k=k, zri=zri, mask=mask, grad=torch.view_as_real(grad)) as tr:
         if bwd:
-            K.bk_core_bwd(grad, a, k, zri, mask, causal, sms=sms)
+            K.bk_core_bwd(grad, a, k, zri, mask, causal, True, need_k_grad, sms=sms)
         else:
             K.bk_core_fwd(a, k, zri, mask, causal, sms=sms)
     assert not tr.outside, f"accesses outside every buffer: {tr.outside[:4]}"
@@ -141,7 +141,7 @@ def test_forward_bytes_per_element(B, N, sms, causal):
 def test_backward_bytes_per_element(B, N, sms, causal):
     """a read once per pass (one pass, or three for chunked rows), the upstream gradient once per
     gradient pass (one or two), grad a written once: a + grad + grad a <= 32 B/element; grad k 4 B
-    (always written, per row), z's partial sums once per program."""
+    (per row) only when asked for, z's partial sums once per program."""
     t, kern, tr, p = measure(B, N, sms, True, causal)
     passes = 3 if p.C > 1 else 1
     assert t["a"] == pytest.approx(4.0 * passes)
@@ -155,6 +155,11 @@ def test_backward_bytes_per_element(B, N, sms, causal):
     assert total <= 36.0 + 4.0 * passes / B + overhead + 0.02, t
     assert total <= BEFORE[B][3 if causal else 2] + 0.05, (total, BEFORE[B])
     assert_coalesced(tr)
+    # grad k not asked for is not stored, and nothing else changes
+    tn, _, _, _ = measure(B, N, sms, True, causal, need_k_grad=False)
+    assert tn.get("grad_k", 0.0) == 0.0, tn
+    assert {key: v for key, v in t.items() if key != "grad_k"} == pytest.approx(tn), (t, tn)
+    assert sum(tn.values()) <= 32.0 + 4.0 * passes / B + overhead + 0.02, tn
     if B == 1:
         return
     tm, _, trm, _ = measure(B, N, sms, True, causal, masked=True)

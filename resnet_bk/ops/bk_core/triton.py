@@ -45,8 +45,10 @@ if _triton.AVAILABLE:
                            need_mask_grad: bool, need_k_grad: bool = True, need_z_grad: bool = True,
                            out: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """(grad_a (B, N), grad_k (Bk, N-1), grad_zri (2,), grad_mask (B, N)), each (0,) when not
-        needed (the kernels form grad_k and grad_zri on the way to grad_a; ``out`` is not used)."""
-        ga, gk, gz, gm = _triton.kernels("bk_core").bk_core_bwd(grad, a, k, zri, mask, causal, need_mask_grad)
+        needed (grad_k is then not stored; grad_zri's partial sums are formed on the way to grad_a;
+        ``out`` is not used)."""
+        ga, gk, gz, gm = _triton.kernels("bk_core").bk_core_bwd(grad, a, k, zri, mask, causal, need_mask_grad,
+                                                                need_k_grad)
         # a fresh empty tensor per missing gradient: a custom op's outputs may not alias each other
         return (ga, gk if need_k_grad else k.new_empty((0,)), gz if need_z_grad else zri.new_empty((0,)),
                 a.new_empty((0,)) if gm is None else gm)
