@@ -306,16 +306,20 @@ def _load_vec(ptr, off, stride, okr, HAS: tl.constexpr, zero):
 
 
 @triton.jit
-def _leaves(a_ptr, k_ptr, rows, start, t, okr, N, k_rs, zr, zi, R: tl.constexpr, T: tl.constexpr):
+def _leaves(a_ptr, k_ptr, kin_ptr, rows, start, t, okr, N, k_rs, zr, zi, R: tl.constexpr, T: tl.constexpr,
+            HAS_STATE: tl.constexpr):
     """One coalesced read of the tile's a and k: positions n, validity, alpha = a - z, k_n (the e
     chain's coupling) and k_{n-1} (the d chain's: k_n shifted by one lane, the lane entering the
-    tile one value per row)."""
+    tile one value per row; with HAS_STATE the row's first tile takes k_in (B,), the coupling from
+    the carried state into position 0)."""
     n = start + t
     v = okr & (n < N)
     alr = tl.load(a_ptr + rows * N + n, mask=v, other=0.0) - zr
     ali = tl.zeros_like(alr) - zi
     kr = tl.load(k_ptr + rows * k_rs + n, mask=v & (n < N - 1), other=0.0)
     kp = tl.load(k_ptr + rows * k_rs + (start - 1), mask=okr & (rows * 0 + start >= 1), other=0.0)
+    if HAS_STATE:
+        kp = tl.where(rows * 0 + start >= 1, kp, tl.load(kin_ptr + rows, mask=okr & (rows * 0 + start == 0), other=0.0))
     kk = _shift1(kr, kp, R, T)
     return n, v, alr, ali, kr, kk
 
@@ -327,16 +331,32 @@ def _rev_valid(start, t, okr, N, T: tl.constexpr):
 
 
 @triton.jit
+def _load_state(st_ptr, rows, okr):
+    """The carried state d_in (B, 2) as the homogeneous pivot (1, 1 / d_in) (bk_math's reciprocal:
+    0 for an infinite d_in), one value per row."""
+    dr = tl.load(st_ptr + rows * 2, mask=okr, other=1.0)
+    di = tl.load(st_ptr + rows * 2 + 1, mask=okr, other=0.0)
+    u, w = _inv_parts(dr, di)
+    zero = tl.zeros_like(dr)
+    return zero + 1.0, zero, u, -w
+
+
+@triton.jit
 def _scan_chain(piv_ptr, rows, start, okr, B, C, alr, ali, kk, v,
-                REV: tl.constexpr, HAS_CARRY: tl.constexpr, T: tl.constexpr):
+                REV: tl.constexpr, HAS_CARRY: tl.constexpr, T: tl.constexpr,
+                HAS_STATE: tl.constexpr, st_ptr):
     """Homogeneous pivots (x, y) of the d chain, or REV the e chain (its leaves given in reversed
-    tile order), from the carry entering the chunk (piv (2, 4, B, C))."""
+    tile order), from the carry entering the chunk (piv (2, 4, B, C)); a whole-row tile (no carry)
+    with HAS_STATE starts the d chain from the carried state (st (B, 2))."""
     m00r, m00i, m01r, m01i, m10r, m10i, m11r, m11i = _mob_leaf(v, alr, ali, kk)
     p00r, p00i, p01r, p01i, p10r, p10i, p11r, p11i = tl.associative_scan(
         (m00r, m00i, m01r, m01i, m10r, m10i, m11r, m11i), 1, _mob_comb)
     c = start // T
     off = (REV * 4 * B + rows) * C + c
-    xr, xi, yr, yi = _load_vec(piv_ptr, off, B * C, okr, HAS_CARRY, tl.zeros([rows.shape[0], 1], alr.dtype))
+    if HAS_STATE and not HAS_CARRY and not REV:
+        xr, xi, yr, yi = _load_state(st_ptr, rows, okr)
+    else:
+        xr, xi, yr, yi = _load_vec(piv_ptr, off, B * C, okr, HAS_CARRY, tl.zeros([rows.shape[0], 1], alr.dtype))
     return _mob_apply(p00r, p00i, p01r, p01i, p10r, p10i, p11r, p11i, xr, xi, yr, yi)
 
 
@@ -361,13 +381,14 @@ def _summary_dir(sum_ptr, rows, start, t, okr, B, C, alr, ali, kk, v, REV: tl.co
 
 
 @triton.jit
-def _pivot_summary_kernel(a_ptr, k_ptr, zri_ptr, sum_ptr, B, N, C, k_rs,
-                          TWO_SIDED: tl.constexpr, R: tl.constexpr, T: tl.constexpr):
-    """sum (2, 8, B, C): each chunk's Moebius product, d chain then e chain (a and k read once)."""
+def _pivot_summary_kernel(a_ptr, k_ptr, zri_ptr, sum_ptr, kin_ptr, B, N, C, k_rs,
+                          TWO_SIDED: tl.constexpr, R: tl.constexpr, T: tl.constexpr, HAS_STATE: tl.constexpr = False):
+    """sum (2, 8, B, C): each chunk's Moebius product, d chain then e chain (a and k read once);
+    HAS_STATE (causal): the first chunk's coupling into position 0 is k_in (B,)."""
     rows, start, t, okr = _tile(tl.program_id(0), B, N, C, R, T)
     zr = tl.load(zri_ptr)
     zi = tl.load(zri_ptr + 1)
-    n, v, alr, ali, kr, kk = _leaves(a_ptr, k_ptr, rows, start, t, okr, N, k_rs, zr, zi, R, T)
+    n, v, alr, ali, kr, kk = _leaves(a_ptr, k_ptr, kin_ptr, rows, start, t, okr, N, k_rs, zr, zi, R, T, HAS_STATE)
     _summary_dir(sum_ptr, rows, start, t, okr, B, C, alr, ali, kk, v, False, T)
     if TWO_SIDED:
         _summary_dir(sum_ptr, rows, start, t, okr, B, C, _flip(alr, R, T), ali, _flip(kr, R, T),
@@ -375,9 +396,10 @@ def _pivot_summary_kernel(a_ptr, k_ptr, zri_ptr, sum_ptr, B, N, C, k_rs,
 
 
 @triton.jit
-def _pivot_carry_kernel(sum_ptr, piv_ptr, B, C, CB: tl.constexpr):
+def _pivot_carry_kernel(sum_ptr, piv_ptr, st_ptr, B, C, CB: tl.constexpr, HAS_STATE: tl.constexpr = False):
     """piv (2, 4, B, C): the homogeneous pivot entering each chunk, from the left (d) and from the
-    right (e; program_id(1) = 1), by a scan over the chunk products in blocks of CB."""
+    right (e; program_id(1) = 1), by a scan over the chunk products in blocks of CB. HAS_STATE
+    (causal): the d chain starts from the carried state st (B, 2), not from a fresh start."""
     row = tl.program_id(0).to(tl.int64)
     dr = tl.program_id(1)
     BC = B * C
@@ -387,6 +409,11 @@ def _pivot_carry_kernel(sum_ptr, piv_ptr, B, C, CB: tl.constexpr):
     xi = zero
     yr = zero
     yi = zero
+    if HAS_STATE:
+        sr = tl.load(st_ptr + row * 2)
+        si = tl.load(st_ptr + row * 2 + 1)
+        yr, yi = _inv_parts(sr, si)
+        yi = -yi
     first = tl.where(dr == 1, C - 1, 0)
     base = (dr * 4 * B + row) * C
     tl.store(piv_ptr + base + first, xr)
@@ -466,21 +493,23 @@ def _lin_carry_kernel(sum_ptr, cin_ptr, B, C, CB: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(a_ptr, k_ptr, zri_ptr, mask_ptr, piv_ptr, out_ptr, B, N, C, k_rs,
+def _fwd_kernel(a_ptr, k_ptr, zri_ptr, mask_ptr, piv_ptr, out_ptr, st_ptr, kin_ptr, B, N, C, k_rs,
                 CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_CARRY: tl.constexpr,
-                R: tl.constexpr, T: tl.constexpr):
-    """out (B, N, 2): G (or 1/d when causal), times the mask where it is nonzero (0 where it is 0)."""
+                R: tl.constexpr, T: tl.constexpr, HAS_STATE: tl.constexpr = False):
+    """out (B, N, 2): G (or 1/d when causal), times the mask where it is nonzero (0 where it is 0).
+    HAS_STATE (causal): each row continues the carried state (st (B, 2) complex, kin (B,))."""
     rows, start, t, okr = _tile(tl.program_id(0), B, N, C, R, T)
     zr = tl.load(zri_ptr)
     zi = tl.load(zri_ptr + 1)
-    n, v, alr, ali, kr, kk = _leaves(a_ptr, k_ptr, rows, start, t, okr, N, k_rs, zr, zi, R, T)
-    xd, xdi, yd, ydi = _scan_chain(piv_ptr, rows, start, okr, B, C, alr, ali, kk, v, False, HAS_CARRY, T)
+    n, v, alr, ali, kr, kk = _leaves(a_ptr, k_ptr, kin_ptr, rows, start, t, okr, N, k_rs, zr, zi, R, T, HAS_STATE)
+    xd, xdi, yd, ydi = _scan_chain(piv_ptr, rows, start, okr, B, C, alr, ali, kk, v, False, HAS_CARRY, T,
+                                    HAS_STATE, st_ptr)
     if CAUSAL:
         # y = 1 / d = y_h / x_h
         gr, gi = _cdiv(yd, ydi, xd, xdi)
     else:
         xe, xei, ye, yei = _scan_chain(piv_ptr, rows, start, okr, B, C, _flip(alr, R, T), ali, _flip(kr, R, T),
-                                       _rev_valid(start, t, okr, N, T), True, HAS_CARRY, T)
+                                       _rev_valid(start, t, okr, N, T), True, HAS_CARRY, T, False, st_ptr)
         xe = _flip(xe, R, T)
         xei = _flip(xei, R, T)
         ye = _flip(ye, R, T)
@@ -505,22 +534,25 @@ def _fwd_kernel(a_ptr, k_ptr, zri_ptr, mask_ptr, piv_ptr, out_ptr, B, N, C, k_rs
 
 @triton.jit
 def _bwd_kernel(g_ptr, a_ptr, k_ptr, zri_ptr, mask_ptr, piv_ptr, lsum_ptr, cin_ptr,
-                ga_ptr, gk_ptr, gz_ptr, gmask_ptr, B, N, C, k_rs,
+                ga_ptr, gk_ptr, gz_ptr, gmask_ptr, st_ptr, kin_ptr, mu0_ptr, B, N, C, k_rs,
                 CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, NEED_GMASK: tl.constexpr,
                 HAS_CARRY: tl.constexpr, SUMMARY: tl.constexpr, R: tl.constexpr, T: tl.constexpr,
-                NEED_GK: tl.constexpr = True):
+                NEED_GK: tl.constexpr = True, HAS_STATE: tl.constexpr = False):
     """SUMMARY: the chunk summaries (c product, local value) of the gradient recurrences into
     lsum (D, 4, B, C) (direction 0: R or mu, right to left; 1: L). Otherwise, from the values
     entering the chunk (cin (D, 2, B, C)): grad_a (B, N), per-row grad_k (B, N-1) when NEED_GK,
-    per-program partial sums gz (2, programs) of A (two-sided) or mu (causal), grad_mask (B, N)."""
+    per-program partial sums gz (2, programs) of A (two-sided) or mu (causal), grad_mask (B, N).
+    HAS_STATE (causal): rows continue the carried state (st (B, 2), kin (B,)) and mu at position 0
+    goes to mu0 (B, 2)."""
     pid = tl.program_id(0)
     rows, start, t, okr = _tile(pid, B, N, C, R, T)
     zr = tl.load(zri_ptr)
     zi = tl.load(zri_ptr + 1)
     c = start // T
     BC = B * C
-    n, v, alr, ali, kr, kk = _leaves(a_ptr, k_ptr, rows, start, t, okr, N, k_rs, zr, zi, R, T)
-    xd, xdi, yd, ydi = _scan_chain(piv_ptr, rows, start, okr, B, C, alr, ali, kk, v, False, HAS_CARRY, T)
+    n, v, alr, ali, kr, kk = _leaves(a_ptr, k_ptr, kin_ptr, rows, start, t, okr, N, k_rs, zr, zi, R, T, HAS_STATE)
+    xd, xdi, yd, ydi = _scan_chain(piv_ptr, rows, start, okr, B, C, alr, ali, kk, v, False, HAS_CARRY, T,
+                                    HAS_STATE, st_ptr)
     gr, gi = _load_complex(g_ptr, rows * N + n, v)
     wr = gr
     wi = -gi
@@ -571,13 +603,17 @@ def _bwd_kernel(g_ptr, a_ptr, k_ptr, zri_ptr, mask_ptr, piv_ptr, lsum_ptr, cin_p
                 gkr, _ = _cmul(nxr, nxi, fdr, fdi)
                 tl.store(gk_ptr + rows * (N - 1) + nrv, -gkr, mask=vr_ & (nrv < N - 1))
             tl.store(ga_ptr + rows * N + nrv, mur, mask=vr_)
+            if HAS_STATE:
+                # mu_0, the adjoint of the carried state's pivot step (conj of the gradient reaching d_0)
+                tl.store(mu0_ptr + rows * 2 + nrv * 0, mur, mask=vr_ & (nrv == 0))
+                tl.store(mu0_ptr + rows * 2 + 1 + nrv * 0, mui, mask=vr_ & (nrv == 0))
             sr = tl.sum(tl.sum(tl.where(vr_, mur, 0.0), 1), 0)
             si = tl.sum(tl.sum(tl.where(vr_, mui, 0.0), 1), 0)
             tl.store(gz_ptr + pid, sr)
             tl.store(gz_ptr + tl.num_programs(0) + pid, si)
     else:
         xe, xei, ye, yei = _scan_chain(piv_ptr, rows, start, okr, B, C, _flip(alr, R, T), ali, _flip(kr, R, T),
-                                       _rev_valid(start, t, okr, N, T), True, HAS_CARRY, T)
+                                       _rev_valid(start, t, okr, N, T), True, HAS_CARRY, T, False, st_ptr)
         xe = _flip(xe, R, T)
         xei = _flip(xei, R, T)
         ye = _flip(ye, R, T)
@@ -721,31 +757,62 @@ def _check(a: Tensor, k: Tensor, zri: Tensor, mask: Optional[Tensor]) -> None:
             raise RuntimeError(f"{name}: expected a tensor on {a.device} (the device of a), got {t.device}")
 
 
+def _check_state(a: Tensor, causal: bool, d_in: Optional[Tensor], k_in: Optional[Tensor]):
+    """A carried state -> (d_in as a (B, 2) real view, k_in (B,)), contiguous; (None, None) without."""
+    if (d_in is None) != (k_in is None):
+        missing = "k_in" if k_in is None else "d_in"
+        raise ValueError(f"{missing}: expected d_in and k_in both or neither, got only "
+                         f"{'d_in' if k_in is None else 'k_in'}")
+    if d_in is None:
+        return None, None
+    if not causal:
+        raise ValueError("d_in: a carried state is defined for the causal op only, got causal=False")
+    B = a.shape[0]
+    cdt = torch.complex128 if a.dtype == torch.float64 else torch.complex64
+    if not isinstance(d_in, Tensor) or tuple(d_in.shape) != (B,) or d_in.dtype != cdt:
+        got = f"{tuple(d_in.shape)} {d_in.dtype}" if isinstance(d_in, Tensor) else type(d_in).__name__
+        raise ValueError(f"d_in: expected a ({B},) {cdt} tensor, got {got}")
+    if not isinstance(k_in, Tensor) or tuple(k_in.shape) != (B,) or k_in.dtype != a.dtype:
+        got = f"{tuple(k_in.shape)} {k_in.dtype}" if isinstance(k_in, Tensor) else type(k_in).__name__
+        raise ValueError(f"k_in: expected a ({B},) {a.dtype} tensor, got {got}")
+    for name, t in (("d_in", d_in), ("k_in", k_in)):
+        if t.device != a.device:
+            raise RuntimeError(f"{name}: expected a tensor on {a.device} (the device of a), got {t.device}")
+    return torch.view_as_real(d_in.resolve_conj().contiguous()), k_in.contiguous()
+
+
 def _launch(kernel, grid, *args, **meta):
     # Launched eagerly: the op layer registers these entry points as custom ops with fake kernels.
     return kernel[grid](*args, **meta)
 
 
-def _pivot_carries(a, k, zri, p: Plan, k_rs, two_sided):
+def _pivot_carries(a, k, zri, p: Plan, k_rs, two_sided, st=None, kin=None):
     B, N = a.shape
+    has_state = st is not None
     summ = torch.empty(2, 8, B, p.C, dtype=a.dtype, device=a.device)
-    _launch(_pivot_summary_kernel, (p.programs,), a, k, zri, summ, B, N, p.C, k_rs,
-            TWO_SIDED=two_sided, R=p.R, T=p.T, num_warps=NUM_WARPS)
+    _launch(_pivot_summary_kernel, (p.programs,), a, k, zri, summ, kin if has_state else a, B, N, p.C, k_rs,
+            TWO_SIDED=two_sided, R=p.R, T=p.T, HAS_STATE=has_state, num_warps=NUM_WARPS)
     piv = torch.empty(2, 4, B, p.C, dtype=a.dtype, device=a.device)
-    _launch(_pivot_carry_kernel, (B, 2 if two_sided else 1), summ, piv, B, p.C, CB=p.carry_block,
-            num_warps=NUM_WARPS)
+    _launch(_pivot_carry_kernel, (B, 2 if two_sided else 1), summ, piv, st if has_state else a, B, p.C,
+            CB=p.carry_block, HAS_STATE=has_state, num_warps=NUM_WARPS)
     return piv
 
 
 def bk_core_fwd(a: Tensor, k: Tensor, zri: Tensor, mask: Optional[Tensor], causal: bool, *,
-                tile: Optional[int] = None, carry_block: Optional[int] = None, sms: Optional[int] = None) -> Tensor:
+                tile: Optional[int] = None, carry_block: Optional[int] = None, sms: Optional[int] = None,
+                d_in: Optional[Tensor] = None, k_in: Optional[Tensor] = None) -> Tensor:
     """Forward on canonical arguments: (B, N) complex G (or 1/d when causal), times mask.
+
+    ``d_in`` (B,) complex, ``k_in`` (B,) real (causal only, both or neither): a carried state, the
+    pivot of the position before each row and its coupling into position 0, so that
+    d_0 = (a_0 - z) - k_in / d_in (the CPU/CUDA ``bk_core_fwd_state``).
 
     ``tile``: positions per tile (a power of two; None: ``plan`` or RESNET_BK_TRITON_TILE);
     ``carry_block``: chunks per step of the carry kernel (a power of two; None: CARRY_BLOCK);
     ``sms``: the SM count ``plan`` assumes (None: SM_COUNT; tests only).
     """
     _check(a, k, zri, mask)
+    st, kin = _check_state(a, causal, d_in, k_in)
     a, k, zri = a.contiguous(), k.contiguous(), zri.contiguous()
     mask = None if mask is None else mask.contiguous()
     B, N = a.shape
@@ -755,23 +822,28 @@ def bk_core_fwd(a: Tensor, k: Tensor, zri: Tensor, mask: Optional[Tensor], causa
         return out
     p = _resolve(B, N, tile, carry_block, sms)
     k_rs = 0 if k.shape[0] == 1 else N - 1
-    piv = _pivot_carries(a, k, zri, p, k_rs, not causal) if p.C > 1 else a
+    has_state = st is not None
+    piv = _pivot_carries(a, k, zri, p, k_rs, not causal, st, kin) if p.C > 1 else a
     _launch(_fwd_kernel, (p.programs,), a, k, zri, a if mask is None else mask, piv,
-            torch.view_as_real(out), B, N, p.C, k_rs,
+            torch.view_as_real(out), st if has_state else a, kin if has_state else a, B, N, p.C, k_rs,
             CAUSAL=bool(causal), HAS_MASK=mask is not None, HAS_CARRY=p.C > 1, R=p.R, T=p.T,
-            num_warps=NUM_WARPS)
+            HAS_STATE=has_state, num_warps=NUM_WARPS)
     return out
 
 
 def bk_core_bwd(grad: Tensor, a: Tensor, k: Tensor, zri: Tensor, mask: Optional[Tensor], causal: bool,
                 need_mask_grad: bool = True, need_k_grad: bool = True, *, tile: Optional[int] = None,
-                carry_block: Optional[int] = None, sms: Optional[int] = None
-                ) -> Tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
+                carry_block: Optional[int] = None, sms: Optional[int] = None,
+                d_in: Optional[Tensor] = None, k_in: Optional[Tensor] = None) -> tuple:
     """Exact backward on canonical arguments, same contract as ``bk_core_bwd_ref``:
     (grad_a (B, N), grad_k (Bk, N-1) (summed over rows when Bk == 1) or None without
     ``need_k_grad`` (then never stored), grad_zri (2,), grad_mask (B, N) or None). ``grad`` is
-    PyTorch's upstream gradient of the complex output."""
+    PyTorch's upstream gradient of the complex output. With a carried state (``d_in``, ``k_in`` as
+    in ``bk_core_fwd``) a fifth entry mu0 (B,) complex: mu at position 0, the conjugate of the
+    gradient reaching d_0 (the CPU/CUDA ``bk_core_bwd_state``'s mu0)."""
     _check(a, k, zri, mask)
+    st, kin = _check_state(a, causal, d_in, k_in)
+    has_state = st is not None
     a, k, zri = a.contiguous(), k.contiguous(), zri.contiguous()
     mask = None if mask is None else mask.contiguous()
     B, N = a.shape
@@ -780,8 +852,9 @@ def bk_core_bwd(grad: Tensor, a: Tensor, k: Tensor, zri: Tensor, mask: Optional[
         raise ValueError(f"grad: expected shape ({B}, {N}), got {tuple(grad.shape)}")
     need_gmask = mask is not None and need_mask_grad
     if B == 0 or N == 0:
-        return (torch.zeros_like(a), torch.zeros_like(k) if need_k_grad else None, torch.zeros_like(zri),
-                torch.zeros_like(mask) if need_gmask else None)
+        res = (torch.zeros_like(a), torch.zeros_like(k) if need_k_grad else None, torch.zeros_like(zri),
+               torch.zeros_like(mask) if need_gmask else None)
+        return res + (torch.zeros(B, dtype=cdt, device=a.device),) if has_state else res
     g = torch.view_as_real(grad.to(cdt).resolve_conj().resolve_neg().contiguous())
     p = _resolve(B, N, tile, carry_block, sms)
     k_rs = 0 if k.shape[0] == 1 else N - 1
@@ -793,22 +866,26 @@ def bk_core_bwd(grad: Tensor, a: Tensor, k: Tensor, zri: Tensor, mask: Optional[
     gk_rows = torch.empty(B, N - 1, dtype=dt, device=dev) if need_k_grad else a
     gz = torch.empty(2, p.programs, dtype=dt, device=dev)
     meta = dict(CAUSAL=bool(causal), HAS_MASK=mask is not None, HAS_CARRY=p.C > 1, R=p.R, T=p.T,
-                num_warps=NUM_WARPS)
+                HAS_STATE=has_state, num_warps=NUM_WARPS)
+    stp, kinp = (st, kin) if has_state else (a, a)
+    mu0 = torch.empty(B, dtype=cdt, device=dev) if has_state else None
+    mu0p = torch.view_as_real(mu0) if has_state else a
     if p.C > 1:
-        piv = _pivot_carries(a, k, zri, p, k_rs, not causal)
+        piv = _pivot_carries(a, k, zri, p, k_rs, not causal, st, kin)
         lsum = torch.empty(D, 4, B, p.C, dtype=dt, device=dev)
-        _launch(_bwd_kernel, (p.programs,), g, a, k, zri, mptr, piv, lsum, a, a, a, a, a, B, N, p.C, k_rs,
-                NEED_GMASK=False, SUMMARY=True, **meta)
+        _launch(_bwd_kernel, (p.programs,), g, a, k, zri, mptr, piv, lsum, a, a, a, a, a, stp, kinp, a,
+                B, N, p.C, k_rs, NEED_GMASK=False, SUMMARY=True, **meta)
         cin = torch.empty(D, 2, B, p.C, dtype=dt, device=dev)
         _launch(_lin_carry_kernel, (B, D), lsum, cin, B, p.C, CB=p.carry_block, num_warps=NUM_WARPS)
     else:
         piv = cin = a
     _launch(_bwd_kernel, (p.programs,), g, a, k, zri, mptr, piv, a, cin, grad_a, gk_rows, gz, gmask,
-            B, N, p.C, k_rs, NEED_GMASK=need_gmask, SUMMARY=False, NEED_GK=bool(need_k_grad), **meta)
+            stp, kinp, mu0p, B, N, p.C, k_rs, NEED_GMASK=need_gmask, SUMMARY=False, NEED_GK=bool(need_k_grad), **meta)
     grad_k = None
     if need_k_grad:
         grad_k = gk_rows.sum(0, keepdim=True) if (k.shape[0] == 1 and B != 1) else gk_rows
     tot = gz.sum(1)
     # two-sided: grad_z = conj(sum A); causal: grad_z = -conj(sum mu); zri = [Re, Im]
     grad_zri = torch.stack([tot[0], -tot[1]]) if not causal else torch.stack([-tot[0], tot[1]])
-    return grad_a, grad_k, grad_zri, (gmask if need_gmask else None)
+    res = (grad_a, grad_k, grad_zri, (gmask if need_gmask else None))
+    return res + (mu0,) if has_state else res

@@ -146,6 +146,98 @@ def test_several_programs_and_long_rows(B, N, tile, carry_block, causal):
     check_kernels(B, N, torch.float32, causal, True, True, tile, carry_block, seed=B + N)
 
 
+# ---------------------------------------------------------------------------------------------
+# a carried state (causal): the kernels against the CPU kernel's state ops
+
+HAS_CPU_STATE = hasattr(torch.ops.resnet_bk, "bk_core_fwd_state")
+
+
+def state_inputs(B, dtype, seed, real_state=False):
+    """d_in (B,) complex (row 0 infinite when B > 1: bk_math's 1 / d_in = 0, a fresh start), k_in (B,)."""
+    g = torch.Generator().manual_seed(seed)
+    cdt = torch.complex128 if dtype == torch.float64 else torch.complex64
+    d = torch.complex(torch.randn(B, generator=g, dtype=torch.float64) + 1.5,
+                      torch.zeros(B, dtype=torch.float64) if real_state else
+                      torch.randn(B, generator=g, dtype=torch.float64))
+    if B > 1:
+        d[0] = complex(float("inf"), 0.0)
+    kin = 0.5 + torch.rand(B, generator=g, dtype=torch.float64)
+    return d.to(cdt).to(DEVICE), kin.to(dtype).to(DEVICE)
+
+
+def check_state_kernels(B, N, dtype, masked, shared, tile=None, carry_block=None, seed=0, real_z=False):
+    a, k, zri, mask = canon_inputs(B, N, dtype, shared, masked, seed)
+    if real_z:
+        zri = zri * torch.tensor([1.0, 0.0], dtype=dtype, device=zri.device)
+    d, kin = state_inputs(B, dtype, seed + 2, real_state=real_z)
+    tol = TOL[dtype]
+    cpu = [None if x is None else x.cpu() for x in (a, k, zri, mask, d, kin)]
+    out = K.bk_core_fwd(a, k, zri, mask, True, tile=tile, carry_block=carry_block, d_in=d, k_in=kin)
+    assert_rel(out, torch.ops.resnet_bk.bk_core_fwd_state(*cpu), tol, "forward")
+    g = upstream(B, N, dtype, seed + 1)
+    got = K.bk_core_bwd(g, a, k, zri, mask, True, True, tile=tile, carry_block=carry_block, d_in=d, k_in=kin)
+    ca, ck, cz, cm, cd, ckin = cpu
+    exp = torch.ops.resnet_bk.bk_core_bwd_state(g.cpu(), ca, ck, cz, cm, cd, ckin, cm is not None, True, True, None)
+    assert len(got) == 5
+    for name, x, y in zip(("grad_a", "grad_k", "grad_zri", "grad_mask", "mu0"), got, exp):
+        if name == "grad_mask" and cm is None:
+            assert x is None, f"{name}: expected None"
+        else:
+            assert_rel(x, y, tol, name)
+    # the state matters: without it the forward differs (the first position at least)
+    plain = K.bk_core_fwd(a, k, zri, mask, True, tile=tile, carry_block=carry_block)
+    assert not torch.allclose(plain[B > 1:, 0], out[B > 1:, 0]) or (masked and not mask[B > 1:, 0].any())
+
+
+@pytest.mark.skipif(not HAS_CPU_STATE, reason="the compiled extension has no bk_core_fwd_state")
+@pytest.mark.parametrize("shared", [False, True], ids=["k_rows", "k_shared"])
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+# (1, 1): one position; (3, 5): all rows in one tile (R > 1); (3, 5, 2, 1): three chunks carried in
+# three blocks of one; (3, 40, 8, 2): five chunks in three blocks of two (slow lane: 6 s each);
+# (1, 40): one 64-tile
+@pytest.mark.parametrize("B,N,tile,carry_block", [(1, 1, None, None), (3, 5, None, None), (3, 5, 2, 1),
+                                                  pytest.param(3, 40, 8, 2, marks=pytest.mark.slow),
+                                                  (1, 40, None, None)])
+def test_state_kernels_match_cpu_kernel(B, N, tile, carry_block, masked, shared):
+    check_state_kernels(B, N, torch.float64, masked, shared, tile, carry_block, seed=B + N)
+
+
+@pytest.mark.skipif(not HAS_CPU_STATE, reason="the compiled extension has no bk_core_fwd_state")
+@pytest.mark.parametrize("tile,carry_block", [(None, None), (4, 2)], ids=["planned", "chunks"])
+def test_state_kernels_float32_and_real_z(tile, carry_block):
+    """float32 (chunked rows too), and a real z with real states (the ghosts could not carry them)."""
+    check_state_kernels(3, 11, torch.float32, True, False, tile, carry_block, seed=4)
+    check_state_kernels(3, 11, torch.float64, False, True, tile, carry_block, seed=5, real_z=True)
+
+
+def test_state_bad_arguments():
+    a, k, zri, _ = canon_inputs(2, 5, torch.float64)
+    d = torch.ones(2, dtype=torch.complex128, device=DEVICE)
+    kin = torch.ones(2, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(ValueError, match="d_in: a carried state is defined for the causal op only, got causal=False"):
+        K.bk_core_fwd(a, k, zri, None, False, d_in=d, k_in=kin)
+    with pytest.raises(ValueError, match="k_in: expected d_in and k_in both or neither, got only d_in"):
+        K.bk_core_fwd(a, k, zri, None, True, d_in=d)
+    with pytest.raises(ValueError,
+                       match=r"d_in: expected a \(2,\) torch.complex128 tensor, got \(1,\) torch.complex128"):
+        K.bk_core_fwd(a, k, zri, None, True, d_in=d[:1], k_in=kin)
+    with pytest.raises(ValueError, match=r"k_in: expected a \(2,\) torch.float64 tensor, got \(2,\) torch.float32"):
+        K.bk_core_bwd(upstream(2, 5, torch.float64), a, k, zri, None, True, d_in=d, k_in=kin.float())
+    z = K.bk_core_bwd(upstream(2, 5, torch.float64)[:0], a[:0], k[:0], zri, None, True, d_in=d[:0], k_in=kin[:0])
+    assert len(z) == 5 and z[4].shape == (0,)
+
+
+@pytest.mark.skipif(not HAS_CPU_STATE, reason="the compiled extension has no bk_core_fwd_state")
+def test_opcheck_state_ops():
+    a, k, zri, mask = canon_inputs(2, 4, torch.float64, shared=True, masked=True)
+    d, kin = state_inputs(2, torch.float64, 3)
+    d[0] = 0.5 - 1j
+    torch.library.opcheck(torch.ops.resnet_bk.bk_core_fwd_state_triton.default, (a, k, zri, mask, d, kin))
+    g = upstream(2, 4, torch.float64)
+    torch.library.opcheck(torch.ops.resnet_bk.bk_core_bwd_state_triton.default,
+                          (g, a, k, zri, None, d, kin, False, True, True, None))
+
+
 def test_zero_rows_and_bad_arguments():
     a, k, zri, _ = canon_inputs(2, 5, torch.float64)
     assert K.bk_core_fwd(a[:0], k[:0], zri, None, False).shape == (0, 5)

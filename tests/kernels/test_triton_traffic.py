@@ -77,16 +77,24 @@ def _selector(p, B):
     return select, len(owned)
 
 
-def measure(B, N, sms, bwd, causal, shared=True, masked=False, need_k_grad=True):
-    """({tag: model bytes per element}, {kernel: model bytes per element}, Traffic, plan)."""
+def measure(B, N, sms, bwd, causal, shared=True, masked=False, need_k_grad=True, state=False):
+    """({tag: model bytes per element}, {kernel: model bytes per element}, Traffic, plan). ``state``:
+    a carried state (causal), tagged "d_in" and "k_in" (the backward's mu0 output: "mu0")."""
     a, k, zri, mask, grad = make(B, N, shared, masked)
     p = K.plan(B, N, sms=sms)
     select, rows = _selector(p, B)
-    with count(select=select, a=a, k=k, zri=zri, mask=mask, grad=torch.view_as_real(grad)) as tr:
+    st = {}
+    if state:
+        g = torch.Generator().manual_seed(5)
+        st = dict(d_in=torch.randn(B, dtype=torch.complex64, generator=g) + 2.0, k_in=torch.rand(B, generator=g))
+    tensors = dict(a=a, k=k, zri=zri, mask=mask, grad=torch.view_as_real(grad))
+    if state:
+        tensors.update(d_in=torch.view_as_real(st["d_in"]), k_in=st["k_in"])
+    with count(select=select, **tensors) as tr:
         if bwd:
-            K.bk_core_bwd(grad, a, k, zri, mask, causal, True, need_k_grad, sms=sms)
+            K.bk_core_bwd(grad, a, k, zri, mask, causal, True, need_k_grad, sms=sms, **st)
         else:
-            K.bk_core_fwd(a, k, zri, mask, causal, sms=sms)
+            K.bk_core_fwd(a, k, zri, mask, causal, sms=sms, **st)
     assert not tr.outside, f"accesses outside every buffer: {tr.outside[:4]}"
     tags, kernels = {}, {}
     for (kn, tag, _), acc in tr.acc.items():
@@ -165,6 +173,24 @@ def test_backward_bytes_per_element(B, N, sms, causal):
     tm, _, trm, _ = measure(B, N, sms, True, causal, masked=True)
     assert tm["mask"] == pytest.approx(4.0 * min(passes, 2)) and tm["grad_mask"] == pytest.approx(4.0), tm
     assert_coalesced(trm)
+
+
+@pytest.mark.parametrize("B,N,sms", [pytest.param(*s, id=f"B{s[0]}") for s in SHAPES if s[0] != 64])
+@pytest.mark.parametrize("bwd", [False, True], ids=["fwd", "bwd"])
+def test_state_adds_bytes_per_row_only(B, N, sms, bwd):
+    """A carried state (causal) changes no per-element traffic: the same bytes for every other
+    buffer, and per row d_in (8 B) read once per chain start (the carry kernel's or the whole-row
+    tile's: once per pass that scans the pivots), k_in (4 B) once per pass over the row's first
+    chunk, mu0 (8 B) written once; every access coalesced."""
+    t0, _, _, p = measure(B, N, sms, bwd, True)
+    t, _, tr, _ = measure(B, N, sms, bwd, True, state=True)
+    extra = {key: v * N for key, v in t.items() if key in ("d_in", "k_in", "mu0")}  # bytes per row
+    assert {key: v for key, v in t.items() if key not in extra} == pytest.approx(t0), (t, t0)
+    passes = (3 if bwd else 2) if p.C > 1 else 1
+    assert 0 < extra["d_in"] <= 8.0 * passes, extra
+    assert 0 < extra["k_in"] <= 4.0 * passes, extra
+    assert extra.get("mu0", 0.0) == pytest.approx(8.0 if bwd else 0.0), extra
+    assert_coalesced(tr)
 
 
 def test_plan_sm_override():

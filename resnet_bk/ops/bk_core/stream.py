@@ -7,12 +7,12 @@ the coupling k_in = super_diag[..., 0] * sub_diag[..., 0] of that position to th
 whose first pivot is then d_0 = (a_0 - z) - k_in / d_prev. The chunk's final state is the pivot of
 its last position, d_{N-1} = 1 / y_{N-1}.
 
-How it is computed, exactly. The CPU and CUDA kernels (the cpp and cuda backends) take the state
-itself: their chains start from d_prev with the coupling k_in into position 0
-(``bk_core_fwd_state``), and their backward returns mu at position 0 (the conjugate of the gradient
-gt_0 reaching d_0), from which the state's gradients follow as in the decode step:
-grad d_prev = gt_0 conj(1 / d_prev)^2 k_in and grad k_in = -Re(gt_0 conj(1 / d_prev)).
-Every other backend (and those two under torch.compile or verify mode) takes real diagonals and one
+How it is computed, exactly. The CPU, CUDA and Triton kernels (the cpp, cuda and triton backends)
+take the state itself: their chains start from d_prev with the coupling k_in into position 0
+(``bk_core_fwd_state``, ``bk_core_fwd_state_triton``), and their backward returns mu at position 0
+(the conjugate of the gradient gt_0 reaching d_0), from which the state's gradients follow as in the
+decode step: grad d_prev = gt_0 conj(1 / d_prev)^2 k_in and grad k_in = -Re(gt_0 conj(1 / d_prev)).
+Every other backend (and those three under torch.compile or verify mode) takes real diagonals and one
 shared z, so the complex self-energy k_in / d_prev is produced by two real *ghost* positions placed before the chunk
 (the construction ``distributed.py`` uses at chunk ends, in a form with no division): a ghost g2 with
 diagonal Re z starts the chain (its pivot is -i Im z), a ghost g1 with diagonal Re z + s Re d_prev
@@ -25,7 +25,7 @@ s = max(1, |z| / |d_prev|) (detached: the result does not depend on it) keeps |d
 ghosts' rounding is relative to d_prev. Every ghost value is a polynomial in (z, d_prev, k_in), so
 autograd carries exact gradients through the ghosts to ``initial_state``, the first couplings and z.
 The construction needs Im z != 0 (with a real z a real diagonal never makes a complex pivot): on
-those backends a Python or CPU z with Im z = 0 raises.
+those backends a Python or CPU z with Im z = 0 raises (cpp, cuda and triton take any z).
 
 Packed sequences: S sequences back to back in one row of T positions, ``cu_seqlens`` their offsets.
 A sequence starts where the coupling into it is zero (d = a - z, and for the two-sided op e = a - z at
@@ -59,21 +59,23 @@ HAS_STATE_OP = _extension.has_op("bk_core_fwd_state")
 
 
 class _CarriedState(torch.autograd.Function):
-    """The CPU or CUDA kernel's causal op entered from a carried state: (a (B, N), k (Bk, N-1), zri,
-    mask or None, d_in (B,) complex, k_in (B,)) -> y (B, N) complex, with gradients for every input
-    (see the module doc for d_in's and k_in's)."""
+    """The CPU, CUDA or Triton kernel's causal op entered from a carried state: (a (B, N), k (Bk, N-1),
+    zri, mask or None, d_in (B,) complex, k_in (B,), ops) -> y (B, N) complex, with gradients for
+    every input (see the module doc for d_in's and k_in's); ``ops``: the (forward, backward) state ops
+    (``_state_ops``)."""
 
     @staticmethod
-    def forward(ctx, a, k, zri, mask, d_in, k_in):
-        y = torch.ops.resnet_bk.bk_core_fwd_state(a, k, zri, mask, d_in, k_in)
+    def forward(ctx, a, k, zri, mask, d_in, k_in, ops):
+        y = ops[0](a, k, zri, mask, d_in, k_in)
         ctx.save_for_backward(a, k, zri, mask, d_in, k_in, y if mask is None else None)
+        ctx.bwd_op = ops[1]
         return y
 
     @staticmethod
     def backward(ctx, gy):
         a, k, zri, mask, d_in, k_in, y = ctx.saved_tensors
         need = ctx.needs_input_grad
-        ga, gk, gz, gm, mu0 = torch.ops.resnet_bk.bk_core_bwd_state(
+        ga, gk, gz, gm, mu0 = ctx.bwd_op(
             gy, a, k, zri, mask, d_in, k_in, mask is not None and need[3], need[1], need[2], y)
         g_din = g_kin = None
         if need[4] or need[5]:
@@ -84,7 +86,7 @@ class _CarriedState(torch.autograd.Function):
             if need[4]:
                 g_din = gtr * d_in.reciprocal().conj() * k_in
         return (ga, gk if need[1] else None, gz if need[2] else None, gm if (mask is not None and need[3]) else None,
-                g_din, g_kin)
+                g_din, g_kin, None)
 
 
 # per device type: the backend whose compiled kernels take the state, if the build has its kernel
@@ -92,19 +94,33 @@ _STATE_BACKEND = {dev: be for dev, be in (("cpu", "cpp"), ("cuda", "cuda"))
                   if _extension.has_kernel("bk_core_fwd_state", dev.upper())}
 
 
-def _native_state(args: BKArgs, kmask: Optional[Tensor], backend: Optional[str]) -> bool:
-    """Whether a causal call with a carried state runs on the compiled kernels' own entry: the
-    backend the dispatch would choose for these arguments is cpp (CPU tensors) or cuda (CUDA
-    tensors) and the build has the state op's kernel for that device; not while tracing or
-    verifying."""
-    dev = args.a.device.type
-    want = _STATE_BACKEND.get(dev)
-    if (want is None or not HAS_STATE_OP or args.B == 0 or torch.compiler.is_compiling()
-            or _verify.verify_enabled() or args.a.dtype not in _registry.FAST_CPU_DTYPES):
-        return False
+def _triton_state_ops():
+    """The Triton state ops, registered by ``triton.py`` when triton is importable (else None)."""
+    ns = torch.ops.resnet_bk
+    if not hasattr(ns, "bk_core_fwd_state_triton"):
+        return None
+    return ns.bk_core_fwd_state_triton, ns.bk_core_bwd_state_triton
+
+
+def _native_state(args: BKArgs, kmask: Optional[Tensor], backend: Optional[str]):
+    """The (forward, backward) ops that take a causal call's carried state themselves, or None (then
+    the ghost positions): the backend the dispatch would choose for these arguments is cpp (CPU
+    tensors) or cuda (CUDA tensors) and the build has the state op's kernel for that device, or it
+    is triton (its kernels take the state); never while tracing or verifying."""
+    if (args.B == 0 or torch.compiler.is_compiling() or _verify.verify_enabled()
+            or args.a.dtype not in _registry.FAST_CPU_DTYPES):
+        return None
+    want = _STATE_BACKEND.get(args.a.device.type) if HAS_STATE_OP else None
+    tri = _triton_state_ops()
+    if want is None and tri is None:
+        return None
     choice = _registry.choose_warned("bk_core", args.a.device, (args.a, args.k[:, 1:], args.zri, kmask, True),
                                      backend)
-    return choice.backend == want
+    if want is not None and choice.backend == want:
+        return torch.ops.resnet_bk.bk_core_fwd_state, torch.ops.resnet_bk.bk_core_bwd_state
+    if tri is not None and choice.backend == "triton":
+        return tri
+    return None
 
 
 def _dispatch(a: Tensor, k: Tensor, zri: Tensor, mask: Optional[Tensor], causal: bool,
@@ -259,9 +275,10 @@ def run_stream(diag: Tensor, super_diag: Tensor, sub_diag: Tensor, z, mask: Opti
     # with a final state and a mask the kernel runs unmasked (the causal mask saves no work) and
     # the mask is applied after, so the last pivot is there even where the mask is 0
     kmask = None if output_final_state else args.mask
-    if has_state and _native_state(args, kmask, backend):
+    state_ops = _native_state(args, kmask, backend) if has_state else None
+    if state_ops is not None:
         st = check_state(initial_state, args.batch_shape, args.a.dtype, args.a.device)
-        y = _CarriedState.apply(args.a, args.k[:, 1:], args.zri, kmask, st, args.k[:, 0].expand(B))
+        y = _CarriedState.apply(args.a, args.k[:, 1:], args.zri, kmask, st, args.k[:, 0].expand(B), state_ops)
     elif has_state:
         st = check_state(initial_state, args.batch_shape, args.a.dtype, args.a.device)
         _check_z_for_state(z, args.zri)

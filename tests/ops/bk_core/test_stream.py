@@ -107,7 +107,9 @@ def test_state_vs_reference_twin(backend, dtype):
     assert torch.equal(y2, y)
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
+# triton: about 40 s in the interpreter (slow lane); test_state_gradients_vs_reference is its fast check
+@pytest.mark.parametrize("backend", cpu_backends() + [pytest.param(b, marks=pytest.mark.slow)
+                                                      for b in BACKENDS if b == "triton"])
 def test_gradcheck_through_state(backend):
     """gradcheck in float64 of (y, final state) for diag, both off-diagonals, z and initial_state."""
     g = torch.Generator().manual_seed(7)
@@ -123,6 +125,33 @@ def test_gradcheck_through_state(backend):
         return y, d
 
     assert torch.autograd.gradcheck(f, (a, b, c, z, st))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("zv", [0.2 + 0.9j, 0.4], ids=["complex_z", "real_z"])
+def test_state_gradients_vs_reference(backend, zv):
+    """Gradients of (y, final state) for diag, per-row super, shared sub, z and initial_state against
+    the reference twin's (plain autograd through the pivot loop); a real z where the backend's
+    kernels take the state themselves (the ghosts need Im z != 0)."""
+    if zv.imag == 0 and backend not in STATE_KERNEL_BACKENDS:
+        pytest.skip("ghost positions need Im z != 0")
+    g = torch.Generator().manual_seed(11)
+    N = 7
+    a = torch.randn(2, N, generator=g, dtype=torch.float64)
+    b = torch.rand(2, N, generator=g, dtype=torch.float64) + 0.3
+    c = torch.rand(N, generator=g, dtype=torch.float64) + 0.3
+    st = torch.tensor([0.5 - 1.2j, -1.0 - 0.3j], dtype=torch.complex128)
+    wy = torch.randn(2, N, generator=g, dtype=torch.complex128)
+    wd = torch.randn(2, generator=g, dtype=torch.complex128)
+    grads = []
+    for be in ("twin", backend):
+        leaves = [t.clone().requires_grad_(True) for t in (a, b, c, torch.tensor(zv, dtype=torch.complex128), st)]
+        kw = dict(causal=True, initial_state=leaves[4], output_final_state=True)
+        y, d = (ops.bk_core_ref(*leaves[:4], **kw) if be == "twin" else ops.bk_core(*leaves[:4], backend=be, **kw))
+        ((y * wy).real.sum() + (d * wd).real.sum()).backward()
+        grads.append([t.grad for t in leaves])
+    for gr, gb, name in zip(grads[0], grads[1], ("diag", "super_diag", "sub_diag", "z", "initial_state")):
+        assert rel_err(gb, gr) < 1e-11, name
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -300,8 +329,8 @@ def test_bad_input():
         ops.bk_core(a, b, c, Z, causal=False, output_final_state=True)
     with pytest.raises(TypeError, match="output_final_state: expected a bool"):
         ops.bk_core(a, b, c, Z, causal=True, output_final_state=1)
-    # the ghost positions of the other backends need Im z != 0 (the CPU kernel takes any z: see
-    # test_real_z_state_on_cpu_kernel)
+    # the ghost positions of the other backends need Im z != 0 (the CPU and Triton kernels take any
+    # z: see test_real_z_state_on_cpu_kernel)
     with pytest.raises(ValueError, match="z: a carried state .* needs Im z != 0"):
         ops.bk_core(a, bb, cc, 0.5, causal=True, initial_state=st, backend="reference")
     pa, pb, pc, cu = packed_case([3, 2, 4])
@@ -325,20 +354,27 @@ def test_bad_input():
                     cu_seqlens=torch.tensor([0, 3, 3, T]))
 
 
-@pytest.mark.skipif("cpp" not in ops.available_backends(), reason="compiled extension not built")
+# the backends whose kernels enter a carried state themselves (no ghost positions)
+STATE_KERNEL_BACKENDS = [b for b in ("cpp", "triton") if b in BACKENDS]
+
+
+@pytest.mark.parametrize("backend", STATE_KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_real_z_state_on_cpu_kernel(dtype):
-    """The CPU kernel enters the carried state itself (no ghost positions): a real z works, and
-    chained chunks equal the whole sequence, values and gradients (z, diag, couplings, state)."""
+def test_real_z_state_on_cpu_kernel(dtype, backend):
+    """The CPU and Triton kernels enter the carried state themselves (no ghost positions): a real z
+    works, and chained chunks equal the whole sequence, values and gradients (z, diag, couplings,
+    state)."""
     g = torch.Generator().manual_seed(3)
-    B, N, cut = 3, 40, 17
+    B, N, cut = (3, 40, 17) if backend != "triton" else (3, 19, 7)
     diag = (torch.rand(B, N, generator=g, dtype=torch.float64) * 2 + 3).to(dtype).requires_grad_()
     off = (torch.rand(N - 1, generator=g, dtype=torch.float64) + 0.5).to(dtype).requires_grad_()
     z = torch.tensor(0.25, dtype=dtype).to(torch.complex128 if dtype == torch.float64 else torch.complex64)
     z.requires_grad_()
-    whole = ops.bk_core(diag, off, off, z, causal=True)
-    y1, d1 = ops.bk_core(diag[:, :cut], off[:cut - 1], off[:cut - 1], z, causal=True, output_final_state=True)
-    y2 = ops.bk_core(diag[:, cut:], off[cut - 1:], off[cut - 1:], z, causal=True, initial_state=d1)
+    whole = ops.bk_core(diag, off, off, z, causal=True, backend=backend)
+    y1, d1 = ops.bk_core(diag[:, :cut], off[:cut - 1], off[:cut - 1], z, causal=True, output_final_state=True,
+                         backend=backend)
+    y2 = ops.bk_core(diag[:, cut:], off[cut - 1:], off[cut - 1:], z, causal=True, initial_state=d1,
+                     backend=backend)
     chained = torch.cat([y1, y2], 1)
     assert d1.imag.abs().max() == 0  # a real z and diagonal: real pivots (the ghosts could not carry them)
     tol = ops.tolerance(dtype)
