@@ -841,27 +841,27 @@ Plan make_plan(int64_t B, int64_t N, Strategy strategy, int64_t chunk_len, int n
   return pl;
 }
 
+// ceil(log2(n)): the steps of a Hillis-Steele scan over n values
+static int64_t log2c(int64_t n) {
+  int64_t l = 0;
+  while ((int64_t(1) << l) < n) ++l;
+  return l;
+}
+
+// row_scan's depth: compose a run of block maps, scan the runs, apply the run
+static int64_t row_scan_depth(const Plan& pl) {
+  const int64_t run = (pl.cb + kRowScanThreads - 1) / kRowScanThreads;
+  return run + log2c(std::min<int64_t>(pl.cb, kRowScanThreads)) + 1 + run;
+}
+
 int64_t forward_carry_depth(const Plan& pl) {
-  auto log2c = [](int64_t n) {
-    int64_t l = 0;
-    while ((int64_t(1) << l) < n) ++l;
-    return l;
-  };
   // segment maps, block scan and its apply, pivots of the segment
   int64_t d = pl.S + log2c(std::min<int64_t>(pl.segs, pl.T)) + 1 + pl.S;
-  if (pl.cb > 1) {  // per-row scan: compose a run, scan the runs, apply the run
-    const int64_t run = (pl.cb + kRowScanThreads - 1) / kRowScanThreads;
-    d += run + log2c(std::min<int64_t>(pl.cb, kRowScanThreads)) + 1 + run;
-  }
+  if (pl.cb > 1) d += row_scan_depth(pl);
   return d;
 }
 
 int64_t backward_carry_depth(const Plan& pl) {
-  auto log2c = [](int64_t n) {
-    int64_t l = 0;
-    while ((int64_t(1) << l) < n) ++l;
-    return l;
-  };
   // the passes of backward_impl, in order (two-sided: its d and e chains, and its R and L chains,
   // run side by side: the same depth as the causal pivots and mu)
   const int64_t bscan = log2c(std::min<int64_t>(pl.segs, pl.T));  // block scan over segments
@@ -871,8 +871,7 @@ int64_t backward_carry_depth(const Plan& pl) {
   const int64_t walk = 1 + pl.S;     // apply the gradient carry entering the segment, walk it
   if (pl.cb == 1)  // one kernel: pivot maps, block scan, pivots, summaries, block scan, walk
     return seg_maps + bscan + pivots + grad_sum + bscan + walk;
-  const int64_t run = (pl.cb + kRowScanThreads - 1) / kRowScanThreads;
-  const int64_t row_scan = run + log2c(std::min<int64_t>(pl.cb, kRowScanThreads)) + 1 + run;
+  const int64_t row_scan = row_scan_depth(pl);
   return (seg_maps + bscan)               // fwd_block_maps: each block's pivot map
          + row_scan                       // pivot row_scan: the pivot entering each block
          + (pivots + grad_sum + bscan)    // bwd_chunk_kernel (summary): each block's gradient map

@@ -75,29 +75,31 @@ size_t workspace_bytes(const Plan& plan, bool causal, bool backward, bool is_dou
 
 template <class T>
 struct Problem {
-  gptr<const T> a;       // (B, N) contiguous
-  gptr<const T> k;       // row r at k + r * k_row_stride, length N - 1 (may be null when N == 1)
-  int64_t k_row_stride;  // 0 when shared, else N - 1
-  gptr<const T> zri;     // (2,) device pointer: [Re z, Im z]
-  gptr<const T> mask;    // (B, N) contiguous, or nullptr
-  int64_t B, N;
-  bool causal;
+  // Every member has a default: the bindings fill the fields they use into `Problem<T> p;`, and an
+  // optional pointer left out must read as nullptr, not as an indeterminate address.
+  gptr<const T> a = nullptr;       // (B, N) contiguous
+  gptr<const T> k = nullptr;       // row r at k + r * k_row_stride, length N - 1 (may be null when N == 1)
+  int64_t k_row_stride = 0;        // 0 when shared, else N - 1
+  gptr<const T> zri = nullptr;     // (2,) device pointer: [Re z, Im z]
+  gptr<const T> mask = nullptr;    // (B, N) contiguous, or nullptr
+  int64_t B = 0, N = 0;
+  bool causal = false;
   // A carried state (causal only; both or neither): d_in (B, 2) interleaved complex, the pivot of
   // the position before each row; k_in (B,), its coupling to position 0 (d_0 = a_0 - z - k_in /
   // d_in). nullptr: each row starts afresh (d_0 = a_0 - z).
-  gptr<const T> d_in;
-  gptr<const T> k_in;
+  gptr<const T> d_in = nullptr;
+  gptr<const T> k_in = nullptr;
 };
 
 template <class T>
-struct Grads {
-  gptr<const T> grad;  // (B, N, 2) upstream gradient of the complex output, contiguous
-  gptr<T> grad_a;       // (B, N)
-  gptr<T> grad_k;       // (B, N - 1), per row (the caller reduces a shared k), or nullptr: not written
-  gptr<T> grad_zri;     // (2,) device pointer, written (not accumulated)
-  gptr<T> grad_mask;    // (B, N) or nullptr
-  gptr<T> mu0;          // (B, 2) interleaved complex: mu at each row's position 0 (causal; with a
-                        // carried state, for its gradients), or nullptr
+struct Grads {  // defaults as for Problem: an output left out is nullptr (not written)
+  gptr<const T> grad = nullptr;  // (B, N, 2) upstream gradient of the complex output, contiguous
+  gptr<T> grad_a = nullptr;       // (B, N)
+  gptr<T> grad_k = nullptr;       // (B, N - 1), per row (the caller reduces a shared k), or nullptr: not written
+  gptr<T> grad_zri = nullptr;     // (2,) device pointer, written (not accumulated)
+  gptr<T> grad_mask = nullptr;    // (B, N) or nullptr
+  gptr<T> mu0 = nullptr;          // (B, 2) interleaved complex: mu at each row's position 0 (causal; with a
+                                  // carried state, for its gradients), or nullptr
 };
 
 // Result of a launcher: err == cudaSuccess, or the CUDA error and the kernel that raised it.

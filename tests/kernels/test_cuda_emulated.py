@@ -500,3 +500,47 @@ def test_emulated_state_argument_errors(emu):
                                     ctypes.c_int64(9), ctypes.c_int(int(causal)), _ptr(din), _ptr(kin), _ptr(out),
                                     ctypes.c_int(0), ctypes.c_int64(0), ctypes.c_int(1), ctypes.c_int(0), plan)
         assert rc != 0, (causal, din is None, kin is None)
+
+
+_DEFAULTS_PROGRAM = r"""
+#include <cstdio>
+#include <cstring>
+#include <new>
+#include "bk_core_cuda.h"
+// The bindings fill `bk_cuda::Problem<T> p;` / `Grads<T> g;` field by field: a field they leave out
+// (no mask, no carried state, no grad k, no mu0) must be nullptr, as the kernels test it. With plain
+// pointers (the GPU build), default-initialise over memory full of 0xff and look.
+int main() {
+  int bad = 0;
+  {
+    alignas(bk_cuda::Problem<float>) unsigned char buf[sizeof(bk_cuda::Problem<float>)];
+    std::memset(buf, 0xff, sizeof buf);
+    auto* p = new (buf) bk_cuda::Problem<float>;
+    const void* ptrs[] = {p->a, p->k, p->zri, p->mask, p->d_in, p->k_in};
+    for (const void* q : ptrs) bad += q != nullptr;
+  }
+  {
+    alignas(bk_cuda::Grads<double>) unsigned char buf[sizeof(bk_cuda::Grads<double>)];
+    std::memset(buf, 0xff, sizeof buf);
+    auto* g = new (buf) bk_cuda::Grads<double>;
+    const void* ptrs[] = {g->grad, g->grad_a, g->grad_k, g->grad_zri, g->grad_mask, g->mu0};
+    for (const void* q : ptrs) bad += q != nullptr;
+  }
+  std::printf("%d\n", bad);
+  return bad;
+}
+"""
+
+
+def test_launcher_structs_default_to_null_pointers(tmp_path):
+    """Problem / Grads as the GPU build sees them (plain pointers, no emulation): a default-initialised
+    struct has every pointer null, so an optional input or output a binding does not set (the mask,
+    a carried state, grad k, mu0) is absent, not an indeterminate address the kernel would follow."""
+    src = tmp_path / "defaults.cpp"
+    src.write_text(_DEFAULTS_PROGRAM)
+    exe = tmp_path / "defaults"
+    r = subprocess.run([CXX, "-std=c++20", "-O0", "-I", os.path.join(ROOT, "csrc", "cuda"), "-I", EMU, str(src),
+                        "-o", str(exe)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    out = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert out.returncode == 0, f"{out.stdout.strip()} pointer members are not null after default initialisation"
