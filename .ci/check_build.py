@@ -17,6 +17,7 @@ EXPECTED = {
     "learned_downsample_fwd": ("CPU", "CUDA", "Autograd"), "learned_downsample_bwd": ("CPU", "CUDA"),
     "learned_upsample_fwd": ("CPU", "CUDA", "Autograd"), "learned_upsample_bwd": ("CPU", "CUDA"),
     "moe_top1_infer": ("CPU",),  # CPU-only op (inference MoE)
+    "moe_bk_block_step": ("CPU",),  # CPU-only op (the fused decode step of a MoE block)
 }
 
 
