@@ -5,19 +5,20 @@
 //
 // Forward (fwd_chunk_kernel, see "Forward: on-chip chunks" below): a block keeps a tile of lanes x
 // positions of a and k in shared memory and the pivots in registers, reads a once and writes the
-// output once; the chunk carries are parallel scans of 2x2 Moebius maps (over the block's threads,
-// and over a row's blocks by row_scan), never a serial walk over a row's chunks.
+// output once; the chunk carries are parallel scans of 2x2 Moebius maps over the block's threads,
+// and between a row's blocks either a row scan of block maps (two-sided: row_scan) or, causal, a
+// decoupled look-back in the same pass (look_back): never a serial walk over a row's chunks.
 //
 // Backward (bwd_chunk_kernel): the same plan and tiles; the pivots are recomputed on chip, the
 // upstream gradient read once per pass, and the gradient recurrences (affine maps) carried by the
-// same scans. grad_z: per-block partial sums in double, added in a fixed order (zsum_kernel), so
-// the result is deterministic.
+// same scans (causal: a look-back from the rows' ends). grad_z: per-block partial sums in double,
+// added in a fixed order (zsum_kernel), so the result is deterministic.
 //
 // A carried state (causal; Problem::d_in, k_in) enters where a row starts: the row's first segment
-// starts its chain from d_in with the coupling k_in (rows over several blocks: the row's block maps
-// include that coupling and the per-row scan starts at d_in). No extra pass, O(B) more traffic; the
-// backward also writes mu at position 0 (Grads::mu0), from which the op layer forms the state's
-// gradients.
+// starts its chain from d_in with the coupling k_in (rows over several blocks: the row's first
+// block's map includes that coupling and its look-back starts at d_in). No extra pass, O(B) more
+// traffic; the backward also writes mu at position 0 (Grads::mu0), from which the op layer forms
+// the state's gradients.
 #include "bk_core_cuda.h"
 
 #include <algorithm>
@@ -49,7 +50,16 @@ struct Ws {
   gptr<Cx<T>> bdin, bein;    // the pivots entering each block
   gptr<Cx<T>> glin, grin;    // backward: L and R (mu) entering each block
   gptr<double> zpart;        // backward: per-block partial sums of A (two-sided) or mu (causal)
+  // causal rows over several blocks (the decoupled look-back): two ticket counters and a status word
+  // per block and pass (zeroed by one memset per launch: `flags`, `flag_bytes`), each block's map
+  // and the value leaving it
+  gptr<int> flags;
+  size_t flag_bytes = 0;
+  gptr<Mobius<T>> lagg;
+  gptr<Cx<T>> lincl;
 };
+
+constexpr int kTicketPad = 64;  // ints before the status words: the forward ticket at 0, the backward's at 32
 
 struct Carver {
   char* base;
@@ -67,9 +77,16 @@ template <class T>
 Ws<T> carve(const Plan& pl, bool causal, bool backward, void* base, size_t* bytes) {
   Ws<T> w{};
   Carver c{static_cast<char*>(base)};
-  // block carries only (rows over several blocks); the backward reuses the pivot maps' storage for
-  // its gradient maps
-  if (pl.cb > 1) {
+  // block carries only (rows over several blocks)
+  if (uses_lookback(pl, causal)) {  // the look-back: the forward's pass, or the backward's two
+    const int64_t passes = backward ? 2 : 1;
+    w.flags = c.take<int>(kTicketPad + passes * pl.blocks);
+    w.flag_bytes = sizeof(int) * size_t(kTicketPad + passes * pl.blocks);
+    w.lagg = c.take<Mobius<T>>(pl.blocks);
+    w.lincl = c.take<Cx<T>>(pl.blocks);
+    if (backward) w.bdin = c.take<Cx<T>>(pl.blocks);
+  } else if (pl.cb > 1) {  // block maps and row scans (the backward reuses the pivot maps' storage for
+                           // its gradient maps)
     w.bmf = c.take<Mobius<T>>(pl.blocks);
     w.bdin = c.take<Cx<T>>(pl.blocks);
     if (!causal) {
@@ -138,9 +155,9 @@ struct FwdGeo {
   int nseg;  // segments of one row in this block
 };
 
-__device__ __forceinline__ FwdGeo fwd_geo(const Plan& pl) {
+// blk: the block's logical index (blockIdx.x, or its look-back ticket's block).
+__device__ __forceinline__ FwdGeo fwd_geo(const Plan& pl, int64_t blk) {
   FwdGeo g;
-  const int64_t blk = blockIdx.x;
   if (pl.cb == 1) {
     g.r0 = blk * pl.rpb;
     g.rows = pl.B - g.r0 < pl.rpb ? pl.B - g.r0 : pl.rpb;
@@ -185,7 +202,7 @@ struct FwdSmem {
 // one thread per row.
 template <class T>
 __device__ __forceinline__ T fwd_load(const Problem<T>& pr, const Plan& pl, const FwdGeo& g, FwdSmem<T>& sm,
-                                      gptr<Cx<T>> bdin, gptr<Cx<T>> bein) {
+                                      gptr<Cx<T>> bdin, gptr<Cx<T>> bein, int64_t blk) {
   const int S = int(pl.S), t = threadIdx.x, nt = blockDim.x;
   const int64_t rowq = pl.segs * pl.S;
   for (int i = t; i < kTile; i += nt) {
@@ -195,7 +212,7 @@ __device__ __forceinline__ T fwd_load(const Problem<T>& pr, const Plan& pl, cons
   if (t == 0) {
     sm.zr = pr.zri[0];
     sm.zi = pr.zri[1];
-    sm.ein = bein ? Cx<T>(bein[blockIdx.x]) : Cx<T>{T(1), T(0)};
+    sm.ein = bein ? Cx<T>(bein[blk]) : Cx<T>{T(1), T(0)};
   }
   if (t < g.rows) {  // rows <= rpb <= blockDim.x
     const int64_t r = g.r0 + t;
@@ -203,7 +220,7 @@ __device__ __forceinline__ T fwd_load(const Problem<T>& pr, const Plan& pl, cons
     sm.kin[t] = !start ? T(pr.k[r * pr.k_row_stride + g.p0 - 1]) : pr.k_in ? T(pr.k_in[r]) : T(0);
     // rows over several blocks: the block carry (from the row scan, which starts at the state; the
     // block maps need none); whole rows: the state, or a fresh start
-    sm.din[t] = bdin                            ? Cx<T>(bdin[blockIdx.x])
+    sm.din[t] = bdin                            ? Cx<T>(bdin[blk])
                 : (start && pr.d_in && pl.cb == 1) ? Cx<T>{T(pr.d_in[2 * r]), T(pr.d_in[2 * r + 1])}
                                                    : Cx<T>{T(1), T(0)};
   }
@@ -331,8 +348,9 @@ template <class T>
 __global__ void __launch_bounds__(kFwdThreads) fwd_block_maps(Problem<T> pr, Plan pl, gptr<Mobius<T>> bmf,
                                                                gptr<Mobius<T>> bmb) {
   __shared__ FwdSmem<T> sm;
-  const FwdGeo g = fwd_geo(pl);
-  const T zi = fwd_load(pr, pl, g, sm, gptr<Cx<T>>(nullptr), gptr<Cx<T>>(nullptr));
+  const int64_t blk = blockIdx.x;
+  const FwdGeo g = fwd_geo(pl, blk);
+  const T zi = fwd_load(pr, pl, g, sm, gptr<Cx<T>>(nullptr), gptr<Cx<T>>(nullptr), blk);
   const Seg s = fwd_seg(pl, g);
   const int S = int(pl.S);
   const bool two = !pr.causal;
@@ -347,21 +365,21 @@ __global__ void __launch_bounds__(kFwdThreads) fwd_block_maps(Problem<T> pr, Pla
   }
 }
 
-// Pass 2: one block per row scans the row's `count` maps (map c of row r at c * cstride + r * rstride):
-// fin[c] = the value left of piece c (maps mf, left to right, from `start`, or from the row's entry
-// of start_rows ((rows, 2) interleaved complex: a carried state) when given), bin[c] = the value
-// right of it (maps mb, right to left); either map array may be null. Each thread composes a run
-// of ceil(count / threads) maps, a Hillis-Steele scan joins the runs, each thread applies its
-// run. The forward uses it for the pivots entering each block (start 1: the coupling there is 0);
-// the backward for the pivots entering each lane and, with affine maps x -> c x + p written as
-// [[c, p], [0, 1]], for its gradient recurrences (start 0).
+// Pass 2 (rows over several blocks, except causal ones with the look-back): one block per row scans
+// the row's `count` maps (map c of row r at c * cstride + r * rstride): fin[c] = the value left of
+// piece c (maps mf, left to right, from `start`, or from the row's entry of start_rows ((rows, 2)
+// interleaved complex: a carried state) when given), bin[c] = the value right of it (maps mb, right
+// to left); either map array may be null. Each thread composes a run of ceil(count / threads) maps,
+// a Hillis-Steele scan joins the runs, each thread applies its run. The forward uses it for the
+// pivots entering each block (start 1: the coupling there is 0); the backward for the pivots and,
+// with affine maps x -> c x + p written as [[c, p], [0, 1]], for its gradient recurrences (start 0).
 template <class T>
 __global__ void __launch_bounds__(kRowScanThreads) row_scan(int64_t count, int64_t cstride, int64_t rstride,
                                                             gptr<Mobius<T>> mf, gptr<Mobius<T>> mb, gptr<Cx<T>> fin,
                                                             gptr<Cx<T>> bin, Cx<T> start_all,
                                                             gptr<const T> start_rows) {
-  __shared__ Mobius<T> sm[kRowScanThreads];
   __shared__ Cx<T> start_sm;
+  __shared__ Mobius<T> sm[kRowScanThreads];
   const int t = threadIdx.x, nt = blockDim.x;
   const int64_t row = blockIdx.x, cb = count, run = (cb + nt - 1) / nt;
   const int64_t c0 = t * run, c1 = c0 + run < cb ? c0 + run : cb;
@@ -416,23 +434,172 @@ __global__ void __launch_bounds__(kRowScanThreads) row_scan(int64_t count, int64
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Decoupled look-back (causal rows over several blocks): one pass instead of block maps, a row
+// scan and a second read of the tile. A block takes a ticket (atomicAdd: blocks may start in any
+// order, a ticket's predecessors have all started), which names the logical block it works on: in
+// the forward ticket t is block t (chunk t / B of row t % B), in the backward's gradient pass the
+// chunks run from the row's end. The block loads its tile, scans its map (the pivots' Moebius map,
+// or the gradient recurrence's affine map) and publishes it with status kAgg. It then reads the
+// statuses of the blocks before it in its row, nearest first, in windows (4, then 32 at a time, one
+// thread each): it composes the maps of those still kAgg up to the nearest kIncl one (a tree over
+// the window), whose published value (the pivot or gradient leaving it) gives the value entering
+// this block. It publishes its own leaving
+// value with status kIncl and goes on with its outputs. A row's first block starts from the row
+// start at once. Only thread 0 publishes; a value is written before its status word is released
+// (st.release), and read after the status was acquired (ld.acquire) by the same thread, so it is
+// never stale. A block waits only for blocks with smaller tickets, which are running or done: no
+// deadlock however many blocks are resident.
+
+enum : int { kEmpty = 0, kAgg = 1, kIncl = 2 };
+constexpr int kLookFirst = 4, kLookWindow = 32;
+
+#if defined(BK_EMU_TRAFFIC)
+using bk_emu::backoff;
+using bk_emu::load_acquire;
+using bk_emu::store_release;
+using bk_emu::take_ticket;
+#else
+__device__ __forceinline__ int take_ticket(int* p) { return atomicAdd(p, 1); }
+__device__ __forceinline__ int load_acquire(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void store_release(int* p, int v) {
+  asm volatile("st.release.gpu.global.b32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+__device__ __forceinline__ void backoff() { __nanosleep(32); }
+#endif
+
+template <class T>
+struct Look {  // one pass's descriptors (see Ws); status == nullptr: no look-back
+  gptr<int> ticket, status;
+  gptr<Mobius<T>> agg;
+  gptr<Cx<T>> incl;
+};
+
+template <class T>
+struct LookSmem {
+  int st[kLookWindow];
+  Mobius<T> m[kLookWindow];
+  Cx<T> v, carry;
+  int ticket, first, done;
+};
+
+template <class T>
+__device__ __forceinline__ int64_t look_ticket(const Look<T>& lk, LookSmem<T>& ls) {
+  if (threadIdx.x == 0) ls.ticket = take_ticket(lk.ticket);
+  __syncthreads();
+  return ls.ticket;
+}
+
+// The value entering logical block blk from the blocks before it in its row: blk - step,
+// blk - 2 step, ... (nprev of them; step = B forward, -B for the backward's right-to-left pass).
+// own: this block's map (thread 0's is used); start: the value entering the row's first block
+// (thread 0's). Publishes the block's map and then its leaving value. Every thread of the block
+// calls it and gets the carry.
+template <class T>
+__device__ Cx<T> look_back(const Look<T>& lk, LookSmem<T>& ls, int64_t blk, int64_t step, int64_t nprev,
+                           const Mobius<T>& own, const Cx<T>& start) {
+  const int t = threadIdx.x;
+  if (nprev == 0) {
+    if (t == 0) {
+      lk.incl[blk] = bk::mobius_apply(own, start);
+      store_release(lk.status + blk, kIncl);
+      ls.carry = start;
+    }
+    __syncthreads();
+    return ls.carry;
+  }
+  if (t == 0) {
+    lk.agg[blk] = own;
+    store_release(lk.status + blk, kAgg);
+  }
+  Mobius<T> acc = bk::mobius_identity<T>();  // thread 0: from the value leaving the window's end to here
+  int64_t base = 0;                          // predecessors composed so far
+  for (int round = 0;; ++round) {
+    int64_t w_ = round == 0 ? kLookFirst : kLookWindow;
+    w_ = w_ < int64_t(blockDim.x) ? w_ : int64_t(blockDim.x);
+    const int w = int(nprev - base < w_ ? nprev - base : w_);
+    const int64_t j = blk - (base + t + 1) * step;  // thread t's predecessor (t < w)
+    if (t < w) {
+      int st;
+      while ((st = load_acquire(lk.status + j)) == kEmpty) backoff();
+      ls.st[t] = st;
+    }
+    __syncthreads();
+    if (t == 0) {
+      int f = w;
+      for (int i = 0; i < w; ++i)
+        if (ls.st[i] == kIncl) {
+          f = i;
+          break;
+        }
+      ls.first = f;
+    }
+    __syncthreads();
+    const int f = ls.first;
+    if (t < w && t < f) ls.m[t] = Mobius<T>(lk.agg[j]);
+    if (t < w && t == f) ls.v = Cx<T>(lk.incl[j]);
+    __syncthreads();
+    // ls.m[0] <- m_0 m_1 ... m_{f-1} (nearest first): a tree, log2(w) steps
+    for (int off = 1; off < w; off <<= 1) {
+      if (t % (2 * off) == 0 && t + off < f) ls.m[t] = mul_rescaled(Mobius<T>(ls.m[t]), Mobius<T>(ls.m[t + off]));
+      __syncthreads();
+    }
+    if (t == 0) {
+      if (f > 0) acc = mul_rescaled(acc, Mobius<T>(ls.m[0]));
+      ls.done = f < w;
+      if (f < w) {
+        ls.carry = bk::mobius_apply(acc, ls.v);
+        lk.incl[blk] = bk::mobius_apply(own, ls.carry);
+        store_release(lk.status + blk, kIncl);
+      }
+    }
+    __syncthreads();
+    if (ls.done) break;
+    base += w;
+  }
+  return ls.carry;
+}
+
 // Pass 3 (the only one when a block holds whole rows): pivots and outputs.
+// With a look-back (lk.status, causal rows over several blocks) the block's carry comes from it
+// (bdin unused on entry); carry_only: only the carry is wanted, written to bdin[blk] (the backward's
+// first pass), no outputs.
 template <class T>
 __global__ void __launch_bounds__(kFwdThreads) fwd_chunk_kernel(Problem<T> pr, Plan pl, gptr<Cx<T>> bdin,
-                                                                 gptr<Cx<T>> bein, gptr<T> out) {
+                                                                 gptr<Cx<T>> bein, gptr<T> out, Look<T> lk,
+                                                                 bool carry_only) {
   __shared__ FwdSmem<T> sm;
-  const FwdGeo g = fwd_geo(pl);
+  __shared__ LookSmem<T> ls;
+  const bool look = bool(lk.status);
+  const int64_t blk = look ? look_ticket(lk, ls) : int64_t(blockIdx.x);
+  const FwdGeo g = fwd_geo(pl, blk);
   const bool two = !pr.causal, multi = pl.cb > 1;
-  const T zi = fwd_load(pr, pl, g, sm, multi ? bdin : gptr<Cx<T>>(nullptr),
-                        (multi && two) ? bein : gptr<Cx<T>>(nullptr));
+  const T zi = fwd_load(pr, pl, g, sm, (multi && !look) ? bdin : gptr<Cx<T>>(nullptr),
+                        (multi && two) ? bein : gptr<Cx<T>>(nullptr), blk);
   const Seg s = fwd_seg(pl, g);
   const int S = int(pl.S), t = threadIdx.x;
   const Cx<T> one{T(1), T(0)};
   Mobius<T> f, b;
   seg_maps(sm, s, S, zi, f, b, two);
+  block_scan(sm, f, s, g.nseg, true);
+  if (look) {  // one row per block (cb > 1): its slot 0
+    const int64_t ci = blk / pl.B;
+    Cx<T> start = one;
+    if (t == 0 && ci == 0 && pr.d_in) start = Cx<T>{T(pr.d_in[2 * g.r0]), T(pr.d_in[2 * g.r0 + 1])};
+    const Cx<T> c = look_back(lk, ls, blk, pl.B, ci, Mobius<T>(sm.m[g.nseg - 1]), start);
+    if (t == 0) {
+      sm.din[0] = c;
+      if (carry_only) bdin[blk] = c;
+    }
+    __syncthreads();
+    if (carry_only) return;
+  }
   // pivot entering the segment from the left
   const Cx<T> din_blk = d_left(sm, s);
-  block_scan(sm, f, s, g.nseg, true);
   Cx<T> dprev = din_blk;
   if (s.act && s.u > 0) dprev = bk::mobius_apply(Mobius<T>(sm.m[t - 1]), din_blk);
   __syncthreads();
@@ -528,21 +695,30 @@ __global__ void __launch_bounds__(kFwdThreads) bwd_chunk_kernel(Problem<T> pr, G
                                                                  gptr<Cx<T>> bdin, gptr<Cx<T>> bein,
                                                                  gptr<Mobius<T>> gmf, gptr<Mobius<T>> gmb,
                                                                  gptr<Cx<T>> glin, gptr<Cx<T>> grin,
-                                                                 gptr<double> zpart, bool summary) {
+                                                                 gptr<double> zpart, bool summary, Look<T> lk) {
+  // lk.status (causal rows over several blocks): mu entering the block from the right comes from a
+  // look-back over the row's later blocks (tickets from the row's end), in the final pass itself
   __shared__ FwdSmem<T> sm;
   __shared__ double zs[2 * kFwdThreads];
   __shared__ Cx<T> lr_in[2];
-  const FwdGeo g = fwd_geo(pl);
+  __shared__ LookSmem<T> ls;
+  const bool look = bool(lk.status);
+  int64_t blk = blockIdx.x;
+  if (look) {
+    const int64_t tk = look_ticket(lk, ls), ci = pl.cb - 1 - tk / pl.B;
+    blk = ci * pl.B + tk % pl.B;
+  }
+  const FwdGeo g = fwd_geo(pl, blk);
   const bool two = !pr.causal, multi = pl.cb > 1;
   const T zi = fwd_load(pr, pl, g, sm, multi ? bdin : gptr<Cx<T>>(nullptr),
-                        (multi && two) ? bein : gptr<Cx<T>>(nullptr));
+                        (multi && two) ? bein : gptr<Cx<T>>(nullptr), blk);
   const Seg s = fwd_seg(pl, g);
   const int S = int(pl.S), t = threadIdx.x, nt = blockDim.x;
   const Cx<T> zero{T(0), T(0)}, one{T(1), T(0)};
   if (t == 0) {
-    const bool carried = multi && !summary;
-    lr_in[0] = (carried && two) ? Cx<T>(glin[blockIdx.x]) : zero;
-    lr_in[1] = carried ? Cx<T>(grin[blockIdx.x]) : zero;
+    const bool carried = multi && !summary && !look;
+    lr_in[0] = (carried && two) ? Cx<T>(glin[blk]) : zero;
+    lr_in[1] = carried ? Cx<T>(grin[blk]) : zero;
   }
   Mobius<T> f, b;
   seg_maps(sm, s, S, zi, f, b, two);
@@ -630,15 +806,20 @@ __global__ void __launch_bounds__(kFwdThreads) bwd_chunk_kernel(Problem<T> pr, G
   }
   const Mobius<T> mr{rpi, zero, rloc, one}, ml{lpi, zero, lloc, one};
   __syncthreads();
-  Cx<T> r_in = lr_in[1];
   block_scan(sm, mr, s, g.nseg, false);
-  if (summary && t == 0) gmb[blockIdx.x] = Mobius<T>(sm.m[0]);
+  if (summary && t == 0) gmb[blk] = Mobius<T>(sm.m[0]);
+  if (look) {  // mu (R) entering from the right: 0 at the row's end
+    const Cx<T> c = look_back(lk, ls, blk, -pl.B, pl.cb - 1 - blk / pl.B, Mobius<T>(sm.m[0]), zero);
+    if (t == 0) lr_in[1] = c;
+    __syncthreads();
+  }
+  Cx<T> r_in = lr_in[1];
   if (s.act && s.u + 1 < g.nseg) r_in = bk::mobius_apply(Mobius<T>(sm.m[t + 1]), lr_in[1]);
   __syncthreads();
   Cx<T> l_in = lr_in[0];
   if (two) {
     block_scan(sm, ml, s, g.nseg, true);
-    if (summary && t == 0) gmf[blockIdx.x] = Mobius<T>(sm.m[g.nseg - 1]);
+    if (summary && t == 0) gmf[blk] = Mobius<T>(sm.m[g.nseg - 1]);
     if (s.act && s.u > 0) l_in = bk::mobius_apply(Mobius<T>(sm.m[t - 1]), lr_in[0]);
   }
   if (summary) return;
@@ -699,8 +880,8 @@ __global__ void __launch_bounds__(kFwdThreads) bwd_chunk_kernel(Problem<T> pr, G
       a0 += zs[2 * i];
       a1 += zs[2 * i + 1];
     }
-    zpart[2 * blockIdx.x] = a0;
-    zpart[2 * blockIdx.x + 1] = a1;
+    zpart[2 * blk] = a0;
+    zpart[2 * blk + 1] = a1;
   }
 }
 
@@ -754,6 +935,34 @@ bool state_ok(const Problem<T>& pr) {
   return d == k && (!d || pr.causal);
 }
 
+}  // namespace
+
+bool uses_lookback(const Plan& pl, bool causal) { return causal && pl.cb > 1 && !pl.deterministic; }
+
+namespace {
+
+// The look-back descriptors of pass `pass` (0: the forward pivots, 1: the backward's gradients).
+template <class T>
+Look<T> look_of(const Ws<T>& w, const Plan& pl, int pass) {
+  Look<T> lk;
+  lk.ticket = w.flags + 32 * pass;
+  lk.status = w.flags + kTicketPad + pass * pl.blocks;
+  lk.agg = w.lagg;
+  lk.incl = w.lincl;
+  return lk;
+}
+
+template <class T>
+Status zero_flags(const Ws<T>& w, cudaStream_t st) {
+#if defined(BK_EMU_TRAFFIC)
+  void* p = w.flags.raw();
+#else
+  void* p = w.flags;
+#endif
+  const cudaError_t e = cudaMemsetAsync(p, 0, w.flag_bytes, st);
+  return Status{e, e == cudaSuccess ? nullptr : "bk_core_cuda look-back flags (cudaMemsetAsync)"};
+}
+
 template <class T>
 Status forward_impl(const Problem<T>& pr, gptr<T> out, const Plan& pl, void* ws, cudaStream_t st) {
   if (pr.B == 0) return Status{cudaSuccess, nullptr};
@@ -761,14 +970,19 @@ Status forward_impl(const Problem<T>& pr, gptr<T> out, const Plan& pl, void* ws,
   if (!state_ok(pr)) return Status{cudaErrorInvalidValue, "bk_core_cuda forward: a carried state needs causal, d_in and k_in"};
   const Ws<T> w = carve<T>(pl, pr.causal, false, ws, nullptr);
   const unsigned nb = unsigned(pl.blocks), nt = unsigned(pl.T);
-  if (pl.cb > 1) {
+  Look<T> lk{};
+  if (uses_lookback(pl, pr.causal)) {  // one pass: the decoupled look-back
+    const Status z = zero_flags(w, st);
+    if (!z.ok()) return z;
+    lk = look_of(w, pl, 0);
+  } else if (pl.cb > 1) {
     fwd_block_maps<T><<<nb, nt, 0, st>>>(pr, pl, w.bmf, pr.causal ? nullptr : w.bmb);
     BK_LAUNCH_CHECK("bk_core_cuda fwd_block_maps");
     row_scan<T><<<unsigned(pl.B), kRowScanThreads, 0, st>>>(pl.cb, pl.B, 1, w.bmf, pr.causal ? nullptr : w.bmb,
                                                              w.bdin, w.bein, Cx<T>{T(1), T(0)}, pr.d_in);
     BK_LAUNCH_CHECK("bk_core_cuda fwd_row_scan");
   }
-  fwd_chunk_kernel<T><<<nb, nt, 0, st>>>(pr, pl, w.bdin, w.bein, out);
+  fwd_chunk_kernel<T><<<nb, nt, 0, st>>>(pr, pl, w.bdin, w.bein, out, lk, false);
   BK_LAUNCH_CHECK("bk_core_cuda fwd_chunk_kernel");
   return Status{cudaSuccess, nullptr};
 }
@@ -788,19 +1002,27 @@ Status backward_impl(const Problem<T>& pr, const Grads<T>& gr, const Plan& pl, v
   const bool two = !pr.causal;
   // gradient maps in the pivot maps' storage: R (mu) backward in bmf, L forward in bmb
   const gptr<Mobius<T>> gmb = w.bmf, gmf = two ? w.bmb : gptr<Mobius<T>>(nullptr);
-  if (pl.cb > 1) {
+  Look<T> lk{};
+  if (uses_lookback(pl, pr.causal)) {  // two look-back passes: the pivots entering each block, then
+                                       // the gradients from the rows' ends
+    const Status z = zero_flags(w, st);
+    if (!z.ok()) return z;
+    fwd_chunk_kernel<T><<<nb, nt, 0, st>>>(pr, pl, w.bdin, nullptr, gptr<T>(nullptr), look_of(w, pl, 0), true);
+    BK_LAUNCH_CHECK("bk_core_cuda backward fwd_chunk_kernel (carries)");
+    lk = look_of(w, pl, 1);
+  } else if (pl.cb > 1) {
     fwd_block_maps<T><<<nb, nt, 0, st>>>(pr, pl, w.bmf, two ? w.bmb : nullptr);
     BK_LAUNCH_CHECK("bk_core_cuda backward fwd_block_maps");
     row_scan<T><<<unsigned(pl.B), kRowScanThreads, 0, st>>>(pl.cb, pl.B, 1, w.bmf, two ? w.bmb : nullptr, w.bdin,
                                                              w.bein, Cx<T>{T(1), T(0)}, pr.d_in);
     BK_LAUNCH_CHECK("bk_core_cuda backward pivot row_scan");
-    bwd_chunk_kernel<T><<<nb, nt, 0, st>>>(pr, gr, pl, w.bdin, w.bein, gmf, gmb, w.glin, w.grin, w.zpart, true);
+    bwd_chunk_kernel<T><<<nb, nt, 0, st>>>(pr, gr, pl, w.bdin, w.bein, gmf, gmb, w.glin, w.grin, w.zpart, true, lk);
     BK_LAUNCH_CHECK("bk_core_cuda bwd_chunk_kernel (summary)");
     row_scan<T><<<unsigned(pl.B), kRowScanThreads, 0, st>>>(pl.cb, pl.B, 1, gmf, gmb, w.glin, w.grin,
                                                              Cx<T>{T(0), T(0)}, gptr<const T>(nullptr));
     BK_LAUNCH_CHECK("bk_core_cuda backward gradient row_scan");
   }
-  bwd_chunk_kernel<T><<<nb, nt, 0, st>>>(pr, gr, pl, w.bdin, w.bein, gmf, gmb, w.glin, w.grin, w.zpart, false);
+  bwd_chunk_kernel<T><<<nb, nt, 0, st>>>(pr, gr, pl, w.bdin, w.bein, gmf, gmb, w.glin, w.grin, w.zpart, false, lk);
   BK_LAUNCH_CHECK("bk_core_cuda bwd_chunk_kernel");
   zsum_kernel<T><<<1, kSumThreads, 0, st>>>(w.zpart, pl.blocks, pr.causal, gr.grad_zri);
   BK_LAUNCH_CHECK("bk_core_cuda zsum_kernel");

@@ -51,7 +51,17 @@ struct Plan {
   int64_t cb = 1;      // blocks per row
   int64_t blocks = 0;  // grid
   int T = 128;         // threads per block
+  // Causal rows over several blocks take their carries by a decoupled look-back in one pass; which
+  // blocks' maps a block composes depends on the order they run in, so the results can differ in
+  // the last bits from run to run. deterministic: the block maps and a row scan instead (one more
+  // read of the inputs), bitwise reproducible (the bindings set it under
+  // torch.use_deterministic_algorithms).
+  bool deterministic = false;
 };
+
+// Whether the launchers carry this plan's rows by the decoupled look-back (causal, several blocks
+// per row, not deterministic).
+bool uses_lookback(const Plan& plan, bool causal);
 
 constexpr int kSegMax = 8;         // longest forward thread segment
 constexpr int kFwdThreads = 128;   // forward block width (largest)

@@ -80,7 +80,11 @@ int sm_count(c10::DeviceIndex dev) {
 
 bk_cuda::Plan plan_for(const at::Tensor& a) {
   const int sms = sm_count(a.device().index());
-  return bk_cuda::make_plan(a.size(0), a.size(1), strategy_from_env(), chunk_from_env(), sms);
+  bk_cuda::Plan pl = bk_cuda::make_plan(a.size(0), a.size(1), strategy_from_env(), chunk_from_env(), sms);
+  // torch.use_deterministic_algorithms(True): causal rows over several blocks take the row scan, not
+  // the look-back, whose rounding depends on the order the blocks run in
+  pl.deterministic = at::globalContext().deterministicAlgorithms();
+  return pl;
 }
 
 void check_cuda_tensor(const char* name, const at::Tensor& t, const at::Tensor& a) {

@@ -13,6 +13,10 @@ for an H100/H200-sized GPU (132 SMs) for that shape, against the design goals of
   is not written (the kernels get a null pointer);
 * a carried state (causal: d_in, k_in, and mu0 from the backward) adds O(B) bytes, the rest unchanged.
 
+Causal rows over several blocks take their carries by a decoupled look-back: the forward is one
+pass (a read once), the backward two (the pivots entering each block, then the gradients). Under
+torch.use_deterministic_algorithms (Plan::deterministic) they take the two-sided plan's passes.
+
 "Model" bytes count a shared coupling row (k of shape (1, N-1)) once per pass over a position for
 the whole batch: the B rows read the same N-1 values, which stay in L2 (at most 4 MB at B >= 64
 and B * N <= 2^26); at B = 1 shared and per-row coupling are the same bytes. Every other load and
@@ -23,7 +27,7 @@ import ctypes
 import pytest
 import torch
 
-from test_cuda_emulated import CXX, build_emulated, emu_backward, emu_forward, make_canon  # noqa: E402
+from test_cuda_emulated import CXX, _Sched, build_emulated, emu_backward, emu_forward, make_canon  # noqa: E402
 
 pytestmark = pytest.mark.skipif(CXX is None, reason="no C++ compiler (g++/c++) on PATH")
 
@@ -103,18 +107,38 @@ def _state(B, dtype, state):
     return dict(d_in=torch.full((B,), 1.5 - 0.7j, dtype=cdt), k_in=torch.full((B,), 0.8, dtype=dtype))
 
 
-def run_fwd(emu, B, N, sms, shared=True, masked=False, causal=False, dtype=torch.float32, state=False):
+def run_fwd(emu, B, N, sms, shared=True, masked=False, causal=False, dtype=torch.float32, state=False,
+            deterministic=False):
     a, k, zri, mask, _ = make_canon(B, N, dtype, shared, masked, 5)
-    _, plan = emu_forward(emu, a, k, zri, mask, causal, "auto", 0, sms=sms, **_state(B, dtype, state))
+    with _Sched(emu, deterministic=deterministic):
+        _, plan = emu_forward(emu, a, k, zri, mask, causal, "auto", 0, sms=sms, **_state(B, dtype, state))
     return by_tag(traffic(emu), B, N, shared), plan
 
 
 def run_bwd(emu, B, N, sms, shared=True, masked=False, causal=False, dtype=torch.float32, need_k_grad=True,
-            state=False):
+            state=False, deterministic=False):
     a, k, zri, mask, grad = make_canon(B, N, dtype, shared, masked, 5)
-    _, plan = emu_backward(emu, grad, a, k, zri, mask, causal, masked, "auto", 0, sms=sms, need_k_grad=need_k_grad,
-                           **_state(B, dtype, state))
+    with _Sched(emu, deterministic=deterministic):
+        _, plan = emu_backward(emu, grad, a, k, zri, mask, causal, masked, "auto", 0, sms=sms,
+                               need_k_grad=need_k_grad, **_state(B, dtype, state))
     return by_tag(traffic(emu), B, N, shared), plan
+
+
+def fwd_passes(plan, causal, deterministic=False):
+    """Reads of a by the forward: rows over several blocks read it for the block maps and again for the
+    outputs, except causal ones with the look-back (one pass)."""
+    if plan[4] == 1:
+        return 1
+    return 1 if causal and not deterministic else 2
+
+
+def bwd_passes(plan, causal, deterministic=False):
+    """(reads of a, reads of grad) by the backward: rows over several blocks take the pivot maps (a),
+    the gradient summaries and the final pass (a, grad), or causal with the look-back: the pivots
+    entering each block (a), then the gradients (a, grad)."""
+    if plan[4] == 1:
+        return 1, 1
+    return (2, 1) if causal and not deterministic else (3, 2)
 
 
 # the emulation runs a block's threads as OS threads: the larger shapes take 10-25 s each
@@ -124,14 +148,14 @@ _SHAPE_PARAMS = [pytest.param(*s, id=f"B{s[0]}", marks=[pytest.mark.slow] if s[0
 @pytest.mark.parametrize("B,N,sms", _SHAPE_PARAMS)
 @pytest.mark.parametrize("causal", [False, True], ids=["twosided", "causal"])
 def test_forward_bytes_per_element(emu, B, N, sms, causal):
-    """float32: a is read once (rows in one block) or twice (rows over several blocks: the block
-    maps, then the chunk pass), the output written once, every value a block needs once (z, the
-    carries) read once per block. Goal: <= 16 B/element with a shared coupling (B >= 64; at B = 1 the
-    shared row is a full-size input: + 4 B per read of a); a per-row coupling adds 4 B per read of
-    a, the mask 4 B."""
+    """float32: a is read once (rows in one block, or causal rows over several blocks: the look-back)
+    or twice (two-sided rows over several blocks: the block maps, then the chunk pass), the output
+    written once, every value a block needs once (z, the carries, the look-back's descriptors) read
+    once per block. Goal: <= 16 B/element with a shared coupling (B >= 64; at B = 1 the shared row is
+    a full-size input: + 4 B per read of a); a per-row coupling adds 4 B per read of a, the mask 4 B."""
     t, plan = run_fwd(emu, B, N, sms, causal=causal)
     assert plan[0] == 8 and plan[1] == 128, plan  # the full-size segment and block
-    passes = 2 if plan[4] > 1 else 1
+    passes = fwd_passes(plan, causal)
     assert (plan[4] > 1) == (B < 4096)
     assert t["a"] == pytest.approx(4.0 * passes)
     assert t["out"] == pytest.approx(8.0)
@@ -147,6 +171,12 @@ def test_forward_bytes_per_element(emu, B, N, sms, causal):
     assert tp["k"] <= 4.0 * passes + 0.01 and sum(tp.values()) <= total + 4.0 * passes + 0.01
     tm, _ = run_fwd(emu, B, N, sms, masked=True, causal=causal)
     assert tm["mask"] == pytest.approx(4.0) and sum(tm.values()) == pytest.approx(total + 4.0)
+    if causal and plan[4] > 1:
+        # the look-back: 16 B at B = 1 (a, k, out), 12 B + the coupling at B = 64; deterministic: the
+        # two-sided plan's two passes
+        assert total <= (16.0 if B == 1 else 12.0 + 4.0 / B) + 0.15, t
+        td, _ = run_fwd(emu, B, N, sms, causal=True, deterministic=True)
+        assert td["a"] == pytest.approx(8.0) and sum(td.values()) > total + 4.0 - 0.1, td
 
 
 @pytest.mark.slow
@@ -167,9 +197,9 @@ def test_backward_bytes_per_element(emu, B, N, sms, causal):
     the binding reduces a shared k); a shared coupling row adds 4 B per pass for all rows, the mask
     4 B (+ 4 B for its gradient)."""
     t, plan = run_bwd(emu, B, N, sms, causal=causal)
-    passes = 3 if plan[4] > 1 else 1
+    passes, gpasses = bwd_passes(plan, causal)
     assert t["a"] == pytest.approx(4.0 * passes)
-    assert t["grad"] == pytest.approx(8.0 * min(passes, 2))
+    assert t["grad"] == pytest.approx(8.0 * gpasses)
     assert t["grad_a"] == pytest.approx(4.0) and t["grad_k"] == pytest.approx(4.0 * (N - 1) / N)
     assert t["a"] + t["grad"] + t["grad_a"] <= 32.0
     overhead = t.get("ws", 0.0) + t.get("zri", 0.0) + t.get("grad_zri", 0.0)
@@ -184,24 +214,32 @@ def test_backward_bytes_per_element(emu, B, N, sms, causal):
     assert tl == pytest.approx({tag: v for tag, v in t.items() if tag != "grad_k"})
     assert sum(tl.values()) <= 32.0 + 4.0 * passes / B + overhead + 0.02, tl
     tm, _ = run_bwd(emu, B, N, sms, masked=True, causal=causal)
-    assert tm["mask"] == pytest.approx(4.0 * min(passes, 2)) and tm["grad_mask"] == pytest.approx(4.0)
+    assert tm["mask"] == pytest.approx(4.0 * gpasses) and tm["grad_mask"] == pytest.approx(4.0)
+    if causal and plan[4] > 1:
+        # the look-back: grad a alone 28 B at B = 1 (a, k twice; grad once; grad a), 20 B + the
+        # coupling at B = 64; deterministic: the row scans' three passes
+        assert sum(tl.values()) <= (28.0 if B == 1 else 20.0 + 8.0 / B) + 0.3, tl
+        td, _ = run_bwd(emu, B, N, sms, causal=True, deterministic=True)
+        assert td["a"] == pytest.approx(12.0) and td["grad"] == pytest.approx(16.0), td
 
 
 @pytest.mark.parametrize("B,N,sms", _SHAPE_PARAMS)
 def test_state_bytes(emu, B, N, sms):
     """A carried state (causal): every buffer's bytes as without it; d_in, k_in and mu0 add O(B):
-    per row, k_in read by each pass whose block starts the row, d_in once (by the pass or the row
-    scan that starts the row's pivots), mu0 written once."""
-    for kind, run in (("fwd", run_fwd), ("bwd", run_bwd)):
-        t, plan = run(emu, B, N, sms, causal=True)
-        ts, _ = run(emu, B, N, sms, causal=True, state=True)
-        extra = {tag: ts.pop(tag) for tag in ("d_in", "k_in", "mu0") if tag in ts}
-        assert ts == pytest.approx(t), kind
-        multi = plan[4] > 1
-        want = {"d_in": 8.0, "k_in": 4.0 * ((2 if multi else 1) if kind == "fwd" else (3 if multi else 1))}
-        if kind == "bwd":
-            want["mu0"] = 8.0
-        assert extra == pytest.approx({tag: v / N for tag, v in want.items()}), (kind, extra)
+    per row, k_in read by each pass whose block starts the row, d_in once (by the pass, the look-back
+    or the row scan that starts the row's pivots), mu0 written once. The same with the deterministic
+    plan (row scans)."""
+    for det in (False, True):
+        for kind, run in (("fwd", run_fwd), ("bwd", run_bwd)):
+            t, plan = run(emu, B, N, sms, causal=True, deterministic=det)
+            ts, _ = run(emu, B, N, sms, causal=True, state=True, deterministic=det)
+            extra = {tag: ts.pop(tag) for tag in ("d_in", "k_in", "mu0") if tag in ts}
+            assert ts == pytest.approx(t), (kind, det)
+            passes = fwd_passes(plan, True, det) if kind == "fwd" else bwd_passes(plan, True, det)[0]
+            want = {"d_in": 8.0, "k_in": 4.0 * passes}
+            if kind == "bwd":
+                want["mu0"] = 8.0
+            assert extra == pytest.approx({tag: v / N for tag, v in want.items()}), (kind, det, extra)
 
 
 def plan_of(emu, B, N, sms=132, strategy=0):
@@ -290,6 +328,11 @@ if __name__ == "__main__":
                 fs, _ = run_fwd(lib, B, N, sms, causal=True, state=True)
                 bs, _ = run_bwd(lib, B, N, sms, causal=True, state=True)
                 line += f"  state: fwd {sum(fs.values()):6.3f}  bwd {sum(bs.values()):6.3f}"
+                fd, _ = run_fwd(lib, B, N, sms, causal=True, deterministic=True)
+                bd, _ = run_bwd(lib, B, N, sms, causal=True, deterministic=True)
+                bdl, _ = run_bwd(lib, B, N, sms, causal=True, deterministic=True, need_k_grad=False)
+                line += (f"\n  B={B:<5d} causal, deterministic: fwd {sum(fd.values()):6.2f}  bwd {sum(bd.values()):6.2f}"
+                         f"  bwd-no-grad_k {sum(bdl.values()):6.2f}")
             print(line)
     for B, N, sms in SHAPES:
         for causal in (False, True):

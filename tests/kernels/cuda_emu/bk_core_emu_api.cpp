@@ -19,6 +19,15 @@ void* nan_workspace(size_t bytes) {
   return p;
 }
 
+// Plans made from here on get Plan::deterministic (bk_emu_set_deterministic).
+bool g_deterministic = false;
+
+bk_cuda::Plan plan_of(int64_t B, int64_t N, int strategy, int64_t chunk, int sms, int threads) {
+  bk_cuda::Plan pl = bk_cuda::make_plan(B, N, bk_cuda::Strategy(strategy), chunk, sms, threads);
+  pl.deterministic = g_deterministic;
+  return pl;
+}
+
 // plan_out: S, T, segs, rpb, cb, blocks
 void plan_fields(const bk_cuda::Plan& pl, int64_t* o) {
   const int64_t v[6] = {pl.S, pl.T, pl.segs, pl.rpb, pl.cb, pl.blocks};
@@ -43,7 +52,7 @@ template <class T>
 int run_forward(const T* a, const T* k, int64_t k_row_stride, const T* zri, const T* mask, int64_t B, int64_t N,
                 int causal, const T* d_in, const T* k_in, T* out, int strategy, int64_t chunk, int sms, int threads,
                 int64_t* plan_out) {
-  const bk_cuda::Plan pl = bk_cuda::make_plan(B, N, bk_cuda::Strategy(strategy), chunk, sms, threads);
+  const bk_cuda::Plan pl = plan_of(B, N, strategy, chunk, sms, threads);
   plan_fields(pl, plan_out);
   const size_t wsb = bk_cuda::workspace_bytes(pl, causal, false, sizeof(T) == 8);
   void* ws = nan_workspace(wsb);
@@ -61,7 +70,7 @@ template <class T>
 int run_backward(const T* a, const T* k, int64_t k_row_stride, const T* zri, const T* mask, int64_t B, int64_t N,
                  int causal, const T* d_in, const T* k_in, const T* grad, T* grad_a, T* grad_k, T* grad_zri,
                  T* grad_mask, T* mu0, int strategy, int64_t chunk, int sms, int threads, int64_t* plan_out) {
-  const bk_cuda::Plan pl = bk_cuda::make_plan(B, N, bk_cuda::Strategy(strategy), chunk, sms, threads);
+  const bk_cuda::Plan pl = plan_of(B, N, strategy, chunk, sms, threads);
   plan_fields(pl, plan_out);
   const size_t wsb = bk_cuda::workspace_bytes(pl, causal, true, sizeof(T) == 8);
   void* ws = nan_workspace(wsb);
@@ -115,11 +124,24 @@ extern "C" const char* bk_emu_traffic(int i, uint64_t* bytes, uint64_t* accesses
   return bk_emu::traffic.names[i];
 }
 
+// How the following launches run their blocks (emu.h Sched), and the look-back's acquire loads so
+// far by value (0 empty, 1 aggregate, 2 inclusive) since the last reset.
+extern "C" void bk_emu_set_deterministic(int on) { g_deterministic = on != 0; }
+extern "C" void bk_emu_set_sched(int resident, unsigned seed) {
+  bk_emu::sched.resident = resident;
+  bk_emu::sched.seed = seed;
+}
+extern "C" uint64_t bk_emu_acquired(int v, int reset) {
+  const uint64_t n = bk_emu::acquired[v];
+  if (reset) bk_emu::acquired[v] = 0;
+  return n;
+}
+
 // The plan of a shape (fields as plan_fields) and its forward carry depth (backward: its backward
 // carry depth), without running anything.
 extern "C" int64_t bk_emu_plan(int64_t B, int64_t N, int strategy, int64_t chunk, int sms, int threads,
                                int64_t* plan_out) {
-  const bk_cuda::Plan pl = bk_cuda::make_plan(B, N, bk_cuda::Strategy(strategy), chunk, sms, threads);
+  const bk_cuda::Plan pl = plan_of(B, N, strategy, chunk, sms, threads);
   plan_fields(pl, plan_out);
   return bk_cuda::forward_carry_depth(pl);
 }

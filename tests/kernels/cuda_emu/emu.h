@@ -6,9 +6,13 @@
 // thread's store and another thread's load shows in one of the two orders. All threads at one
 // barrier must be at the same __syncthreads (source line): a kernel whose threads reach different
 // barriers (a deadlock or a race on a GPU) aborts with a message. Threads that have returned count
-// as arrived, as on the GPU. `__shared__` variables become function statics: shared by the threads
-// of a block; blocks run one after another. Kernel launches (`k<<<grid, block, smem, stream>>>(args)`)
-// are rewritten by the test into bk_emu::launch(grid, block, [&] { k(args); }).
+// as arrived, as on the GPU. `__shared__` variables become thread_local function statics: shared by
+// the threads of a block. Blocks run one after another on the calling thread by default; with
+// bk_emu::sched (set_sched) they run on `resident` OS threads at once, taken from a shuffled order,
+// as several SMs would run them, so kernels whose blocks wait for each other (the decoupled
+// look-back: atomic tickets, acquire/release status words) meet real concurrency. Kernel launches
+// (`k<<<grid, block, smem, stream>>>(args)`) are rewritten by the test into
+// bk_emu::launch(grid, block, [&] { k(args); }).
 #pragma once
 #include <math.h>
 
@@ -18,7 +22,10 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <algorithm>
 #include <functional>
+#include <random>
+#include <thread>
 #include <vector>
 
 #include <sys/mman.h>
@@ -29,7 +36,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ static
+#define __shared__ static thread_local
 
 struct bk_emu_dim3 {
   unsigned x, y, z;
@@ -177,60 +184,127 @@ inline void sync_threads(int line) {
   swapcontext(&f->ctx, &blk->sched);
 }
 
-inline void launch(unsigned grid, unsigned block, const std::function<void()>& body, const char* name = nullptr) {
-  if (grid == 0 || block == 0) return;
-  if (name) traffic.set_kernel(name);
-  constexpr size_t kStack = 256 * 1024;
-  const size_t bytes = kStack * block;
-  void* mem = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-  if (mem == MAP_FAILED) {
-    std::fprintf(stderr, "bk_emu: cannot map %zu bytes of fiber stacks\n", bytes);
-    std::abort();
+// How launches run their blocks: resident == 1 and seed == 0 (default), one after another in index
+// order on the calling thread; otherwise in an order shuffled with `seed`, on max(resident, 1) OS
+// threads at once, each taking the next block, yielding between barrier phases when there are
+// several so that blocks interleave.
+struct Sched {
+  int resident = 1;
+  unsigned seed = 0;
+};
+inline Sched sched;
+
+struct Stacks {
+  void* mem = nullptr;
+  size_t bytes = 0;
+  static constexpr size_t kStack = 256 * 1024;
+  explicit Stacks(unsigned threads) : bytes(kStack * threads) {
+    mem = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (mem == MAP_FAILED) {
+      std::fprintf(stderr, "bk_emu: cannot map %zu bytes of fiber stacks\n", bytes);
+      std::abort();
+    }
   }
+  ~Stacks() { munmap(mem, bytes); }
+  Stacks(const Stacks&) = delete;
+  Stacks& operator=(const Stacks&) = delete;
+};
+
+// Runs block b of the launch: its threads as fibers, phase by phase (see the top of this file).
+inline void run_block(unsigned b, unsigned block, const std::function<void()>& body, Stacks& st, bool yield) {
   Block blk;
   blk.body = &body;
   blk.fibers.resize(block);
   Block* const outer = cur_block;
   cur_block = &blk;
-  bdim = bk_emu_dim3{block, 1, 1};
-  gdim = bk_emu_dim3{grid, 1, 1};
-  for (unsigned b = 0; b < grid; ++b) {
-    bid = bk_emu_dim3{b, 0, 0};
-    for (unsigned t = 0; t < block; ++t) {
+  bid = bk_emu_dim3{b, 0, 0};
+  for (unsigned t = 0; t < block; ++t) {
+    Fiber& f = blk.fibers[t];
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = static_cast<char*>(st.mem) + Stacks::kStack * t;
+    f.ctx.uc_stack.ss_size = Stacks::kStack;
+    f.ctx.uc_link = &blk.sched;
+    makecontext(&f.ctx, fiber_main, 0);
+  }
+  for (unsigned phase = 0;; ++phase) {
+    unsigned alive = 0;
+    int line = 0;
+    for (unsigned i = 0; i < block; ++i) {
+      const unsigned t = (phase & 1) ? block - 1 - i : i;
       Fiber& f = blk.fibers[t];
-      f.done = false;
+      if (f.done) continue;
+      tid = bk_emu_dim3{t, 0, 0};
+      blk.cur = &f;
       f.barrier_line = 0;
-      getcontext(&f.ctx);
-      f.ctx.uc_stack.ss_sp = static_cast<char*>(mem) + kStack * t;
-      f.ctx.uc_stack.ss_size = kStack;
-      f.ctx.uc_link = &blk.sched;
-      makecontext(&f.ctx, fiber_main, 0);
-    }
-    for (unsigned phase = 0;; ++phase) {
-      unsigned alive = 0;
-      int line = 0;
-      for (unsigned i = 0; i < block; ++i) {
-        const unsigned t = (phase & 1) ? block - 1 - i : i;
-        Fiber& f = blk.fibers[t];
-        if (f.done) continue;
-        tid = bk_emu_dim3{t, 0, 0};
-        blk.cur = &f;
-        f.barrier_line = 0;
-        swapcontext(&blk.sched, &f.ctx);
-        if (f.done) continue;
-        ++alive;
-        if (line == 0) line = f.barrier_line;
-        if (f.barrier_line != line) {
-          std::fprintf(stderr, "bk_emu: block %u: threads wait at different __syncthreads (lines %d and %d): a "
-                       "deadlock or a race on a GPU\n", b, line, f.barrier_line);
-          std::abort();
-        }
+      swapcontext(&blk.sched, &f.ctx);
+      if (f.done) continue;
+      ++alive;
+      if (line == 0) line = f.barrier_line;
+      if (f.barrier_line != line) {
+        std::fprintf(stderr, "bk_emu: block %u: threads wait at different __syncthreads (lines %d and %d): a "
+                     "deadlock or a race on a GPU\n", b, line, f.barrier_line);
+        std::abort();
       }
-      if (alive == 0) break;
     }
+    if (alive == 0) break;
+    if (yield) std::this_thread::yield();
   }
   cur_block = outer;
-  munmap(mem, bytes);
+}
+
+inline void launch(unsigned grid, unsigned block, const std::function<void()>& body, const char* name = nullptr) {
+  if (grid == 0 || block == 0) return;
+  if (name) traffic.set_kernel(name);
+  const Sched sc = sched;
+  if (sc.resident <= 1 && sc.seed == 0) {
+    Stacks st(block);
+    bdim = bk_emu_dim3{block, 1, 1};
+    gdim = bk_emu_dim3{grid, 1, 1};
+    for (unsigned b = 0; b < grid; ++b) run_block(b, block, body, st, false);
+    return;
+  }
+  std::vector<unsigned> order(grid);
+  for (unsigned b = 0; b < grid; ++b) order[b] = b;
+  std::shuffle(order.begin(), order.end(), std::mt19937(sc.seed));
+  std::atomic<unsigned> next{0};
+  std::vector<std::thread> sms;
+  for (int r = 0; r < (sc.resident > 1 ? sc.resident : 1); ++r)
+    sms.emplace_back([&] {
+      Stacks st(block);
+      bdim = bk_emu_dim3{block, 1, 1};
+      gdim = bk_emu_dim3{grid, 1, 1};
+      for (unsigned i; (i = next.fetch_add(1)) < grid;) run_block(order[i], block, body, st, sc.resident > 1);
+    });
+  for (auto& t : sms) t.join();
+}
+
+// ---- Inter-block primitives (the look-back) -------------------------------------------------------
+// The kernels call these names; on the GPU they are atomicAdd, ld.acquire.gpu, st.release.gpu and
+// __nanosleep. Counted as global traffic like any other access.
+inline int take_ticket(const GPtr<int>& p) {
+  traffic.count(p.p, sizeof(int), 0);
+  traffic.count(p.p, sizeof(int), 1);
+  return std::atomic_ref<int>(*p.p).fetch_add(1);
+}
+// acquired[v]: how often an acquire load returned v (0..3; the tests see which look-back paths ran)
+inline std::atomic<uint64_t> acquired[4];
+inline int load_acquire(const GPtr<int>& p) {
+  traffic.count(p.p, sizeof(int), 0);
+  const int v = std::atomic_ref<int>(*p.p).load(std::memory_order_acquire);
+  acquired[v >= 0 && v < 4 ? v : 3] += 1;
+  return v;
+}
+inline void store_release(const GPtr<int>& p, int v) {
+  traffic.count(p.p, sizeof(int), 1);
+  std::atomic_ref<int>(*p.p).store(v, std::memory_order_release);
+}
+inline void backoff() { std::this_thread::yield(); }
+
+// cudaMemsetAsync: the stores of a memset, charged to the pseudo-kernel "cudaMemsetAsync".
+inline void memset_counted(void* p, int v, size_t n) {
+  traffic.set_kernel("cudaMemsetAsync");
+  traffic.count(p, n, 1);
+  std::memset(p, v, n);
 }
 
 }  // namespace bk_emu
