@@ -7,7 +7,9 @@ On a CUDA machine with the package built against the installed torch, in one sho
 2. ``pytest -q tests/cuda tests/kernels/test_triton.py -x`` on the GPU in a subprocess (TRITON_INTERPRET
    removed, timeout ``--test-timeout``), its summary line recorded; a failure makes the exit code 1
    but the grid still runs;
-3. the device-to-device copy bandwidth, then ``bk_core`` float32 (two-sided, causal) at B*N = 2^24
+3. the device-to-device copy bandwidth, then ``bk_core`` float32 (two-sided, causal, and causal under
+   ``torch.use_deterministic_algorithms(True)``: "causal-deterministic", where the CUDA kernels take
+   row scans instead of the decoupled look-back) at B*N = 2^24
    (B = 1, 64, 4096) for the "cuda" and "triton" backends (forced): forward, backward and
    forward+backward; median time, ns/element, GB/s of the minimum traffic (``benchmarks.cases``)
    and its % of the copy bandwidth, beside the goals (forward >= 70 %, backward >= 50 %);
@@ -136,9 +138,33 @@ def grad_of(fn: Callable, diag: torch.Tensor, gout: torch.Tensor):
     return out.detach(), g
 
 
+class deterministic_algorithms:
+    """``torch.use_deterministic_algorithms(on, warn_only=True)`` for a block, restored after."""
+
+    def __init__(self, on: bool):
+        self.on = on
+
+    def __enter__(self):
+        self.prev = (torch.are_deterministic_algorithms_enabled(),
+                     torch.is_deterministic_algorithms_warn_only_enabled())
+        torch.use_deterministic_algorithms(self.on, warn_only=True)
+
+    def __exit__(self, *exc):
+        torch.use_deterministic_algorithms(self.prev[0], warn_only=self.prev[1])
+
+
 def run_config(case, B: int, N: int, backends: List[str], device: torch.device, timer: Timer, copy_gbps: float,
-               ref_slice: bool, perturb: bool, log: Callable[[str], None]) -> List[dict]:
-    """All rows of one (variant, B, N): the oracles once, then per backend the check and the timings."""
+               ref_slice: bool, perturb: bool, log: Callable[[str], None], label: Optional[str] = None,
+               deterministic: bool = False) -> List[dict]:
+    """All rows of one (variant, B, N): the oracles once, then per backend the check and the timings;
+    ``label`` names the rows' variant (default: the case's), ``deterministic`` runs the backends under
+    torch.use_deterministic_algorithms(True)."""
+    with deterministic_algorithms(deterministic):
+        return _run_config(case, B, N, backends, device, timer, copy_gbps, ref_slice, perturb, log,
+                           label or case.variant)
+
+
+def _run_config(case, B, N, backends, device, timer, copy_gbps, ref_slice, perturb, log, label) -> List[dict]:
     causal = case.variant == "causal"
     size, f32 = {"B": B, "N": N}, torch.float32
     gen = torch.Generator().manual_seed(1234 + B)
@@ -158,7 +184,7 @@ def run_config(case, B: int, N: int, backends: List[str], device: torch.device, 
     rows = []
     for name in backends:
         fn = op(name, 1.001 if perturb else 1.0)
-        base = {"op": "bk_core", "variant": case.variant, "dtype": "float32", "B": B, "N": N, "backend": name}
+        base = {"op": "bk_core", "variant": label, "dtype": "float32", "B": B, "N": N, "backend": name}
         try:
             with torch.no_grad():
                 out = fn(diag)  # the forward row's call (the grad-enabled forward is checked through its gradient)
@@ -182,7 +208,7 @@ def run_config(case, B: int, N: int, backends: List[str], device: torch.device, 
                      "forward+backward": timer(lambda d: torch.autograd.grad(fn(d), d, gout), leaf)}
         except Exception as exc:  # noqa: BLE001  (a backend that cannot run is a reported row, not a crash)
             rows += [dict(base, mode=m, status=f"error: {type(exc).__name__}: {exc}", check="not run") for m in MODES]
-            log(f"  {case.variant} B={B} {name}: ERROR {type(exc).__name__}: {exc}")
+            log(f"  {label} B={B} {name}: ERROR {type(exc).__name__}: {exc}")
             continue
         for mode in MODES:
             st = stats[mode]
@@ -304,10 +330,12 @@ def main(argv=None) -> int:
 
     rows: List[dict] = []
     cases = {c.variant: c for c in op_cases() if c.name == "bk_core"}
-    for variant in ("two-sided", "causal"):
+    for label, variant, det in (("two-sided", "two-sided", False), ("causal", "causal", False),
+                                ("causal-deterministic", "causal", True)):
         for B, N in sizes:
             rows += run_config(cases[variant], B, N, backends, device, timer, copy["gbps"],
-                               B == max(b for b, _ in sizes), a.perturb, lambda s: print(s, flush=True))
+                               B == max(b for b, _ in sizes), a.perturb, lambda s: print(s, flush=True),
+                               label=label, deterministic=det)
     failed = [r for r in rows if r["status"] != "ok" or r["check"] != "ok"]
     problems = ([f"tests {tests['status']}"] if tests["status"] not in ("ok", "skipped") else []) + \
                ([f"{len(failed)} row(s) failed or errored"] if failed else []) + \

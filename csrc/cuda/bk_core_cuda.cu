@@ -567,17 +567,18 @@ __device__ Cx<T> look_back(const Look<T>& lk, LookSmem<T>& ls, int64_t blk, int6
 // Pass 3 (the only one when a block holds whole rows): pivots and outputs.
 // With a look-back (lk.status, causal rows over several blocks) the block's carry comes from it
 // (bdin unused on entry); carry_only: only the carry is wanted, written to bdin[blk] (the backward's
-// first pass), no outputs.
-template <class T>
+// first pass), no outputs. kLook: compiled for the look-back (causal only: no two-sided code, fewer
+// registers).
+template <class T, bool kLook>
 __global__ void __launch_bounds__(kFwdThreads) fwd_chunk_kernel(Problem<T> pr, Plan pl, gptr<Cx<T>> bdin,
                                                                  gptr<Cx<T>> bein, gptr<T> out, Look<T> lk,
                                                                  bool carry_only) {
   __shared__ FwdSmem<T> sm;
   __shared__ LookSmem<T> ls;
-  const bool look = bool(lk.status);
+  constexpr bool look = kLook;
   const int64_t blk = look ? look_ticket(lk, ls) : int64_t(blockIdx.x);
   const FwdGeo g = fwd_geo(pl, blk);
-  const bool two = !pr.causal, multi = pl.cb > 1;
+  const bool two = !look && !pr.causal, multi = pl.cb > 1;
   const T zi = fwd_load(pr, pl, g, sm, (multi && !look) ? bdin : gptr<Cx<T>>(nullptr),
                         (multi && two) ? bein : gptr<Cx<T>>(nullptr), blk);
   const Seg s = fwd_seg(pl, g);
@@ -690,7 +691,7 @@ __global__ void __launch_bounds__(kFwdThreads) fwd_chunk_kernel(Problem<T> pr, P
 // row_scan), this kernel in summary mode (each block's affine maps, then row_scan from 0), this
 // kernel in final mode. grad_z: per-block partial sums in double, added in a fixed order.
 
-template <class T>
+template <class T, bool kLook>
 __global__ void __launch_bounds__(kFwdThreads) bwd_chunk_kernel(Problem<T> pr, Grads<T> gr, Plan pl,
                                                                  gptr<Cx<T>> bdin, gptr<Cx<T>> bein,
                                                                  gptr<Mobius<T>> gmf, gptr<Mobius<T>> gmb,
@@ -702,14 +703,14 @@ __global__ void __launch_bounds__(kFwdThreads) bwd_chunk_kernel(Problem<T> pr, G
   __shared__ double zs[2 * kFwdThreads];
   __shared__ Cx<T> lr_in[2];
   __shared__ LookSmem<T> ls;
-  const bool look = bool(lk.status);
+  constexpr bool look = kLook;  // compiled for the look-back: causal only
   int64_t blk = blockIdx.x;
   if (look) {
     const int64_t tk = look_ticket(lk, ls), ci = pl.cb - 1 - tk / pl.B;
     blk = ci * pl.B + tk % pl.B;
   }
   const FwdGeo g = fwd_geo(pl, blk);
-  const bool two = !pr.causal, multi = pl.cb > 1;
+  const bool two = !look && !pr.causal, multi = pl.cb > 1;
   const T zi = fwd_load(pr, pl, g, sm, multi ? bdin : gptr<Cx<T>>(nullptr),
                         (multi && two) ? bein : gptr<Cx<T>>(nullptr), blk);
   const Seg s = fwd_seg(pl, g);
@@ -982,7 +983,10 @@ Status forward_impl(const Problem<T>& pr, gptr<T> out, const Plan& pl, void* ws,
                                                              w.bdin, w.bein, Cx<T>{T(1), T(0)}, pr.d_in);
     BK_LAUNCH_CHECK("bk_core_cuda fwd_row_scan");
   }
-  fwd_chunk_kernel<T><<<nb, nt, 0, st>>>(pr, pl, w.bdin, w.bein, out, lk, false);
+  if (lk.status)
+    fwd_chunk_kernel<T, true><<<nb, nt, 0, st>>>(pr, pl, w.bdin, w.bein, out, lk, false);
+  else
+    fwd_chunk_kernel<T, false><<<nb, nt, 0, st>>>(pr, pl, w.bdin, w.bein, out, lk, false);
   BK_LAUNCH_CHECK("bk_core_cuda fwd_chunk_kernel");
   return Status{cudaSuccess, nullptr};
 }
@@ -1007,7 +1011,7 @@ Status backward_impl(const Problem<T>& pr, const Grads<T>& gr, const Plan& pl, v
                                        // the gradients from the rows' ends
     const Status z = zero_flags(w, st);
     if (!z.ok()) return z;
-    fwd_chunk_kernel<T><<<nb, nt, 0, st>>>(pr, pl, w.bdin, nullptr, gptr<T>(nullptr), look_of(w, pl, 0), true);
+    fwd_chunk_kernel<T, true><<<nb, nt, 0, st>>>(pr, pl, w.bdin, nullptr, gptr<T>(nullptr), look_of(w, pl, 0), true);
     BK_LAUNCH_CHECK("bk_core_cuda backward fwd_chunk_kernel (carries)");
     lk = look_of(w, pl, 1);
   } else if (pl.cb > 1) {
@@ -1016,13 +1020,19 @@ Status backward_impl(const Problem<T>& pr, const Grads<T>& gr, const Plan& pl, v
     row_scan<T><<<unsigned(pl.B), kRowScanThreads, 0, st>>>(pl.cb, pl.B, 1, w.bmf, two ? w.bmb : nullptr, w.bdin,
                                                              w.bein, Cx<T>{T(1), T(0)}, pr.d_in);
     BK_LAUNCH_CHECK("bk_core_cuda backward pivot row_scan");
-    bwd_chunk_kernel<T><<<nb, nt, 0, st>>>(pr, gr, pl, w.bdin, w.bein, gmf, gmb, w.glin, w.grin, w.zpart, true, lk);
+    bwd_chunk_kernel<T, false><<<nb, nt, 0, st>>>(pr, gr, pl, w.bdin, w.bein, gmf, gmb, w.glin, w.grin, w.zpart, true,
+                                                  lk);
     BK_LAUNCH_CHECK("bk_core_cuda bwd_chunk_kernel (summary)");
     row_scan<T><<<unsigned(pl.B), kRowScanThreads, 0, st>>>(pl.cb, pl.B, 1, gmf, gmb, w.glin, w.grin,
                                                              Cx<T>{T(0), T(0)}, gptr<const T>(nullptr));
     BK_LAUNCH_CHECK("bk_core_cuda backward gradient row_scan");
   }
-  bwd_chunk_kernel<T><<<nb, nt, 0, st>>>(pr, gr, pl, w.bdin, w.bein, gmf, gmb, w.glin, w.grin, w.zpart, false, lk);
+  if (lk.status)
+    bwd_chunk_kernel<T, true><<<nb, nt, 0, st>>>(pr, gr, pl, w.bdin, w.bein, gmf, gmb, w.glin, w.grin, w.zpart, false,
+                                                 lk);
+  else
+    bwd_chunk_kernel<T, false><<<nb, nt, 0, st>>>(pr, gr, pl, w.bdin, w.bein, gmf, gmb, w.glin, w.grin, w.zpart, false,
+                                                  lk);
   BK_LAUNCH_CHECK("bk_core_cuda bwd_chunk_kernel");
   zsum_kernel<T><<<1, kSumThreads, 0, st>>>(w.zpart, pl.blocks, pr.causal, gr.grad_zri);
   BK_LAUNCH_CHECK("bk_core_cuda zsum_kernel");

@@ -34,7 +34,7 @@ def test_dry_run_rows_and_checks(tmp_path):
     for k in ("gpu", "torch", "torch_cuda", "triton", "git_commit"):
         assert k in res["machine"]
     got = {(r["variant"], r["B"], r["N"], r["backend"], r["mode"]) for r in res["rows"]}
-    want = {(v, B, 4096 // B, "cpp", m) for v in ("two-sided", "causal") for B in (1, 4, 64)
+    want = {(v, B, 4096 // B, "cpp", m) for v in ("two-sided", "causal", "causal-deterministic") for B in (1, 4, 64)
             for m in ("forward", "backward", "forward+backward")}
     assert got == want and len(res["rows"]) == len(want)
     for r in res["rows"]:
@@ -59,7 +59,7 @@ def test_perturbed_backend_fails(tmp_path):
     p, res, md = _run(tmp_path, "--perturb")
     assert p.returncode == 1, p.stdout + p.stderr
     assert res["verdict"].startswith("FAILED") and res["perturbed"]
-    assert len(res["rows"]) == 18
+    assert len(res["rows"]) == 27
     for r in res["rows"]:
         assert r["check"] == "FAILED", r
         assert r["check_failures"] and "vs_cpp: FAILED" in r["check_failures"][0]
