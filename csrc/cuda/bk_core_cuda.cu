@@ -441,10 +441,10 @@ __global__ void __launch_bounds__(kRowScanThreads) row_scan(int64_t count, int64
 // the forward ticket t is block t (chunk t / B of row t % B), in the backward's gradient pass the
 // chunks run from the row's end. The block loads its tile, scans its map (the pivots' Moebius map,
 // or the gradient recurrence's affine map) and publishes it with status kAgg. It then reads the
-// statuses of the blocks before it in its row, nearest first, in windows (4, then 32 at a time, one
-// thread each): it composes the maps of those still kAgg up to the nearest kIncl one (a tree over
-// the window), whose published value (the pivot or gradient leaving it) gives the value entering
-// this block. It publishes its own leaving
+// statuses of the blocks before it in its row, nearest first, in windows (4, then one per thread of
+// the block), each thread reading its block's status and then what it published: it composes the
+// maps of those still kAgg up to the nearest kIncl one (a tree over the window), whose published
+// value (the pivot or gradient leaving it) gives the value entering this block. It publishes its own leaving
 // value with status kIncl and goes on with its outputs. A row's first block starts from the row
 // start at once. Only thread 0 publishes; a value is written before its status word is released
 // (st.release), and read after the status was acquired (ld.acquire) by the same thread, so it is
@@ -452,7 +452,7 @@ __global__ void __launch_bounds__(kRowScanThreads) row_scan(int64_t count, int64
 // deadlock however many blocks are resident.
 
 enum : int { kEmpty = 0, kAgg = 1, kIncl = 2 };
-constexpr int kLookFirst = 4, kLookWindow = 32;
+constexpr int kLookFirst = 4, kLookWindow = kFwdThreads, kLookNone = 1 << 30;
 
 #if defined(BK_EMU_TRAFFIC)
 using bk_emu::backoff;
@@ -481,9 +481,9 @@ struct Look {  // one pass's descriptors (see Ws); status == nullptr: no look-ba
 
 template <class T>
 struct LookSmem {
-  int st[kLookWindow];
-  Mobius<T> m[kLookWindow];
-  Cx<T> v, carry;
+  Mobius<T> m[kLookWindow];  // the window's aggregate maps
+  Cx<T> v[kLookWindow];      // the window's inclusive values
+  Cx<T> carry;
   int ticket, first, done;
 };
 
@@ -515,7 +515,9 @@ __device__ Cx<T> look_back(const Look<T>& lk, LookSmem<T>& ls, int64_t blk, int6
   if (t == 0) {
     lk.agg[blk] = own;
     store_release(lk.status + blk, kAgg);
+    ls.first = kLookNone;
   }
+  __syncthreads();
   Mobius<T> acc = bk::mobius_identity<T>();  // thread 0: from the value leaving the window's end to here
   int64_t base = 0;                          // predecessors composed so far
   for (int round = 0;; ++round) {
@@ -523,26 +525,18 @@ __device__ Cx<T> look_back(const Look<T>& lk, LookSmem<T>& ls, int64_t blk, int6
     w_ = w_ < int64_t(blockDim.x) ? w_ : int64_t(blockDim.x);
     const int w = int(nprev - base < w_ ? nprev - base : w_);
     const int64_t j = blk - (base + t + 1) * step;  // thread t's predecessor (t < w)
-    if (t < w) {
+    if (t < w) {  // its status, then at once what it published (read after the status was acquired)
       int st;
       while ((st = load_acquire(lk.status + j)) == kEmpty) backoff();
-      ls.st[t] = st;
+      if (st == kIncl) {
+        ls.v[t] = Cx<T>(lk.incl[j]);
+        atomicMin(&ls.first, t);
+      } else {
+        ls.m[t] = Mobius<T>(lk.agg[j]);
+      }
     }
     __syncthreads();
-    if (t == 0) {
-      int f = w;
-      for (int i = 0; i < w; ++i)
-        if (ls.st[i] == kIncl) {
-          f = i;
-          break;
-        }
-      ls.first = f;
-    }
-    __syncthreads();
-    const int f = ls.first;
-    if (t < w && t < f) ls.m[t] = Mobius<T>(lk.agg[j]);
-    if (t < w && t == f) ls.v = Cx<T>(lk.incl[j]);
-    __syncthreads();
+    const int f = ls.first < w ? ls.first : w;  // the nearest inclusive one, or w
     // ls.m[0] <- m_0 m_1 ... m_{f-1} (nearest first): a tree, log2(w) steps
     for (int off = 1; off < w; off <<= 1) {
       if (t % (2 * off) == 0 && t + off < f) ls.m[t] = mul_rescaled(Mobius<T>(ls.m[t]), Mobius<T>(ls.m[t + off]));
@@ -552,10 +546,11 @@ __device__ Cx<T> look_back(const Look<T>& lk, LookSmem<T>& ls, int64_t blk, int6
       if (f > 0) acc = mul_rescaled(acc, Mobius<T>(ls.m[0]));
       ls.done = f < w;
       if (f < w) {
-        ls.carry = bk::mobius_apply(acc, ls.v);
+        ls.carry = bk::mobius_apply(acc, Cx<T>(ls.v[f]));
         lk.incl[blk] = bk::mobius_apply(own, ls.carry);
         store_release(lk.status + blk, kIncl);
       }
+      ls.first = kLookNone;
     }
     __syncthreads();
     if (ls.done) break;

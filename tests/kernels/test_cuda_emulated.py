@@ -511,9 +511,9 @@ def acquired(lib, value, reset=True):
     return int(lib.bk_emu_acquired(ctypes.c_int(value), ctypes.c_int(int(reset))))
 
 
-# (B, N, S, T): causal rows over 6..24 blocks, with tiny blocks so that many run at once; the last
-# runs rows of several blocks as a batch of 8
-LOOKBACK_GEOMS = [(1, 190, 2, 4), (2, 96, 1, 4), (8, 60, 2, 2)]
+# (B, N, S, T): causal rows over 6..50 blocks, with tiny blocks so that many run at once: windows of
+# 2 and 4 predecessors (many rounds), rows of several blocks as a batch of 8, and windows of 32
+LOOKBACK_GEOMS = [(1, 190, 2, 4), (2, 96, 1, 4), (8, 60, 2, 2), (1, 1600, 1, 32)]
 
 
 @pytest.mark.skipif(not HAS_STATE_CPU, reason="resnet_bk._C without the CPU state ops")

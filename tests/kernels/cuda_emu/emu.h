@@ -300,6 +300,17 @@ inline void store_release(const GPtr<int>& p, int v) {
 }
 inline void backoff() { std::this_thread::yield(); }
 
+}  // namespace bk_emu
+
+// Shared-memory atomics: a block's threads are fibers of one OS thread, so a plain update is atomic.
+inline int atomicMin(int* p, int v) {
+  const int old = *p;
+  if (v < old) *p = v;
+  return old;
+}
+
+namespace bk_emu {
+
 // cudaMemsetAsync: the stores of a memset, charged to the pseudo-kernel "cudaMemsetAsync".
 inline void memset_counted(void* p, int v, size_t n) {
   traffic.set_kernel("cudaMemsetAsync");
