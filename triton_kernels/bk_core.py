@@ -23,12 +23,16 @@ Nothing in a tile is sequential: every recurrence is an associative scan along t
   products are rescaled by exact powers of two (only ratios matter);
 * the gradient recurrences (L, R, mu) ``x_j = c_j x_{j-1} + p_j`` as pairs (c, p).
 
-A row longer than T is cut into C = ceil(N / T) chunks, one tile each; the value entering each
-chunk comes from three launches: (1) a summary kernel stores each chunk's product, (2) a carry
-kernel scans the C products of each row (blocks of CARRY_BLOCK chunks, a scan inside a block, the
-running value carried between blocks), (3) the tile kernel applies its in-tile prefix products to
-the carry. So the dependent steps per row are about 2 log2(T) + ceil(C / CARRY_BLOCK) log2(CARRY_BLOCK),
-not N (``carry_depth``). The backward does this twice: pivots, then the linear recurrences.
+A row longer than T is cut into C = ceil(N / T) chunks, one tile each. Two-sided, the value
+entering each chunk comes from three launches: (1) a summary kernel stores each chunk's product,
+(2) a carry kernel scans the C products of each row (blocks of CARRY_BLOCK chunks, a scan inside a
+block, the running value carried between blocks), (3) the tile kernel applies its in-tile prefix
+products to the carry. So the dependent steps per row are about 2 log2(T) + ceil(C / CARRY_BLOCK)
+log2(CARRY_BLOCK), not N (``carry_depth``). The backward does this twice: pivots, then the linear
+recurrences. Causal, the carry is a decoupled look-back inside the tile kernel (as in single-pass
+prefix scans; ``_fwd_lookback_kernel``): the forward is one launch reading a and k once, the
+backward two (the pivots entering each chunk, then the gradient tiles with mu carried right to
+left the same way). Whole rows (C = 1) are one launch either way.
 
 Special values follow csrc/bk_math.h: the reciprocal of a pivot whose |p|^2 is infinite is exactly
 0 (``_inv_parts``), and an infinite alpha (an infinite potential) makes its Moebius matrix the limit
@@ -674,7 +678,7 @@ def _fwd_lookback_kernel(a_ptr, k_ptr, zri_ptr, mask_ptr, out_ptr, piv_ptr, st_p
     # the first chunk; the look-back for the others
     zero = tl.zeros([1, 1], alr.dtype)
     if HAS_STATE:
-        sxr, sxi, syr, syi = _load_state(st_ptr, rows, okr)
+        sxr, sxi, syr, syi = _load_state(st_ptr, rows, okr & (rows * 0 + c == 0))
     else:
         sxr, sxi, syr, syi = zero + 1.0, zero, zero, zero
     wxr, wxi, wyr, wyi = _walk_mob(stat_ptr, desc_ptr, tk, B, tl.full([], 1.0, alr.dtype))
