@@ -999,7 +999,7 @@ def _causal_carries(a, k, zri, p: Plan, k_rs, st=None, kin=None):
     B, N = a.shape
     has_state = st is not None
     piv = torch.empty(4, B, p.C, dtype=a.dtype, device=a.device)
-    stat, ctr, desc = _lookback_ws(B, p.C, 12, a.dtype, a.device)
+    stat, ctr, desc = _lookback_ws(B, p.C, _FWD_DW.value, a.dtype, a.device)
     _launch(_fwd_lookback_kernel, (B * p.C,), a, k, zri, a, a, piv, st if has_state else a,
             kin if has_state else a, stat, ctr, desc, B, N, p.C, k_rs, HAS_MASK=False, CARRIES=True, T=p.T,
             HAS_STATE=has_state, num_warps=NUM_WARPS)
@@ -1033,7 +1033,7 @@ def bk_core_fwd(a: Tensor, k: Tensor, zri: Tensor, mask: Optional[Tensor], causa
     has_state = st is not None
     if causal and p.C > 1:
         # one pass: the carries by a decoupled look-back inside the tile kernel (one row per tile)
-        stat, ctr, desc = _lookback_ws(B, p.C, 12, a.dtype, a.device)
+        stat, ctr, desc = _lookback_ws(B, p.C, _FWD_DW.value, a.dtype, a.device)
         _launch(_fwd_lookback_kernel, (B * p.C,), a, k, zri, a if mask is None else mask, torch.view_as_real(out),
                 a, st if has_state else a, kin if has_state else a, stat, ctr, desc, B, N, p.C, k_rs,
                 HAS_MASK=mask is not None, CARRIES=False, T=p.T, HAS_STATE=has_state, num_warps=NUM_WARPS)
@@ -1091,7 +1091,7 @@ def bk_core_bwd(grad: Tensor, a: Tensor, k: Tensor, zri: Tensor, mask: Optional[
         # carried right to left by a reverse look-back inside the tile kernel
         piv = _causal_carries(a, k, zri, p, k_rs, st, kin)
         cin = a
-        stat, ctr, desc = _lookback_ws(B, p.C, 6, dt, dev)
+        stat, ctr, desc = _lookback_ws(B, p.C, _BWD_DW.value, dt, dev)
     elif p.C > 1:
         piv = _pivot_carries(a, k, zri, p, k_rs, True)
         lsum = torch.empty(D, 4, B, p.C, dtype=dt, device=dev)
