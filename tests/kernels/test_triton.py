@@ -385,9 +385,10 @@ def _launches(monkeypatch):
     return names
 
 
+# without a state, chunked causal rows are also in test_kernels_match_reference's fast lane
 @pytest.mark.parametrize("dtype,need_gk,state", [
-    (torch.float64, True, True), (torch.float64, False, False),
-    (torch.float32, True, False), (torch.float32, False, True)],
+    (torch.float64, True, True), pytest.param(torch.float64, False, False, marks=pytest.mark.slow),
+    pytest.param(torch.float32, True, False, marks=pytest.mark.slow), (torch.float32, False, True)],
     ids=["f64-gk-state", "f64-nogk", "f32-gk", "f32-nogk-state"])
 def test_causal_lookback_matches_reference(monkeypatch, dtype, need_gk, state):
     """3 rows of 37 in chunks of 8 (C = 5, a partial last chunk), per-row k, a mask: the forward is
