@@ -33,6 +33,7 @@ from . import step as S
 _TILE = {"R": 1, "T": K.MAX_TILE}
 KERNELS = [(K, name, _TILE, None) for name in ("_pivot_summary_kernel", "_fwd_kernel", "_bwd_kernel")] + [
     (K, name, {"CB": K.CARRY_BLOCK}, None) for name in ("_pivot_carry_kernel", "_lin_carry_kernel")] + [
+    (K, "_fwd_lookback_kernel", {"T": K.MAX_TILE}, None)] + [
     (P, "_down_kernel", {"BLOCK_R": 4, "BLOCK_D": P.BLOCK_D}, {"logits_ptr", "u_ptr"}),
     (P, "_up_kernel", {"BLOCK": P.BLOCK_UP}, {"bias_ptr", "scale_ptr"}),
     (P, "_up_bwd_kernel", {"BLOCK": P.BLOCK_UP}, {"bias_ptr", "scale_ptr", "gb_ptr", "gs_ptr"}),
@@ -41,6 +42,8 @@ KERNELS = [(K, name, _TILE, None) for name in ("_pivot_summary_kernel", "_fwd_ke
 
 
 LEVELS = ("smoke", "quick", "full")
+# int32 pointer arguments (the look-back kernels' descriptor status and ticket counter)
+INT32_PTRS = {"stat_ptr", "ctr_ptr"}
 # warps per program: the BK-Core kernels are planned for NUM_WARPS (resnet_bk's launcher passes it)
 NUM_WARPS = {K: K.NUM_WARPS}
 # PTX division instructions that are not IEEE round-to-nearest (plain float32 `/` gives div.full.f32)
@@ -76,6 +79,8 @@ def _variants(fn, level: str, fixed: Dict[str, object], acc_ptrs
             for p in params:
                 if p.is_constexpr:
                     sig[p.name] = "constexpr"
+                elif p.name in INT32_PTRS:
+                    sig[p.name] = "*i32"
                 elif p.name.endswith("_ptr"):
                     sig[p.name] = "*" + (acc if acc_ptrs is not None and p.name in acc_ptrs else fp)
                 elif int_kind == "one":

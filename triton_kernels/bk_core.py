@@ -23,12 +23,16 @@ Nothing in a tile is sequential: every recurrence is an associative scan along t
   products are rescaled by exact powers of two (only ratios matter);
 * the gradient recurrences (L, R, mu) ``x_j = c_j x_{j-1} + p_j`` as pairs (c, p).
 
-A row longer than T is cut into C = ceil(N / T) chunks, one tile each; the value entering each
-chunk comes from three launches: (1) a summary kernel stores each chunk's product, (2) a carry
-kernel scans the C products of each row (blocks of CARRY_BLOCK chunks, a scan inside a block, the
-running value carried between blocks), (3) the tile kernel applies its in-tile prefix products to
-the carry. So the dependent steps per row are about 2 log2(T) + ceil(C / CARRY_BLOCK) log2(CARRY_BLOCK),
-not N (``carry_depth``). The backward does this twice: pivots, then the linear recurrences.
+A row longer than T is cut into C = ceil(N / T) chunks, one tile each. Two-sided, the value
+entering each chunk comes from three launches: (1) a summary kernel stores each chunk's product,
+(2) a carry kernel scans the C products of each row (blocks of CARRY_BLOCK chunks, a scan inside a
+block, the running value carried between blocks), (3) the tile kernel applies its in-tile prefix
+products to the carry. So the dependent steps per row are about 2 log2(T) + ceil(C / CARRY_BLOCK)
+log2(CARRY_BLOCK), not N (``carry_depth``). The backward does this twice: pivots, then the linear
+recurrences. Causal, the carry is a decoupled look-back inside the tile kernel (as in single-pass
+prefix scans; ``_fwd_lookback_kernel``): the forward is one launch reading a and k once, the
+backward two (the pivots entering each chunk, then the gradient tiles with mu carried right to
+left the same way). Whole rows (C = 1) are one launch either way.
 
 Special values follow csrc/bk_math.h: the reciprocal of a pivot whose |p|^2 is infinite is exactly
 0 (``_inv_parts``), and an infinite alpha (an infinite potential) makes its Moebius matrix the limit
@@ -489,6 +493,123 @@ def _lin_carry_kernel(sum_ptr, cin_ptr, B, C, CB: tl.constexpr):
 
 
 # ---------------------------------------------------------------------------------------------
+# causal rows of C > 1 chunks: one pass with a decoupled look-back
+#
+# Each program takes a ticket (an atomic counter zeroed per launch), not its program_id: tickets
+# are handed out in the order programs start, so every tile's predecessor in its row (ticket
+# tk - B) belongs to a program that has already started, and waiting on it cannot deadlock. A
+# tile publishes a descriptor: its aggregate (the chunk's map, status AGG) as soon as its scan is
+# done, then its inclusive value (the chain's value leaving the chunk, status INCL) once it knows
+# the value entering it. A tile walks back over its predecessors, composing their aggregates until
+# it meets an inclusive value. Publishing: the values, a barrier, then the status by an atomic
+# with release semantics; reading: the status by an atomic with acquire semantics, then the values
+# by volatile loads. Descriptors: stat (B C,) int32 and the counter (1,) (one zeroed allocation),
+# desc (B C, DW) values, indexed by ticket.
+
+_AGG = tl.constexpr(1)
+_INCL = tl.constexpr(2)
+_FWD_DW = tl.constexpr(12)  # Moebius aggregate (8 reals), homogeneous pivot (x, y) (4 reals)
+_BWD_DW = tl.constexpr(6)  # affine aggregate (c, p) (4 reals), mu (2 reals)
+
+
+@triton.jit
+def _ticket(ctr_ptr, B, C, REV: tl.constexpr, T: tl.constexpr):
+    """The tile of the next ticket: chunk c = tk // B (REV: C - 1 - tk // B, chunks right to left),
+    row r = tk % B; the ticket, r, c, rows (1, 1) int64, chunk start, t (1, T), row validity."""
+    tk = tl.atomic_add(ctr_ptr, 1)
+    q = tk // B
+    r = tk - q * B
+    if REV:
+        c = C - 1 - q
+    else:
+        c = q
+    rows = tl.zeros([1, 1], tl.int64) + r
+    return tk, r, c, rows, (c * T).to(tl.int64), tl.arange(0, T)[None, :], rows < B
+
+
+@triton.jit
+def _publish(stat_ptr, tk, status, pred):
+    """The status of ticket tk's descriptor, after its values (stored before the call)."""
+    tl.debug_barrier()
+    tl.atomic_xchg(stat_ptr + tk, status, mask=pred, sem="release")
+
+
+@triton.jit
+def _walk_mob(stat_ptr, desc_ptr, tk, B, one):
+    """The homogeneous pivot (x, y) entering ticket tk's chunk, from the descriptors of its
+    predecessors tk - B, tk - 2B, ... (Moebius maps; _FWD_DW reals each). Spins while a status is
+    empty; an aggregate is composed into the running map, an inclusive value ends the walk. Not to
+    be called for a row's first chunk (it has no predecessor)."""
+    zero = one * 0.0
+    r00r, r00i, r01r, r01i, r10r, r10i, r11r, r11i = one, zero, zero, zero, zero, zero, one, zero
+    xr, xi, yr, yi = one, zero, zero, zero
+    j = tk - B
+    busy = j >= 0
+    while busy:
+        s = tl.atomic_add(stat_ptr + j, 0, sem="acquire")
+        agg = s == _AGG
+        inc = s == _INCL
+        o = desc_ptr + j * _FWD_DW
+        n00r, n00i, n01r, n01i, n10r, n10i, n11r, n11i = _mob_comb(
+            tl.load(o, mask=agg, other=1.0, volatile=True), tl.load(o + 1, mask=agg, other=0.0, volatile=True),
+            tl.load(o + 2, mask=agg, other=0.0, volatile=True), tl.load(o + 3, mask=agg, other=0.0, volatile=True),
+            tl.load(o + 4, mask=agg, other=0.0, volatile=True), tl.load(o + 5, mask=agg, other=0.0, volatile=True),
+            tl.load(o + 6, mask=agg, other=1.0, volatile=True), tl.load(o + 7, mask=agg, other=0.0, volatile=True),
+            r00r, r00i, r01r, r01i, r10r, r10i, r11r, r11i)
+        vxr, vxi, vyr, vyi = _mob_apply(
+            r00r, r00i, r01r, r01i, r10r, r10i, r11r, r11i,
+            tl.load(o + 8, mask=inc, other=1.0, volatile=True), tl.load(o + 9, mask=inc, other=0.0, volatile=True),
+            tl.load(o + 10, mask=inc, other=0.0, volatile=True), tl.load(o + 11, mask=inc, other=0.0, volatile=True))
+        r00r = tl.where(agg, n00r, r00r)
+        r00i = tl.where(agg, n00i, r00i)
+        r01r = tl.where(agg, n01r, r01r)
+        r01i = tl.where(agg, n01i, r01i)
+        r10r = tl.where(agg, n10r, r10r)
+        r10i = tl.where(agg, n10i, r10i)
+        r11r = tl.where(agg, n11r, r11r)
+        r11i = tl.where(agg, n11i, r11i)
+        xr = tl.where(inc, vxr, xr)
+        xi = tl.where(inc, vxi, xi)
+        yr = tl.where(inc, vyr, yr)
+        yi = tl.where(inc, vyi, yi)
+        j = tl.where(agg, j - B, j)
+        busy = s != _INCL
+    return xr, xi, yr, yi
+
+
+@triton.jit
+def _walk_lin(stat_ptr, desc_ptr, tk, B, one):
+    """The value of an affine recurrence x -> c x + p entering ticket tk's chunk, from the
+    descriptors of its predecessors tk - B, tk - 2B, ... (_BWD_DW reals each: c, p; then the
+    inclusive value), as ``_walk_mob``."""
+    zero = one * 0.0
+    rcr, rci, rpr, rpi = one, zero, zero, zero
+    xr, xi = zero, zero
+    j = tk - B
+    busy = j >= 0
+    while busy:
+        s = tl.atomic_add(stat_ptr + j, 0, sem="acquire")
+        agg = s == _AGG
+        inc = s == _INCL
+        o = desc_ptr + j * _BWD_DW
+        ncr, nci, npr, npi = _lin_comb(
+            tl.load(o, mask=agg, other=1.0, volatile=True), tl.load(o + 1, mask=agg, other=0.0, volatile=True),
+            tl.load(o + 2, mask=agg, other=0.0, volatile=True), tl.load(o + 3, mask=agg, other=0.0, volatile=True),
+            rcr, rci, rpr, rpi)
+        vr, vi = _cmul(rcr, rci, tl.load(o + 4, mask=inc, other=0.0, volatile=True),
+                       tl.load(o + 5, mask=inc, other=0.0, volatile=True))
+        rcr = tl.where(agg, ncr, rcr)
+        rci = tl.where(agg, nci, rci)
+        rpr = tl.where(agg, npr, rpr)
+        rpi = tl.where(agg, npi, rpi)
+        xr = tl.where(inc, vr + rpr, xr)
+        xi = tl.where(inc, vi + rpi, xi)
+        j = tl.where(agg, j - B, j)
+        busy = s != _INCL
+    return xr, xi
+
+
+# ---------------------------------------------------------------------------------------------
 # forward
 
 
@@ -528,24 +649,85 @@ def _fwd_kernel(a_ptr, k_ptr, zri_ptr, mask_ptr, piv_ptr, out_ptr, st_ptr, kin_p
     _store_complex(out_ptr, rows * N + n, gr, gi, v)
 
 
+@triton.jit
+def _fwd_lookback_kernel(a_ptr, k_ptr, zri_ptr, mask_ptr, out_ptr, piv_ptr, st_ptr, kin_ptr, stat_ptr, ctr_ptr,
+                         desc_ptr, B, N, C, k_rs, HAS_MASK: tl.constexpr, CARRIES: tl.constexpr, T: tl.constexpr,
+                         HAS_STATE: tl.constexpr = False):
+    """Causal rows of C > 1 chunks (one row per tile) in one pass: a and k read once, the pivot
+    entering each chunk by a decoupled look-back (see above), then out (B, N, 2) = 1/d, times the
+    mask where it is nonzero (0 where it is 0). CARRIES: no output; the homogeneous pivot entering
+    each chunk goes to piv (4, B, C) (the backward's carries). HAS_STATE: each row continues the
+    carried state (st (B, 2) complex, kin (B,))."""
+    tk, r, c, rows, start, t, okr = _ticket(ctr_ptr, B, C, False, T)
+    zr = tl.load(zri_ptr)
+    zi = tl.load(zri_ptr + 1)
+    n, v, alr, ali, kr, kk = _leaves(a_ptr, k_ptr, kin_ptr, rows, start, t, okr, N, k_rs, zr, zi, 1, T, HAS_STATE)
+    m00r, m00i, m01r, m01i, m10r, m10i, m11r, m11i = _mob_leaf(v, alr, ali, kk)
+    p00r, p00i, p01r, p01i, p10r, p10i, p11r, p11i = tl.associative_scan(
+        (m00r, m00i, m01r, m01i, m10r, m10i, m11r, m11i), 1, _mob_comb)
+    # the aggregate: the chunk's product (a row's first chunk publishes its inclusive value only)
+    last = okr & (t == T - 1)
+    off = tk * _FWD_DW + t * 0
+    # (the chunk index as a tensor of the lanes' shape: the interpreter's `&` of a block and a scalar
+    # is not a boolean)
+    agg = last & (t * 0 + c > 0)
+    _store_last(desc_ptr, off, 1, agg, p00r, p00i, p01r, p01i)
+    _store_last(desc_ptr, off + 4, 1, agg, p10r, p10i, p11r, p11i)
+    _publish(stat_ptr, tk, _AGG, c > 0)
+    # the pivot entering the chunk: the row start (1, 0), or (1, 1 / d_in) with a carried state, for
+    # the first chunk; the look-back for the others
+    zero = tl.zeros([1, 1], alr.dtype)
+    if HAS_STATE:
+        sxr, sxi, syr, syi = _load_state(st_ptr, rows, okr & (rows * 0 + c == 0))
+    else:
+        sxr, sxi, syr, syi = zero + 1.0, zero, zero, zero
+    wxr, wxi, wyr, wyi = _walk_mob(stat_ptr, desc_ptr, tk, B, tl.full([], 1.0, alr.dtype))
+    first = c == 0
+    xr = tl.where(first, sxr, wxr)
+    xi = tl.where(first, sxi, wxi)
+    yr = tl.where(first, syr, wyr)
+    yi = tl.where(first, syi, wyi)
+    xd, xdi, yd, ydi = _mob_apply(p00r, p00i, p01r, p01i, p10r, p10i, p11r, p11i, xr, xi, yr, yi)
+    # the inclusive value: the pivot leaving the chunk
+    _store_last(desc_ptr, off + 8, 1, last, xd, xdi, yd, ydi)
+    _publish(stat_ptr, tk, _INCL, tk >= 0)
+    if CARRIES:
+        BC = B * C
+        _store_last(piv_ptr, rows * C + c, BC, okr, xr, xi, yr, yi)
+    else:
+        # y = 1 / d = y_h / x_h
+        gr, gi = _cdiv(yd, ydi, xd, xdi)
+        if HAS_MASK:
+            mk = tl.load(mask_ptr + rows * N + n, mask=v, other=0.0)
+            gr = tl.where(mk != 0.0, gr * mk, 0.0)
+            gi = tl.where(mk != 0.0, gi * mk, 0.0)
+        _store_complex(out_ptr, rows * N + n, gr, gi, v)
+
+
 # ---------------------------------------------------------------------------------------------
 # backward
 
 
 @triton.jit
 def _bwd_kernel(g_ptr, a_ptr, k_ptr, zri_ptr, mask_ptr, piv_ptr, lsum_ptr, cin_ptr,
-                ga_ptr, gk_ptr, gz_ptr, gmask_ptr, st_ptr, kin_ptr, mu0_ptr, B, N, C, k_rs,
+                ga_ptr, gk_ptr, gz_ptr, gmask_ptr, st_ptr, kin_ptr, mu0_ptr, stat_ptr, ctr_ptr, desc_ptr, B, N, C, k_rs,
                 CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, NEED_GMASK: tl.constexpr,
                 HAS_CARRY: tl.constexpr, SUMMARY: tl.constexpr, R: tl.constexpr, T: tl.constexpr,
                 NEED_GK: tl.constexpr = True, HAS_STATE: tl.constexpr = False):
-    """SUMMARY: the chunk summaries (c product, local value) of the gradient recurrences into
-    lsum (D, 4, B, C) (direction 0: R or mu, right to left; 1: L). Otherwise, from the values
-    entering the chunk (cin (D, 2, B, C)): grad_a (B, N), per-row grad_k (B, N-1) when NEED_GK,
-    per-program partial sums gz (2, programs) of A (two-sided) or mu (causal), grad_mask (B, N).
-    HAS_STATE (causal): rows continue the carried state (st (B, 2), kin (B,)) and mu at position 0
-    goes to mu0 (B, 2)."""
-    pid = tl.program_id(0)
-    rows, start, t, okr = _tile(pid, B, N, C, R, T)
+    """Two-sided, SUMMARY: the chunk summaries (c product, local value) of the gradient recurrences
+    into lsum (2, 4, B, C) (direction 0: R, right to left; 1: L). Otherwise, from the values
+    entering the chunk (two-sided: cin (2, 2, B, C); causal rows of C > 1 chunks: mu by a reverse
+    look-back over the chunks to the right, the tiles taken by ticket, right to left): grad_a
+    (B, N), per-row grad_k (B, N-1) when NEED_GK, per-tile partial sums gz (2, programs) of A
+    (two-sided) or mu (causal), grad_mask (B, N). The d chain starts from piv (the homogeneous
+    pivot entering each chunk). HAS_STATE (causal): rows continue the carried state (st (B, 2),
+    kin (B,)) and mu at position 0 goes to mu0 (B, 2)."""
+    if CAUSAL and HAS_CARRY:
+        tk, r, c, rows, start, t, okr = _ticket(ctr_ptr, B, C, True, T)
+        pid = r * C + c
+    else:
+        pid = tl.program_id(0)
+        rows, start, t, okr = _tile(pid, B, N, C, R, T)
     zr = tl.load(zri_ptr)
     zi = tl.load(zri_ptr + 1)
     c = start // T
@@ -580,37 +762,44 @@ def _bwd_kernel(g_ptr, a_ptr, k_ptr, zri_ptr, mask_ptr, piv_ptr, lsum_ptr, cin_p
         pr = _flip(pr, R, T)
         pi = _flip(pi, R, T)
         ccr, cci, pr, pi = tl.associative_scan((ccr, cci, pr, pi), 1, _lin_comb)
-        if SUMMARY:
-            _store_last(lsum_ptr, (0 * 4 * B + rows) * C + c + t * 0, BC, last, ccr, cci, pr, pi)
-        else:
-            if HAS_CARRY:
-                mir = tl.load(cin_ptr + (0 * 2 * B + rows) * C + c, mask=okr, other=0.0)
-                mii = tl.load(cin_ptr + (0 * 2 * B + rows) * C + c + BC, mask=okr, other=0.0)
-            else:
-                mir = tl.zeros([R, 1], alr.dtype)
-                mii = mir
-            mur, mui = _cmul(ccr, cci, mir, mii)
-            mur += pr
-            mui += pi
-            # reversed tile order from here: n, 1/d, validity reversed
-            nrv = start + (T - 1 - t)
-            vr_ = okr & (nrv < N)
-            nxr = _shift1(mur, mir, R, T)   # mu_{j+1}
-            nxi = _shift1(mui, mii, R, T)
-            fdr = _flip(idr, R, T)
-            fdi = _flip(idi, R, T)
-            if NEED_GK:
-                gkr, _ = _cmul(nxr, nxi, fdr, fdi)
-                tl.store(gk_ptr + rows * (N - 1) + nrv, -gkr, mask=vr_ & (nrv < N - 1))
-            tl.store(ga_ptr + rows * N + nrv, mur, mask=vr_)
-            if HAS_STATE:
-                # mu_0, the adjoint of the carried state's pivot step (conj of the gradient reaching d_0)
-                tl.store(mu0_ptr + rows * 2 + nrv * 0, mur, mask=vr_ & (nrv == 0))
-                tl.store(mu0_ptr + rows * 2 + 1 + nrv * 0, mui, mask=vr_ & (nrv == 0))
-            sr = tl.sum(tl.sum(tl.where(vr_, mur, 0.0), 1), 0)
-            si = tl.sum(tl.sum(tl.where(vr_, mui, 0.0), 1), 0)
-            tl.store(gz_ptr + pid, sr)
-            tl.store(gz_ptr + tl.num_programs(0) + pid, si)
+        mir = tl.zeros([R, 1], alr.dtype)
+        mii = mir
+        if HAS_CARRY:
+            # the chunk's map (reversed lane T - 1) as its aggregate (a row's last chunk, the first
+            # in this order, publishes its inclusive value only), then mu entering from the right
+            off = tk * _BWD_DW + t * 0
+            _store_last(desc_ptr, off, 1, last & (t * 0 + c < C - 1), ccr, cci, pr, pi)
+            _publish(stat_ptr, tk, _AGG, c < C - 1)
+            wmr, wmi = _walk_lin(stat_ptr, desc_ptr, tk, B, tl.full([], 1.0, alr.dtype))
+            mir += wmr
+            mii += wmi
+        mur, mui = _cmul(ccr, cci, mir, mii)
+        mur += pr
+        mui += pi
+        if HAS_CARRY:
+            # the inclusive value: mu at the chunk's first position
+            tl.store(desc_ptr + off + 4, mur, mask=last)
+            tl.store(desc_ptr + off + 5, mui, mask=last)
+            _publish(stat_ptr, tk, _INCL, tk >= 0)
+        # reversed tile order from here: n, 1/d, validity reversed
+        nrv = start + (T - 1 - t)
+        vr_ = okr & (nrv < N)
+        nxr = _shift1(mur, mir, R, T)   # mu_{j+1}
+        nxi = _shift1(mui, mii, R, T)
+        fdr = _flip(idr, R, T)
+        fdi = _flip(idi, R, T)
+        if NEED_GK:
+            gkr, _ = _cmul(nxr, nxi, fdr, fdi)
+            tl.store(gk_ptr + rows * (N - 1) + nrv, -gkr, mask=vr_ & (nrv < N - 1))
+        tl.store(ga_ptr + rows * N + nrv, mur, mask=vr_)
+        if HAS_STATE:
+            # mu_0, the adjoint of the carried state's pivot step (conj of the gradient reaching d_0)
+            tl.store(mu0_ptr + rows * 2 + nrv * 0, mur, mask=vr_ & (nrv == 0))
+            tl.store(mu0_ptr + rows * 2 + 1 + nrv * 0, mui, mask=vr_ & (nrv == 0))
+        sr = tl.sum(tl.sum(tl.where(vr_, mur, 0.0), 1), 0)
+        si = tl.sum(tl.sum(tl.where(vr_, mui, 0.0), 1), 0)
+        tl.store(gz_ptr + pid, sr)
+        tl.store(gz_ptr + tl.num_programs(0) + pid, si)
     else:
         xe, xei, ye, yei = _scan_chain(piv_ptr, rows, start, okr, B, C, _flip(alr, R, T), ali, _flip(kr, R, T),
                                        _rev_valid(start, t, okr, N, T), True, HAS_CARRY, T, False, st_ptr)
@@ -798,6 +987,25 @@ def _pivot_carries(a, k, zri, p: Plan, k_rs, two_sided, st=None, kin=None):
     return piv
 
 
+def _lookback_ws(B: int, C: int, dw: int, dtype, device):
+    """A look-back launch's descriptors: status (B C,) int32 and the ticket counter (1,), one
+    zeroed allocation (programs may start in any order), and desc (B C, dw) values."""
+    z = torch.zeros(B * C + 1, dtype=torch.int32, device=device)
+    return z[:B * C], z[B * C:], torch.empty(B * C, dw, dtype=dtype, device=device)
+
+
+def _causal_carries(a, k, zri, p: Plan, k_rs, st=None, kin=None):
+    """piv (4, B, C): the homogeneous pivot entering each chunk of a causal row (one look-back pass)."""
+    B, N = a.shape
+    has_state = st is not None
+    piv = torch.empty(4, B, p.C, dtype=a.dtype, device=a.device)
+    stat, ctr, desc = _lookback_ws(B, p.C, _FWD_DW.value, a.dtype, a.device)
+    _launch(_fwd_lookback_kernel, (B * p.C,), a, k, zri, a, a, piv, st if has_state else a,
+            kin if has_state else a, stat, ctr, desc, B, N, p.C, k_rs, HAS_MASK=False, CARRIES=True, T=p.T,
+            HAS_STATE=has_state, num_warps=NUM_WARPS)
+    return piv
+
+
 def bk_core_fwd(a: Tensor, k: Tensor, zri: Tensor, mask: Optional[Tensor], causal: bool, *,
                 tile: Optional[int] = None, carry_block: Optional[int] = None, sms: Optional[int] = None,
                 d_in: Optional[Tensor] = None, k_in: Optional[Tensor] = None) -> Tensor:
@@ -823,6 +1031,13 @@ def bk_core_fwd(a: Tensor, k: Tensor, zri: Tensor, mask: Optional[Tensor], causa
     p = _resolve(B, N, tile, carry_block, sms)
     k_rs = 0 if k.shape[0] == 1 else N - 1
     has_state = st is not None
+    if causal and p.C > 1:
+        # one pass: the carries by a decoupled look-back inside the tile kernel (one row per tile)
+        stat, ctr, desc = _lookback_ws(B, p.C, _FWD_DW.value, a.dtype, a.device)
+        _launch(_fwd_lookback_kernel, (B * p.C,), a, k, zri, a if mask is None else mask, torch.view_as_real(out),
+                a, st if has_state else a, kin if has_state else a, stat, ctr, desc, B, N, p.C, k_rs,
+                HAS_MASK=mask is not None, CARRIES=False, T=p.T, HAS_STATE=has_state, num_warps=NUM_WARPS)
+        return out
     piv = _pivot_carries(a, k, zri, p, k_rs, not causal, st, kin) if p.C > 1 else a
     _launch(_fwd_kernel, (p.programs,), a, k, zri, a if mask is None else mask, piv,
             torch.view_as_real(out), st if has_state else a, kin if has_state else a, B, N, p.C, k_rs,
@@ -870,17 +1085,24 @@ def bk_core_bwd(grad: Tensor, a: Tensor, k: Tensor, zri: Tensor, mask: Optional[
     stp, kinp = (st, kin) if has_state else (a, a)
     mu0 = torch.empty(B, dtype=cdt, device=dev) if has_state else None
     mu0p = torch.view_as_real(mu0) if has_state else a
-    if p.C > 1:
-        piv = _pivot_carries(a, k, zri, p, k_rs, not causal, st, kin)
+    stat = ctr = desc = a
+    if p.C > 1 and causal:
+        # two passes: the pivots entering each chunk (a look-back), then the gradient tiles, mu
+        # carried right to left by a reverse look-back inside the tile kernel
+        piv = _causal_carries(a, k, zri, p, k_rs, st, kin)
+        cin = a
+        stat, ctr, desc = _lookback_ws(B, p.C, _BWD_DW.value, dt, dev)
+    elif p.C > 1:
+        piv = _pivot_carries(a, k, zri, p, k_rs, True)
         lsum = torch.empty(D, 4, B, p.C, dtype=dt, device=dev)
-        _launch(_bwd_kernel, (p.programs,), g, a, k, zri, mptr, piv, lsum, a, a, a, a, a, stp, kinp, a,
+        _launch(_bwd_kernel, (p.programs,), g, a, k, zri, mptr, piv, lsum, a, a, a, a, a, stp, kinp, a, a, a, a,
                 B, N, p.C, k_rs, NEED_GMASK=False, SUMMARY=True, **meta)
         cin = torch.empty(D, 2, B, p.C, dtype=dt, device=dev)
         _launch(_lin_carry_kernel, (B, D), lsum, cin, B, p.C, CB=p.carry_block, num_warps=NUM_WARPS)
     else:
         piv = cin = a
     _launch(_bwd_kernel, (p.programs,), g, a, k, zri, mptr, piv, a, cin, grad_a, gk_rows, gz, gmask,
-            stp, kinp, mu0p, B, N, p.C, k_rs, NEED_GMASK=need_gmask, SUMMARY=False, NEED_GK=bool(need_k_grad), **meta)
+            stp, kinp, mu0p, stat, ctr, desc, B, N, p.C, k_rs, NEED_GMASK=need_gmask, SUMMARY=False, NEED_GK=bool(need_k_grad), **meta)
     grad_k = None
     if need_k_grad:
         grad_k = gk_rows.sum(0, keepdim=True) if (k.shape[0] == 1 and B != 1) else gk_rows

@@ -367,7 +367,183 @@ def test_kernels_compile_for_gpu():
     r = subprocess.run([sys.executable, "-W", "ignore", "-m", "resnet_bk.triton_kernels.aot_check",
                         "--level", "smoke"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "18 kernel variants compiled for sm_90" in r.stdout and "IEEE divisions only" in r.stdout
+    assert "20 kernel variants compiled for sm_90" in r.stdout and "IEEE divisions only" in r.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# causal rows of several chunks: one pass with a decoupled look-back
+
+
+def _launches(monkeypatch):
+    names = []
+    orig = K._launch
+
+    def launch(kernel, grid, *args, **meta):
+        names.append(kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__)
+        return orig(kernel, grid, *args, **meta)
+    monkeypatch.setattr(K, "_launch", launch)
+    return names
+
+
+# without a state, chunked causal rows are also in test_kernels_match_reference's fast lane
+@pytest.mark.parametrize("dtype,need_gk,state", [
+    (torch.float64, True, True), pytest.param(torch.float64, False, False, marks=pytest.mark.slow),
+    pytest.param(torch.float32, True, False, marks=pytest.mark.slow), (torch.float32, False, True)],
+    ids=["f64-gk-state", "f64-nogk", "f32-gk", "f32-nogk-state"])
+def test_causal_lookback_matches_reference(monkeypatch, dtype, need_gk, state):
+    """3 rows of 37 in chunks of 8 (C = 5, a partial last chunk), per-row k, a mask: the forward is
+    one look-back launch, the backward two (the pivots entering each chunk; the gradient tiles with
+    mu carried by a reverse look-back), against the reference (with a carried state: the CPU
+    kernel's state ops), grad k stored only when asked for."""
+    if state and not HAS_CPU_STATE:
+        pytest.skip("the compiled extension has no bk_core_fwd_state")
+    B, N, tile = 3, 37, 8
+    names = _launches(monkeypatch)
+    a, k, zri, mask = canon_inputs(B, N, dtype, False, True, 7)
+    g = upstream(B, N, dtype, 8)
+    tol = TOL[dtype]
+    st = {}
+    if state:
+        d, kin = state_inputs(B, dtype, 9)
+        st = dict(d_in=d, k_in=kin)
+    out = K.bk_core_fwd(a, k, zri, mask, True, tile=tile, **st)
+    assert names == ["_fwd_lookback_kernel"], names
+    del names[:]
+    got = K.bk_core_bwd(g, a, k, zri, mask, True, True, need_gk, tile=tile, **st)
+    assert names == ["_fwd_lookback_kernel", "_bwd_kernel"], names
+    if state:
+        cpu = [x.cpu() for x in (a, k, zri, mask, d, kin)]
+        ref = torch.ops.resnet_bk.bk_core_fwd_state(*cpu)
+        exp = torch.ops.resnet_bk.bk_core_bwd_state(g.cpu(), *cpu, True, True, True, None)
+        assert len(got) == 5
+        assert_rel(got[4], exp[4], tol, "mu0")
+    else:
+        ref = bk_core_fwd_ref(a, k, zri, mask, True)
+        exp = bk_core_bwd_ref(g, a, k, zri, mask, True)
+    assert_rel(out, ref, tol, "forward")
+    for name, i in (("grad_a", 0), ("grad_zri", 2), ("grad_mask", 3)):
+        assert_rel(got[i], exp[i], tol, name)
+    if need_gk:
+        assert_rel(got[1], exp[1], tol, "grad_k")
+    else:
+        assert got[1] is None
+
+
+@triton.jit
+def _walk_kernel(stat_ptr, desc_ptr, out_ptr, B, LIN: triton.language.constexpr):
+    """Program i: the look-back walk of ticket B + i (a chunk >= 1) over pre-filled descriptors."""
+    i = triton.language.program_id(0)
+    one = triton.language.full([], 1.0, desc_ptr.dtype.element_ty)
+    if LIN:
+        xr, xi = K._walk_lin(stat_ptr, desc_ptr, i + B, B, one)
+        triton.language.store(out_ptr + i * 4, xr)
+        triton.language.store(out_ptr + i * 4 + 1, xi)
+    else:
+        xr, xi, yr, yi = K._walk_mob(stat_ptr, desc_ptr, i + B, B, one)
+        triton.language.store(out_ptr + i * 4, xr)
+        triton.language.store(out_ptr + i * 4 + 1, xi)
+        triton.language.store(out_ptr + i * 4 + 2, yr)
+        triton.language.store(out_ptr + i * 4 + 3, yi)
+
+
+# statuses per (row, chunk), chunk 0 always inclusive: 1 = AGG (aggregate only), 2 = INCL
+WALK_STATUS = [[2, 1, 1, 2, 1, 1, 1], [2, 2, 1, 2, 2, 1, 2]]
+
+
+@pytest.mark.parametrize("lin", [False, True], ids=["moebius", "affine"])
+def test_lookback_walk_composes_aggregates(lin):
+    """The walk itself, on hand-built descriptors with aggregates and inclusive values mixed (the
+    interpreter runs programs in order, so a kernel's own look-back only ever meets inclusive
+    values): for each ticket (chunk c >= 1 of a row), the value entering chunk c = the inclusive
+    value of the nearest inclusive predecessor carried through the aggregates in between. The
+    field a status does not name holds NaN, so reading the wrong one shows; each stored map and
+    inclusive pivot is scaled by an arbitrary complex factor (pivots are homogeneous)."""
+    B, C = len(WALK_STATUS), len(WALK_STATUS[0])
+    g = torch.Generator().manual_seed(11)
+
+    def cplx(*shape):
+        return torch.complex(torch.randn(*shape, generator=g, dtype=torch.float64),
+                             torch.randn(*shape, generator=g, dtype=torch.float64))
+    dw = 6 if lin else 12
+    desc = torch.full((B * C, dw), float("nan"), dtype=torch.float64)
+    stat = torch.zeros(B * C, dtype=torch.int32)
+    want = torch.zeros(B, C, dtype=torch.complex128)   # the value entering chunk c (x / y for pivots)
+    for r in range(B):
+        if lin:
+            cm, pm = cplx(C) * 0.7, cplx(C)
+            incl = torch.zeros((), dtype=torch.complex128)
+        else:
+            maps = cplx(C, 2, 2) + 2.0 * torch.eye(2, dtype=torch.complex128)
+            incl = cplx(2)
+        for c in range(C):
+            want[r, c] = incl if lin else incl[0] / incl[1]
+            i = c * B + r
+            s = WALK_STATUS[r][c]
+            stat[i] = s
+            if lin:
+                incl = cm[c] * incl + pm[c]
+                if s == 1:
+                    desc[i, :4] = torch.view_as_real(torch.stack([cm[c], pm[c]])).flatten()
+                else:
+                    desc[i, 4:] = torch.view_as_real(incl)
+            else:
+                incl = maps[c] @ incl
+                f = cplx(())
+                if s == 1:
+                    desc[i, :8] = torch.view_as_real((maps[c] * f).flatten()).flatten()
+                else:
+                    desc[i, 8:] = torch.view_as_real(incl * f).flatten()
+    out = torch.zeros((C - 1) * B, 4, dtype=torch.float64)
+    dev = dict(device=DEVICE)
+    res = out.to(**dev)
+    _walk_kernel[((C - 1) * B,)](stat.to(**dev), desc.to(**dev), res, B, LIN=lin)
+    res = res.cpu()
+    v = torch.complex(res[:, 0], res[:, 1])
+    if not lin:
+        v = v / torch.complex(res[:, 2], res[:, 3])
+    exp = want[:, 1:].T.flatten()   # ticket order: chunk-major
+    assert torch.isfinite(torch.view_as_real(v)).all(), v
+    assert torch.allclose(v, exp, rtol=1e-12, atol=1e-12), (v, exp)
+
+
+def test_tickets_not_program_ids_decide_the_tiles(monkeypatch):
+    """Programs taking tickets in an order unrelated to their program ids (here the interpreter is
+    made to run program ids in reverse, as a GPU may start them in any order) give the same
+    results: a tile is chosen by its ticket, so its look-back only ever waits on programs that
+    started before it. (Tiles chosen by program id would wait on tiles no program has published:
+    the interpreter, running programs one after another, would spin for ever; a cap on status
+    reads turns that into a failure.)"""
+    if ON_GPU:
+        pytest.skip("drives Triton's interpreter")
+    from triton.runtime import interpreter as I
+    B, N, tile = 2, 29, 8
+    a, k, zri, mask = canon_inputs(B, N, torch.float64, False, True, 5)
+    g = upstream(B, N, torch.float64, 6)
+    want_out = K.bk_core_fwd(a, k, zri, mask, True, tile=tile)
+    want = K.bk_core_bwd(g, a, k, zri, mask, True, True, tile=tile)
+    seen = []
+    orig_idx = I.InterpreterBuilder.set_grid_idx
+    orig_rmw = I.InterpreterBuilder.create_atomic_rmw
+    reads = [0]
+
+    def reversed_idx(self, x, y, z):
+        seen.append(self.grid_dim[0] - 1 - x)
+        return orig_idx(self, self.grid_dim[0] - 1 - x, y, z)
+
+    def capped_rmw(self, *args):
+        reads[0] += 1
+        if reads[0] > 1000:
+            raise RuntimeError("look-back spinning on a status no program before it will publish")
+        return orig_rmw(self, *args)
+    monkeypatch.setattr(I.InterpreterBuilder, "set_grid_idx", reversed_idx)
+    monkeypatch.setattr(I.InterpreterBuilder, "create_atomic_rmw", capped_rmw)
+    out = K.bk_core_fwd(a, k, zri, mask, True, tile=tile)
+    got = K.bk_core_bwd(g, a, k, zri, mask, True, True, tile=tile)
+    assert seen[:2] == [B * 4 - 1, B * 4 - 2], seen[:4]   # C = 4 chunks: program ids ran in reverse
+    assert torch.equal(out, want_out)
+    for name, x, y in zip(("grad_a", "grad_k", "grad_zri", "grad_mask"), got, want):
+        assert torch.allclose(x, y, rtol=1e-13, atol=1e-13), name
+    assert_rel(out, bk_core_fwd_ref(a, k, zri, mask, True), TOL[torch.float64], "forward")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,9 +18,13 @@ Shapes: a small N with the plan of a full-size shape on a 132-SM GPU (``plan(...
   B = 64, N = 2048, sms 32: R 1, T 1024, 2 chunks  ~ B = 64, N = 2^18 (T 1024, 256 chunks)
   B = 4096, N = 64 (132 SMs): R 4, T 64, 1 chunk   ~ B = 4096, N <= 1024 (one pass, rows per tile)
 The interpreter runs a program in about 0.1-0.5 s, so only the programs of rows 0 and B - 1 run
-(``count(select=)``); bytes per element are over the elements those programs own. Chunked plans
-(C > 1) read a twice in the forward (chunk summaries, then the tiles) and three times in the
-backward (pivot summaries, gradient summaries, the final pass).
+(``count(select=)``; the look-back kernels' programs by ticket); bytes per element are over the
+elements those programs own. Chunked two-sided plans (C > 1) read a twice in the forward (chunk
+summaries, then the tiles) and three times in the backward (pivot summaries, gradient summaries,
+the final pass). Chunked causal plans carry between chunks by a decoupled look-back inside the
+tile kernel: a once in the forward (one launch), twice in the backward (the pivots entering each
+chunk, then the gradient tiles); their status words and ticket counter are zeroed by the host per
+launch (tag "zero": 4 (B C + 1) bytes over the B N elements).
 """
 import importlib.util
 
@@ -52,6 +56,21 @@ STREAMING = ("a", "k", "mask", "out", "grad", "grad_a", "grad_k", "grad_mask")
 # bytes/element at these shapes (B = 4096 with R = 16, the same per element): (fwd two-sided, fwd causal, bwd two-sided,
 # bwd causal)
 BEFORE = {1: (40.20, 24.11, 80.38, 56.18), 64: (24.45, 16.23, 48.89, 36.50), 4096: (16.01, 12.01, 23.96, 19.96)}
+# Causal, before the look-back (three launches forward, five backward) and with it (one forward,
+# two backward), same units: (fwd, bwd, bwd without grad k). B = 4096 is whole rows (one launch
+# each way, unchanged).
+CAUSAL_BEFORE = {1: (24.11, 48.19, 44.19), 64: (16.23, 36.37, 32.38), 4096: (12.03, 20.00, 16.06)}
+CAUSAL_NOW = {1: (16.08, 32.17, 28.17), 64: (12.13, 24.27, 20.27), 4096: (12.03, 20.00, 16.06)}
+LOOKBACK_KERNELS = ("_fwd_lookback_kernel",)
+
+
+def pass_counts(p, causal, bwd):
+    """(passes over a, passes over the upstream gradient) of a plan."""
+    if p.C == 1:
+        return 1, 1
+    if causal:
+        return (2, 1) if bwd else (1, 0)
+    return (3, 2) if bwd else (2, 0)
 
 
 def make(B, N, shared=True, masked=False, seed=0):
@@ -70,7 +89,9 @@ def _selector(p, B):
     blocks = {r // p.R for r in rows}
     owned = {rb * p.R + i for rb in blocks for i in range(p.R) if rb * p.R + i < B}
 
-    def select(name, idx):
+    def select(name, idx, ticketed):
+        if ticketed:   # idx[0] is the ticket: chunk-major, one row per tile
+            return idx[0] % B in rows
         if name in CARRY_KERNELS:
             return idx[0] in rows
         return idx[0] // p.C in blocks
@@ -97,6 +118,8 @@ def measure(B, N, sms, bwd, causal, shared=True, masked=False, need_k_grad=True,
             K.bk_core_fwd(a, k, zri, mask, causal, sms=sms, **st)
     assert not tr.outside, f"accesses outside every buffer: {tr.outside[:4]}"
     tags, kernels = {}, {}
+    if tr.ticketed:
+        tags["zero"] = len(tr.ticketed) * 4.0 * (B * p.C + 1) / (B * N)
     for (kn, tag, _), acc in tr.acc.items():
         v = acc.bytes / (rows * N) / (B if (tag == "k" and shared) else 1)
         tags[tag] = tags.get(tag, 0.0) + v
@@ -123,16 +146,23 @@ def test_forward_bytes_per_element(B, N, sms, causal):
     positions."""
     t, kern, tr, p = measure(B, N, sms, False, causal)
     assert (p.R, p.T, p.C > 1) == ((1, 1024, True) if B < 4096 else (4, 64, False)), p
-    passes = 2 if p.C > 1 else 1
+    passes, _ = pass_counts(p, causal, False)
     assert t["a"] == pytest.approx(4.0 * passes)
     assert t["out"] == pytest.approx(8.0)
     assert t["a"] + t["out"] <= 16.0
     assert t["k"] <= 4.0 * passes / B + 0.01, t
-    overhead = t.get("ws", 0.0) + t.get("zri", 0.0)
+    overhead = t.get("ws", 0.0) + t.get("zri", 0.0) + t.get("zero", 0.0)
     assert overhead <= 0.3, t
     total = sum(t.values())
     assert total <= 16.0 + 4.0 * passes / B + overhead + 0.01, t
     assert total <= BEFORE[B][1 if causal else 0] + 0.05, (total, BEFORE[B])
+    if causal:
+        # one launch; a, k, out each once: 16 B/element at B = 1, 12 (+ k / B) with many rows
+        assert tr.launches == (["_fwd_lookback_kernel"] if p.C > 1 else ["_fwd_kernel"]), tr.launches
+        assert total == pytest.approx(CAUSAL_NOW[B][0], abs=0.05), (total, CAUSAL_NOW[B])
+        # chunked: one pass over a and k fewer than the three launches read
+        saved = (4.0 + 4.0 / B) if p.C > 1 else 0.0
+        assert CAUSAL_BEFORE[B][0] - total == pytest.approx(saved, abs=0.1), (total, CAUSAL_BEFORE[B])
     assert_coalesced(tr)
     if B == 1:
         return  # at B = 1 a per-row coupling is the shared one; the mask is counted at B = 64 and 4096
@@ -151,27 +181,38 @@ def test_backward_bytes_per_element(B, N, sms, causal):
     gradient pass (one or two), grad a written once: a + grad + grad a <= 32 B/element; grad k 4 B
     (per row) only when asked for, z's partial sums once per program."""
     t, kern, tr, p = measure(B, N, sms, True, causal)
-    passes = 3 if p.C > 1 else 1
+    passes, gpasses = pass_counts(p, causal, True)
     assert t["a"] == pytest.approx(4.0 * passes)
-    assert t["grad"] == pytest.approx(8.0 * min(passes, 2))
+    assert t["grad"] == pytest.approx(8.0 * gpasses)
     assert t["grad_a"] == pytest.approx(4.0) and t["grad_k"] <= 4.0
     assert t["a"] + t["grad"] + t["grad_a"] <= 32.0
     assert t["k"] <= 4.0 * passes / B + 0.02, t
-    overhead = t.get("ws", 0.0) + t.get("zri", 0.0) + t.get("grad_zri", 0.0)
+    overhead = t.get("ws", 0.0) + t.get("zri", 0.0) + t.get("grad_zri", 0.0) + t.get("zero", 0.0)
     assert overhead <= 0.6, t
     total = sum(t.values())
     assert total <= 36.0 + 4.0 * passes / B + overhead + 0.02, t
     assert total <= BEFORE[B][3 if causal else 2] + 0.05, (total, BEFORE[B])
+    if causal:
+        # two launches (the pivots entering each chunk; the gradient tiles): a, k once each, then
+        # a, k, the upstream gradient once and grad a (and grad k) written once: 28 (32) B/element
+        # at B = 1, 20 (24) with many rows
+        assert tr.launches == (["_fwd_lookback_kernel", "_bwd_kernel"] if p.C > 1 else ["_bwd_kernel"]), tr.launches
+        assert total == pytest.approx(CAUSAL_NOW[B][1], abs=0.05), (total, CAUSAL_NOW[B])
+        # chunked: one pass over a, k and one over the upstream gradient fewer than the five launches
+        saved = (4.0 + 4.0 / B + 8.0) if p.C > 1 else 0.0
+        assert CAUSAL_BEFORE[B][1] - total == pytest.approx(saved, abs=0.1), (total, CAUSAL_BEFORE[B])
     assert_coalesced(tr)
     # grad k not asked for is not stored, and nothing else changes
     tn, _, _, _ = measure(B, N, sms, True, causal, need_k_grad=False)
     assert tn.get("grad_k", 0.0) == 0.0, tn
     assert {key: v for key, v in t.items() if key != "grad_k"} == pytest.approx(tn), (t, tn)
     assert sum(tn.values()) <= 32.0 + 4.0 * passes / B + overhead + 0.02, tn
+    if causal:
+        assert sum(tn.values()) == pytest.approx(CAUSAL_NOW[B][2], abs=0.05), (tn, CAUSAL_NOW[B])
     if B == 1:
         return
     tm, _, trm, _ = measure(B, N, sms, True, causal, masked=True)
-    assert tm["mask"] == pytest.approx(4.0 * min(passes, 2)) and tm["grad_mask"] == pytest.approx(4.0), tm
+    assert tm["mask"] == pytest.approx(4.0 * gpasses) and tm["grad_mask"] == pytest.approx(4.0), tm
     assert_coalesced(trm)
 
 
@@ -186,7 +227,7 @@ def test_state_adds_bytes_per_row_only(B, N, sms, bwd):
     t, _, tr, _ = measure(B, N, sms, bwd, True, state=True)
     extra = {key: v * N for key, v in t.items() if key in ("d_in", "k_in", "mu0")}  # bytes per row
     assert {key: v for key, v in t.items() if key not in extra} == pytest.approx(t0), (t, t0)
-    passes = (3 if bwd else 2) if p.C > 1 else 1
+    passes = (2 if bwd else 1) if p.C > 1 else 1   # causal: passes over the row's first chunk
     assert 0 < extra["d_in"] <= 8.0 * passes, extra
     assert 0 < extra["k_in"] <= 4.0 * passes, extra
     assert extra.get("mu0", 0.0) == pytest.approx(8.0 if bwd else 0.0), extra
@@ -303,3 +344,13 @@ if __name__ == "__main__":
                 print("   tags", {x: round(y, 3) for x, y in t.items()})
                 print("   kernels", {x: round(y, 3) for x, y in kern.items()})
                 print("   not contiguous", tr.strided())
+    # causal rows: before the look-back and now (model bytes/element, float32, shared k)
+    print("causal        fwd (before/now)   bwd (before/now)   bwd, no grad k (before/now)   launches now")
+    for B, N, sms in SHAPES:
+        now = []
+        for bwd, nk in ((False, True), (True, True), (True, False)):
+            t, _, tr, p = measure(B, N, sms, bwd, True, need_k_grad=nk)
+            now.append((sum(t.values()), len(tr.launches)))
+        cb = CAUSAL_BEFORE[B]
+        print(f"B={B:<5} C={p.C}  " + "   ".join(f"{cb[i]:6.2f} / {now[i][0]:6.2f}" for i in range(3))
+              + f"   fwd {now[0][1]}, bwd {now[1][1]}")

@@ -24,6 +24,7 @@ twice the sectors per instruction; a larger stride is a per-lane scatter.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import inspect
 import types
 from collections import defaultdict
@@ -38,6 +39,7 @@ ARG_TAGS = {
     "ga_ptr": "grad_a", "gk_ptr": "grad_k", "gz_ptr": "grad_zri", "gmask_ptr": "grad_mask",
     "gx_ptr": "grad_x", "gy_ptr": "grad_y", "gb_ptr": "grad_bias", "gs_ptr": "grad_scale",
     "u_ptr": "ws", "piv_ptr": "ws", "sum_ptr": "ws", "lsum_ptr": "ws", "cin_ptr": "ws",
+    "stat_ptr": "ws", "ctr_ptr": "ws", "desc_ptr": "ws",
 }
 
 
@@ -67,6 +69,7 @@ class Traffic:
         self.acc = defaultdict(Access)   # (kernel, tag, kind) -> Access
         self.outside = []      # (kernel, kind, address, element size)
         self.launches = []     # kernel names in launch order
+        self.ticketed = []     # the names of the launches whose programs took tickets
         self.kernel = None
 
     # -- registration -----------------------------------------------------------------------------
@@ -186,6 +189,16 @@ def _fast_scan(self, input):
     return [self.to_tensor(v, d) for v, d in zip(vals, dts)]
 
 
+def _take_ticket(ctr):
+    """ctr (an interpreter pointer to an int32 ticket counter) += 1 without a kernel access."""
+    ctypes.c_int32.from_address(int(np.asarray(ctr.handle.data).item())).value += 1
+
+
+@dataclass
+class TensorHandleLike:
+    data: np.ndarray
+
+
 def tl_tensor():
     import triton.language as tl
     return tl.core.tensor
@@ -193,11 +206,16 @@ def tl_tensor():
 
 @contextlib.contextmanager
 def count(select=None, fast_scan: bool = True, **tensors):
-    """``with count(a=a, k=k) as tr:`` run kernels; ``tr`` holds their traffic.
+    """``with count(a=a, k=k) as tr:`` run kernels; ``tr`` holds their traffic (loads, stores and
+    atomics, kind "ld", "st", "at").
 
-    ``select(kernel_name, (x, y, z)) -> bool``: run only these programs (the others return at
-    once: outputs are then incomplete, but no access of these kernels depends on a value another
-    program wrote, so the selected programs' traffic is what it is in a full launch)."""
+    ``select(kernel_name, (x, y, z), ticketed) -> bool``: run only these programs (the others return
+    at once: outputs are then incomplete, but no access of these kernels depends on a value another
+    program wrote, so the selected programs' traffic is what it is in a full launch). ``ticketed``:
+    the launch's programs take tickets (an int32 ``ctr_ptr``, the look-back kernels): the
+    interpreter runs programs in order, so x is the program's ticket; an unselected program still
+    takes its ticket (uncharged), and a selected one needs the programs its look-back reads (its
+    row's other chunks) selected too."""
     from triton.runtime import interpreter as I
 
     tr = Traffic()
@@ -206,6 +224,15 @@ def count(select=None, fast_scan: bool = True, **tensors):
             tr.register(tag, t)
     B = I.InterpreterBuilder
     orig_ld, orig_st, orig_call = B.create_masked_load, B.create_masked_store, I.GridExecutor.__call__
+    orig_rmw, orig_cas = B.create_atomic_rmw, B.create_atomic_cas
+
+    def rmw(self, op, ptr, val, mask, sem, scope):
+        tr.charge("at", ptr, mask)
+        return orig_rmw(self, op, ptr, val, mask, sem, scope)
+
+    def cas(self, ptr, cmp, val, sem, scope):
+        tr.charge("at", ptr, TensorHandleLike(np.ones(np.shape(ptr.data), bool)))
+        return orig_cas(self, ptr, cmp, val, sem, scope)
 
     def load(self, ptrs, mask, other, cache_policy, is_volatile):
         tr.charge("ld", ptrs, mask)
@@ -230,10 +257,17 @@ def count(select=None, fast_scan: bool = True, **tensors):
         tr.kernel, tr.launch = name, launch
         tr.launches.append(name)
         fn = self.fn
+        take = _take_ticket   # (only's globals are the kernel's: names it uses are closed over)
+        ctr = bound.get("ctr_ptr")
+        ticketed = isinstance(ctr, torch.Tensor) and ctr.dtype == torch.int32
+        if ticketed:
+            tr.ticketed.append(name)
         if select is not None:
             def only(**kw):
-                if select(name, I.interpreter_builder.grid_idx):
+                if select(name, I.interpreter_builder.grid_idx, ticketed):
                     return fn(**kw)
+                if ticketed:   # take the ticket, uncharged
+                    take(kw["ctr_ptr"])
             # with the kernel's globals: the interpreter finds triton.language through them
             only = types.FunctionType(only.__code__, fn.__globals__, name, None, only.__closure__)
             only.__signature__ = inspect.signature(fn)
@@ -246,10 +280,12 @@ def count(select=None, fast_scan: bool = True, **tensors):
 
     orig_scan = I.ScanOps.generic_scan
     B.create_masked_load, B.create_masked_store, I.GridExecutor.__call__ = load, store, call
+    B.create_atomic_rmw, B.create_atomic_cas = rmw, cas
     if fast_scan:
         I.ScanOps.generic_scan = _fast_scan
     try:
         yield tr
     finally:
         B.create_masked_load, B.create_masked_store, I.GridExecutor.__call__ = orig_ld, orig_st, orig_call
+        B.create_atomic_rmw, B.create_atomic_cas = orig_rmw, orig_cas
         I.ScanOps.generic_scan = orig_scan
