@@ -510,6 +510,8 @@ _AGG = tl.constexpr(1)
 _INCL = tl.constexpr(2)
 _FWD_DW = tl.constexpr(12)  # Moebius aggregate (8 reals), homogeneous pivot (x, y) (4 reals)
 _BWD_DW = tl.constexpr(6)  # affine aggregate (c, p) (4 reals), mu (2 reals)
+LOOK_FIRST = tl.constexpr(4)     # the look-back's first window of predecessors
+LOOK_WINDOW = tl.constexpr(128)  # its later windows
 
 
 @triton.jit
@@ -535,78 +537,127 @@ def _publish(stat_ptr, tk, status, pred):
 
 
 @triton.jit
+def _mob_comb_rev(a00r, a00i, a01r, a01i, a10r, a10i, a11r, a11i,
+                  b00r, b00i, b01r, b01i, b10r, b10i, b11r, b11i):
+    """A B (B applied first): the scan combine over a window of predecessors, nearest first."""
+    return _mob_comb(b00r, b00i, b01r, b01i, b10r, b10i, b11r, b11i,
+                     a00r, a00i, a01r, a01i, a10r, a10i, a11r, a11i)
+
+
+@triton.jit
+def _lin_comb_rev(c1r, c1i, x1r, x1i, c2r, c2i, x2r, x2i):
+    """The affine maps' combine with 2 applied first (a window of predecessors, nearest first)."""
+    return _lin_comb(c2r, c2i, x2r, x2i, c1r, c1i, x1r, x1i)
+
+
+@triton.jit
+def _last(x, idx, W: tl.constexpr):
+    """Lane W - 1 of a window vector, as a scalar."""
+    return tl.sum(tl.where(idx == W - 1, x, 0.0), 0)
+
+
+@triton.jit
+def _at(x, idx, f):
+    """Lane f of a window vector (0 when f is past the window), as a scalar."""
+    return tl.sum(tl.where(idx == f, x, 0.0), 0)
+
+
+@triton.jit
+def _window_status(stat_ptr, tk, B, base, W: tl.constexpr):
+    """The statuses of ticket tk's predecessors at distances base + 1 .. base + W in its row (one
+    lane each, read with acquire semantics, spinning while any is empty; lanes past the row's first
+    chunk read as inclusive: that chunk is always inclusive), their descriptor rows j, the lane
+    indices, which lanes exist, and the nearest inclusive lane f (a scalar)."""
+    idx = tl.arange(0, W)
+    d = base + idx + 1
+    valid = d <= tk // B
+    j = tk - d * B
+    zero = tl.zeros([W], tl.int32)
+    s = tl.atomic_add(stat_ptr + j, zero, mask=valid, sem="acquire")
+    s = tl.where(valid, s, _INCL)
+    while tl.sum((s == 0).to(tl.int32), 0) > 0:
+        wait = s == 0
+        s2 = tl.atomic_add(stat_ptr + j, zero, mask=wait, sem="acquire")
+        s = tl.where(wait, s2, s)
+    f = tl.min(tl.where(s == _INCL, idx, W), 0)
+    return j, idx, valid, f
+
+
+@triton.jit
+def _window_mob(stat_ptr, desc_ptr, tk, B, base, W: tl.constexpr):
+    """One window of the Moebius walk: (found, the product M_0 ... M_{f-1} of the aggregates before
+    the nearest inclusive lane f (M_0 the nearest, applied last), and that lane's inclusive value
+    (x, y), or (1, 0) when no lane is inclusive)."""
+    j, idx, valid, f = _window_status(stat_ptr, tk, B, base, W)
+    use = (idx < f) & valid
+    o = desc_ptr + j * _FWD_DW
+    p00r, p00i, p01r, p01i, p10r, p10i, p11r, p11i = tl.associative_scan(
+        (tl.load(o, mask=use, other=1.0, volatile=True), tl.load(o + 1, mask=use, other=0.0, volatile=True),
+         tl.load(o + 2, mask=use, other=0.0, volatile=True), tl.load(o + 3, mask=use, other=0.0, volatile=True),
+         tl.load(o + 4, mask=use, other=0.0, volatile=True), tl.load(o + 5, mask=use, other=0.0, volatile=True),
+         tl.load(o + 6, mask=use, other=1.0, volatile=True), tl.load(o + 7, mask=use, other=0.0, volatile=True)),
+        0, _mob_comb_rev)
+    inc = (idx == f) & valid
+    found = f < W
+    vxr = tl.where(found, _at(tl.load(o + 8, mask=inc, other=0.0, volatile=True), idx, f), 1.0)
+    vxi = _at(tl.load(o + 9, mask=inc, other=0.0, volatile=True), idx, f)
+    vyr = _at(tl.load(o + 10, mask=inc, other=0.0, volatile=True), idx, f)
+    vyi = _at(tl.load(o + 11, mask=inc, other=0.0, volatile=True), idx, f)
+    return (found, _last(p00r, idx, W), _last(p00i, idx, W), _last(p01r, idx, W), _last(p01i, idx, W),
+            _last(p10r, idx, W), _last(p10i, idx, W), _last(p11r, idx, W), _last(p11i, idx, W), vxr, vxi, vyr, vyi)
+
+
+@triton.jit
 def _walk_mob(stat_ptr, desc_ptr, tk, B, one):
     """The homogeneous pivot (x, y) entering ticket tk's chunk, from the descriptors of its
-    predecessors tk - B, tk - 2B, ... (Moebius maps; _FWD_DW reals each). Spins while a status is
-    empty; an aggregate is composed into the running map, an inclusive value ends the walk. Not to
-    be called for a row's first chunk (it has no predecessor)."""
-    zero = one * 0.0
-    r00r, r00i, r01r, r01i, r10r, r10i, r11r, r11i = one, zero, zero, zero, zero, zero, one, zero
-    xr, xi, yr, yi = one, zero, zero, zero
-    j = tk - B
-    busy = j >= 0
-    while busy:
-        s = tl.atomic_add(stat_ptr + j, 0, sem="acquire")
-        agg = s == _AGG
-        inc = s == _INCL
-        o = desc_ptr + j * _FWD_DW
-        n00r, n00i, n01r, n01i, n10r, n10i, n11r, n11i = _mob_comb(
-            tl.load(o, mask=agg, other=1.0, volatile=True), tl.load(o + 1, mask=agg, other=0.0, volatile=True),
-            tl.load(o + 2, mask=agg, other=0.0, volatile=True), tl.load(o + 3, mask=agg, other=0.0, volatile=True),
-            tl.load(o + 4, mask=agg, other=0.0, volatile=True), tl.load(o + 5, mask=agg, other=0.0, volatile=True),
-            tl.load(o + 6, mask=agg, other=1.0, volatile=True), tl.load(o + 7, mask=agg, other=0.0, volatile=True),
-            r00r, r00i, r01r, r01i, r10r, r10i, r11r, r11i)
-        vxr, vxi, vyr, vyi = _mob_apply(
-            r00r, r00i, r01r, r01i, r10r, r10i, r11r, r11i,
-            tl.load(o + 8, mask=inc, other=1.0, volatile=True), tl.load(o + 9, mask=inc, other=0.0, volatile=True),
-            tl.load(o + 10, mask=inc, other=0.0, volatile=True), tl.load(o + 11, mask=inc, other=0.0, volatile=True))
-        r00r = tl.where(agg, n00r, r00r)
-        r00i = tl.where(agg, n00i, r00i)
-        r01r = tl.where(agg, n01r, r01r)
-        r01i = tl.where(agg, n01i, r01i)
-        r10r = tl.where(agg, n10r, r10r)
-        r10i = tl.where(agg, n10i, r10i)
-        r11r = tl.where(agg, n11r, r11r)
-        r11i = tl.where(agg, n11i, r11i)
-        xr = tl.where(inc, vxr, xr)
-        xi = tl.where(inc, vxi, xi)
-        yr = tl.where(inc, vyr, yr)
-        yi = tl.where(inc, vyi, yi)
-        j = tl.where(agg, j - B, j)
-        busy = s != _INCL
-    return xr, xi, yr, yi
+    predecessors tk - B, tk - 2B, ... (Moebius maps; _FWD_DW reals each), in windows: 4, then
+    LOOK_WINDOW at a time. A window's statuses are read together (waiting while any is empty), its
+    aggregates up to the nearest inclusive value composed by a scan; the running product of the
+    windows is applied to that value. Not to be called for a row's first chunk (no predecessor)."""
+    found, w00r, w00i, w01r, w01i, w10r, w10i, w11r, w11i, xr, xi, yr, yi = _window_mob(
+        stat_ptr, desc_ptr, tk, B, 0, LOOK_FIRST)
+    # the running product (windows nearer applied last): R <- R W
+    r00r, r00i, r01r, r01i, r10r, r10i, r11r, r11i = w00r, w00i, w01r, w01i, w10r, w10i, w11r, w11i
+    base = tk * 0 + LOOK_FIRST
+    while not found:
+        found, w00r, w00i, w01r, w01i, w10r, w10i, w11r, w11i, xr, xi, yr, yi = _window_mob(
+            stat_ptr, desc_ptr, tk, B, base, LOOK_WINDOW)
+        r00r, r00i, r01r, r01i, r10r, r10i, r11r, r11i = _mob_comb(
+            w00r, w00i, w01r, w01i, w10r, w10i, w11r, w11i, r00r, r00i, r01r, r01i, r10r, r10i, r11r, r11i)
+        base += LOOK_WINDOW
+    return _mob_apply(r00r, r00i, r01r, r01i, r10r, r10i, r11r, r11i, xr * one, xi * one, yr * one, yi * one)
+
+
+@triton.jit
+def _window_lin(stat_ptr, desc_ptr, tk, B, base, W: tl.constexpr):
+    """One window of the affine walk: (found, the composite (c, p) of the aggregates before the
+    nearest inclusive lane (the nearest applied last), and that lane's inclusive value, or 0)."""
+    j, idx, valid, f = _window_status(stat_ptr, tk, B, base, W)
+    use = (idx < f) & valid
+    o = desc_ptr + j * _BWD_DW
+    cr, ci, pr, pi = tl.associative_scan(
+        (tl.load(o, mask=use, other=1.0, volatile=True), tl.load(o + 1, mask=use, other=0.0, volatile=True),
+         tl.load(o + 2, mask=use, other=0.0, volatile=True), tl.load(o + 3, mask=use, other=0.0, volatile=True)),
+        0, _lin_comb_rev)
+    inc = (idx == f) & valid
+    vr = _at(tl.load(o + 4, mask=inc, other=0.0, volatile=True), idx, f)
+    vi = _at(tl.load(o + 5, mask=inc, other=0.0, volatile=True), idx, f)
+    return f < W, _last(cr, idx, W), _last(ci, idx, W), _last(pr, idx, W), _last(pi, idx, W), vr, vi
 
 
 @triton.jit
 def _walk_lin(stat_ptr, desc_ptr, tk, B, one):
     """The value of an affine recurrence x -> c x + p entering ticket tk's chunk, from the
     descriptors of its predecessors tk - B, tk - 2B, ... (_BWD_DW reals each: c, p; then the
-    inclusive value), as ``_walk_mob``."""
-    zero = one * 0.0
-    rcr, rci, rpr, rpi = one, zero, zero, zero
-    xr, xi = zero, zero
-    j = tk - B
-    busy = j >= 0
-    while busy:
-        s = tl.atomic_add(stat_ptr + j, 0, sem="acquire")
-        agg = s == _AGG
-        inc = s == _INCL
-        o = desc_ptr + j * _BWD_DW
-        ncr, nci, npr, npi = _lin_comb(
-            tl.load(o, mask=agg, other=1.0, volatile=True), tl.load(o + 1, mask=agg, other=0.0, volatile=True),
-            tl.load(o + 2, mask=agg, other=0.0, volatile=True), tl.load(o + 3, mask=agg, other=0.0, volatile=True),
-            rcr, rci, rpr, rpi)
-        vr, vi = _cmul(rcr, rci, tl.load(o + 4, mask=inc, other=0.0, volatile=True),
-                       tl.load(o + 5, mask=inc, other=0.0, volatile=True))
-        rcr = tl.where(agg, ncr, rcr)
-        rci = tl.where(agg, nci, rci)
-        rpr = tl.where(agg, npr, rpr)
-        rpi = tl.where(agg, npi, rpi)
-        xr = tl.where(inc, vr + rpr, xr)
-        xi = tl.where(inc, vi + rpi, xi)
-        j = tl.where(agg, j - B, j)
-        busy = s != _INCL
-    return xr, xi
+    inclusive value), in windows as ``_walk_mob``."""
+    found, rcr, rci, rpr, rpi, vr, vi = _window_lin(stat_ptr, desc_ptr, tk, B, 0, LOOK_FIRST)
+    base = tk * 0 + LOOK_FIRST
+    while not found:
+        found, wcr, wci, wpr, wpi, vr, vi = _window_lin(stat_ptr, desc_ptr, tk, B, base, LOOK_WINDOW)
+        rcr, rci, rpr, rpi = _lin_comb(wcr, wci, wpr, wpi, rcr, rci, rpr, rpi)
+        base += LOOK_WINDOW
+    xr, xi = _cmul(rcr, rci, vr, vi)
+    return (xr + rpr) * one, (xi + rpi) * one
 
 
 # ---------------------------------------------------------------------------------------------
@@ -713,16 +764,16 @@ def _bwd_kernel(g_ptr, a_ptr, k_ptr, zri_ptr, mask_ptr, piv_ptr, lsum_ptr, cin_p
                 ga_ptr, gk_ptr, gz_ptr, gmask_ptr, st_ptr, kin_ptr, mu0_ptr, stat_ptr, ctr_ptr, desc_ptr, B, N, C, k_rs,
                 CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, NEED_GMASK: tl.constexpr,
                 HAS_CARRY: tl.constexpr, SUMMARY: tl.constexpr, R: tl.constexpr, T: tl.constexpr,
-                NEED_GK: tl.constexpr = True, HAS_STATE: tl.constexpr = False):
-    """Two-sided, SUMMARY: the chunk summaries (c product, local value) of the gradient recurrences
-    into lsum (2, 4, B, C) (direction 0: R, right to left; 1: L). Otherwise, from the values
-    entering the chunk (two-sided: cin (2, 2, B, C); causal rows of C > 1 chunks: mu by a reverse
-    look-back over the chunks to the right, the tiles taken by ticket, right to left): grad_a
+                NEED_GK: tl.constexpr = True, HAS_STATE: tl.constexpr = False, LOOK: tl.constexpr = False):
+    """SUMMARY: the chunk summaries (c product, local value) of the gradient recurrences into lsum
+    (D, 4, B, C) (direction 0: R or mu, right to left; 1: L). Otherwise, from the values entering the
+    chunk (cin (D, 2, B, C); causal rows of C > 1 chunks with LOOK: mu by a reverse look-back over the
+    chunks to the right, the tiles taken by ticket, right to left): grad_a
     (B, N), per-row grad_k (B, N-1) when NEED_GK, per-tile partial sums gz (2, programs) of A
     (two-sided) or mu (causal), grad_mask (B, N). The d chain starts from piv (the homogeneous
     pivot entering each chunk). HAS_STATE (causal): rows continue the carried state (st (B, 2),
     kin (B,)) and mu at position 0 goes to mu0 (B, 2)."""
-    if CAUSAL and HAS_CARRY:
+    if CAUSAL and HAS_CARRY and LOOK:
         tk, r, c, rows, start, t, okr = _ticket(ctr_ptr, B, C, True, T)
         pid = r * C + c
     else:
@@ -762,44 +813,50 @@ def _bwd_kernel(g_ptr, a_ptr, k_ptr, zri_ptr, mask_ptr, piv_ptr, lsum_ptr, cin_p
         pr = _flip(pr, R, T)
         pi = _flip(pi, R, T)
         ccr, cci, pr, pi = tl.associative_scan((ccr, cci, pr, pi), 1, _lin_comb)
-        mir = tl.zeros([R, 1], alr.dtype)
-        mii = mir
-        if HAS_CARRY:
-            # the chunk's map (reversed lane T - 1) as its aggregate (a row's last chunk, the first
-            # in this order, publishes its inclusive value only), then mu entering from the right
-            off = tk * _BWD_DW + t * 0
-            _store_last(desc_ptr, off, 1, last & (t * 0 + c < C - 1), ccr, cci, pr, pi)
-            _publish(stat_ptr, tk, _AGG, c < C - 1)
-            wmr, wmi = _walk_lin(stat_ptr, desc_ptr, tk, B, tl.full([], 1.0, alr.dtype))
-            mir += wmr
-            mii += wmi
-        mur, mui = _cmul(ccr, cci, mir, mii)
-        mur += pr
-        mui += pi
-        if HAS_CARRY:
-            # the inclusive value: mu at the chunk's first position
-            tl.store(desc_ptr + off + 4, mur, mask=last)
-            tl.store(desc_ptr + off + 5, mui, mask=last)
-            _publish(stat_ptr, tk, _INCL, tk >= 0)
-        # reversed tile order from here: n, 1/d, validity reversed
-        nrv = start + (T - 1 - t)
-        vr_ = okr & (nrv < N)
-        nxr = _shift1(mur, mir, R, T)   # mu_{j+1}
-        nxi = _shift1(mui, mii, R, T)
-        fdr = _flip(idr, R, T)
-        fdi = _flip(idi, R, T)
-        if NEED_GK:
-            gkr, _ = _cmul(nxr, nxi, fdr, fdi)
-            tl.store(gk_ptr + rows * (N - 1) + nrv, -gkr, mask=vr_ & (nrv < N - 1))
-        tl.store(ga_ptr + rows * N + nrv, mur, mask=vr_)
-        if HAS_STATE:
-            # mu_0, the adjoint of the carried state's pivot step (conj of the gradient reaching d_0)
-            tl.store(mu0_ptr + rows * 2 + nrv * 0, mur, mask=vr_ & (nrv == 0))
-            tl.store(mu0_ptr + rows * 2 + 1 + nrv * 0, mui, mask=vr_ & (nrv == 0))
-        sr = tl.sum(tl.sum(tl.where(vr_, mur, 0.0), 1), 0)
-        si = tl.sum(tl.sum(tl.where(vr_, mui, 0.0), 1), 0)
-        tl.store(gz_ptr + pid, sr)
-        tl.store(gz_ptr + tl.num_programs(0) + pid, si)
+        if SUMMARY:
+            _store_last(lsum_ptr, (0 * 4 * B + rows) * C + c + t * 0, BC, last, ccr, cci, pr, pi)
+        else:
+            mir = tl.zeros([R, 1], alr.dtype)
+            mii = mir
+            if HAS_CARRY and not LOOK:
+                mir = tl.load(cin_ptr + (0 * 2 * B + rows) * C + c, mask=okr, other=0.0)
+                mii = tl.load(cin_ptr + (0 * 2 * B + rows) * C + c + BC, mask=okr, other=0.0)
+            if HAS_CARRY and LOOK:
+                # the chunk's map (reversed lane T - 1) as its aggregate (a row's last chunk, the first
+                # in this order, publishes its inclusive value only), then mu entering from the right
+                off = tk * _BWD_DW + t * 0
+                _store_last(desc_ptr, off, 1, last & (t * 0 + c < C - 1), ccr, cci, pr, pi)
+                _publish(stat_ptr, tk, _AGG, c < C - 1)
+                wmr, wmi = _walk_lin(stat_ptr, desc_ptr, tk, B, tl.full([], 1.0, alr.dtype))
+                mir += wmr
+                mii += wmi
+            mur, mui = _cmul(ccr, cci, mir, mii)
+            mur += pr
+            mui += pi
+            if HAS_CARRY and LOOK:
+                # the inclusive value: mu at the chunk's first position
+                tl.store(desc_ptr + off + 4, mur, mask=last)
+                tl.store(desc_ptr + off + 5, mui, mask=last)
+                _publish(stat_ptr, tk, _INCL, tk >= 0)
+            # reversed tile order from here: n, 1/d, validity reversed
+            nrv = start + (T - 1 - t)
+            vr_ = okr & (nrv < N)
+            nxr = _shift1(mur, mir, R, T)   # mu_{j+1}
+            nxi = _shift1(mui, mii, R, T)
+            fdr = _flip(idr, R, T)
+            fdi = _flip(idi, R, T)
+            if NEED_GK:
+                gkr, _ = _cmul(nxr, nxi, fdr, fdi)
+                tl.store(gk_ptr + rows * (N - 1) + nrv, -gkr, mask=vr_ & (nrv < N - 1))
+            tl.store(ga_ptr + rows * N + nrv, mur, mask=vr_)
+            if HAS_STATE:
+                # mu_0, the adjoint of the carried state's pivot step (conj of the gradient reaching d_0)
+                tl.store(mu0_ptr + rows * 2 + nrv * 0, mur, mask=vr_ & (nrv == 0))
+                tl.store(mu0_ptr + rows * 2 + 1 + nrv * 0, mui, mask=vr_ & (nrv == 0))
+            sr = tl.sum(tl.sum(tl.where(vr_, mur, 0.0), 1), 0)
+            si = tl.sum(tl.sum(tl.where(vr_, mui, 0.0), 1), 0)
+            tl.store(gz_ptr + pid, sr)
+            tl.store(gz_ptr + tl.num_programs(0) + pid, si)
     else:
         xe, xei, ye, yei = _scan_chain(piv_ptr, rows, start, okr, B, C, _flip(alr, R, T), ali, _flip(kr, R, T),
                                        _rev_valid(start, t, okr, N, T), True, HAS_CARRY, T, False, st_ptr)
@@ -1031,7 +1088,7 @@ def bk_core_fwd(a: Tensor, k: Tensor, zri: Tensor, mask: Optional[Tensor], causa
     p = _resolve(B, N, tile, carry_block, sms)
     k_rs = 0 if k.shape[0] == 1 else N - 1
     has_state = st is not None
-    if causal and p.C > 1:
+    if causal and p.C > 1 and not torch.are_deterministic_algorithms_enabled():
         # one pass: the carries by a decoupled look-back inside the tile kernel (one row per tile)
         stat, ctr, desc = _lookback_ws(B, p.C, _FWD_DW.value, a.dtype, a.device)
         _launch(_fwd_lookback_kernel, (B * p.C,), a, k, zri, a if mask is None else mask, torch.view_as_real(out),
@@ -1086,14 +1143,16 @@ def bk_core_bwd(grad: Tensor, a: Tensor, k: Tensor, zri: Tensor, mask: Optional[
     mu0 = torch.empty(B, dtype=cdt, device=dev) if has_state else None
     mu0p = torch.view_as_real(mu0) if has_state else a
     stat = ctr = desc = a
-    if p.C > 1 and causal:
+    look = causal and p.C > 1 and not torch.are_deterministic_algorithms_enabled()
+    if look:
         # two passes: the pivots entering each chunk (a look-back), then the gradient tiles, mu
         # carried right to left by a reverse look-back inside the tile kernel
         piv = _causal_carries(a, k, zri, p, k_rs, st, kin)
         cin = a
         stat, ctr, desc = _lookback_ws(B, p.C, _BWD_DW.value, dt, dev)
     elif p.C > 1:
-        piv = _pivot_carries(a, k, zri, p, k_rs, True)
+        # (causal under torch.use_deterministic_algorithms: the carry kernels, a fixed order)
+        piv = _pivot_carries(a, k, zri, p, k_rs, not causal, st, kin)
         lsum = torch.empty(D, 4, B, p.C, dtype=dt, device=dev)
         _launch(_bwd_kernel, (p.programs,), g, a, k, zri, mptr, piv, lsum, a, a, a, a, a, stp, kinp, a, a, a, a,
                 B, N, p.C, k_rs, NEED_GMASK=False, SUMMARY=True, **meta)
@@ -1102,7 +1161,8 @@ def bk_core_bwd(grad: Tensor, a: Tensor, k: Tensor, zri: Tensor, mask: Optional[
     else:
         piv = cin = a
     _launch(_bwd_kernel, (p.programs,), g, a, k, zri, mptr, piv, a, cin, grad_a, gk_rows, gz, gmask,
-            stp, kinp, mu0p, stat, ctr, desc, B, N, p.C, k_rs, NEED_GMASK=need_gmask, SUMMARY=False, NEED_GK=bool(need_k_grad), **meta)
+            stp, kinp, mu0p, stat, ctr, desc, B, N, p.C, k_rs, NEED_GMASK=need_gmask, SUMMARY=False,
+            NEED_GK=bool(need_k_grad), LOOK=look, **meta)
     grad_k = None
     if need_k_grad:
         grad_k = gk_rows.sum(0, keepdim=True) if (k.shape[0] == 1 and B != 1) else gk_rows

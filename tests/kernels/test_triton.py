@@ -446,8 +446,9 @@ def _walk_kernel(stat_ptr, desc_ptr, out_ptr, B, LIN: triton.language.constexpr)
         triton.language.store(out_ptr + i * 4 + 3, yi)
 
 
-# statuses per (row, chunk), chunk 0 always inclusive: 1 = AGG (aggregate only), 2 = INCL
-WALK_STATUS = [[2, 1, 1, 2, 1, 1, 1], [2, 2, 1, 2, 2, 1, 2]]
+# statuses per (row, chunk), chunk 0 always inclusive: 1 = AGG (aggregate only), 2 = INCL; runs of
+# aggregates longer than the walk's first window (4) make it take a second one
+WALK_STATUS = [[2, 1, 1, 2, 1, 1, 1, 1, 1, 1, 1, 1], [2, 2, 1, 2, 2, 1, 2, 1, 1, 1, 1, 2]]
 
 
 @pytest.mark.parametrize("lin", [False, True], ids=["moebius", "affine"])
@@ -665,3 +666,39 @@ def test_pool_ops_through_dispatch(causal):
     torch.library.opcheck(torch.ops.resnet_bk.learned_downsample_fwd_triton, (xc, logits, causal))
     yc = torch.randn(B, M, r * D, dtype=torch.float64, device=DEVICE, requires_grad=True)
     torch.library.opcheck(torch.ops.resnet_bk.learned_upsample_fwd_triton, (yc, bias, x, scale))
+
+
+@pytest.mark.parametrize("state", [False, True], ids=["fresh", "state"])
+def test_causal_deterministic_takes_the_carry_kernels(monkeypatch, state):
+    """Under torch.use_deterministic_algorithms(True) causal rows of several chunks take the carry
+    kernels (a fixed order of operations, no look-back: its rounding depends on the order programs
+    run in on a GPU), and still match the reference, with and without a carried state."""
+    if state and not HAS_CPU_STATE:
+        pytest.skip("the compiled extension has no bk_core_fwd_state")
+    B, N, tile, dtype = 2, 29, 8, torch.float64
+    names = _launches(monkeypatch)
+    a, k, zri, mask = canon_inputs(B, N, dtype, True, True, 3)
+    g = upstream(B, N, dtype, 4)
+    st = dict(zip(("d_in", "k_in"), state_inputs(B, dtype, 5))) if state else {}
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        out = K.bk_core_fwd(a, k, zri, mask, True, tile=tile, **st)
+        fwd_names = list(names)
+        del names[:]
+        got = K.bk_core_bwd(g, a, k, zri, mask, True, True, True, tile=tile, **st)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    assert "_fwd_lookback_kernel" not in fwd_names and "_fwd_kernel" in fwd_names, fwd_names
+    assert "_fwd_lookback_kernel" not in names and "_lin_carry_kernel" in names, names
+    if state:
+        cpu = [x.cpu() for x in (a, k, zri, mask, st["d_in"], st["k_in"])]
+        ref = torch.ops.resnet_bk.bk_core_fwd_state(*cpu)
+        exp = torch.ops.resnet_bk.bk_core_bwd_state(g.cpu(), *cpu, True, True, True, None)
+        assert_rel(got[4], exp[4], TOL[dtype], "mu0")
+    else:
+        ref = bk_core_fwd_ref(a, k, zri, mask, True)
+        exp = bk_core_bwd_ref(g, a, k, zri, mask, True)
+    assert_rel(out, ref, TOL[dtype], "forward")
+    for name, i in (("grad_a", 0), ("grad_k", 1), ("grad_zri", 2), ("grad_mask", 3)):
+        assert_rel(got[i], exp[i], TOL[dtype], name)
