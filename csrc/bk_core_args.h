@@ -34,6 +34,18 @@ void check_bk_args(const at::Tensor& a, const at::Tensor& k, const at::Tensor& z
   }
 }
 
+// The backward's upstream gradient: grad (B, N) complex of a's precision, on a's device; a mask
+// gradient only with a mask.
+template <class OnDevice>
+void check_grad_args(const at::Tensor& grad, const at::Tensor& a, const OptT& mask, bool need_mask_grad,
+                     OnDevice&& on_device) {
+  const auto cdt = a.scalar_type() == at::kDouble ? at::kComplexDouble : at::kComplexFloat;
+  TORCH_CHECK(grad.sizes() == a.sizes() && grad.scalar_type() == cdt, "grad: expected a ", cdt, " tensor of shape ",
+              a.sizes(), ", got ", grad.scalar_type(), " ", grad.sizes());
+  on_device("grad", grad);
+  TORCH_CHECK(!need_mask_grad || mask.has_value(), "need_mask_grad: requires a mask");
+}
+
 // A carried state (causal only): d_in (B,) complex of a's precision, the pivot before each row;
 // k_in (B,) of a's dtype, the coupling from that position to position 0. Returned as contiguous
 // real views ((B, 2) and (B,)) for Problem::d_in / k_in; undefined tensors without a state.

@@ -1044,6 +1044,12 @@ def _pivot_carries(a, k, zri, p: Plan, k_rs, two_sided, st=None, kin=None):
     return piv
 
 
+def _use_lookback(causal: bool, p: Plan) -> bool:
+    """Causal rows of several chunks take the look-back, except under
+    torch.use_deterministic_algorithms (then the carry kernels: a fixed order of operations)."""
+    return causal and p.C > 1 and not torch.are_deterministic_algorithms_enabled()
+
+
 def _lookback_ws(B: int, C: int, dw: int, dtype, device):
     """A look-back launch's descriptors: status (B C,) int32 and the ticket counter (1,), one
     zeroed allocation (programs may start in any order), and desc (B C, dw) values."""
@@ -1088,7 +1094,7 @@ def bk_core_fwd(a: Tensor, k: Tensor, zri: Tensor, mask: Optional[Tensor], causa
     p = _resolve(B, N, tile, carry_block, sms)
     k_rs = 0 if k.shape[0] == 1 else N - 1
     has_state = st is not None
-    if causal and p.C > 1 and not torch.are_deterministic_algorithms_enabled():
+    if _use_lookback(causal, p):
         # one pass: the carries by a decoupled look-back inside the tile kernel (one row per tile)
         stat, ctr, desc = _lookback_ws(B, p.C, _FWD_DW.value, a.dtype, a.device)
         _launch(_fwd_lookback_kernel, (B * p.C,), a, k, zri, a if mask is None else mask, torch.view_as_real(out),
@@ -1143,7 +1149,7 @@ def bk_core_bwd(grad: Tensor, a: Tensor, k: Tensor, zri: Tensor, mask: Optional[
     mu0 = torch.empty(B, dtype=cdt, device=dev) if has_state else None
     mu0p = torch.view_as_real(mu0) if has_state else a
     stat = ctr = desc = a
-    look = causal and p.C > 1 and not torch.are_deterministic_algorithms_enabled()
+    look = _use_lookback(causal, p)
     if look:
         # two passes: the pivots entering each chunk (a look-back), then the gradient tiles, mu
         # carried right to left by a reverse look-back inside the tile kernel

@@ -154,11 +154,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_impl(
     const OptT& k_in_) {
   check_args(a_, k_, zri_, mask_);
   auto st = state_args(a_, causal, d_in_, k_in_);
+  resnet_bk::check_grad_args(grad_, a_, mask_, need_mask_grad, on_cpu);
   auto cdt = a_.scalar_type() == at::kDouble ? at::kComplexDouble : at::kComplexFloat;
-  TORCH_CHECK(grad_.sizes() == a_.sizes() && grad_.scalar_type() == cdt,
-              "grad: expected a ", cdt, " tensor of shape ", a_.sizes(), ", got ", grad_.scalar_type(), " ",
-              grad_.sizes());
-  TORCH_CHECK(!need_mask_grad || mask_.has_value(), "need_mask_grad: requires a mask");
   at::Tensor a = a_.contiguous(), k = k_.contiguous(), zri = zri_.contiguous();
   at::Tensor gradr = at::view_as_real(grad_.resolve_conj().contiguous()).contiguous();
   c10::optional<at::Tensor> mask;

@@ -61,6 +61,10 @@ struct Ws {
 
 constexpr int kTicketPad = 64;  // ints before the status words: the forward ticket at 0, the backward's at 32
 
+// Whether the launchers carry this plan's rows by the decoupled look-back (causal, several blocks
+// per row, not Plan::deterministic).
+inline bool uses_lookback(const Plan& pl, bool causal) { return causal && pl.cb > 1 && !pl.deterministic; }
+
 struct Carver {
   char* base;
   size_t off = 0;
@@ -922,20 +926,12 @@ __global__ void zero2_kernel(gptr<T> out) {
     if (e_ != cudaSuccess) return Status{e_, name};    \
   } while (0)
 
-inline unsigned blocks_for(int64_t n, int per) { return unsigned((n + per - 1) / per); }
-
 // A carried state: both pointers or neither, causal only.
 template <class T>
 bool state_ok(const Problem<T>& pr) {
   const bool d = pr.d_in != nullptr, k = pr.k_in != nullptr;
   return d == k && (!d || pr.causal);
 }
-
-}  // namespace
-
-bool uses_lookback(const Plan& pl, bool causal) { return causal && pl.cb > 1 && !pl.deterministic; }
-
-namespace {
 
 // The look-back descriptors of pass `pass` (0: the forward pivots, 1: the backward's gradients).
 template <class T>

@@ -59,9 +59,6 @@ struct Plan {
   bool deterministic = false;
 };
 
-// Whether the launchers carry this plan's rows by the decoupled look-back (causal, several blocks
-// per row, not deterministic).
-bool uses_lookback(const Plan& plan, bool causal);
 
 constexpr int kSegMax = 8;         // longest forward thread segment
 constexpr int kFwdThreads = 128;   // forward block width (largest)

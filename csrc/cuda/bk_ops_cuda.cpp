@@ -168,11 +168,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_impl(
     const at::Tensor& grad_, const at::Tensor& a_, const at::Tensor& k_, const at::Tensor& zri_, const OptT& mask_,
     bool causal, bool need_mask_grad, bool need_k_grad, bool need_z_grad, const OptT& d_in_, const OptT& k_in_) {
   check_args(a_, k_, zri_, mask_);
+  resnet_bk::check_grad_args(grad_, a_, mask_, need_mask_grad,
+                             [&a_](const char* name, const at::Tensor& t) { check_cuda_tensor(name, t, a_); });
   const auto cdt = a_.scalar_type() == at::kDouble ? at::kComplexDouble : at::kComplexFloat;
-  TORCH_CHECK(grad_.sizes() == a_.sizes() && grad_.scalar_type() == cdt, "grad: expected a ", cdt,
-              " tensor of shape ", a_.sizes(), ", got ", grad_.scalar_type(), " ", grad_.sizes());
-  check_cuda_tensor("grad", grad_, a_);
-  TORCH_CHECK(!need_mask_grad || mask_.has_value(), "need_mask_grad: requires a mask");
   const c10::cuda::CUDAGuard guard(a_.device());
   const auto st = state_args(a_, causal, d_in_, k_in_);
   at::Tensor a = a_.contiguous(), k = k_.contiguous(), zri = zri_.contiguous();
